@@ -1,0 +1,62 @@
+"""vitdecomp: exact decomposition of vision-transformer representations and their interpretation via text.
+
+Importing this package loads no plugin and no model; the plugin registry is built on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._records import Component, TokenGrid
+from .adapter import Adapter, DecomposeOptions
+from .decomposition import Decomposition
+from .errors import (
+    AmbiguousAdapterError,
+    EmptyDatasetError,
+    InputError,
+    MismatchError,
+    NoAdapterError,
+    PluginLoadError,
+    ReconstructionError,
+    UnknownModelError,
+    UnknownPropertyError,
+    UnsupportedModelError,
+    VitDecompError,
+    WeightsUnavailableError,
+)
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+# Names provided by submodules that import heavier dependencies; resolved lazily on first access.
+_LAZY = {
+    "decompose": "api", "representation": "api", "load_model": "api", "LoadedModel": "api", "find_adapter": "api",
+    "list_plugins": "_plugins", "Registry": "_plugins", "default_registry": "_plugins",
+    "TextEncoder": "text", "load_text_pool": "text",
+    "Property": "properties", "get_property": "properties", "list_properties": "properties", "load_properties": "properties",
+    "fit_aligner": "compalign", "Aligner": "compalign",
+    "variance_attributed": "scores", "variance_explained": "scores", "specificity": "scores", "StreamingScores": "scores",
+    "textspan": "textspan", "textspan_all": "textspan",
+    "extract": "extract", "ExtractionCache": "extract",
+}
+
+__all__ = [
+    "Adapter", "Component", "DecomposeOptions", "Decomposition", "TokenGrid", "hookimpl",
+    "VitDecompError", "NoAdapterError", "AmbiguousAdapterError", "PluginLoadError", "UnsupportedModelError",
+    "InputError", "UnknownModelError", "WeightsUnavailableError", "ReconstructionError", "MismatchError",
+    "UnknownPropertyError", "EmptyDatasetError",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'vitdecomp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,240 @@
+"""Plugin discovery (entry points, group ``vitdecomp``), the registry of adapters/loaders, and dispatch."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import os
+import sys
+import threading
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import AmbiguousAdapterError, NoAdapterError, PluginLoadError, VitDecompError
+
+__all__ = ["Registry", "PluginInfo", "default_registry", "list_plugins", "reset_default_registry"]
+
+log = logging.getLogger("vitdecomp.plugins")
+ENTRY_POINT_GROUP = "vitdecomp"
+DISABLE_ENV = "VITDECOMP_DISABLE_PLUGINS"
+TRACE_ENV = "VITDECOMP_TRACE"
+BUILTIN_DISTRIBUTION = "vitdecomp"
+
+
+@attrs.frozen
+class PluginInfo:
+    """One loaded plugin: entry-point name, distribution, version, the families its adapters cover."""
+
+    name: str
+    distribution: str
+    version: str
+    families: tuple
+    adapters: tuple
+    loaders: tuple
+    builtin: bool
+
+
+@attrs.frozen
+class _Registered:
+    obj: object
+    plugin: str
+
+
+def _disabled_from_env() -> set:
+    raw = os.environ.get(DISABLE_ENV, "")
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+class Registry:
+    """Adapters, model loaders and properties contributed by a set of plugins.
+
+    Build one from installed entry points with :meth:`from_entry_points` or from explicit plugin objects with
+    :meth:`from_plugins` (tests do this; ``Registry.from_plugins([])`` is a registry with no plugins).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, dists: Optional[Dict[str, tuple]] = None):
+        self.pm = pm
+        self._dists = dists or {}
+        self.adapters: List[_Registered] = []
+        self.loaders: Dict[str, _Registered] = {}
+        self.properties: Dict[str, _Registered] = {}
+        self._collect()
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def _new_pm() -> pluggy.PluginManager:
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        return pm
+
+    @classmethod
+    def from_plugins(cls, plugins: Iterable[object] = ()) -> "Registry":
+        pm = cls._new_pm()
+        for p in plugins:
+            pm.register(p, name=getattr(p, "__name__", None))
+        pm.check_pending()
+        return cls(pm)
+
+    @classmethod
+    def from_entry_points(cls, *, lenient: bool = False, disabled: Optional[Iterable[str]] = None) -> "Registry":
+        """Load every entry point of group ``vitdecomp``.
+
+        A plugin that fails to import raises :class:`PluginLoadError` naming its distribution, version and
+        entry point; with ``lenient=True`` it is skipped with a warning instead. ``disabled`` names (plus the
+        comma-separated environment variable ``VITDECOMP_DISABLE_PLUGINS``) are not loaded.
+        """
+        pm = cls._new_pm()
+        skip = set(disabled or ()) | _disabled_from_env()
+        dists: Dict[str, tuple] = {}
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            dname = dist.metadata["Name"] if dist is not None else "?"
+            dver = dist.version if dist is not None else "?"
+            if ep.name in skip or dname in skip:
+                log.info("plugin %s (%s %s) disabled", ep.name, dname, dver)
+                continue
+            if pm.has_plugin(ep.name):
+                continue
+            try:
+                obj = ep.load()
+                pm.register(obj, name=ep.name)
+            except Exception as exc:  # noqa: BLE001 - any failure of third-party code is reported the same way
+                err = PluginLoadError(
+                    f"Plugin {ep.name!r} (distribution {dname} {dver}, entry point {ep.value!r} in group "
+                    f"{ENTRY_POINT_GROUP!r}) failed to load: {type(exc).__name__}: {exc}"
+                )
+                err.__cause__ = exc
+                if lenient:
+                    warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+                    continue
+                raise err
+            dists[ep.name] = (dname, dver)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(f"A plugin implements a hook that does not exist: {exc}") from exc
+        return cls(pm, dists)
+
+    def _collect(self) -> None:
+        for impl in self.pm.hook.register_adapters.get_hookimpls():
+            impl.function(register=self._adder(impl.plugin_name, "adapter"))
+        for impl in self.pm.hook.register_model_loaders.get_hookimpls():
+            impl.function(register=self._adder(impl.plugin_name, "loader"))
+        for impl in self.pm.hook.register_properties.get_hookimpls():
+            impl.function(register=self._adder(impl.plugin_name, "property"))
+
+    def _adder(self, plugin: str, what: str) -> Callable:
+        def register_adapter(adapter):
+            for attr in ("name", "supports", "decompose", "representation"):
+                if not hasattr(adapter, attr):
+                    raise PluginLoadError(f"Plugin {plugin!r} registered an adapter without {attr!r}: {adapter!r}")
+            if any(r.obj.name == adapter.name for r in self.adapters):
+                raise PluginLoadError(f"Plugin {plugin!r} registered adapter name {adapter.name!r} twice")
+            self.adapters.append(_Registered(adapter, plugin))
+
+        def register_loader(prefix, loader):
+            if prefix in self.loaders:
+                raise PluginLoadError(
+                    f"Plugin {plugin!r} registered loader prefix {prefix!r}, already taken by {self.loaders[prefix].plugin!r}"
+                )
+            self.loaders[prefix] = _Registered(loader, plugin)
+
+        def register_property(name, descriptions):
+            if name in self.properties:
+                raise PluginLoadError(f"Plugin {plugin!r} registered property {name!r}, already taken by {self.properties[name].plugin!r}")
+            self.properties[name] = _Registered(tuple(descriptions), plugin)
+
+        return {"adapter": register_adapter, "loader": register_loader, "property": register_property}[what]
+
+    # ---------------------------------------------------------------- queries
+    def plugins(self) -> List[PluginInfo]:
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            adapters = tuple(r.obj for r in self.adapters if r.plugin == name)
+            dname, dver = self._dists.get(name, ("(registered directly)", "-"))
+            out.append(PluginInfo(
+                name=name, distribution=dname, version=dver,
+                families=tuple(f for a in adapters for f in getattr(a, "families", ())),
+                adapters=tuple(a.name for a in adapters),
+                loaders=tuple(p for p, r in self.loaders.items() if r.plugin == name),
+                builtin=dname == BUILTIN_DISTRIBUTION,
+            ))
+        return out
+
+    def adapter_named(self, name: str):
+        for r in self.adapters:
+            if r.obj.name == name:
+                return r.obj
+        raise NoAdapterError(f"No adapter named {name!r}; registered: {[r.obj.name for r in self.adapters] or 'none'}")
+
+    def find_adapter(self, model, adapter=None, *, trace: Optional[bool] = None):
+        """The one adapter that supports ``model``, or the one named/passed by ``adapter``."""
+        if adapter is not None:
+            return self.adapter_named(adapter) if isinstance(adapter, str) else adapter
+        trace = bool(os.environ.get(TRACE_ENV)) if trace is None else trace
+        claims = []
+        for r in self.adapters:
+            try:
+                ok = bool(r.obj.supports(model))
+            except Exception as exc:  # noqa: BLE001 - a buggy supports() must not hide other adapters
+                log.warning("adapter %s.supports raised %r", r.obj.name, exc)
+                ok = False
+            if trace:
+                why = r.obj.explain(model) if hasattr(r.obj, "explain") else f"supports={ok}"
+                print(f"[vitdecomp trace] {r.plugin}:{r.obj.name} -> {ok} ({why})", file=sys.stderr)
+            if ok:
+                claims.append(r)
+        cls = type(model)
+        cname = f"{cls.__module__}.{cls.__qualname__}"
+        if not claims:
+            names = [f"{r.obj.name} ({', '.join(getattr(r.obj, 'families', ())) or r.plugin})" for r in self.adapters]
+            raise NoAdapterError(
+                f"No adapter supports model class {cname}. Registered adapters: {names or 'none (no plugins loaded)'}. "
+                "Install a model pack for this family or write one (see CONTRIBUTING.md, 'Writing a model pack')."
+            )
+        if len(claims) > 1:
+            raise AmbiguousAdapterError(
+                f"Several adapters claim model class {cname}: {[r.obj.name for r in claims]}. "
+                f"Pass adapter=<name> to choose one."
+            )
+        return claims[0].obj
+
+    def loader_for(self, prefix: str):
+        from .errors import UnknownModelError
+
+        if prefix not in self.loaders:
+            raise UnknownModelError(
+                f"No model loader for prefix {prefix!r}; registered prefixes: {sorted(self.loaders) or 'none'}. "
+                "Model strings look like 'timm:deit_base_patch16_224' or 'open_clip:ViT-B-16/laion2b_s34b_b88k'."
+            )
+        return self.loaders[prefix].obj
+
+
+_default: Optional[Registry] = None
+_lock = threading.Lock()
+
+
+def default_registry() -> Registry:
+    """The registry of installed plugins, built on first use (importing vitdecomp loads nothing)."""
+    global _default
+    with _lock:
+        if _default is None:
+            lenient = os.environ.get("VITDECOMP_LENIENT_PLUGINS", "") not in ("", "0")
+            _default = Registry.from_entry_points(lenient=lenient)
+        return _default
+
+
+def reset_default_registry(registry: Optional[Registry] = None) -> None:
+    """Forget (or replace) the cached default registry."""
+    global _default
+    with _lock:
+        _default = registry
+
+
+def list_plugins(registry: Optional[Registry] = None) -> List[PluginInfo]:
+    """Name, distribution, version and families of every loaded plugin."""
+    return (registry or default_registry()).plugins()

@@ -1,0 +1,176 @@
+"""Public entry points: ``decompose``, ``representation``, ``load_model``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from ._plugins import Registry, default_registry
+from .adapter import DecomposeOptions
+from .decomposition import Decomposition, _Shifted, tolerance_for
+from .errors import InputError, ReconstructionError
+
+__all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter"]
+
+
+@attrs.define(eq=False)
+class LoadedModel:
+    """A model in eval mode with its preprocessing transform (PIL image → tensor) and the string it came from."""
+
+    model: Any
+    preprocess: Any
+    name: str
+    tokenizer: Any = None
+
+    def __iter__(self):  # allows ``model, preprocess = load_model(...)``
+        return iter((self.model, self.preprocess))
+
+
+def find_adapter(model, adapter=None, *, registry: Optional[Registry] = None):
+    """The adapter that will decompose ``model`` (see :meth:`Registry.find_adapter`)."""
+    return (registry or default_registry()).find_adapter(model, adapter)
+
+
+def _param_like(module):
+    for p in module.parameters():
+        return p
+    return None
+
+
+def _validate(model, images, adapter) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images must be a torch.Tensor [B, 3, H, W]; got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputError(
+            f"images must be a 4-D tensor [B, C, H, W] of preprocessed images; got shape {tuple(images.shape)}"
+            + (" (add a batch axis with images.unsqueeze(0))" if images.ndim == 3 else "")
+        )
+    if not images.is_floating_point():
+        raise InputError(
+            f"images must be a floating-point tensor (float32 or float64, preprocessed and normalised); got {images.dtype}"
+        )
+    if images.shape[0] == 0:
+        raise InputError("images is an empty batch (B = 0)")
+    expected = getattr(adapter, "in_channels", lambda m: 3)(model)
+    if images.shape[1] != expected:
+        raise InputError(f"images have {images.shape[1]} channels; this model takes {expected} (shape [B, {expected}, H, W])")
+    if getattr(model, "training", False):
+        raise InputError(
+            f"{type(model).__name__} is in training mode; vitdecomp refuses to decompose it (dropout, drop-path and "
+            "BatchNorm batch statistics make the forward stochastic). Call model.eval() first."
+        )
+    p = _param_like(model)
+    if p is not None:
+        if p.dtype != images.dtype:
+            raise InputError(
+                f"images are {images.dtype} but the model's parameters are {p.dtype}; convert one of them "
+                f"(e.g. model.double() and images.double() for float64)"
+            )
+        if p.device != images.device:
+            raise InputError(f"images are on {images.device} but the model is on {p.device}")
+
+
+def _apply_even_bias(dec: Decomposition) -> Decomposition:
+    const = [i for i, c in enumerate(dec.components) if c.kind == "const"]
+    if not const:
+        return dec
+    keep = [i for i, c in enumerate(dec.components) if c.kind != "const"]
+    share = dec.contributions[:, const].sum(1) / len(keep)  # [B, D]
+    contributions = dec.contributions[:, keep] + share.unsqueeze(1)
+    comps = tuple(dec.components[i] for i in keep)
+    details = {}
+    if dec.token_details:
+        for c in comps:
+            details[c.name] = _Shifted(dec.token_details.get(c.name), share)
+    return Decomposition(contributions=contributions, components=comps, representation=dec.representation,
+                         grid=dec.grid, token_details=details, meta={**dec.meta, "bias": "even"})
+
+
+def decompose(
+    model,
+    images: torch.Tensor,
+    *,
+    heads: bool = True,
+    start=None,
+    tokens: Optional[str] = None,
+    bias: str = "explicit",
+    check: bool = False,
+    tol: Optional[float] = None,
+    adapter=None,
+    registry: Optional[Registry] = None,
+) -> Decomposition:
+    """Decompose the model's final representation of ``images`` exactly into component contributions.
+
+    :param model: a supported model in eval mode (timm ViT/DeiT/DINO/DINOv2, an open_clip CLIP model or its
+        ``.visual``, and whatever plugins add).
+    :param images: preprocessed float tensor ``[B, 3, H, W]`` in the model's dtype and on its device.
+    :param heads: split attention branches into heads (``blocks.i.attn.head.h``) or keep ``blocks.i.attn``.
+    :param start: decompose blocks ``start..`` only; the residual stream entering that block is the component
+        ``init``.
+    :param tokens: ``"source"``: also split attention heads by the token they read from; see
+        :meth:`Decomposition.token_contributions`.
+    :param bias: ``"explicit"`` (biases and norm offsets are components) or ``"even"`` (the papers' even split).
+    :param check: raise :class:`ReconstructionError` when the relative error exceeds ``tol`` (default by dtype:
+        1e-5 for float32, 1e-10 for float64).
+    :param adapter: an adapter name or object, to override dispatch.
+    :returns: a :class:`Decomposition`; Σ_i c_i = ``representation`` up to ``error``.
+    """
+    options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
+    ad = find_adapter(model, adapter, registry=registry)
+    model = ad.unwrap(model)
+    _validate(model, images, ad)
+    ad.validate(model, images)
+    with torch.no_grad():
+        dec = ad.decompose(model, images, options)
+    if not heads:
+        dec = dec.group("branch")
+        dec.meta.pop("grouped", None)
+    if bias == "even":
+        dec = _apply_even_bias(dec)
+    dec.meta.setdefault("adapter", ad.name)
+    dec.meta.update({"heads": heads, "start": start, "tokens": tokens, "bias": bias, "dtype": str(images.dtype).replace("torch.", "")})
+    if check:
+        dec.check(tol)
+    return dec
+
+
+def representation(model, images: torch.Tensor, *, adapter=None, registry: Optional[Registry] = None) -> torch.Tensor:
+    """The family's final representation z ``[B, D]`` as METHOD.md §1 defines it (e.g. timm ViT:
+    ``forward_head(forward_features(x), pre_logits=True)``; open_clip: ``encode_image(x)``)."""
+    ad = find_adapter(model, adapter, registry=registry)
+    model = ad.unwrap(model)
+    _validate(model, images, ad)
+    ad.validate(model, images)
+    with torch.no_grad():
+        return ad.representation(model, images)
+
+
+def load_model(
+    spec: str,
+    *,
+    pretrained: bool = True,
+    weights=None,
+    random_init: bool = False,
+    device="cpu",
+    registry: Optional[Registry] = None,
+    **kwargs,
+) -> LoadedModel:
+    """Load a model from a string ``"<prefix>:<name>"``: ``timm:deit_base_patch16_224``,
+    ``open_clip:ViT-B-16/laion2b_s34b_b88k`` (and prefixes that plugins register, e.g. ``hf:``).
+
+    Pretrained weights by default; ``weights=PATH`` loads a local checkpoint; ``random_init=True`` builds the
+    architecture with random weights (offline work, tests). Extra keyword arguments go to the model constructor.
+    Returns a :class:`LoadedModel` (model in eval mode + preprocessing).
+    """
+    from .errors import UnknownModelError
+
+    if not isinstance(spec, str) or ":" not in spec:
+        raise UnknownModelError(
+            f"Model string {spec!r} has no prefix; use '<prefix>:<name>', e.g. 'timm:deit_base_patch16_224' or "
+            "'open_clip:ViT-B-16/laion2b_s34b_b88k'"
+        )
+    prefix, name = spec.split(":", 1)
+    loader = (registry or default_registry()).loader_for(prefix)
+    return loader(name, pretrained=pretrained, weights=weights, random_init=random_init, device=device, **kwargs)

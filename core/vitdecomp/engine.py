@@ -1,0 +1,107 @@
+"""Engine primitives that adapters drive: frozen normalisation statistics and hook bookkeeping.
+
+Everything between a component's output and the representation is linear once the normalisation statistics
+are frozen at the values the forward pass used (METHOD.md §1). The helpers here compute those statistics from
+the *actual* tensors a norm saw (captured by hooks), with the module's own eps and the biased variance, and
+apply the resulting linear map to stacks of components.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import attrs
+import torch
+from torch import nn
+
+__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity"]
+
+
+def is_identity(module) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+@attrs.define(eq=False)
+class FrozenNorm:
+    """A LayerNorm / RMSNorm with statistics frozen at a forward pass.
+
+    ``apply_linear(u)`` is the linear part γ ⊙ C(u) (C centres over the last axis for LayerNorm, identity for
+    RMSNorm) — the per-position factor 1/σ is kept apart in ``inv_scale`` so callers can fold it into pooling
+    weights. ``bias`` is β (or None).
+    """
+
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    inv_scale: torch.Tensor  # shape of the input without its last axis
+    center: bool
+
+    def apply_linear(self, u: torch.Tensor) -> torch.Tensor:
+        if self.center:
+            u = u - u.mean(-1, keepdim=True)
+        if self.weight is not None:
+            u = u * self.weight
+        return u
+
+
+def _norm_kind(module):
+    """('layer'|'rms', eps, weight, bias) for the norm modules vitdecomp understands, else None."""
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) or name in ("LayerNorm", "LayerNormFp32", "LayerNorm2d"):
+        eps = getattr(module, "eps", 1e-5)
+        return "layer", eps, getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(module, getattr(nn, "RMSNorm", ())) or name in ("RmsNorm", "RMSNorm", "RmsNormFp32"):
+        eps = getattr(module, "eps", None)
+        if eps is None:
+            eps = torch.finfo(torch.float32).eps
+        return "rms", eps, getattr(module, "weight", None), getattr(module, "bias", None)
+    return None
+
+
+def supported_norm(module) -> bool:
+    return is_identity(module) or _norm_kind(module) is not None
+
+
+def freeze_norm(module, x: torch.Tensor) -> Optional[FrozenNorm]:
+    """Freeze ``module`` (a norm over the last axis) at input ``x``; None for Identity."""
+    if is_identity(module):
+        return None
+    kind = _norm_kind(module)
+    if kind is None:
+        raise TypeError(f"Cannot freeze normalisation module {type(module).__name__}")
+    k, eps, w, b = kind
+    if getattr(module, "elementwise_affine", True) is False:
+        w = b = None
+    xd = x.to(torch.float64) if x.dtype != torch.float64 else x
+    if k == "layer":
+        var = xd.var(-1, unbiased=False)
+        inv = torch.rsqrt(var + eps)
+    else:
+        inv = torch.rsqrt(xd.pow(2).mean(-1) + eps)
+    inv = inv.to(x.dtype)
+    cast = (lambda t: None if t is None else t.detach().to(x.dtype))
+    return FrozenNorm(weight=cast(w), bias=cast(b), inv_scale=inv, center=(k == "layer"))
+
+
+class HookSet:
+    """Registers forward (pre-)hooks and removes them all on exit, even on error."""
+
+    def __init__(self):
+        self._handles: List = []
+
+    def pre(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(lambda m, args: fn(args[0] if args else None)))
+
+    def pre_kw(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(lambda m, args, kwargs: fn(args, kwargs), with_kwargs=True))
+
+    def post(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_hook(lambda m, args, out: fn(out)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
