@@ -85,7 +85,8 @@ def _apply_even_bias(dec: Decomposition) -> Decomposition:
         for c in comps:
             details[c.name] = _Shifted(dec.token_details.get(c.name), share)
     return Decomposition(contributions=contributions, components=comps, representation=dec.representation,
-                         grid=dec.grid, token_details=details, meta={**dec.meta, "bias": "even"})
+                         grid=dec.grid, token_details=details, token_grids=dict(dec.token_grids),
+                         meta={**dec.meta, "bias": "even"})
 
 
 def decompose(

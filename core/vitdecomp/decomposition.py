@@ -135,6 +135,7 @@ class Decomposition:
     representation: torch.Tensor
     grid: Optional[TokenGrid] = None
     token_details: Mapping[str, TokenDetail] = attrs.field(factory=dict)
+    token_grids: Mapping[str, TokenGrid] = attrs.field(factory=dict)
     meta: dict = attrs.field(factory=dict)
     partial: bool = False
     error: float = attrs.field(init=False)
@@ -195,6 +196,11 @@ class Decomposition:
     def has_tokens(self) -> bool:
         return bool(self.token_details)
 
+    def grid_of(self, name: str) -> TokenGrid:
+        """The token grid component ``name``'s token split lives on (``self.grid`` unless the family places
+        components on grids of their own, e.g. a hierarchical model's stage resolutions)."""
+        return self.token_grids.get(name, self.grid)
+
     def token_contributions(self, name: str) -> torch.Tensor:
         """Component ``name`` split over tokens: ``[B, T, D]`` summing over T to ``self[name]``.
 
@@ -207,7 +213,7 @@ class Decomposition:
         detail = self.token_details.get(name)
         if detail is None:
             raise KeyError(f"Component {name!r} has no token detail (available for {len(self.token_details)} components)")
-        return detail.materialize(self.grid.num_tokens)
+        return detail.materialize(self.grid_of(name).num_tokens)
 
     def spatial_map(self, name: str) -> torch.Tensor:
         """Patch-token part of :meth:`token_contributions` as an image-shaped map ``[B, h, w, D]``.
@@ -216,7 +222,7 @@ class Decomposition:
         can be drawn over the image.
         """
         tok = self.token_contributions(name)
-        g = self.grid
+        g = self.grid_of(name)
         return tok[:, g.num_prefix:].reshape(tok.shape[0], g.h, g.w, tok.shape[-1])
 
     # ------------------------------------------------------------------ coarsening
@@ -230,7 +236,7 @@ class Decomposition:
         order: Dict[str, list] = {}
         for i, k in enumerate(keys):
             order.setdefault(k, []).append(i)
-        comps, rows, details = [], [], {}
+        comps, rows, details, grids = [], [], {}, {}
         for key, idx in order.items():
             first = self.components[idx[0]]
             if len(idx) == 1 and key == first.name:
@@ -246,12 +252,16 @@ class Decomposition:
                                  branch=first.branch if level == "branch" else None)
             comps.append(comp)
             rows.append(self.contributions[:, idx].sum(1))
-            if self.token_details and all(self.components[i].name in self.token_details for i in idx):
+            member_grids = {self.grid_of(self.components[i].name) for i in idx}
+            if self.token_details and len(member_grids) == 1 and all(self.components[i].name in self.token_details for i in idx):
                 members = [self.token_details[self.components[i].name] for i in idx]
                 details[key] = members[0] if len(members) == 1 else _Summed(members)
+                if self.grid_of(first.name) != self.grid:
+                    grids[key] = self.grid_of(first.name)
         return Decomposition(
             contributions=torch.stack(rows, 1), components=tuple(comps), representation=self.representation,
-            grid=self.grid, token_details=details, meta={**self.meta, "grouped": level}, partial=self.partial,
+            grid=self.grid, token_details=details, token_grids=grids, meta={**self.meta, "grouped": level},
+            partial=self.partial,
         )
 
     def select(self, kind=None, names: Optional[Iterable[str]] = None, where: Optional[Callable] = None) -> "Decomposition":
@@ -273,6 +283,7 @@ class Decomposition:
         return Decomposition(
             contributions=self.contributions[:, idx], components=comps, representation=self.representation,
             grid=self.grid, token_details={c.name: self.token_details[c.name] for c in comps if c.name in self.token_details},
+            token_grids={c.name: self.token_grids[c.name] for c in comps if c.name in self.token_grids},
             meta=dict(self.meta), partial=len(idx) != len(self.components) or self.partial,
         )
 

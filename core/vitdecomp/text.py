@@ -164,8 +164,9 @@ class TextEncoder:
 
         ``tokenizer`` defaults to open_clip's BPE tokenizer with the model's context length.
         """
-        if not hasattr(model, "encode_text") and hasattr(model, "model"):
+        if not hasattr(model, "encode_text") and hasattr(model, "model"):  # a LoadedModel
             name = name or getattr(model, "name", None)
+            tokenizer = tokenizer or getattr(model, "tokenizer", None)
             model = model.model
         if tokenizer is None:
             import open_clip

@@ -17,6 +17,12 @@ _OFFLINE_HINT = (
 )
 
 
+def _suggest(name, names):
+    family = name.split("_")[0].split("-")[0].lower()
+    pool = [n for n in names if n.lower().startswith(family[:3])] or list(names)
+    return difflib.get_close_matches(name, pool, n=5, cutoff=0.3)
+
+
 def _check_file(weights):
     if not os.path.exists(weights):
         raise WeightsUnavailableError(f"Checkpoint file {weights!r} does not exist")
@@ -29,7 +35,7 @@ def load_timm(spec, *, pretrained=True, weights=None, random_init=False, device=
 
     base = spec.split(".")[0]
     if not timm.is_model(base):
-        close = difflib.get_close_matches(base, timm.list_models(), n=5)
+        close = _suggest(base, timm.list_models())
         raise UnknownModelError(f"timm has no model named {spec!r}" + (f"; did you mean {close}?" if close else ""))
     try:
         if weights is not None:
@@ -46,7 +52,12 @@ def load_timm(spec, *, pretrained=True, weights=None, random_init=False, device=
             raise
         raise WeightsUnavailableError(_OFFLINE_HINT.format(what=f"timm:{spec}", err=f"{type(exc).__name__}: {exc}")) from exc
     model = model.to(device).eval()
-    preprocess = create_transform(**resolve_data_config({}, model=model))
+    overrides = {}
+    if "img_size" in kwargs:  # the model was built for another input size than its pretrained config says
+        size = kwargs["img_size"]
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        overrides["input_size"] = (3, *size)
+    preprocess = create_transform(**resolve_data_config(overrides, model=model))
     return LoadedModel(model=model, preprocess=preprocess, name=f"timm:{spec}")
 
 
@@ -56,7 +67,7 @@ def load_open_clip(spec, *, pretrained=True, weights=None, random_init=False, de
 
     arch, _, tag = spec.partition("/")
     if arch not in open_clip.list_models():
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
+        close = _suggest(arch, open_clip.list_models())
         raise UnknownModelError(f"open_clip has no model named {arch!r}" + (f"; did you mean {close}?" if close else ""))
     if weights is not None:
         _check_file(weights)

@@ -277,7 +277,8 @@ def _install_attention_hooks(hooks: HookSet, a: AttentionSpec, r: _BlockRecord, 
         if tokens:
             def on_qkv(out):
                 B, N, _ = out.shape
-                r.v = out.view(B, N, 3, H, dh)[:, :, 2].permute(0, 2, 1, 3)
+                # copy: a view would keep the whole qkv buffer (3× the memory) alive
+                r.v = out.view(B, N, 3, H, dh)[:, :, 2].permute(0, 2, 1, 3).contiguous()
 
             def on_q(q):
                 r.q = q.index_select(2, rows)
@@ -322,7 +323,7 @@ def _install_attention_hooks(hooks: HookSet, a: AttentionSpec, r: _BlockRecord, 
             r.o = reduce_rows(o) if prereduce else o
             if tokens:
                 r.attn_rows = attn
-                r.v = v * a.head_scale if a.head_scale is not None else v
+                r.v = (v * a.head_scale if a.head_scale is not None else v).contiguous()
 
         hooks.pre_kw(m, on_in)
         return

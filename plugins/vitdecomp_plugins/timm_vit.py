@@ -163,10 +163,10 @@ class TimmViTAdapter(Adapter):
         )
 
 
-def _load_timm(spec, *, pretrained=True, weights=None, random_init=False, device="cpu"):
+def _load_timm(spec, *, pretrained=True, weights=None, random_init=False, device="cpu", **kwargs):
     from ._loading import load_timm
 
-    return load_timm(spec, pretrained=pretrained, weights=weights, random_init=random_init, device=device)
+    return load_timm(spec, pretrained=pretrained, weights=weights, random_init=random_init, device=device, **kwargs)
 
 
 @hookimpl

@@ -1,0 +1,120 @@
+"""MaxViT decomposition overhead: time and peak memory relative to a plain forward.
+
+    python benchmarks/maxvit_overhead.py [--model maxvit_small_tf_224] [--batch 8] [--repeats 3] [--threads N]
+
+Random-init timm model, float32, CPU (or --device cuda). Modes, each measured in a fresh subprocess for peak memory:
+
+* ``forward``   — z = the adapter's representation (forward_features + head pooling/norm), under no_grad;
+* ``component`` — ``decompose(model, x)`` (heads on, explicit constants);
+* ``spatial``   — ``decompose(model, x, tokens="source")`` and every component's ``spatial_map`` materialised once
+  (one at a time, not kept), i.e. all components split over the positions where they write;
+* ``sources``   — as ``spatial``, plus every head's source-position map (``maxvit.source_map``).
+
+Time: the minimum over ``--repeats`` runs after one warm-up. Peak memory: the process's peak RSS increase over
+the state after building the model and the input (CPU), or ``torch.cuda.max_memory_allocated`` (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_mode(args) -> dict:
+    import timm
+    import torch
+
+    import vitdecomp
+    from vitdecomp_plugins.maxvit import source_map
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval().to(args.device)
+    x = torch.randn(args.batch, 3, *model.img_size, device=args.device)
+    ad = vitdecomp.find_adapter(model)
+
+    def forward():
+        with torch.no_grad():
+            return ad.representation(model, x)
+
+    def component():
+        return vitdecomp.decompose(model, x)
+
+    def spatial(with_sources=False):
+        dec = vitdecomp.decompose(model, x, tokens="source")
+        with torch.no_grad():
+            for name in dec.names:
+                dec.spatial_map(name)
+                if with_sources and name in dec.meta["source_tokens"]:
+                    source_map(dec, name)
+        return dec
+
+    fn = {"forward": forward, "component": component, "spatial": spatial,
+          "sources": lambda: spatial(True)}[args.mode]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    base = _rss_mb()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    fn()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+        del out
+    res = {"mode": args.mode, "time_s": min(times), "times": times}
+    if args.device.startswith("cuda"):
+        res["peak_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    else:
+        res["peak_mb"] = _rss_mb() - base
+    if args.mode == "component":
+        dec = component()
+        res.update(components=len(dec), error=dec.error)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="maxvit_small_tf_224")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--modes", default="forward,component,spatial,sources")
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return
+    results = {}
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--batch", str(args.batch),
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results[mode] = json.loads(out)
+        print(json.dumps(results[mode]), flush=True)
+    fwd = results.get("forward")
+    print(f"\n{args.model}, batch {args.batch}, {args.device}, float32")
+    print(f"{'mode':<10} {'time (s)':>9} {'÷ forward':>10} {'peak MB':>9} {'÷ forward':>10}")
+    for mode, r in results.items():
+        rt = r["time_s"] / fwd["time_s"] if fwd else float("nan")
+        rm = r["peak_mb"] / fwd["peak_mb"] if fwd and fwd["peak_mb"] > 0 else float("nan")
+        print(f"{mode:<10} {r['time_s']:>9.3f} {rt:>10.2f} {r['peak_mb']:>9.0f} {rm:>10.2f}")
+    if "component" in results:
+        print(f"components: {results['component']['components']}, relative error {results['component']['error']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The adapter base shared by the family modules: dispatch by class structure, input checks, block discovery."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import attrs
+import torch
+
+from vitdecomp import Adapter, TokenGrid
+from vitdecomp.engine import is_identity, supported_norm
+from vitdecomp.errors import InputError, UnsupportedModelError
+
+from ._traversal import BlockParts, Plan, decompose_plan
+
+__all__ = ["HFAdapter", "Layout", "hf_class", "block_parts"]
+
+
+def hf_class(model, names: Sequence[str]) -> Optional[str]:
+    """The first class name of ``names`` that ``type(model)`` is or derives from, looking only at classes
+    defined in ``transformers.models.*`` (no import of transformers: a model of another library says no)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in names and cls.__module__.startswith("transformers.models."):
+            return cls.__name__
+    return None
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def block_parts(i: int, layer) -> BlockParts:
+    """Read one transformers-5 pre-norm layer (ViTLayer, DeiTLayer, Dinov2Layer, CLIPEncoderLayer, ...)."""
+    attn = getattr(layer, "attention", None) or getattr(layer, "self_attn", None)
+    where = f"blocks.{i} ({type(layer).__name__})"
+    if attn is None:
+        raise UnsupportedModelError(f"{where} has no 'attention' / 'self_attn' submodule")
+    q, k, v = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj"))
+    o = getattr(attn, "o_proj", None) or getattr(attn, "out_proj", None)
+    if not all(isinstance(m, torch.nn.Linear) for m in (q, k, v, o)):
+        raise UnsupportedModelError(
+            f"{where}: attention {type(attn).__name__} lacks Linear q_proj/k_proj/v_proj/o_proj (this pack reads the "
+            "transformers>=5 layout; older layouts with attention.attention.query are not supported)")
+    H = getattr(attn, "num_attention_heads", None) or getattr(attn, "num_heads", None)
+    dh = getattr(attn, "head_dim", None) or (q.out_features // H)
+    scaling = getattr(attn, "scaling", None) or getattr(attn, "scale", None) or dh ** -0.5
+    ls1, ls2 = getattr(layer, "layer_scale1", None), getattr(layer, "layer_scale2", None)
+    gamma = None if ls1 is None or is_identity(ls1) else ls1.lambda1
+    mlp_out = ls2 if ls2 is not None and not is_identity(ls2) else getattr(layer, "mlp", None)
+    if mlp_out is None:
+        raise UnsupportedModelError(f"{where} has no 'mlp' submodule")
+    return BlockParts(index=i, layer=layer, attention=attn, q=q, k=k, v=v, o=o, num_heads=int(H), head_dim=int(dh),
+                      scaling=float(scaling), gamma=gamma, mlp_out=mlp_out)
+
+
+@attrs.define(eq=False)
+class Layout:
+    """What a family module tells the base adapter about one model.
+
+    ``base``: the module whose forward embeds and runs the layers; ``layers``: its blocks in order;
+    ``num_prefix``: CLS + distillation + register tokens; ``groups(grid)``: readout groups (see
+    :class:`~vitdecomp_transformers._traversal.Plan`); ``norm``/``norm_name``: the final norm z is read after
+    (None: before any norm); ``proj``: a projection matrix ``[G·D, d]`` or None; ``head``: the linear
+    classifier on z or None; ``read(outputs)``: z from the base model's output; ``dynamic``: accepts any
+    multiple of the patch size (position embeddings are interpolated) instead of only ``image_size``.
+    """
+
+    base: torch.nn.Module
+    layers: Sequence[torch.nn.Module]
+    num_prefix: int
+    groups: object
+    norm: Optional[torch.nn.Module]
+    norm_name: str
+    proj: Optional[torch.Tensor]
+    head: Optional[torch.nn.Module]
+    read: object
+    image_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+    num_channels: int = 3
+    dynamic: bool = False
+    z_doc: str = ""
+
+
+class HFAdapter(Adapter):
+    """Base class: subclasses set ``name``, ``families``, ``class_names`` and implement :meth:`layout`."""
+
+    class_names: Tuple[str, ...] = ()
+
+    def supports(self, model) -> bool:
+        return hf_class(model, self.class_names) is not None
+
+    def explain(self, model) -> str:
+        cls = hf_class(model, self.class_names)
+        if cls is None:
+            return f"not one of the transformers classes {list(self.class_names)}"
+        try:
+            return f"transformers {cls}: z = {self._layout(model).z_doc}"
+        except UnsupportedModelError as exc:
+            return f"transformers {cls} with unsupported parts: {exc}"
+
+    def layout(self, model) -> Layout:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _layout(self, model) -> Layout:
+        try:
+            return self.layout(model)
+        except AttributeError as exc:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not have the module layout {self.name} reads ({exc}); this pack "
+                "supports the transformers>=5 layout (layers with q_proj/k_proj/v_proj/o_proj attention)") from exc
+
+    # ---------------------------------------------------------------- checks
+    def in_channels(self, model) -> int:
+        return self._layout(model).num_channels
+
+    def middle_start(self, model) -> int:
+        return len(self._layout(model).layers) // 2
+
+    def grid(self, lay: Layout, images: torch.Tensor) -> TokenGrid:
+        H, W = images.shape[-2:]
+        ph, pw = lay.patch_size
+        if lay.dynamic:
+            if H % ph or W % pw:
+                raise InputError(f"Image size {H}×{W} is not divisible by the patch size {ph}×{pw} of "
+                                 f"{type(lay.base).__name__}; use a multiple of the patch size")
+        elif (H, W) != lay.image_size:
+            raise InputError(f"Image size {H}×{W} does not match the model's input size "
+                             f"{lay.image_size[0]}×{lay.image_size[1]} (config.image_size); resize the images")
+        return TokenGrid(num_prefix=lay.num_prefix, h=H // ph, w=W // pw, patch_size=(ph, pw))
+
+    def validate(self, model, images):
+        lay = self._layout(model)
+        if lay.norm is not None and not supported_norm(lay.norm):
+            raise UnsupportedModelError(f"final norm {lay.norm_name} of type {type(lay.norm).__name__}")
+        for i, layer in enumerate(lay.layers):
+            block_parts(i, layer)
+        self.grid(lay, images)
+
+    def readout(self, model):
+        head = self._layout(model).head
+        return head if isinstance(head, torch.nn.Linear) else None
+
+    # ---------------------------------------------------------------- z and its decomposition
+    def representation(self, model, images):
+        lay = self._layout(model)
+        return lay.read(lay.base(pixel_values=images))
+
+    def decompose(self, model, images, options):
+        lay = self._layout(model)
+        grid = self.grid(lay, images)
+        n = len(lay.layers)
+        start = options.start or 0
+        if not isinstance(start, int) or isinstance(start, bool) or not (0 <= start < n):
+            raise InputError(f"start={options.start!r} is out of range: {type(model).__name__} has blocks 0..{n - 1}")
+        plan = Plan(
+            blocks=[block_parts(i, layer) for i, layer in enumerate(lay.layers)],
+            groups=lay.groups(grid), norm=lay.norm, norm_name=lay.norm_name, proj=lay.proj,
+            run=lambda x: lay.read(lay.base(pixel_values=x)), grid=grid,
+            meta={"adapter": self.name, "model": type(model).__name__,
+                  "checkpoint": getattr(getattr(model, "config", None), "_name_or_path", "") or None,
+                  "attn_implementation": getattr(getattr(lay.base, "config", None), "_attn_implementation", None)},
+        )
+        return decompose_plan(plan, images, start=start, tokens=options.tokens == "source")

@@ -1,0 +1,221 @@
+"""The ``vitdecomp`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG_CHECK = """examples:
+  vitdecomp check timm:deit_tiny_patch16_224 --random-init
+  vitdecomp check timm:vit_small_patch14_dinov2 --random-init --dtype float64 --tokens
+  vitdecomp check open_clip:ViT-B-16 --random-init --batch 2
+  vitdecomp check timm:deit_base_patch16_224 --weights deit_base.safetensors
+"""
+
+_EPILOG_DECOMPOSE = """examples:
+  vitdecomp decompose timm:deit_tiny_patch16_224 --random-init cat.jpg dog.png --out dec.safetensors
+  vitdecomp decompose timm:deit_base_patch16_224 --weights deit.pth img/*.jpg --out dec.safetensors --tokens
+The output is a safetensors file with 'contributions' [B, C, D], 'representation' [B, D] and JSON metadata
+(component names and records, reconstruction error, model, options, image paths); read it back with
+vitdecomp.Decomposition.load(path).
+"""
+
+
+def _dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "float64": torch.float64}[name]
+    except KeyError:
+        raise SystemExit(f"--dtype must be float32 or float64, got {name!r}")
+
+
+def _load(args):
+    from . import api
+
+    kw = {}
+    if getattr(args, "img_size", None):
+        kw["img_size"] = args.img_size
+    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, **kw)
+
+
+def _image_size(model, adapter) -> tuple:
+    m = adapter.unwrap(model)
+    for getter in (
+        lambda: tuple(m.patch_embed.img_size),
+        lambda: tuple(m.image_size) if isinstance(m.image_size, (tuple, list)) else (m.image_size, m.image_size),
+        lambda: tuple(m.default_cfg["input_size"][1:]),
+        lambda: tuple(m.pretrained_cfg["input_size"][1:]),
+    ):
+        try:
+            size = getter()
+            if size:
+                return tuple(int(s) for s in size)
+        except Exception:  # noqa: BLE001 - try the next convention
+            continue
+    return (224, 224)
+
+
+def cmd_plugins(args) -> int:
+    from ._plugins import Registry, default_registry
+
+    reg = Registry.from_entry_points(lenient=True) if args.lenient else default_registry()
+    infos = reg.plugins()
+    if args.json:
+        import attrs
+
+        print(json.dumps([attrs.asdict(i) for i in infos], indent=2))
+        return 0
+    print(f"{'plugin':16} {'origin':12} {'distribution':24} {'version':9} {'loaders':12} families")
+    for i in infos:
+        origin = "built-in" if i.builtin else "third-party"
+        print(f"{i.name:16} {origin:12} {i.distribution:24} {i.version:9} {','.join(i.loaders) or '-':12} {', '.join(i.families) or '-'}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import torch
+
+    from . import api
+    from .decomposition import tolerance_for
+
+    loaded = _load(args)
+    model = loaded.model
+    dtype = _dtype(args.dtype)
+    model = model.to(dtype)
+    adapter = api.find_adapter(model)
+    size = tuple(args.image_size) if args.image_size else _image_size(model, adapter)
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch, 3, *size, generator=g, dtype=dtype)
+    with torch.no_grad():
+        api.representation(model, images)  # warm-up
+        t0 = time.perf_counter()
+        api.representation(model, images)
+        t_fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
+                        start=args.start)
+    t_dec = time.perf_counter() - t0
+    tol = tolerance_for(dtype)
+    print(f"model      {loaded.name}  ({type(adapter.unwrap(model)).__name__}, adapter {adapter.name})")
+    print(f"input      {args.batch}×3×{size[0]}×{size[1]} {args.dtype}, random normal (seed {args.seed})")
+    print(f"components {len(dec)}  representation dim {dec.contributions.shape[-1]}")
+    if args.list:
+        for c in dec.components:
+            print(f"  {c.name:40} {c.kind}")
+    else:
+        shown = list(dec.names[:4]) + ["..."] + list(dec.names[-3:]) if len(dec) > 8 else list(dec.names)
+        print(f"           {', '.join(shown)}")
+    if args.tokens:
+        g = dec.grid
+        print(f"tokens     {g.num_prefix} prefix + {g.h}×{g.w} patches of {g.patch_size[0]}×{g.patch_size[1]} px")
+    status = "OK" if dec.error <= tol else "FAILED"
+    print(f"error      {dec.error:.3e}  (tolerance {tol:.0e}: {status})")
+    print(f"time       decompose {t_dec * 1e3:.1f} ms, forward {t_fwd * 1e3:.1f} ms, ratio {t_dec / max(t_fwd, 1e-9):.2f}×")
+    return 0 if dec.error <= tol else 1
+
+
+def cmd_decompose(args) -> int:
+    import torch
+    from PIL import Image
+
+    from . import api
+
+    loaded = _load(args)
+    model = loaded.model.to(_dtype(args.dtype))
+    batch = []
+    for path in args.images:
+        try:
+            img = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot read image {path!r}: {exc}")
+        batch.append(loaded.preprocess(img))
+    images = torch.stack(batch).to(_dtype(args.dtype))
+    dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
+                        start=args.start, bias=args.bias, check=True)
+    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images]})
+    dec.save(args.out, tokens=args.tokens)
+    print(f"wrote {args.out}: {len(args.images)} images × {len(dec)} components × {dec.contributions.shape[-1]} dims "
+          f"(reconstruction error {dec.error:.2e})")
+    return 0
+
+
+def _start(value: str):
+    if "," in value:
+        a, b = value.split(",", 1)
+        return (int(a), int(b))
+    return int(value)
+
+
+def _model_args(p):
+    p.add_argument("model", help="model string, e.g. timm:deit_base_patch16_224 or open_clip:ViT-B-16/laion2b_s34b_b88k")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--random-init", action="store_true", help="random weights (offline work)")
+    src.add_argument("--weights", metavar="PATH", help="local checkpoint (.safetensors/.pth/.bin, or an open_clip file)")
+    p.add_argument("--img-size", type=int, default=None, help="build the model for this input size (timm models)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--tokens", action="store_true", help="also split attention heads by source token")
+    p.add_argument("--no-heads", action="store_true", help="whole attention branches instead of heads")
+    p.add_argument("--start", type=_start, default=None, help="decompose blocks from this index (or 'stage,block') on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitdecomp", description="Exact decomposition of ViT representations.")
+    parser.add_argument("--version", action="version", version="vitdecomp 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list loaded model-family plugins")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--lenient", action="store_true", help="skip plugins that fail to load (with a warning)")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("check", help="decompose a random batch and report the reconstruction error and timing",
+                       epilog=_EPILOG_CHECK, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(p)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list", action="store_true", help="print every component")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("decompose", help="decompose image files and write contributions to a safetensors file",
+                       epilog=_EPILOG_DECOMPOSE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--bias", default="explicit", choices=("explicit", "even"))
+    p.set_defaults(func=cmd_decompose)
+
+    for modname in ("_cli_interpret", "_cli_apps", "_cli_demo"):
+        try:
+            mod = __import__(f"vitdecomp.{modname}", fromlist=["add_commands"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"vitdecomp.{modname}":
+                raise
+            continue
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import VitDecompError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VitDecompError as exc:
+        print(f"vitdecomp: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""CompAlign: map every component into CLIP's image-embedding space (Balasubramanian et al., NeurIPS 2024, §3.2;
+METHOD.md §2).
+
+One linear map per component, W_i ∈ R^{D×d}, and a shared bias b ∈ R^d:
+
+    f(x) = Σ_i c_i(x) W_i + b,        aligned component i:  a_i(x) = c_i(x) W_i + b / C
+
+trained on the L2-normalised CLIP image embeddings t(x) of the same images with
+
+    L = mean_x [1 − cos(f(x), t(x))]  +  λ · 1/(C·d) · Σ_i ‖W_iᵀ W_i − I_d‖²_F          (D ≥ d)
+
+The penalty pushes each map towards an isometry so that norms and angles, and with them the relative importance of
+components, survive the mapping. W_iᵀW_i = I_d is only achievable when D ≥ d; when D < d the penalty is taken on
+the achievable side, ‖W_i W_iᵀ − I_D‖²_F (W_i then has orthonormal rows), still divided by C·d. λ = 1 as in the
+paper.
+
+Training differs from the paper's script in ways that make the defaults converge without tuning:
+
+- it runs on cached contributions (a tensor or an :class:`vitdecomp.ExtractionCache`), never materialising
+  ``[N, C, d]``: each batch computes Σ_i c_i W_i with one einsum;
+- every W_i starts from the closed-form ridge least-squares map of s(x) = Σ_i c_i(x) to t(x) (so training starts
+  at the best shared linear map), rescaled to the isometry scale that minimises the penalty (the cosine loss is
+  scale invariant);
+- Adam refines the maps; a held-out split (``val_fraction``) decides early stopping (``patience`` epochs without a
+  new minimum of the held-out objective) and the best state is kept; the held-out cosine is reported and saved.
+
+The result is an :class:`Aligner`; :meth:`Aligner.save` writes safetensors plus JSON metadata (analysed model,
+component names, CLIP model, configuration, held-out cosine), :meth:`Aligner.load` reads it back. When the analysed
+model *is* the CLIP model, use :meth:`Aligner.identity`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import attrs
+import torch
+
+from .errors import EmptyDatasetError, InputError, MismatchError
+
+__all__ = ["AlignConfig", "Aligner", "fit_aligner"]
+
+_FORMAT = "vitdecomp.aligner/1"
+
+
+def _positive(instance, attribute, value):
+    if not value > 0:
+        raise InputError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(instance, attribute, value):
+    if not value >= 0:
+        raise InputError(f"{attribute.name} must be ≥ 0, got {value!r}")
+
+
+def _fraction(instance, attribute, value):
+    if not 0 <= value < 1:
+        raise InputError(f"{attribute.name} must be in [0, 1), got {value!r}")
+
+
+def _optional_positive_int(instance, attribute, value):
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise InputError(f"{attribute.name} must be None or a positive int, got {value!r}")
+
+
+@attrs.frozen
+class AlignConfig:
+    """Training settings of :func:`fit_aligner` (saved with the aligner).
+
+    ``lam``: weight λ of the isometry penalty. ``lr``, ``weight_decay``: Adam; ``lr=None`` picks
+    0.05/√max(D, d), a step proportional to the entries of an isometric map (Adam's steps are scale free). ``batch_size``: images per step.
+    ``max_epochs``, ``patience``: early stopping on the held-out objective. ``val_fraction``: share of images held
+    out (0: none, then training runs ``max_epochs`` and no held-out cosine is reported). ``ridge``: the ridge of
+    the closed-form initialisation, relative to the mean eigenvalue of Cov(s). ``penalty_probes``: None computes
+    the penalty exactly (C·D·d² work per step); an int m uses the unbiased Hutchinson estimate
+    ‖G − I‖²_F ≈ (1/m) Σ_z ‖(G − I) z‖², z ~ N(0, I), which costs C·D·d·m (useful for large D = d).
+    """
+
+    lam: float = attrs.field(default=1.0, validator=_non_negative)
+    lr: Optional[float] = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    batch_size: int = attrs.field(default=256, validator=_positive)
+    max_epochs: int = attrs.field(default=100, validator=_positive)
+    patience: int = attrs.field(default=5, validator=_positive)
+    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    ridge: float = attrs.field(default=1e-3, validator=_positive)
+    seed: int = 0
+    penalty_probes: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
+
+
+def _first_difference(got: Sequence[str], expected: Sequence[str]) -> str:
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g != e:
+            return f"first difference at position {i}: given {g!r}, aligner expects {e!r}"
+    return f"given {len(got)} components, aligner expects {len(expected)} (common prefix of {min(len(got), len(expected))})"
+
+
+@attrs.define(eq=False)
+class Aligner:
+    """Per-component linear maps into CLIP space: ``aligner(contributions [N, C, D]) -> [N, C, d]``.
+
+    ``weight`` ``[C, D, d]`` (None for the identity), ``bias`` ``[d]`` (apportioned b/C per component),
+    ``names`` the C component names, ``model_name`` the analysed model, ``clip_model`` the target CLIP model,
+    ``held_out_cosine`` the mean cos(f(x), t(x)) on held-out images, ``init_cosine`` the same for the
+    closed-form initialisation, ``config`` the training settings and ``history`` one dict per epoch.
+    """
+
+    weight: Optional[torch.Tensor]
+    bias: torch.Tensor
+    names: tuple = attrs.field(converter=tuple)
+    model_name: Optional[str] = None
+    clip_model: Optional[str] = None
+    config: dict = attrs.field(factory=dict)
+    held_out_cosine: Optional[float] = None
+    init_cosine: Optional[float] = None
+    history: list = attrs.field(factory=list)
+
+    def __attrs_post_init__(self):
+        if self.weight is not None:
+            if self.weight.ndim != 3 or self.weight.shape[0] != len(self.names):
+                raise InputError(
+                    f"weight must be [C, D, d] with C = {len(self.names)} names, got {tuple(self.weight.shape)}"
+                )
+            if self.bias.shape != (self.weight.shape[2],):
+                raise InputError(f"bias must be [d] = [{self.weight.shape[2]}], got {tuple(self.bias.shape)}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def identity(cls, names: Sequence[str], dim: int, model_name: Optional[str] = None) -> "Aligner":
+        """The aligner of a model analysed in its own (CLIP) space: a_i = c_i."""
+        return cls(None, torch.zeros(dim), names, model_name=model_name, clip_model=model_name,
+                   config={"identity": True}, held_out_cosine=None)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.weight is None
+
+    @property
+    def in_dim(self) -> int:
+        """D, the analysed model's representation size."""
+        return self.bias.shape[0] if self.weight is None else self.weight.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        """d, the CLIP embedding size."""
+        return self.bias.shape[0]
+
+    @property
+    def penalty_side(self) -> str:
+        """``"WtW"`` (W_iᵀW_i ≈ I_d, D ≥ d) or ``"WWt"`` (W_i W_iᵀ ≈ I_D, D < d)."""
+        return "WtW" if self.in_dim >= self.out_dim else "WWt"
+
+    def to(self, device) -> "Aligner":
+        """A copy on ``device``."""
+        new = copy.copy(self)
+        new.weight = None if self.weight is None else self.weight.to(device)
+        new.bias = self.bias.to(device)
+        return new
+
+    def map(self, name: str) -> torch.Tensor:
+        """W_i ``[D, d]`` of component ``name``."""
+        if name not in self.names:
+            raise MismatchError(f"aligner has no component {name!r}; it has {len(self.names)}, e.g. {list(self.names[:5])}")
+        i = self.names.index(name)
+        return torch.eye(self.in_dim) if self.weight is None else self.weight[i]
+
+    # ------------------------------------------------------------------ application
+    def _contributions(self, x) -> torch.Tensor:
+        from .decomposition import Decomposition
+
+        if isinstance(x, Decomposition):
+            if tuple(x.names) != self.names:
+                raise MismatchError(
+                    f"Decomposition components do not match the aligner's ({_first_difference(x.names, self.names)}). "
+                    f"The aligner was fit for model {self.model_name!r}; decompose with the same model and settings."
+                )
+            x = x.contributions
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"aligner input must be contributions [N, C, D] or a Decomposition, got {shape}")
+        if x.shape[1] != len(self.names) or x.shape[2] != self.in_dim:
+            raise MismatchError(
+                f"contributions have shape [N, C, D] = {tuple(x.shape)}; the aligner expects "
+                f"C = {len(self.names)}, D = {self.in_dim} (model {self.model_name!r})"
+            )
+        return x
+
+    def __call__(self, x) -> torch.Tensor:
+        """Aligned contributions a_i = c_i W_i + b/C, shape ``[N, C, d]`` (float32)."""
+        c = self._contributions(x)
+        dev = self.bias.device
+        c = c.to(dev, torch.float32)
+        if self.weight is None:
+            return c + self.bias / len(self.names)
+        return torch.einsum("ncD,cDd->ncd", c, self.weight) + self.bias / len(self.names)
+
+    def total(self, x) -> torch.Tensor:
+        """f(x) = Σ_i c_i W_i + b, shape ``[N, d]``, without building ``[N, C, d]``."""
+        c = self._contributions(x).to(self.bias.device, torch.float32)
+        if self.weight is None:
+            return c.sum(1) + self.bias
+        return torch.einsum("ncD,cDd->nd", c, self.weight) + self.bias
+
+    def cosine(self, x, targets: torch.Tensor) -> torch.Tensor:
+        """cos(f(x), t(x)) per image, shape ``[N]``."""
+        f = self.total(x)
+        return torch.nn.functional.cosine_similarity(f, targets.to(f.device, torch.float32), dim=-1)
+
+    def iter_aligned(self, source, *, batch_size: int = 256) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(indices, aligned [B, C, d])`` over a contributions tensor or an :class:`ExtractionCache`."""
+        data = _Data.of(source)
+        if data.names is not None and tuple(data.names) != self.names:
+            raise MismatchError(f"cache components do not match the aligner's ({_first_difference(data.names, self.names)})")
+        for k in range(data.num_chunks):
+            start, stop = data.chunks[k]
+            chunk = data.load(k)
+            for i in range(0, stop - start, batch_size):
+                idx = torch.arange(start + i, min(start + i + batch_size, stop))
+                yield idx, self(chunk[i:i + batch_size])
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Write weights (safetensors) with metadata: model, component names, CLIP model, config, held-out cosine."""
+        from safetensors.torch import save_file
+
+        tensors = {"bias": self.bias.detach().cpu().contiguous()}
+        if self.weight is not None:
+            tensors["weight"] = self.weight.detach().cpu().contiguous()
+        meta = {
+            "format": _FORMAT, "names": list(self.names), "model_name": self.model_name,
+            "clip_model": self.clip_model, "config": self.config, "held_out_cosine": self.held_out_cosine,
+            "init_cosine": self.init_cosine, "history": self.history, "identity": self.weight is None,
+            "in_dim": self.in_dim, "out_dim": self.out_dim, "penalty_side": self.penalty_side,
+        }
+        save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, *, device="cpu") -> "Aligner":
+        """Read an aligner written by :meth:`save`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = json.loads((f.metadata() or {}).get("vitdecomp", "{}"))
+                if meta.get("format") != _FORMAT:
+                    raise MismatchError(f"{path} is not a vitdecomp aligner (format {meta.get('format')!r}, expected {_FORMAT!r})")
+                weight = None if meta.get("identity") else f.get_tensor("weight")
+                bias = f.get_tensor("bias")
+        except (OSError, Exception) as exc:  # safetensors raises its own error types for non-safetensors files
+            if isinstance(exc, MismatchError):
+                raise
+            raise InputError(f"Could not read aligner file {path}: {exc}") from exc
+        return cls(weight, bias, meta["names"], model_name=meta.get("model_name"), clip_model=meta.get("clip_model"),
+                   config=meta.get("config", {}), held_out_cosine=meta.get("held_out_cosine"),
+                   init_cosine=meta.get("init_cosine"), history=meta.get("history", []))
+
+
+# ---------------------------------------------------------------------------------------------------- data access
+
+
+class _Data:
+    """Uniform chunked access to contributions held in a tensor or an ExtractionCache."""
+
+    def __init__(self, chunks, loader, N, C, D, names=None, meta=None, targets=None):
+        self.chunks, self._loader = chunks, loader
+        self.N, self.C, self.D, self.names, self.meta, self.targets = N, C, D, names, meta or {}, targets
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
+
+    def load(self, k: int) -> torch.Tensor:
+        return self._loader(k)
+
+    @classmethod
+    def of(cls, source) -> "_Data":
+        from .decomposition import Decomposition
+
+        if isinstance(source, Decomposition):
+            return cls._of_tensor(source.contributions, names=source.names, meta=dict(source.meta))
+        if isinstance(source, torch.Tensor):
+            return cls._of_tensor(source)
+        if hasattr(source, "load_shard") and hasattr(source, "shard_ranges"):  # ExtractionCache
+            ranges = list(source.shard_ranges)
+            if not ranges:
+                raise EmptyDatasetError(f"extraction cache {getattr(source, 'path', '')} holds no images")
+            tg = None
+            try:
+                tg = source.targets()
+            except Exception:  # noqa: BLE001 - a cache without CLIP targets; the caller must pass them
+                tg = None
+            return cls(ranges, lambda k: source.load_shard(k)[0], len(source), len(source.names), source.dim,
+                       names=tuple(source.names), meta=dict(source.meta), targets=tg)
+        raise InputError(
+            f"contributions must be a [N, C, D] tensor, a Decomposition or an ExtractionCache, got {type(source).__name__}"
+        )
+
+    @classmethod
+    def _of_tensor(cls, x: torch.Tensor, names=None, meta=None) -> "_Data":
+        if x.ndim != 3:
+            raise InputError(f"contributions must be [N, C, D], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise EmptyDatasetError("contributions hold no images (N = 0)")
+        return cls([(0, x.shape[0])], lambda k: x, x.shape[0], x.shape[1], x.shape[2], names=names, meta=meta)
+
+
+def _batches(data: _Data, mask: torch.Tensor, batch_size: int, gen: Optional[torch.Generator]):
+    """Yield (global indices, contributions) for images where ``mask`` is True; shuffled when ``gen`` is given."""
+    order = range(data.num_chunks)
+    if gen is not None:
+        order = torch.randperm(data.num_chunks, generator=gen).tolist()
+    for k in order:
+        start, stop = data.chunks[k]
+        local = torch.nonzero(mask[start:stop]).flatten()
+        if local.numel() == 0:
+            continue
+        if gen is not None:
+            local = local[torch.randperm(local.numel(), generator=gen)]
+        chunk = data.load(k)
+        for i in range(0, local.numel(), batch_size):
+            li = local[i:i + batch_size]
+            yield li + start, chunk[li]
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _penalty_matrix(W: torch.Tensor) -> torch.Tensor:
+    """G_i − I on the achievable side, [C, k, k]."""
+    C, D, d = W.shape
+    if D >= d:
+        G = W.transpose(1, 2) @ W
+        k = d
+    else:
+        G = W @ W.transpose(1, 2)
+        k = D
+    return G - torch.eye(k, device=W.device, dtype=W.dtype)
+
+
+def _penalty(W: torch.Tensor, probes: Optional[int] = None, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(1/(C·d)) Σ_i ‖G_i − I‖²_F, exact or (with ``probes``) Hutchinson-estimated."""
+    C, D, d = W.shape
+    if probes is None:
+        return _penalty_matrix(W).pow(2).sum() / (C * d)
+    k = min(D, d)
+    z = torch.randn(C, k, probes, generator=gen, device="cpu").to(W.device, W.dtype)
+    if D >= d:  # (WᵀW − I) z
+        r = W.transpose(1, 2) @ (W @ z) - z
+    else:  # (W Wᵀ − I) z
+        r = W @ (W.transpose(1, 2) @ z) - z
+    return r.pow(2).sum() / (probes * C * d)
+
+
+def _closed_form(data: _Data, targets: torch.Tensor, mask: torch.Tensor, ridge: float, batch_size: int,
+                 device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least-squares map (W [D, d], b [d]) of s = Σ_i c_i onto the targets (float64 accumulation)."""
+    D, d = data.D, targets.shape[1]
+    sxx = torch.zeros(D, D, dtype=torch.float64, device=device)
+    sxt = torch.zeros(D, d, dtype=torch.float64, device=device)
+    ss = torch.zeros(D, dtype=torch.float64, device=device)
+    st = torch.zeros(d, dtype=torch.float64, device=device)
+    n = 0
+    for idx, c in _batches(data, mask, batch_size, None):
+        s = c.to(device, torch.float64).sum(1)
+        t = targets[idx].to(device, torch.float64)
+        sxx += s.T @ s
+        sxt += s.T @ t
+        ss += s.sum(0)
+        st += t.sum(0)
+        n += s.shape[0]
+    ms, mt = ss / n, st / n
+    cxx = sxx - n * torch.outer(ms, ms)
+    cxt = sxt - n * torch.outer(ms, mt)
+    alpha = ridge * max(float(torch.trace(cxx)) / D, 1e-12)
+    W = torch.linalg.solve(cxx + alpha * torch.eye(D, dtype=torch.float64, device=device), cxt)
+    b = mt - ms @ W
+    # The cosine loss is scale invariant: rescale (W, b) to the scale that minimises ‖g·G − I‖²_F, G the Gram
+    # matrix on the achievable side, so training starts as close to an isometry as the direction allows.
+    G = W.T @ W if D >= d else W @ W.T
+    g = float(torch.trace(G)) / max(float(G.pow(2).sum()), 1e-300)
+    gamma = math.sqrt(max(g, 1e-12))
+    return (W * gamma).float(), (b * gamma).float()
+
+
+def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[float, float]:
+    """(mean 1 − cos, mean cos) over images where ``mask``."""
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for idx, c in _batches(data, mask, batch_size, None):
+            f = torch.einsum("bcD,cDd->bd", c.to(device, torch.float32), W) + b
+            cos = torch.nn.functional.cosine_similarity(f, targets[idx].to(device), dim=-1)
+            tot += float(cos.sum())
+            n += cos.numel()
+    mean = tot / max(n, 1)
+    return 1.0 - mean, mean
+
+
+def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
+                val_fraction: float = 0.1, lr: Optional[float] = None, batch_size: int = 256, max_epochs: int = 100,
+                patience: int = 5, weight_decay: float = 0.0, ridge: float = 1e-3,
+                penalty_probes: Optional[int] = None, device="cpu", names: Optional[Sequence[str]] = None,
+                model_name: Optional[str] = None, clip_model: Optional[str] = None,
+                progress: bool = True) -> Aligner:
+    """Fit one map W_i per component (and a shared bias) from contributions to CLIP image embeddings.
+
+    ``contributions``: ``[N, C, D]`` tensor (any float dtype; converted per batch), a :class:`Decomposition` or an
+    :class:`ExtractionCache` (then ``targets``, ``names``, ``model_name`` and ``clip_model`` default to what the
+    cache stores). ``targets``: ``[N, d]`` CLIP image embeddings (L2-normalised here). See :class:`AlignConfig`
+    for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
+    ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = AlignConfig(lam=lam, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
+                      patience=patience, val_fraction=val_fraction, ridge=ridge, seed=seed,
+                      penalty_probes=penalty_probes)
+    data = _Data.of(contributions)
+    if targets is None:
+        targets = data.targets
+        if targets is None:
+            raise InputError("fit_aligner needs targets [N, d] (CLIP image embeddings); this source stores none. "
+                             "Extract with clip=... or pass targets=")
+    if names is None:
+        names = data.names if data.names is not None else tuple(f"component.{i}" for i in range(data.C))
+    names = tuple(names)
+    if len(names) != data.C:
+        raise MismatchError(f"{len(names)} names for {data.C} components")
+    model_name = model_name or data.meta.get("model")
+    clip_model = clip_model or data.meta.get("clip_model")
+    if targets.ndim != 2 or targets.shape[0] != data.N:
+        raise MismatchError(f"targets must be [N, d] with N = {data.N} (the number of images), got {tuple(targets.shape)}")
+    targets = torch.nn.functional.normalize(targets.detach().to(torch.float32), dim=-1).cpu()
+    N, C, D, d = data.N, data.C, data.D, targets.shape[1]
+    device = torch.device(device)
+
+    gen = torch.Generator().manual_seed(seed)
+    n_val = int(round(N * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0:
+        n_val = min(max(n_val, 1), N - 1)
+    if N - n_val < 2:
+        raise EmptyDatasetError(f"fit_aligner needs at least 2 training images; got N = {N} with {n_val} held out")
+    val_mask = torch.zeros(N, dtype=torch.bool)
+    val_mask[torch.randperm(N, generator=gen)[:n_val]] = True
+    train_mask = ~val_mask
+
+    W0, b0 = _closed_form(data, targets, train_mask, ridge, max(batch_size, 1024), device)
+    W = W0.unsqueeze(0).repeat(C, 1, 1).contiguous().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    lr_used = lr if lr is not None else 0.05 / math.sqrt(max(D, d))
+    opt = torch.optim.Adam([W, b], lr=lr_used, weight_decay=weight_decay)
+
+    def objective_on(mask):
+        loss, cos = _evaluate(data, targets, mask, W.detach(), b.detach(), max(batch_size, 1024), device)
+        with torch.no_grad():
+            pen = float(_penalty(W.detach()))
+        return loss + lam * pen, cos, pen
+
+    history: List[dict] = []
+    if n_val:
+        best_obj, init_cos, pen0 = objective_on(val_mask)
+    else:
+        best_obj, init_cos, pen0 = float("inf"), None, float(_penalty(W.detach()))
+    history.append({"epoch": 0, "train_loss": None, "val_objective": best_obj if n_val else None,
+                    "val_cosine": init_cos, "penalty": pen0})
+    best_state = (W.detach().clone(), b.detach().clone())
+    best_epoch, best_cos, bad = 0, init_cos, 0
+    bar = tqdm(range(1, max_epochs + 1), desc="CompAlign", unit="epoch", disable=not progress)
+    for epoch in bar:
+        tot, n = 0.0, 0
+        for idx, c in _batches(data, train_mask, batch_size, gen):
+            c = c.to(device, torch.float32)
+            t = targets[idx].to(device)
+            f = torch.einsum("bcD,cDd->bd", c, W) + b
+            data_loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean()
+            loss = data_loss + lam * _penalty(W, cfg.penalty_probes, gen) if lam > 0 else data_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(data_loss.detach()) * c.shape[0]
+            n += c.shape[0]
+        entry = {"epoch": epoch, "train_loss": tot / n}
+        if n_val:
+            obj, cos, pen = objective_on(val_mask)
+            entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
+            if obj < best_obj - 1e-7:
+                best_obj, best_cos, best_epoch, bad = obj, cos, epoch, 0
+                best_state = (W.detach().clone(), b.detach().clone())
+            else:
+                bad += 1
+            bar.set_postfix(val_cos=f"{cos:.4f}", best=best_epoch)
+        else:
+            best_state, best_epoch = (W.detach().clone(), b.detach().clone()), epoch
+            entry.update(penalty=float(_penalty(W.detach())))
+            bar.set_postfix(train_loss=f"{entry['train_loss']:.4f}")
+        history.append(entry)
+        if n_val and bad >= patience:
+            break
+    bar.close()
+    Wb, bb = best_state
+    config = attrs.asdict(cfg)
+    config.update(lr_used=lr_used, best_epoch=best_epoch, n_train=int(train_mask.sum()), n_val=n_val,
+                  penalty_side="WtW" if D >= d else "WWt")
+    return Aligner(Wb.cpu(), bb.cpu(), names, model_name=model_name, clip_model=clip_model, config=config,
+                   held_out_cosine=best_cos if n_val else None, init_cosine=init_cos, history=history)

@@ -1,0 +1,534 @@
+"""Dataset extraction: decompose every image once and cache the contributions (METHOD.md §2, "train on cached
+contributions").
+
+For each image x the cache stores the component contributions c_i(x) ``[C, D]`` of the exact decomposition
+Σ_i c_i(x) = z(x) (Balasubramanian et al., NeurIPS 2024, §3.1, RepDecompose), optionally the L2-normalised CLIP
+image embedding t(x) computed with CLIP's own preprocessing of the raw image (the CompAlign target, §3.2), and the
+image's label. CompAlign (:func:`vitdecomp.fit_aligner`), CompAttribute (:class:`vitdecomp.StreamingScores`) and
+TextSpan then run on the cache without touching the model again.
+
+Layout of ``out_dir``::
+
+    meta.json                    model name and weight fingerprint, component names, decompose settings, dtype,
+                                 CLIP model, dataset fingerprint, shard size, completion state
+    shard-00000.safetensors      contributions [n, C, D] (the cache dtype), targets [n, d] (float32, optional);
+    shard-00001.safetensors      header metadata: index range, labels, largest reconstruction error
+    ...
+
+Shards are written atomically, so an interrupted run leaves only complete shards; calling :func:`extract` again with
+the same arguments continues where it stopped (``resume=True``). A cache made for another model, other weights,
+other settings or another dataset raises :class:`MismatchError` naming the differences instead of being reused.
+Reading is memory-mapped (safetensors ``safe_open``): :meth:`ExtractionCache.contributions` with indices reads only
+the rows it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import attrs
+import torch
+
+from .errors import EmptyDatasetError, InputError, MismatchError
+
+__all__ = ["extract", "ExtractionCache", "CacheBatch", "IMAGE_SUFFIXES"]
+
+_FORMAT = "vitdecomp.extraction/1"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        return dtype
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise InputError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+
+
+def _shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def _list_folder(root: Path) -> Tuple[List[str], List[Optional[str]]]:
+    files = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    labels = [f.split("/", 1)[0] if "/" in f else None for f in files]
+    return files, labels
+
+
+class _Items(torch.utils.data.Dataset):
+    """(model input, CLIP input or None, label, index) for every image of a folder or a dataset."""
+
+    def __init__(self, source, preprocess, clip_preprocess, root: Optional[Path] = None, files=None, labels=None):
+        self.source, self.preprocess, self.clip_preprocess = source, preprocess, clip_preprocess
+        self.root, self.files, self.folder_labels = root, files, labels
+
+    def __len__(self):
+        return len(self.files) if self.files is not None else len(self.source)
+
+    def _raw(self, i):
+        if self.files is not None:
+            from PIL import Image
+
+            with Image.open(self.root / self.files[i]) as im:
+                return im.convert("RGB"), self.folder_labels[i]
+        item = self.source[i]
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise InputError(f"dataset items must be an image or (image, label); item {i} has {len(item)} parts")
+            return item[0], item[1]
+        return item, None
+
+    def __getitem__(self, i):
+        img, label = self._raw(i)
+        if hasattr(label, "item") and not isinstance(label, (str, int)):  # tensors, numpy scalars
+            label = label.item()
+        if label is not None and not isinstance(label, (str, int, float, bool)):
+            label = str(label)
+        is_tensor = isinstance(img, torch.Tensor)
+        if self.clip_preprocess is not None and is_tensor:
+            raise InputError(
+                "CLIP targets are computed with CLIP's own preprocessing of the raw image, but the dataset returns "
+                f"tensors (item {i}: {tuple(img.shape)}). Return PIL images and pass preprocess=..., or extract "
+                "without clip=."
+            )
+        if self.preprocess is not None:
+            x = self.preprocess(img)
+        elif is_tensor:
+            x = img
+        else:
+            raise InputError(
+                f"item {i} is a {type(img).__name__}, not a tensor; pass preprocess=... (the model's transform) or "
+                "a LoadedModel, which carries its preprocessing"
+            )
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise InputError(f"item {i}: the model input must be a [3, H, W] tensor, got {getattr(x, 'shape', type(x))}")
+        xc = self.clip_preprocess(img) if self.clip_preprocess is not None else None
+        return x, xc, label, i
+
+
+def _collate(batch):
+    xs, xcs, labels, idx = zip(*batch)
+    return (torch.stack(xs), None if xcs[0] is None else torch.stack(xcs), list(labels), list(idx))
+
+
+def _resolve_model(model, preprocess, model_name):
+    if isinstance(model, str):
+        from .api import load_model
+
+        model = load_model(model)
+    if not isinstance(model, torch.nn.Module) and hasattr(model, "model"):  # LoadedModel
+        preprocess = preprocess if preprocess is not None else getattr(model, "preprocess", None)
+        model_name = model_name or getattr(model, "name", None)
+        model = model.model
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch module, a LoadedModel or a model string, got {type(model).__name__}")
+    if preprocess is None and hasattr(model, "pretrained_cfg") and "timm" in sys.modules:
+        import timm.data
+
+        cfg = timm.data.resolve_data_config({}, model=model)
+        preprocess = timm.data.create_transform(**cfg)
+    if model_name is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        tag = cfg.get("tag")
+        model_name = cfg.get("architecture") and ("timm:" + cfg["architecture"] + (f".{tag}" if tag else ""))
+        model_name = model_name or type(model).__name__
+    return model, preprocess, model_name
+
+
+def _resolve_clip(clip, clip_name):
+    if clip is None:
+        return None, None, None
+    if isinstance(clip, (tuple, list)) and len(clip) == 2:
+        cm, cp = clip
+        name = clip_name
+    elif hasattr(clip, "model") and hasattr(clip, "preprocess"):  # LoadedModel
+        cm, cp, name = clip.model, clip.preprocess, clip_name or getattr(clip, "name", None)
+    else:
+        raise InputError("clip must be an (open_clip model, preprocess) pair or a LoadedModel of an open_clip model")
+    if not hasattr(cm, "encode_image"):
+        raise InputError(f"the CLIP model must have encode_image (an open_clip model); got {type(cm).__name__}")
+    if cp is None:
+        raise InputError("the CLIP model needs its preprocessing transform (PIL image → tensor)")
+    return cm, cp, name or type(cm).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+@attrs.frozen
+class CacheBatch:
+    """One batch read from a cache: global ``indices`` [B], ``contributions`` [B, C, D], ``targets`` [B, d] or None,
+    ``labels`` (list)."""
+
+    indices: torch.Tensor = attrs.field(eq=False)
+    contributions: torch.Tensor = attrs.field(eq=False)
+    targets: Optional[torch.Tensor] = attrs.field(eq=False)
+    labels: list = attrs.field(eq=False)
+
+
+@attrs.define(eq=False)
+class ExtractionCache:
+    """Cached per-image contributions, CLIP targets and labels written by :func:`extract`.
+
+    Open one with :meth:`open`. ``len(cache)`` images, ``cache.names`` the C component names,
+    ``cache.contributions(indices)`` ``[n, C, D]``, ``cache.targets()`` ``[N, d]``, ``cache.labels()``;
+    iterating yields :class:`CacheBatch` es.
+    """
+
+    path: Path
+    meta: Dict[str, Any]
+    _shards: List[dict] = attrs.field(factory=list)  # per shard: file, start, stop, labels
+
+    @classmethod
+    def open(cls, path, *, allow_partial: bool = False) -> "ExtractionCache":
+        """Open the cache in ``path``. An unfinished extraction raises :class:`InputError` unless
+        ``allow_partial`` (then only the completed shards are visible)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise InputError(f"{path} is not an extraction cache (no meta.json); create one with vitdecomp.extract")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != _FORMAT:
+            raise MismatchError(f"{meta_file} has format {meta.get('format')!r}; expected {_FORMAT!r}")
+        shards = []
+        for j in range(meta["num_shards"]):
+            f = path / _shard_name(j)
+            if not f.exists():
+                continue
+            with safe_open(str(f), framework="pt") as sf:
+                sm = json.loads(sf.metadata()["vitdecomp"])
+            shards.append({"file": f, "start": sm["start"], "stop": sm["stop"], "labels": sm["labels"],
+                           "max_error": sm.get("max_error")})
+        complete = meta.get("complete", False) and len(shards) == meta["num_shards"]
+        if not complete and not allow_partial:
+            raise InputError(
+                f"extraction cache {path} is incomplete ({len(shards)} of {meta['num_shards']} shards); run "
+                "vitdecomp.extract with the same arguments to finish it, or open(..., allow_partial=True)"
+            )
+        if allow_partial:  # expose a contiguous prefix of shards so that indices stay meaningful
+            prefix = []
+            for j, s in enumerate(sorted(shards, key=lambda s: s["start"])):
+                if s["start"] != (prefix[-1]["stop"] if prefix else 0):
+                    break
+                prefix.append(s)
+            shards = prefix
+        if not shards:
+            raise EmptyDatasetError(f"extraction cache {path} holds no images yet")
+        return cls(path, meta, shards)
+
+    # ------------------------------------------------------------------ description
+    def __len__(self) -> int:
+        return self._shards[-1]["stop"] if self._shards else 0
+
+    def __repr__(self) -> str:
+        return (f"ExtractionCache({str(self.path)!r}, {len(self)} images, {len(self.names)} components, "
+                f"D={self.dim}, model={self.model_name!r}, clip={self.clip_model!r})")
+
+    @property
+    def names(self) -> tuple:
+        """Component names in forward order."""
+        return tuple(self.meta["names"])
+
+    @property
+    def model_name(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def clip_model(self) -> Optional[str]:
+        return self.meta.get("clip_model")
+
+    @property
+    def dim(self) -> int:
+        """D, the analysed model's representation size."""
+        return self.meta["dim"]
+
+    @property
+    def target_dim(self) -> Optional[int]:
+        """d, the CLIP embedding size (None without CLIP targets)."""
+        return self.meta.get("target_dim")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.meta["dtype"]]
+
+    @property
+    def has_targets(self) -> bool:
+        return self.meta.get("clip_model") is not None
+
+    @property
+    def shard_ranges(self) -> List[Tuple[int, int]]:
+        """``[(start, stop), ...]``: the image indices each shard holds."""
+        return [(s["start"], s["stop"]) for s in self._shards]
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative reconstruction error ‖Σ_i c_i − z‖/‖z‖ seen during extraction (before casting)."""
+        errs = [s["max_error"] for s in self._shards if s.get("max_error") is not None]
+        return max(errs) if errs else float("nan")
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, shard: dict, key: str, lo: int, hi: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(shard["file"]), framework="pt") as f:
+            return f.get_slice(key)[lo:hi]
+
+    def load_shard(self, j: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(contributions [n, C, D], targets [n, d] or None) of shard ``j``."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._shards[j]["file"]), framework="pt") as f:
+            keys = set(f.keys())
+            return f.get_tensor("contributions"), (f.get_tensor("targets") if "targets" in keys else None)
+
+    def _gather(self, key: str, indices) -> torch.Tensor:
+        if indices is None:
+            parts = [self._read(s, key, 0, s["stop"] - s["start"]) for s in self._shards]
+            return torch.cat(parts)
+        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+        n = len(self)
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise InputError(f"indices out of range for a cache of {n} images")
+        idx = torch.where(idx < 0, idx + n, idx)
+        out = None
+        starts = torch.tensor([s["start"] for s in self._shards])
+        which = torch.searchsorted(starts, idx, right=True) - 1
+        for j in torch.unique(which).tolist():
+            s = self._shards[j]
+            sel = torch.nonzero(which == j).flatten()
+            local = idx[sel] - s["start"]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            block = self._read(s, key, lo, hi)  # memory-mapped: only rows lo..hi are read
+            vals = block[local - lo]
+            if out is None:
+                out = vals.new_empty((idx.numel(),) + tuple(vals.shape[1:]))
+            out[sel] = vals
+        if out is None:
+            return torch.empty(0)
+        return out
+
+    def contributions(self, indices=None) -> torch.Tensor:
+        """Contributions ``[n, C, D]`` (the cache dtype) of the images ``indices`` (default: all)."""
+        return self._gather("contributions", indices)
+
+    def targets(self, indices=None) -> torch.Tensor:
+        """CLIP image embeddings ``[n, d]`` (float32, unit norm) of the images ``indices`` (default: all)."""
+        if not self.has_targets:
+            raise InputError(f"extraction cache {self.path} has no CLIP targets; extract with clip=...")
+        return self._gather("targets", indices)
+
+    def labels(self) -> list:
+        """The label of every image (class-folder name, the dataset's label, or None)."""
+        return [lab for s in self._shards for lab in s["labels"]]
+
+    def paths(self) -> Optional[List[str]]:
+        """Image paths relative to the folder (None when extracted from a dataset object)."""
+        items = self.meta.get("data", {}).get("files")
+        return None if items is None else items[: len(self)]
+
+    def batches(self, batch_size: int = 256, *, targets: bool = True) -> Iterator[CacheBatch]:
+        """Iterate over the cache in order, ``batch_size`` images at a time (batches do not cross shards)."""
+        for s in self._shards:
+            from safetensors import safe_open
+
+            n = s["stop"] - s["start"]
+            with safe_open(str(s["file"]), framework="pt") as f:
+                has_t = targets and "targets" in set(f.keys())
+                cs, ts = f.get_slice("contributions"), (f.get_slice("targets") if has_t else None)
+                for i in range(0, n, batch_size):
+                    j = min(i + batch_size, n)
+                    yield CacheBatch(torch.arange(s["start"] + i, s["start"] + j), cs[i:j],
+                                     ts[i:j] if ts is not None else None, s["labels"][i:j])
+
+    def __iter__(self) -> Iterator[CacheBatch]:
+        return self.batches()
+
+
+# ---------------------------------------------------------------------------------------------------- extraction
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _compare(old: dict, new: dict, path: Path) -> None:
+    keys = ["model", "model_fingerprint", "decompose", "dtype", "clip_model", "clip_fingerprint", "shard_size",
+            "num_images", "data_fingerprint"]
+    diffs = [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    if diffs:
+        raise MismatchError(
+            f"The extraction cache in {path} was made with other settings; " + "; ".join(diffs)
+            + ". Use another out_dir, or resume=False to overwrite it."
+        )
+
+
+def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Optional[str] = None,
+            batch_size: int = 32, dtype=torch.float16, device="cpu", decompose_kwargs: Optional[dict] = None,
+            shard_size: int = 1024, progress: bool = True, resume: bool = True, num_workers: int = 0,
+            model_name: Optional[str] = None, registry=None) -> ExtractionCache:
+    """Decompose every image of ``data`` and cache the contributions in ``out_dir``.
+
+    :param model: a supported model (``torch.nn.Module``), a :class:`vitdecomp.LoadedModel` (brings its
+        preprocessing and name) or a model string for :func:`vitdecomp.load_model`.
+    :param data: an image folder (searched recursively for .jpg/.jpeg/.png; the first-level subfolder is the
+        label) or a torch ``Dataset`` returning images or ``(image, label)`` pairs, the images as PIL images or
+        as preprocessed ``[3, H, W]`` tensors (tensors cannot have CLIP targets).
+    :param preprocess: the model's transform PIL → tensor (default: the LoadedModel's, or timm's data config).
+    :param clip: an ``(open_clip model, preprocess)`` pair or a LoadedModel of one: also store the normalised
+        CLIP image embedding of every image (the CompAlign target). ``clip_name`` names it in the metadata.
+    :param dtype: storage dtype of the contributions (decomposition runs in float32; a value that overflows
+        float16 raises :class:`InputError`).
+    :param decompose_kwargs: ``heads``, ``start``, ``bias`` for :func:`vitdecomp.decompose`.
+    :param shard_size: images per shard file (the unit of resumption).
+    :param resume: continue an interrupted extraction in ``out_dir``; ``False`` deletes its shards first.
+    :returns: the :class:`ExtractionCache`.
+    """
+    from tqdm.auto import tqdm
+
+    from .api import decompose
+    from .text import model_fingerprint
+
+    dtype_name = _dtype_name(dtype)
+    store_dtype = _DTYPES[dtype_name]
+    if batch_size < 1 or shard_size < 1:
+        raise InputError(f"batch_size and shard_size must be ≥ 1, got {batch_size} and {shard_size}")
+    dk = {"heads": True, "start": None, "bias": "explicit", **(decompose_kwargs or {})}
+    unknown = set(dk) - {"heads", "start", "bias", "adapter"}
+    if unknown:
+        raise InputError(f"decompose_kwargs {sorted(unknown)} are not supported for extraction; use heads, start, bias "
+                         "(token-level detail is not cached)")
+    if isinstance(dk.get("start"), tuple):
+        dk["start"] = list(dk["start"])
+    model, preprocess, model_name = _resolve_model(model, preprocess, model_name)
+    clip_model, clip_pre, clip_name = _resolve_clip(clip, clip_name)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    if clip_model is not None:
+        clip_model = clip_model.to(device).eval()
+
+    if isinstance(data, (str, os.PathLike)):
+        root = Path(data)
+        if not root.is_dir():
+            raise InputError(f"data {root} is not a directory (pass an image folder or a torch Dataset)")
+        files, labels = _list_folder(root)
+        if not files:
+            raise EmptyDatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        items = _Items(None, preprocess, clip_pre, root=root, files=files, labels=labels)
+        data_meta = {"kind": "folder", "root": str(root.resolve()), "files": files}
+        data_fp = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise EmptyDatasetError(f"the dataset {type(data).__name__} is empty")
+        items = _Items(data, preprocess, clip_pre)
+        data_meta = {"kind": "dataset", "class": f"{type(data).__module__}.{type(data).__qualname__}"}
+        data_fp = f"{data_meta['class']}:{len(data)}"
+    else:
+        raise InputError(f"data must be an image folder or a torch Dataset, got {type(data).__name__}")
+
+    N = len(items)
+    num_shards = math.ceil(N / shard_size)
+    settings = {
+        "format": _FORMAT, "model": model_name, "model_fingerprint": model_fingerprint(model, exclude_prefix=""),
+        "decompose": {k: v for k, v in dk.items() if k != "adapter"}, "dtype": dtype_name,
+        "clip_model": clip_name,
+        "clip_fingerprint": model_fingerprint(clip_model, exclude_prefix="") if clip_model is not None else None,
+        "shard_size": shard_size, "num_images": N, "num_shards": num_shards, "data_fingerprint": data_fp,
+        "data": data_meta,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    meta_file = out / "meta.json"
+    meta = None
+    if meta_file.exists():
+        if resume:
+            meta = json.loads(meta_file.read_text())
+            if meta.get("format") != _FORMAT:
+                raise MismatchError(f"{meta_file} is not a vitdecomp extraction cache (format {meta.get('format')!r})")
+            _compare(meta, settings, out)
+        else:
+            for f in out.glob("shard-*.safetensors"):
+                f.unlink()
+            meta_file.unlink()
+    if meta is None:
+        meta = {**settings, "names": None, "dim": None, "target_dim": None, "complete": False}
+        _atomic_write_json(meta_file, meta)
+
+    done = [j for j in range(num_shards) if (out / _shard_name(j)).exists()]
+    todo = [j for j in range(num_shards) if j not in set(done)]
+    n_done = sum(min(N, (j + 1) * shard_size) - j * shard_size for j in done)
+    bar = tqdm(total=N, initial=n_done, desc="extracting", unit="img", disable=not progress)
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        for j in todo:
+            start, stop = j * shard_size, min(N, (j + 1) * shard_size)
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(items, range(start, stop)), batch_size=batch_size, shuffle=False,
+                num_workers=num_workers, collate_fn=_collate,
+            )
+            contribs, targets, labels, max_err = [], [], [], 0.0
+            for x, xc, lab, idx in loader:
+                dec = decompose(model, x.to(device, model_dtype), check=False, registry=registry, **dk)
+                names = list(dec.names)
+                if meta["names"] is None:
+                    meta.update(names=names, dim=dec.contributions.shape[-1])
+                elif names != meta["names"]:
+                    from .compalign import _first_difference
+
+                    raise MismatchError(
+                        f"the decomposition's components differ from the cache's ({_first_difference(names, meta['names'])})"
+                    )
+                max_err = max(max_err, float(dec.error))
+                c = dec.contributions.detach().to("cpu", store_dtype)
+                if not torch.isfinite(c).all():
+                    raise InputError(
+                        f"contributions overflow {dtype_name} (largest magnitude "
+                        f"{float(dec.contributions.abs().max()):.3g}); extract with dtype=torch.float32"
+                    )
+                contribs.append(c)
+                if clip_model is not None:
+                    with torch.no_grad():
+                        t = clip_model.encode_image(xc.to(device, next(clip_model.parameters()).dtype))
+                    targets.append(torch.nn.functional.normalize(t.float(), dim=-1).cpu())
+                labels.extend(lab)
+                bar.update(len(idx))
+            tensors = {"contributions": torch.cat(contribs).contiguous()}
+            if targets:
+                tensors["targets"] = torch.cat(targets).contiguous()
+                meta["target_dim"] = tensors["targets"].shape[1]
+            shard_meta = {"start": start, "stop": stop, "labels": labels, "max_error": max_err}
+            from safetensors.torch import save_file
+
+            fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+            os.close(fd)
+            save_file(tensors, tmp, metadata={"vitdecomp": json.dumps(shard_meta)})
+            os.replace(tmp, out / _shard_name(j))
+            _atomic_write_json(meta_file, meta)
+    finally:
+        bar.close()
+    meta["complete"] = True
+    _atomic_write_json(meta_file, meta)
+    return ExtractionCache.open(out)

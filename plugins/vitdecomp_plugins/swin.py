@@ -1,0 +1,221 @@
+"""timm Swin Transformer family (V1 and V2).
+
+Supported (by structure: any timm ``SwinTransformer`` or ``SwinTransformerV2`` with average pooling):
+
+* Swin V1: ``swin_{tiny,small,base,large}_patch4_window7_224``, ``swin_{base,large}_patch4_window12_384``,
+  ``swin_s3_*`` (per-stage windows); blocks ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``; patch merging
+  gather 2×2 → LayerNorm(4C) → Linear.
+* Swin V2: ``swinv2_*`` (cosine attention, continuous position bias); res-post-norm blocks
+  ``x + norm1(attn(x))``, ``x + norm2(mlp(x))`` — the norm sits inside the branch, so a branch's output (norm
+  included) is still a component; patch merging gather 2×2 → Linear → LayerNorm.
+
+Not supported: ``SwinTransformerV2Cr`` (a different class), ``global_pool`` other than ``'avg'``, features-only
+wrappers.
+
+Representation: ``model.forward_head(model.forward_features(x), pre_logits=True)`` — the mean over final-stage
+positions of the final norm.
+
+Components, in forward order (``stages.S`` is ``model.layers[S]``; ``B`` is the block index within the stage;
+``Component.block`` is the global block index, ``Component.stage`` is ``S``):
+
+* ``embed``: the patch embedding with its norm;
+* ``stages.S.downsample.norm.bias`` (S ≥ 1): the patch merging's norm offset β (V1: ``reduction @ β``), a constant;
+* per block ``stages.S.blocks.B.attn.head.H`` (heads), ``stages.S.blocks.B.attn.bias`` (the output projection's
+  bias; in V2 passed through the frozen ``norm1`` together with ``norm1``'s β) and ``stages.S.blocks.B.mlp``
+  (the whole MLP branch; in V2 ``norm2`` included);
+* ``norm.bias``: the final norm's β;
+* with ``start=k`` (a global block index, a ``(stage, block)`` pair or ``"stages.S.blocks.B"``): the residual
+  stream entering that block is ``init`` (kind ``residual``) and replaces ``embed`` and every component before it
+  (a patch merging right before the block is inside ``init``).
+
+Spatial detail (``tokens="source"``). Each component's contribution is split exactly over the positions of the
+grid of **its own stage**, where it writes: ``dec.token_grids[name]`` is ``TokenGrid(num_prefix=0, h=H_S, w=W_S,
+patch_size=patch·2^S)`` (stage 0 for ``embed``, the final stage for ``norm.bias``), and ``dec.spatial_map(name)``
+is ``[B, H_S, W_S, D]`` with row ``i``, column ``j`` covering image pixels ``[i·ph, (i+1)·ph) × [j·pw, (j+1)·pw)``.
+Each position's value is carried to z through every later patch merging position by position (its merge slots
+and the frozen 1/σ of each merge norm and of the final norm at the position it ends in); the shifted-window roll is
+undone (positions are read off the block's own roll / pad / partition), so maps sit where the model writes.
+``dec.grid`` is the grid of the first decomposed stage. Attention heads are placed at their *query* (output)
+positions; the split by the tokens they read is not computed (see ``RESULTS_swin.md``). Constants sit at every
+position they are added at; ``norm.bias`` (added after pooling) is spread evenly over the final grid.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import torch
+
+from vitdecomp import Adapter, hookimpl
+from vitdecomp.engine import is_identity, supported_norm
+from vitdecomp.errors import InputError, UnsupportedModelError
+
+from ._swin_engine import BlockPlan, StagePlan, run_hierarchical
+
+__all__ = ["TimmSwinAdapter"]
+
+
+def _swin_classes():
+    if "timm" not in sys.modules:
+        return ()
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformer, SwinTransformerV2
+
+
+def _is_v2(model) -> bool:
+    classes = _swin_classes()
+    return len(classes) == 2 and isinstance(model, classes[1])
+
+
+def _stages(model):
+    return getattr(model, "layers", None) if getattr(model, "layers", None) is not None else getattr(model, "stages")
+
+
+def _problems(model) -> list:
+    """Structural features this adapter cannot decompose exactly (empty list: fully supported)."""
+    out = []
+    pool = getattr(model, "global_pool", None)
+    head_pool = getattr(getattr(getattr(model, "head", None), "global_pool", None), "pool_type", pool)
+    if pool != "avg" or head_pool != "avg":
+        out.append(f"global_pool={pool!r} (supported: 'avg')")
+    for name in ("norm",):
+        mod = getattr(model, name, None)
+        if mod is not None and not supported_norm(mod):
+            out.append(f"{name} of type {type(mod).__name__}")
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        out.append("no patch_embed")
+    for S, st in enumerate(_stages(model)):
+        ds = getattr(st, "downsample", None)
+        if ds is not None and not is_identity(ds):
+            if not (hasattr(ds, "reduction") and hasattr(ds, "norm")):
+                out.append(f"stages.{S}.downsample is a {type(ds).__name__} (not a patch merging)")
+            elif getattr(ds.reduction, "bias", None) is not None:
+                out.append(f"stages.{S}.downsample.reduction has a bias")
+            elif not supported_norm(ds.norm):
+                out.append(f"stages.{S}.downsample.norm of type {type(ds.norm).__name__}")
+        for B, blk in enumerate(st.blocks):
+            need = ("norm1", "attn", "norm2", "mlp", "window_size", "shift_size")
+            if not all(hasattr(blk, n) for n in need):
+                out.append(f"stages.{S}.blocks.{B} is a {type(blk).__name__} (not a Swin block)")
+                return out
+            if not all(hasattr(blk.attn, n) for n in ("proj", "num_heads")):
+                out.append(f"stages.{S}.blocks.{B}.attn is a {type(blk.attn).__name__} without an output projection")
+                return out
+            if _is_v2(model) and not supported_norm(blk.norm1):
+                out.append(f"stages.{S}.blocks.{B}.norm1 of type {type(blk.norm1).__name__}")
+    return out
+
+
+def _parse_start(model, start):
+    """Global block index from an int, a (stage, block) pair or 'stages.S.blocks.B'."""
+    depths = [len(st.blocks) for st in _stages(model)]
+    total = sum(depths)
+    if start is None:
+        return 0
+    if isinstance(start, str):
+        m = re.fullmatch(r"(?:stages|layers)\.(\d+)\.blocks\.(\d+)", start)
+        if not m:
+            raise InputError(f"start={start!r}: use a global block index, a (stage, block) pair or 'stages.S.blocks.B'")
+        start = (int(m.group(1)), int(m.group(2)))
+    if isinstance(start, tuple):
+        if len(start) != 2 or not all(isinstance(v, int) for v in start):
+            raise InputError(f"start={start!r}: a (stage, block) pair of ints is expected")
+        S, b = start
+        if not (0 <= S < len(depths)) or not (0 <= b < depths[S]):
+            raise InputError(f"start={start!r} is out of range: stage depths are {tuple(depths)}")
+        return sum(depths[:S]) + b
+    if not (0 <= start < total):
+        raise InputError(f"start={start!r} is out of range: {type(model).__name__} has blocks 0..{total - 1}")
+    return start
+
+
+class TimmSwinAdapter(Adapter):
+    name = "timm-swin"
+    families = ("Swin", "SwinV2")
+
+    def supports(self, model) -> bool:
+        classes = _swin_classes()
+        return bool(classes) and isinstance(model, classes)
+
+    def explain(self, model) -> str:
+        if not self.supports(model):
+            return "not a timm SwinTransformer / SwinTransformerV2"
+        probs = _problems(model)
+        return f"timm {type(model).__name__}" + (f" with unsupported parts: {probs}" if probs else "")
+
+    def middle_start(self, model):
+        """The global index of the middle block (used by the conformance kit for ``start``)."""
+        return sum(len(st.blocks) for st in _stages(model)) // 2
+
+    # ---------------------------------------------------------------- input checks
+    def validate(self, model, images):
+        probs = _problems(model)
+        if probs:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} uses features the timm-swin adapter cannot decompose exactly: {', '.join(probs)}"
+            )
+        pe = model.patch_embed
+        ph, pw = pe.patch_size
+        H, W = images.shape[-2:]
+        if getattr(pe, "strict_img_size", True) and getattr(pe, "img_size", None) is not None:
+            if (H, W) != tuple(pe.img_size):
+                raise InputError(
+                    f"Image size {H}×{W} does not match the model's fixed input size {pe.img_size[0]}×{pe.img_size[1]} "
+                    f"({type(model).__name__}); resize the images, or create the model with strict_img_size=False"
+                )
+        elif not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
+            raise InputError(
+                f"Image size {H}×{W} is not divisible by the patch size {ph}×{pw} of {type(model).__name__}; "
+                f"use a multiple of the patch size"
+            )
+
+    def representation(self, model, images):
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    def readout(self, model):
+        fc = getattr(getattr(model, "head", None), "fc", None)
+        return fc if isinstance(fc, torch.nn.Linear) else None
+
+    # ---------------------------------------------------------------- decomposition
+    def plan(self, model):
+        v2 = _is_v2(model)
+        ph, pw = model.patch_embed.patch_size
+        stages, gi, scale = [], 0, 1
+        for S, st in enumerate(_stages(model)):
+            ds = getattr(st, "downsample", None)
+            ds = None if ds is None or is_identity(ds) else ds
+            if ds is not None:
+                scale *= 2
+            blocks = []
+            for b, blk in enumerate(st.blocks):
+                at = blk.attn
+                H = at.num_heads
+                dh = at.proj.in_features // H
+                blocks.append(BlockPlan(
+                    prefix=f"stages.{S}.blocks.{b}", index=gi, module=blk, attn=at, num_heads=H, head_dim=dh,
+                    window_size=tuple(blk.window_size), shift_size=tuple(blk.shift_size), post_norm=v2,
+                    norm1=blk.norm1, mlp_out=blk.norm2 if v2 else blk.mlp,
+                ))
+                gi += 1
+            stages.append(StagePlan(index=S, prefix=f"stages.{S}", downsample=ds, merge_norm_first=not v2,
+                                    blocks=blocks, patch_size=(ph * scale, pw * scale)))
+        return stages
+
+    def decompose(self, model, images, options):
+        start = _parse_start(model, options.start)
+        meta = {"adapter": self.name,
+                "model": getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+                if hasattr(model, "default_cfg") else type(model).__name__}
+        return run_hierarchical(
+            model, images, self.plan(model), patch_embed=model.patch_embed, final_norm=model.norm,
+            run=lambda x: self.representation(model, x), start=start, tokens=options.tokens == "source", meta=meta,
+        )
+
+
+@hookimpl
+def register_adapters(register):
+    register(TimmSwinAdapter())
