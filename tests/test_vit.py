@@ -162,3 +162,26 @@ def test_batch_independence():
     both = vitdecomp.decompose(model, x)
     one = vitdecomp.decompose(model, x[1:2])
     torch.testing.assert_close(both.contributions[1:2], one.contributions, rtol=1e-10, atol=1e-12)
+
+
+def test_readout_head_reproduces_logits():
+    model = build("deit_tiny_patch16_224", dict(num_classes=7))
+    x = torch.randn(2, 3, 32, 32)
+    dec = vitdecomp.decompose(model, x)
+    head = vitdecomp.find_adapter(model).readout(model)
+    torch.testing.assert_close(head(dec.total()), model(x), rtol=1e-5, atol=1e-5)
+    distilled = build("deit_tiny_distilled_patch16_224", dict(num_classes=7))
+    assert vitdecomp.find_adapter(distilled).readout(distilled) is None
+
+
+def test_reduced_precision_error_is_measured_and_reported():
+    model = build("deit_tiny_patch16_224", {})
+    x = torch.randn(2, 3, 32, 32)
+    dec = vitdecomp.decompose(model, x, autocast="bf16")
+    assert dec.meta["autocast"] == "bfloat16"
+    # bf16 keeps ~3 significant digits: both errors are measured and reported, at bf16 precision
+    assert 1e-6 < dec.error < 1e-2
+    assert 1e-5 < dec.meta["error_vs_float32"] < 0.1
+    vitdecomp.decompose(model, x, autocast=torch.bfloat16, check=True)  # checked against the bf16 tolerance
+    with pytest.raises(vitdecomp.InputError, match="autocast"):
+        vitdecomp.decompose(model, x, autocast="int8")

@@ -98,7 +98,15 @@ class Registry:
                 log.info("plugin %s (%s %s) disabled", ep.name, dname, dver)
                 continue
             if pm.has_plugin(ep.name):
-                continue
+                other = dists.get(ep.name, ("?", "?"))
+                err = PluginLoadError(
+                    f"Entry point name {ep.name!r} of distribution {dname} {dver} is already used by "
+                    f"{other[0]} {other[1]}; plugin names must be unique across installed packs"
+                )
+                if lenient:
+                    warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+                    continue
+                raise err
             try:
                 obj = ep.load()
                 pm.register(obj, name=ep.name)

@@ -72,6 +72,19 @@ def _validate(model, images, adapter) -> None:
             raise InputError(f"images are on {images.device} but the model is on {p.device}")
 
 
+def _autocast_dtype(value):
+    if value is None or value is False:
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if isinstance(value, str):
+        if value not in table:
+            raise InputError(f"autocast={value!r}: use 'bf16' or 'fp16' (or torch.bfloat16 / torch.float16)")
+        return table[value]
+    if value in (torch.bfloat16, torch.float16):
+        return value
+    raise InputError(f"autocast={value!r}: use torch.bfloat16 or torch.float16")
+
+
 def _apply_even_bias(dec: Decomposition) -> Decomposition:
     const = [i for i, c in enumerate(dec.components) if c.kind == "const"]
     if not const:
@@ -101,6 +114,7 @@ def decompose(
     tol: Optional[float] = None,
     adapter=None,
     registry: Optional[Registry] = None,
+    autocast=None,
 ) -> Decomposition:
     """Decompose the model's final representation of ``images`` exactly into component contributions.
 
@@ -116,6 +130,11 @@ def decompose(
     :param check: raise :class:`ReconstructionError` when the relative error exceeds ``tol`` (default by dtype:
         1e-5 for float32, 1e-10 for float64).
     :param adapter: an adapter name or object, to override dispatch.
+    :param autocast: ``torch.bfloat16`` / ``torch.float16`` (or ``"bf16"`` / ``"fp16"``): run the model's forward
+        under ``torch.autocast`` (float32 images and model); the decomposition's own algebra stays in float32.
+        ``error`` is then measured against the reduced-precision forward's own z (bounded by the rounding of its
+        branch outputs, ~1e-3 for bf16) and ``meta["error_vs_float32"]`` against a separate float32 forward —
+        reported, never hidden; ``check=True`` applies the reduced dtype's tolerance.
     :returns: a :class:`Decomposition`; Σ_i c_i = ``representation`` up to ``error``.
     """
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
@@ -123,8 +142,20 @@ def decompose(
     model = ad.unwrap(model)
     _validate(model, images, ad)
     ad.validate(model, images)
+    ac = _autocast_dtype(autocast)
+    if ac is not None and images.dtype != torch.float32:
+        raise InputError(f"autocast={autocast!r} needs float32 images and model; got {images.dtype}")
     with torch.no_grad():
-        dec = ad.decompose(model, images, options)
+        if ac is None:
+            dec = ad.decompose(model, images, options)
+        else:
+            with torch.autocast(device_type=images.device.type, dtype=ac):
+                dec = ad.decompose(model, images, options)
+            from .decomposition import relative_error
+
+            z32 = ad.representation(model, images)
+            dec.meta["autocast"] = str(ac).replace("torch.", "")
+            dec.meta["error_vs_float32"] = relative_error(dec.total(), z32)
     if not heads:
         dec = dec.group("branch")
         dec.meta.pop("grouped", None)
@@ -133,7 +164,7 @@ def decompose(
     dec.meta.setdefault("adapter", ad.name)
     dec.meta.update({"heads": heads, "start": start, "tokens": tokens, "bias": bias, "dtype": str(images.dtype).replace("torch.", "")})
     if check:
-        dec.check(tol)
+        dec.check(tol if tol is not None else (tolerance_for(ac) if ac is not None else None))
     return dec
 
 

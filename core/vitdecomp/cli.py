@@ -71,10 +71,13 @@ def cmd_plugins(args) -> int:
 
         print(json.dumps([attrs.asdict(i) for i in infos], indent=2))
         return 0
-    print(f"{'plugin':16} {'origin':12} {'distribution':24} {'version':9} {'loaders':12} families")
+    rows = [("plugin", "origin", "distribution", "version", "loaders", "families")]
     for i in infos:
-        origin = "built-in" if i.builtin else "third-party"
-        print(f"{i.name:16} {origin:12} {i.distribution:24} {i.version:9} {','.join(i.loaders) or '-':12} {', '.join(i.families) or '-'}")
+        rows.append((i.name, "built-in" if i.builtin else "third-party", i.distribution, i.version,
+                     ",".join(i.loaders) or "-", ", ".join(i.families) or "-"))
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r[:5], widths)) + "  " + r[5])
     return 0
 
 

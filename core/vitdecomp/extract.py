@@ -143,12 +143,15 @@ def _resolve_model(model, preprocess, model_name):
         import timm.data
 
         cfg = timm.data.resolve_data_config({}, model=model)
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size is not None and tuple(cfg["input_size"][1:]) != tuple(size):  # built with img_size=...
+            cfg["input_size"] = (3, *size)
         preprocess = timm.data.create_transform(**cfg)
     if model_name is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        tag = cfg.get("tag")
-        model_name = cfg.get("architecture") and ("timm:" + cfg["architecture"] + (f".{tag}" if tag else ""))
-        model_name = model_name or type(model).__name__
+        # the architecture only: timm's pretrained tag is set even for random weights; the weight fingerprint in
+        # the metadata tells weights apart
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        model_name = f"timm:{arch}" if arch else type(model).__name__
     return model, preprocess, model_name
 
 

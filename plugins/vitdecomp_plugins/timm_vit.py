@@ -113,6 +113,10 @@ class TimmViTAdapter(Adapter):
         return model.forward_head(model.forward_features(images), pre_logits=True)
 
     def readout(self, model):
+        """The linear classifier on z, or None. Distilled DeiT returns None: its logits average two heads
+        applied to the CLS and distillation tokens separately, which is not a function of their mean z."""
+        if getattr(model, "dist_token", None) is not None:
+            return None
         head = getattr(model, "head", None)
         return head if isinstance(head, torch.nn.Linear) else None
 

@@ -1,0 +1,128 @@
+"""Architectures of the concept world's models and loading of the shipped weights.
+
+Every model takes the concept world's normalised 64×64 images (:func:`vitdecomp.datasets.normalize`).
+
+* ``clip`` — a small open_clip ``CLIP``: ViT vision tower (patch 8, width 96, 4 layers, 3 heads) and a 2-layer text
+  transformer over the word-level :class:`~vitdecomp.datasets.WordTokenizer`, embedding dimension 64; trained
+  contrastively on image / caption pairs. The alignment target for the other models.
+* ``deit`` — a timm ``VisionTransformer`` (DeiT-style: CLS readout, patch 8, width 96, 4 blocks × 6 heads);
+* ``swin`` — a timm ``SwinTransformer`` (patch 4, window 4, widths 32/64/128, depths 2/2/2);
+* ``maxvit`` — a timm ``MaxxVit`` (stem 16, two MaxViT stages of width 32/64, window and grid 4×4, 16-wide heads).
+
+The classifiers (``deit``, ``swin``, ``maxvit``) predict every factor at once: ``num_classes`` = 25 logits, one
+slice per factor in :data:`~vitdecomp.datasets.FACTOR_NAMES` order (:data:`FACTOR_SLICES`). The ``*_spurious``
+variants have 2 classes (circle / square) and were trained on :class:`~vitdecomp.datasets.SpuriousConceptWorld`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from ..datasets import FACTORS, FACTOR_NAMES, WordTokenizer
+
+__all__ = ["WEIGHTS_DIR", "MANIFEST", "IMAGE_SIZE", "FACTOR_SLICES", "NUM_FACTOR_CLASSES", "build", "load",
+           "load_clip", "tokenizer", "manifest", "TARGETS", "SPURIOUS"]
+
+#: Where the shipped weights live (package data).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "data" / "concept_world"
+MANIFEST = WEIGHTS_DIR / "models.json"
+IMAGE_SIZE = 64
+TARGETS = ("deit", "swin", "maxvit")
+SPURIOUS = tuple(f"{t}_spurious" for t in TARGETS)
+
+
+def _slices() -> Dict[str, slice]:
+    out, k = {}, 0
+    for f in FACTOR_NAMES:
+        out[f] = slice(k, k + len(FACTORS[f]))
+        k += len(FACTORS[f])
+    return out
+
+
+#: Factor → the slice of a classifier's logits that predicts it.
+FACTOR_SLICES: Dict[str, slice] = _slices()
+NUM_FACTOR_CLASSES = sum(len(v) for v in FACTORS.values())
+
+CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32,
+                   "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": WordTokenizer().vocab_size, "width": 64, "heads": 2,
+                 "layers": 2, "mlp_ratio": 2.0},
+}
+
+
+def tokenizer() -> WordTokenizer:
+    """The small CLIP's tokenizer."""
+    return WordTokenizer(context_length=CLIP_CONFIG["text_cfg"]["context_length"])
+
+
+def _build_target(arch: str, num_classes: int) -> torch.nn.Module:
+    if arch == "deit":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=96, depth=4, num_heads=6, mlp_ratio=2.0,
+                                 num_classes=num_classes)
+    if arch == "swin":
+        from timm.models.swin_transformer import SwinTransformer
+
+        return SwinTransformer(img_size=IMAGE_SIZE, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                               num_heads=(2, 4, 8), mlp_ratio=2.0, num_classes=num_classes)
+    if arch == "maxvit":
+        from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitConvCfg, MaxxVitTransformerCfg
+
+        cfg = MaxxVitCfg(
+            embed_dim=(32, 64), depths=(1, 1), block_type=("M", "M"), stem_width=16,
+            conv_cfg=MaxxVitConvCfg(block_type="mbconv", expand_ratio=2.0, pre_norm_act=True, stride_mode="dw",
+                                    pool_type="avg2", downsample_pool_type="avg2"),
+            transformer_cfg=MaxxVitTransformerCfg(dim_head=16, window_size=(4, 4), grid_size=(4, 4),
+                                                  expand_ratio=2.0),
+            head_hidden_size=None,
+        )
+        return MaxxVit(cfg, img_size=IMAGE_SIZE, num_classes=num_classes)
+    raise ValueError(f"Unknown concept-world architecture {arch!r}; known: {TARGETS}")
+
+
+def build(name: str) -> torch.nn.Module:
+    """A freshly initialised model ``name`` (``"clip"``, one of :data:`TARGETS` or :data:`SPURIOUS`)."""
+    if name == "clip":
+        import open_clip
+
+        return open_clip.CLIP(**CLIP_CONFIG)
+    if name.endswith("_spurious"):
+        return _build_target(name[: -len("_spurious")], 2)
+    return _build_target(name, NUM_FACTOR_CLASSES)
+
+
+def manifest() -> dict:
+    """The JSON record of the shipped models (script, seed, config, training time, accuracies)."""
+    if not MANIFEST.is_file():
+        return {}
+    return json.loads(MANIFEST.read_text())
+
+
+def load(name: str) -> torch.nn.Module:
+    """Model ``name`` with its shipped weights, in eval mode."""
+    from safetensors.torch import load_file
+
+    from ..errors import WeightsUnavailableError
+
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"No shipped weights for concept-world model {name!r} at {path}; train them with "
+            "`python -m vitdecomp.concept_world.train`"
+        )
+    model = build(name)
+    state = load_file(str(path))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_clip() -> Tuple[torch.nn.Module, WordTokenizer]:
+    """The small CLIP (eval mode) and its tokenizer."""
+    return load("clip"), tokenizer()
