@@ -10,8 +10,10 @@ Random-init timm model, float32, CPU (or --device cuda). Modes, each measured in
   (one at a time, not kept), i.e. all components split over the positions where they write;
 * ``sources``   — as ``spatial``, plus every head's source-position map (``maxvit.source_map``).
 
-Time: the minimum over ``--repeats`` runs after one warm-up. Peak memory: the process's peak RSS increase over
-the state after building the model and the input (CPU), or ``torch.cuda.max_memory_allocated`` (GPU).
+Time: all modes run in one process, interleaved (forward, component, spatial, sources, forward, ...) after one
+warm-up each, and the minimum over ``--repeats`` rounds is kept, so that load from other processes on a shared
+machine hits every mode alike. Peak memory: each mode once more in a fresh subprocess, as the peak RSS increase
+over the state after building the model and the input (CPU), or ``torch.cuda.max_memory_allocated`` (GPU).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_mode(args) -> dict:
+def _setup(args):
     import timm
     import torch
 
@@ -58,31 +60,41 @@ def run_mode(args) -> dict:
                     source_map(dec, name)
         return dec
 
-    fn = {"forward": forward, "component": component, "spatial": spatial,
-          "sources": lambda: spatial(True)}[args.mode]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    fns = {"forward": forward, "component": component, "spatial": spatial, "sources": lambda: spatial(True)}
+    return torch, fns
+
+
+def run_memory(args) -> dict:
+    torch, fns = _setup(args)
+    fn = fns[args.mode]
+    cuda = args.device.startswith("cuda")
     base = _rss_mb()
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    fn()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t)
-        del out
-    res = {"mode": args.mode, "time_s": min(times), "times": times}
-    if args.device.startswith("cuda"):
-        res["peak_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-    else:
-        res["peak_mb"] = _rss_mb() - base
+    out = fn()
+    res = {"mode": args.mode}
+    res["peak_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if cuda else _rss_mb() - base
     if args.mode == "component":
-        dec = component()
-        res.update(components=len(dec), error=dec.error)
+        res.update(components=len(out), error=out.error)
     return res
+
+
+def run_times(args, modes) -> dict:
+    torch, fns = _setup(args)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times = {m: [] for m in modes}
+    for m in modes:
+        fns[m]()  # warm-up
+    for _ in range(args.repeats):
+        for m in modes:
+            sync()
+            t = time.perf_counter()
+            out = fns[m]()
+            sync()
+            times[m].append(time.perf_counter() - t)
+            del out
+    return times
 
 
 def main():
@@ -96,17 +108,26 @@ def main():
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args)))
+        print(json.dumps(run_memory(args)))
         return
+    modes = args.modes.split(",")
     results = {}
-    for mode in args.modes.split(","):
+    for mode in modes:
         cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--batch", str(args.batch),
-               "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+               "--threads", str(args.threads), "--device", args.device]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[mode] = json.loads(out)
         print(json.dumps(results[mode]), flush=True)
+    times = run_times(args, modes)
+    for mode in modes:
+        results[mode]["time_s"] = min(times[mode])
+        results[mode]["times"] = [round(t, 3) for t in times[mode]]
+        print(mode, results[mode]["times"], flush=True)
     fwd = results.get("forward")
-    print(f"\n{args.model}, batch {args.batch}, {args.device}, float32")
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    print(f"\n{args.model}, batch {args.batch}, {args.device}, float32, {threads} threads, {args.repeats} rounds")
     print(f"{'mode':<10} {'time (s)':>9} {'÷ forward':>10} {'peak MB':>9} {'÷ forward':>10}")
     for mode, r in results.items():
         rt = r["time_s"] / fwd["time_s"] if fwd else float("nan")

@@ -302,6 +302,9 @@ def test_source_tokens(model64):
     from timm.models.maxxvit import grid_partition, window_partition
 
     dec = vitdecomp.decompose(m, x, tokens="source", check=True)
+    assert len(dec.meta["source_tokens"]) == sum(1 for c in dec.components if c.kind == "head")
+    with pytest.raises(KeyError, match="tokens='source'"):
+        source_map(vitdecomp.decompose(m, x), "stages.0.blocks.0.attn_grid.attn.head.0")
     for attr in ("attn_block", "attn_grid"):
         pm = getattr(m.stages[0].blocks[0], attr)
         at = pm.attn
@@ -382,3 +385,13 @@ def _value_map(m, x, pm, qkv_module, qkv_hook, rec):
         for h in handles:
             h.remove()
     return torch.stack(maps, -1)
+
+
+def test_save_load(model, tmp_path):
+    x = torch.randn(2, 3, IMG, IMG)
+    dec = vitdecomp.decompose(model, x, tokens="source")
+    path = tmp_path / "dec.safetensors"
+    dec.save(path)
+    back = vitdecomp.Decomposition.load(path)
+    assert back.names == dec.names
+    torch.testing.assert_close(back.contributions, dec.contributions)

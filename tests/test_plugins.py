@@ -135,3 +135,8 @@ def test_every_hook_is_documented():
         doc = getattr(hookspecs, name).__doc__ or ""
         assert ":param register:" in doc, f"hookspec {name} lacks a :param: contract"
         assert re.search(rf"`{name}\(", guide), f"hook {name} is not documented in CONTRIBUTING.md"
+
+
+def test_every_public_name_resolves():
+    for name in vitdecomp.__all__:
+        assert getattr(vitdecomp, name) is not None, name

@@ -38,6 +38,17 @@ _LAZY = {
     "variance_attributed": "scores", "variance_explained": "scores", "specificity": "scores", "StreamingScores": "scores",
     "textspan": "textspan", "textspan_all": "textspan",
     "extract": "extract", "ExtractionCache": "extract",
+    "retrieve_by_text": "retrieval", "retrieve_by_image": "retrieval", "property_scores": "retrieval",
+    "RetrievalResult": "retrieval",
+    "token_heatmap": "heatmap", "Heatmap": "heatmap", "resample_to_image": "heatmap",
+    "segment": "segmentation", "saliency_maps": "segmentation", "class_directions": "segmentation",
+    "evaluate_segmentation": "segmentation", "SegmentationMeter": "segmentation",
+    "SegmentationMetrics": "segmentation", "average_precision": "segmentation",
+    "prediction_head": "ablation", "component_means": "ablation", "mean_ablate": "ablation",
+    "ablation_curve": "ablation", "AblationCurve": "ablation", "direct_effects": "ablation",
+    "repair_spurious": "ablation", "SpuriousRepair": "ablation", "group_accuracies": "ablation",
+    "read_waterbirds": "ablation", "read_group_folders": "ablation",
+    "contact_sheet": "plotting", "overlay": "plotting", "plot_curves": "plotting",
 }
 
 __all__ = [

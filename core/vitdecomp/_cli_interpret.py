@@ -216,8 +216,6 @@ def cmd_describe(args) -> int:
 
 
 def cmd_score(args) -> int:
-    import torch
-
     from .errors import InputError, UnknownPropertyError
     from .properties import get_property, load_properties
     from .scores import StreamingScores, rank_components, specificity
@@ -241,13 +239,11 @@ def cmd_score(args) -> int:
     enc = _text_encoder(args, aligner.clip_model)
     bases = {n: p.embed(enc, progress=False) for n, p in props.items()}
     acc = StreamingScores(bases)
-    share = aligner.bias / len(aligner.names)
     from tqdm.auto import tqdm
 
     for batch in tqdm(cache.batches(args.batch_size, targets=False), desc="scoring", unit="batch",
                       disable=args.quiet, total=sum(-(-(b - a) // args.batch_size) for a, b in cache.shard_ranges)):
         acc.update(aligner(batch.contributions))
-    del share
     scores = acc.scores()
     names = list(cache.names)
     report = {}

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import attrs
 import torch
@@ -222,10 +222,19 @@ def mean_ablate(contributions: torch.Tensor, means: torch.Tensor, ablate=None, *
                 representation: Optional[torch.Tensor] = None, names: Optional[Sequence[str]] = None) -> torch.Tensor:
     """z_A = z − Σ_{i∈A} (c_i − μ_i), shape ``[N, D]``.
 
-    ``contributions`` ``[N, C, D]``; ``means`` ``[C, D]`` (from :func:`component_means` on held-out images);
-    ``ablate``: component names, indices or a boolean mask ``[C]``; ``representation``: the model's own z
-    (default Σ_i c_i). With nothing ablated the result *is* ``representation``.
+    ``contributions`` ``[N, C, D]`` or a :class:`~vitdecomp.Decomposition` (which brings its names and its
+    representation); ``means`` ``[C, D]`` (from :func:`component_means` on held-out images); ``ablate``: component
+    names, indices or a boolean mask ``[C]``; ``representation``: the model's own z (default: the
+    Decomposition's, else Σ_i c_i). With nothing ablated the result *is* ``representation``.
     """
+    from .decomposition import Decomposition
+
+    if isinstance(contributions, Decomposition):
+        if contributions.partial:
+            raise InputError("this Decomposition was narrowed by select(); mean ablation needs every component")
+        names = contributions.names if names is None else names
+        representation = contributions.representation if representation is None else representation
+        contributions = contributions.contributions
     c = _check_tensor(contributions)
     if c.dtype not in (torch.float32, torch.float64):  # float16 / bfloat16 caches: sum in float32
         c = c.float()
@@ -510,6 +519,11 @@ class GroupedImages:
         return GroupedImages(self.root, [self.files[i] for i in keep], [self.labels[i] for i in keep],
                              [self.places[i] for i in keep], [self.splits[i] for i in keep], self.class_names,
                              self.place_names)
+
+    def head(self, n: int) -> "GroupedImages":
+        """The first ``n`` images."""
+        return GroupedImages(self.root, self.files[:n], self.labels[:n], self.places[:n], self.splits[:n],
+                             self.class_names, self.place_names)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -17,7 +17,7 @@ paper.
 Training differs from the paper's script in ways that make the defaults converge without tuning:
 
 - it runs on cached contributions (a tensor or an :class:`vitdecomp.ExtractionCache`), never materialising
-  ``[N, C, d]``: each batch computes Σ_i c_i W_i with one einsum;
+  ``[N, C, d]``: each batch computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product;
 - every W_i starts from the closed-form ridge least-squares map of s(x) = Σ_i c_i(x) to t(x) (so training starts
   at the best shared linear map), rescaled to the isometry scale that minimises the penalty (the cosine loss is
   scale invariant);
@@ -202,7 +202,7 @@ class Aligner:
         c = self._contributions(x).to(self.bias.device, torch.float32)
         if self.weight is None:
             return c.sum(1) + self.bias
-        return torch.einsum("ncD,cDd->nd", c, self.weight) + self.bias
+        return _combine(c, self.weight) + self.bias
 
     def cosine(self, x, targets: torch.Tensor) -> torch.Tensor:
         """cos(f(x), t(x)) per image, shape ``[N]``."""
@@ -385,12 +385,18 @@ def _closed_form(data: _Data, targets: torch.Tensor, mask: torch.Tensor, ridge: 
     return (W * gamma).float(), (b * gamma).float()
 
 
+def _combine(c: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product (faster than the equivalent einsum)."""
+    B, C, D = c.shape
+    return c.reshape(B, C * D) @ W.reshape(C * D, W.shape[2])
+
+
 def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[float, float]:
     """(mean 1 − cos, mean cos) over images where ``mask``."""
     tot, n = 0.0, 0
     with torch.no_grad():
         for idx, c in _batches(data, mask, batch_size, None):
-            f = torch.einsum("bcD,cDd->bd", c.to(device, torch.float32), W) + b
+            f = _combine(c.to(device, torch.float32), W) + b
             cos = torch.nn.functional.cosine_similarity(f, targets[idx].to(device), dim=-1)
             tot += float(cos.sum())
             n += cos.numel()
@@ -450,7 +456,10 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     W = W0.unsqueeze(0).repeat(C, 1, 1).contiguous().requires_grad_(True)
     b = b0.clone().requires_grad_(True)
     lr_used = lr if lr is not None else 0.05 / math.sqrt(max(D, d))
-    opt = torch.optim.Adam([W, b], lr=lr_used, weight_decay=weight_decay)
+    try:  # the fused kernel is several times faster for tens of millions of parameters (CPU and GPU)
+        opt = torch.optim.Adam([W, b], lr=lr_used, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam([W, b], lr=lr_used, weight_decay=weight_decay)
 
     def objective_on(mask):
         loss, cos = _evaluate(data, targets, mask, W.detach(), b.detach(), max(batch_size, 1024), device)
@@ -473,7 +482,7 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         for idx, c in _batches(data, train_mask, batch_size, gen):
             c = c.to(device, torch.float32)
             t = targets[idx].to(device)
-            f = torch.einsum("bcD,cDd->bd", c, W) + b
+            f = _combine(c, W) + b
             data_loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean()
             loss = data_loss + lam * _penalty(W, cfg.penalty_probes, gen) if lam > 0 else data_loss
             opt.zero_grad(set_to_none=True)
@@ -490,6 +499,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
                 best_state = (W.detach().clone(), b.detach().clone())
             else:
                 bad += 1
+                if bad % 2 == 0:  # plateau: halve the step before giving up
+                    for group in opt.param_groups:
+                        group["lr"] *= 0.5
             bar.set_postfix(val_cos=f"{cos:.4f}", best=best_epoch)
         else:
             best_state, best_epoch = (W.detach().clone(), b.detach().clone()), epoch

@@ -138,7 +138,7 @@ class Decomposition:
     token_grids: Mapping[str, TokenGrid] = attrs.field(factory=dict)
     meta: dict = attrs.field(factory=dict)
     partial: bool = False
-    error: float = attrs.field(init=False)
+    _error: Optional[float] = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self):
         if self.contributions.ndim != 3:
@@ -147,7 +147,19 @@ class Decomposition:
             raise InputError(
                 f"{self.contributions.shape[1]} contribution rows but {len(self.components)} component records"
             )
-        self.error = relative_error(self.contributions.sum(1), self.representation) if not self.partial else float("nan")
+
+    @property
+    def error(self) -> float:
+        """max over the batch of ‖Σ_i c_i − z‖ / ‖z‖ (NaN for a partial decomposition). Computed on first access,
+        so a GPU pipeline that never asks pays no host synchronisation."""
+        if self._error is None:
+            self._error = float("nan") if self.partial else relative_error(self.contributions.sum(1), self.representation)
+        return self._error
+
+    def error_tensor(self) -> torch.Tensor:
+        """The per-image relative errors ``[B]`` as a tensor on the contributions' device (no synchronisation)."""
+        num = (self.contributions.sum(1) - self.representation).norm(dim=-1)
+        return num / self.representation.norm(dim=-1).clamp_min(torch.finfo(self.representation.dtype).tiny)
 
     # ------------------------------------------------------------------ basic views
     @property

@@ -8,7 +8,7 @@ lands exactly where it was computed. Contact sheets and curves are matplotlib fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -24,7 +24,7 @@ a tensor of already aligned contributions ``[N, C, d]`` works with ``aligner=Non
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import attrs
 import torch

@@ -40,6 +40,7 @@ q/k (``[windows, heads, N, N]`` with N the window size: never queries × sources
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Tuple
 
 import attrs
@@ -50,7 +51,7 @@ from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import FactorTokens, TokenDetail
 from vitdecomp.engine import HookSet, freeze_norm, is_identity
 
-__all__ = ["MaxViTPlan", "build_plan", "run_maxvit", "PositionTokens", "ConstTokens"]
+__all__ = ["MaxViTPlan", "build_plan", "run_maxvit", "PositionTokens", "ConstTokens", "SourceTokens"]
 
 
 # ---------------------------------------------------------------------------------------------------- token details
@@ -80,6 +81,31 @@ class ConstTokens(TokenDetail):
     def materialize(self, num_tokens: int) -> torch.Tensor:
         vec = self.vector if self.vector.ndim == 2 else self.vector.unsqueeze(0)
         return self.weight.reshape(self.weight.shape[0], -1, 1) * vec.unsqueeze(1)
+
+
+class SourceTokens(Mapping):
+    """Head name → :class:`TokenDetail` splitting the head by the position it reads from (``dec.meta``).
+
+    A read-only mapping rather than a dict, so that ``Decomposition.save`` records a one-line summary of it
+    instead of trying to serialise tensors into the JSON header.
+    """
+
+    def __init__(self, details: Dict[str, TokenDetail]):
+        self._d = dict(details)
+
+    def __getitem__(self, name):
+        return self._d[name]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __repr__(self):
+        return f"<source-token splits of {len(self._d)} attention heads>"
+
+    __str__ = __repr__
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -361,10 +387,11 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
                 Wo = part.out_weight.to(dtype).view(-1, Hn, dh)            # [C, H, dh]
                 if part.gamma1 is not None:
                     Wo = Wo * part.gamma1.to(dtype).view(-1, 1, 1)
-                mats = torch.einsum("dc,chk->hdk", M[lvl], Wo)            # [H, D, dh]
                 so = pooled(cap).view(B, Hn, dh)
-                head_cache[akey] = torch.einsum("bhk,hdk->bhd", so, mats)  # [B, H, D]
-                head_cache[akey + ":mats"] = mats
+                # per head in stream space first (B·C² work), then the shared map M_l once
+                head_cache[akey] = torch.einsum("bhk,chk->bhc", so, Wo) @ M[lvl].T  # [B, H, D]
+                if tokens:
+                    head_cache[akey + ":mats"] = torch.einsum("dc,chk->hdk", M[lvl], Wo)  # [H, D, dh]
             values.append(head_cache[akey][:, h])
             comps.append(comp)
             if tokens:
@@ -420,7 +447,7 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
     meta = dict(meta)
     meta["levels"] = {str(k): list(vv) for k, vv in sorted(plan.grids.items())}
     if sources:
-        meta["source_tokens"] = src_details
+        meta["source_tokens"] = SourceTokens(src_details)
     return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,
                          grid=grid_of(S - 1), token_details=details, token_grids=grids, meta=meta)
 

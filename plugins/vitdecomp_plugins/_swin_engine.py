@@ -119,6 +119,7 @@ class _Readout:
         self.slots, self.final = slots, final
         self.dtype, self.device = dtype, device
         self._composite: Dict[int, torch.Tensor] = {}
+        self._layout: Dict[int, "_Layout"] = {}
         self.last = max(dims)
 
     def carry(self, acc: torch.Tensor, S: int) -> torch.Tensor:
@@ -134,6 +135,11 @@ class _Readout:
         """``[B, K, 1, C_L]`` → ``[B, K, D]`` through the final norm's linear part."""
         acc = acc[:, :, 0]
         return self.final.apply_linear(acc) if self.final is not None else acc
+
+    def layout(self, S: int) -> _Layout:
+        if S not in self._layout:
+            self._layout[S] = _Layout(self.group[S], self.n_groups[S], tuple(self.grids[S]))
+        return self._layout[S]
 
     def composite(self, S: int) -> torch.Tensor:
         if S not in self._composite:
@@ -162,28 +168,46 @@ class _Term:
     matrix: Optional[torch.Tensor]
 
 
-def _apply_grouped(x: torch.Tensor, group: torch.Tensor, n_groups: int, mats: torch.Tensor) -> torch.Tensor:
+def _apply_grouped(x: torch.Tensor, layout: "_Layout", mats: torch.Tensor) -> torch.Tensor:
     """``out[b, p] = mats[group[p]] @ x[b, p]``; x [B, N, k], mats [G, D, k] → [B, N, D]."""
     B, N, k = x.shape
-    if n_groups == 1:
+    G = mats.shape[0]
+    if G == 1:
         return x @ mats[0].T
-    order = torch.argsort(group, stable=True)
-    counts = torch.bincount(group, minlength=n_groups)
+    if layout.tile:  # regular grid: the group is a function of (i mod t, j mod t)
+        t, (H, W) = layout.tile, layout.hw
+        xs = x.view(B, H // t, t, W // t, t, k).permute(0, 2, 4, 1, 3, 5).reshape(B, t * t, -1, k)
+        ys = torch.matmul(xs, mats.index_select(0, layout.tile_groups).transpose(1, 2))  # [B, t·t, n, D]
+        D = ys.shape[-1]
+        return ys.view(B, t, t, H // t, W // t, D).permute(0, 3, 1, 4, 2, 5).reshape(B, N, D)
     out = x.new_empty(B, N, mats.shape[1])
-    if bool((counts == counts[0]).all()):
-        n = int(counts[0])
-        xs = x.index_select(1, order).view(B, n_groups, n, k)
-        ys = torch.matmul(xs, mats.transpose(1, 2))  # [B, G, n, D]
-        out.index_copy_(1, order, ys.reshape(B, N, -1))
-        return out
     start = 0
-    for g in range(n_groups):
-        c = int(counts[g])
+    for g in range(G):
+        c = int(layout.counts[g])
         if c:
-            idx = order[start:start + c]
+            idx = layout.order[start:start + c]
             out.index_copy_(1, idx, x.index_select(1, idx) @ mats[g].T)
         start += c
     return out
+
+
+class _Layout:
+    """How a stage's positions fall into merge-slot groups (for applying per-group matrices position by position)."""
+
+    def __init__(self, group: torch.Tensor, n_groups: int, hw: tuple):
+        self.hw = hw
+        H, W = hw
+        self.tile = None
+        t = int(round(n_groups ** 0.5))
+        if n_groups > 1 and t * t == n_groups and H % t == 0 and W % t == 0:
+            g = group.view(H // t, t, W // t, t)
+            first = g[0, :, 0, :]
+            if bool((g == first.view(1, t, 1, t)).all()):
+                self.tile = t
+                self.tile_groups = first.reshape(-1)
+        if self.tile is None:
+            self.order = torch.argsort(group, stable=True)
+            self.counts = torch.bincount(group, minlength=n_groups).tolist()
 
 
 @attrs.define(eq=False)
@@ -197,28 +221,30 @@ class StageTokens(TokenDetail):
 
     def materialize(self, num_tokens: int) -> torch.Tensor:
         ro, S = self.readout, self.stage
-        group, G = ro.group[S], ro.n_groups[S]
+        group = ro.group[S]
         if num_tokens != group.numel():
             raise ValueError(f"stage {S} grid has {group.numel()} positions, asked for {num_tokens}")
         M = ro.composite(S)  # [G, D, C_S]
+        layout = ro.layout(S)
+        G = M.shape[0]
         out = None
         for t in self.terms:
             if t.values is None:
                 Mc = M @ t.matrix  # [G, D]
                 y = Mc[group].unsqueeze(0) * t.weight.unsqueeze(-1)
             else:
-                B, N, k = t.values.shape
+                v = t.values * t.weight.unsqueeze(-1)
+                B, N, k = v.shape
                 if t.matrix is None:
-                    y = _apply_grouped(t.values, group, G, M)
+                    y = _apply_grouped(v, layout, M)
                 else:
                     C, D = t.matrix.shape[0], M.shape[1]
                     # cheaper of (values @ Wᵀ) then M, or the composite M @ W then values
                     if B * N * k * C + B * N * C * D <= G * D * C * k + B * N * k * D:
-                        y = _apply_grouped(t.values @ t.matrix.T, group, G, M)
+                        y = _apply_grouped(v @ t.matrix.T, layout, M)
                     else:
-                        y = _apply_grouped(t.values, group, G, M @ t.matrix)
-                y = y * t.weight.unsqueeze(-1)
-            out = y if out is None else out + y
+                        y = _apply_grouped(v, layout, M @ t.matrix)
+            out = y if out is None else out.add_(y)
         return out
 
 

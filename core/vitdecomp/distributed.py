@@ -1,0 +1,86 @@
+"""torch.distributed glue: vitdecomp runs unchanged under ``torchrun`` (single- or multi-node).
+
+Nothing here is a scheduler. When a process group is initialised — by the user, or by :func:`init_from_env`
+from the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``) — extraction
+splits the dataset's shards across ranks, and statistics (streaming scores, ablation means, the aligner's
+normal equations) are summed across ranks with ``all_reduce``. Without a process group every helper is the
+identity, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import attrs
+import torch
+
+__all__ = ["DistInfo", "info", "init_from_env", "all_reduce_sum", "barrier", "broadcast_object", "is_main"]
+
+
+@attrs.frozen
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _available() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def info() -> DistInfo:
+    """Rank, world size and backend of the current process group (rank 0 of 1 when there is none)."""
+    if not _available():
+        return DistInfo()
+    return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", 0)), backend=torch.distributed.get_backend())
+
+
+def is_main() -> bool:
+    return info().rank == 0
+
+
+def init_from_env(backend: Optional[str] = None, device=None) -> DistInfo:
+    """Initialise the default process group from ``torchrun``'s environment variables, if they say there is
+    more than one process and no group exists yet. Backend: ``nccl`` for CUDA devices, else ``gloo``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        if backend is None:
+            on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+            backend = "nccl" if on_cuda else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return info()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if info().backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over ranks of ``t`` (returned on ``t``'s device and dtype); ``t`` itself when there is no group."""
+    if not info().active:
+        return t
+    dev = _comm_device()
+    buf = t.detach().to(dev, copy=True)
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def barrier() -> None:
+    if info().active:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (pickled); ``obj`` when there is no group."""
+    if not info().active:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

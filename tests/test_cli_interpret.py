@@ -1,0 +1,140 @@
+"""The extract → align → describe → score command line on a random-init timm ViT and a tiny open_clip model."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+import open_clip
+from vitdecomp.cli import build_parser, main
+
+CLIP_NAME = "vitdecomp-test-tiny-cli"
+CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Images in class folders, a saved tiny CLIP checkpoint, and a cache + aligner made through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    open_clip.factory._MODEL_CONFIGS[CLIP_NAME] = CLIP_CFG
+    torch.manual_seed(0)
+    clip = open_clip.create_model(CLIP_NAME)
+    torch.save(clip.state_dict(), root / "clip.pt")
+    for label, arr in {"cat": skdata.chelsea(), "cup": skdata.coffee(), "man": skdata.astronaut()}.items():
+        (root / "img" / label).mkdir(parents=True)
+        im = Image.fromarray(arr)
+        for k, angle in enumerate((0, 90, 180, 270)):
+            im.rotate(angle).resize((36, 36)).save(root / "img" / label / f"{k}.png")
+    (root / "pool.txt").write_text("\n".join(f"description number {i}" for i in range(30)))
+    torch.manual_seed(0)
+    rc = main(["extract", "timm:vit_tiny_patch16_224", str(root / "img"), "--out", str(root / "cache"),
+               "--random-init", "--img-size", "32", "--clip", f"open_clip:{CLIP_NAME}",
+               "--clip-weights", str(root / "clip.pt"), "--batch-size", "4", "--shard-size", "5", "--quiet",
+               "--dtype", "float32"])
+    assert rc == 0
+    rc = main(["align", str(root / "cache"), "--out", str(root / "aligner.safetensors"), "--epochs", "3",
+               "--batch-size", "4", "--val-fraction", "0.25", "--quiet"])
+    assert rc == 0
+    yield root
+    open_clip.factory._MODEL_CONFIGS.pop(CLIP_NAME, None)
+
+
+def _text_args(root):
+    return ["--aligner", str(root / "aligner.safetensors"), "--text-weights", str(root / "clip.pt"), "--quiet"]
+
+
+def test_extract_and_align_outputs(workdir, capsys):
+    from vitdecomp.compalign import Aligner
+    from vitdecomp.extract import ExtractionCache
+
+    cache = ExtractionCache.open(workdir / "cache")
+    assert len(cache) == 12 and set(cache.labels()) == {"cat", "cup", "man"}
+    assert cache.clip_model == f"open_clip:{CLIP_NAME}" and cache.target_dim == 16
+    al = Aligner.load(workdir / "aligner.safetensors")
+    assert al.names == cache.names and al.clip_model == cache.clip_model and al.held_out_cosine is not None
+
+
+def test_describe_json_and_markdown(workdir, capsys):
+    out = workdir / "spans.json"
+    rc = main(["describe", str(workdir / "cache"), *_text_args(workdir), "--pool", str(workdir / "pool.txt"),
+               "--components", "blocks.11.attn.head.*", "embed", "--iters", "3", "--rank", "8", "--format", "json",
+               "--out", str(out)])
+    assert rc == 0
+    spans = json.loads(out.read_text())
+    assert list(spans) == ["embed", "blocks.11.attn.head.0", "blocks.11.attn.head.1", "blocks.11.attn.head.2"]
+    pool = set((workdir / "pool.txt").read_text().splitlines())
+    for picks in spans.values():
+        assert len(picks) == 3 and all(p["text"] in pool for p in picks)
+        assert sum(p["variance_explained"] for p in picks) <= 1 + 1e-9
+    rc = main(["describe", str(workdir / "cache"), *_text_args(workdir), "--pool", str(workdir / "pool.txt"),
+               "--components", "norm.bias", "blocks.0.mlp", "--iters", "2", "--format", "markdown"])
+    assert rc == 0
+    md = capsys.readouterr().out
+    assert "### `blocks.0.mlp`" in md and "| # | text | variance explained |" in md
+
+
+def test_score_table_json_and_plot(workdir, capsys):
+    from vitdecomp.compalign import Aligner
+    from vitdecomp.extract import ExtractionCache
+    from vitdecomp.properties import get_property
+    from vitdecomp.scores import variance_attributed
+    from vitdecomp.text import TextEncoder
+
+    png = workdir / "color.png"
+    rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "color", "--property", "shape",
+               "--top", "5", "--format", "json", "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    ranking = report["ranking"]["color"]
+    assert [r["rank"] for r in ranking] == [1, 2, 3, 4, 5]
+    assert all(a["score"] >= b["score"] for a, b in zip(ranking, ranking[1:]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same numbers through the Python API
+    cache, al = ExtractionCache.open(workdir / "cache"), Aligner.load(workdir / "aligner.safetensors")
+    enc = TextEncoder.from_pretrained(CLIP_NAME, pretrained=str(workdir / "clip.pt"))
+    ref = variance_attributed(al(cache.contributions()), get_property("color").embed(enc))
+    best = int(torch.argmax(ref))
+    assert ranking[0]["component"] == cache.names[best]
+    assert ranking[0]["score"] == pytest.approx(float(ref[best]), abs=1e-6)
+    rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "texture", "--top", "3"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "rough texture" in table and "component" in table and len(table.strip().splitlines()) == 5
+
+
+def test_score_user_properties_and_errors(workdir, capsys):
+    props = workdir / "mine.toml"
+    props.write_text('material = ["wooden object", "metal object"]\n')
+    rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--properties-file", str(props),
+               "--format", "markdown", "--top", "2"])
+    assert rc == 0 and "### material" in capsys.readouterr().out
+    rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "colour"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Unknown property 'colour'" in err and "waterbirds_core" in err
+
+
+def test_align_identity_and_mismatch(workdir, capsys):
+    from vitdecomp.compalign import Aligner
+
+    out = workdir / "identity.safetensors"
+    assert main(["align", str(workdir / "cache"), "--identity", "--out", str(out)]) == 0
+    assert Aligner.load(out).is_identity
+    Aligner.identity(["a", "b"], 192).save(workdir / "other.safetensors")
+    rc = main(["score", str(workdir / "cache"), "--aligner", str(workdir / "other.safetensors"),
+               "--text-weights", str(workdir / "clip.pt"), "--text-model", f"open_clip:{CLIP_NAME}",
+               "--property", "color", "--quiet"])
+    assert rc == 2 and "other components" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["extract", "align", "describe", "score"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"vitdecomp {command} " in out

@@ -1,0 +1,30 @@
+"""``vitdecomp demo``: the offline report on the shipped concept-world models."""
+
+import json
+
+from vitdecomp.cli import build_parser, main
+
+
+def test_demo_is_a_command():
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--quick"])
+    assert args.quick and callable(args.func)
+    assert str(args.out) == "vitdecomp-demo"
+
+
+def test_demo_quick_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--images", "120", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for section in ("Does CompAttribute find", "TextSpan", "Retrieval by reference image", "Token heat maps",
+                    "Spurious correlation"):
+        assert section in report, section
+    for png in ("images.png", "heatmaps.png", "retrieval_color.png", "retrieval_shape.png"):
+        assert (out / png).stat().st_size > 1000, png
+        assert f"({png})" in report
+    res = json.loads((out / "results.json").read_text())
+    deit = res["models"]["deit"]
+    assert deit["reconstruction_error"] <= 1e-5
+    assert set(deit["properties"]) == {"shape", "color", "pattern", "position", "size", "background"}
+    assert set(res["spurious"]["by_k"]) == {"1", "3", "5"}
+    assert "wrote" in capsys.readouterr().out

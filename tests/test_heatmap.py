@@ -1,0 +1,152 @@
+"""Token heat maps (METHOD.md §6): placement on the image, several grids, aligner maps, real models."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import vitdecomp
+from vitdecomp import Component, Decomposition, TokenGrid
+from vitdecomp.compalign import Aligner
+from vitdecomp.decomposition import DenseTokens
+from vitdecomp.errors import InputError, MismatchError
+from vitdecomp.heatmap import heatmap_components, resample_to_image, token_heatmap
+from vitdecomp.plotting import colorize, overlay
+
+
+def _synthetic():
+    """Two components with known maps: a head on a 4×4 grid of 8-px patches (after 1 prefix token) that writes
+    5·e0 at patch (1, 2), and a 'stage' head on a 2×2 grid of 16-px cells writing 3·e0 at cell (1, 0)."""
+    D = 3
+    g1 = TokenGrid(num_prefix=1, h=4, w=4, patch_size=(8, 8))
+    g2 = TokenGrid(num_prefix=0, h=2, w=2, patch_size=(16, 16))
+    t1 = torch.zeros(1, g1.num_tokens, D)
+    t1[0, 1 + 1 * 4 + 2, 0] = 5.0
+    t1[0, 0, 1] = 7.0  # the CLS token's share: not an image location
+    t2 = torch.zeros(1, g2.num_tokens, D)
+    t2[0, 1 * 2 + 0, 0] = 3.0
+    t3 = torch.zeros(1, g1.num_tokens, D)
+    t3[0, 0, 2] = 1.0
+    comps = (Component("blocks.0.attn.head.0", "head", block=0, head=0),
+             Component("stages.1.blocks.0.attn.head.0", "head", block=1, head=0, stage=1),
+             Component("blocks.0.mlp", "mlp", block=0))
+    tok = [t1, t2, t3]
+    contributions = torch.stack([t.sum(1) for t in tok], 1)
+    return Decomposition(contributions=contributions, components=comps, representation=contributions.sum(1), grid=g1,
+                         token_details={c.name: DenseTokens(t) for c, t in zip(comps, tok)},
+                         token_grids={comps[1].name: g2})
+
+
+def test_known_map_lands_in_the_right_place_of_the_png(tmp_path):
+    dec = _synthetic()
+    e0 = torch.tensor([1.0, 0.0, 0.0])
+    hm = token_heatmap(dec, None, e0, components=["blocks.0.attn.head.0"], mode="nearest")
+    assert hm.maps.shape == (1, 32, 32)
+    expected = torch.zeros(32, 32)
+    expected[8:16, 16:24] = 5.0
+    torch.testing.assert_close(hm.maps[0], expected)
+    # the PNG, pixel for pixel: with alpha = 1 and a grey colormap the hot patch is white, the rest black
+    out = tmp_path / "heat.png"
+    overlay(np.zeros((32, 32, 3), np.uint8), hm.maps[0], out, alpha=1.0, cmap="gray")
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape == (32, 32, 3)
+    hot = png[..., 0] > 128
+    assert hot[8:16, 16:24].all() and hot.sum() == 64
+    # bilinear: the peak stays inside the same patch
+    hb = token_heatmap(dec, None, e0, components=["blocks.0.attn.head.0"], mode="bilinear").maps[0]
+    r, c = divmod(int(hb.argmax()), 32)
+    assert 8 <= r < 16 and 16 <= c < 24
+
+
+def test_maps_on_different_grids_are_resampled_and_summed():
+    dec = _synthetic()
+    e0 = torch.tensor([1.0, 0.0, 0.0])
+    hm = token_heatmap(dec, None, e0, components=["blocks.0.attn.head.0", "stages.1.blocks.0.attn.head.0"],
+                       mode="nearest")
+    expected = torch.zeros(32, 32)
+    expected[8:16, 16:24] += 5.0
+    expected[16:32, 0:16] += 3.0
+    torch.testing.assert_close(hm.maps[0], expected)
+    assert hm.per_component["stages.1.blocks.0.attn.head.0"].shape == (1, 2, 2)
+    assert hm.grids["stages.1.blocks.0.attn.head.0"].patch_size == (16, 16)
+
+
+def test_top_components_by_score_and_kinds():
+    dec = _synthetic()
+    scores = torch.tensor([0.1, 0.9, 0.5])
+    assert heatmap_components(dec, scores, k=1) == ("stages.1.blocks.0.attn.head.0",)
+    assert heatmap_components(dec, scores, k=None, kinds=None) == (
+        "stages.1.blocks.0.attn.head.0", "blocks.0.mlp", "blocks.0.attn.head.0")
+    with pytest.raises(MismatchError, match=r"\[C\] = \[3\]"):
+        heatmap_components(dec, torch.ones(5))
+
+
+def test_aligner_maps_and_property_mode():
+    dec = _synthetic()
+    torch.manual_seed(0)
+    W = torch.randn(3, 3, 4)
+    al = Aligner(W, torch.randn(4), dec.names)
+    t = torch.nn.functional.normalize(torch.randn(4), dim=0)
+    hm = token_heatmap(dec, al, t, components=["blocks.0.attn.head.0"], mode="nearest")
+    want = 5.0 * float(W[0, 0] @ t)
+    assert hm.maps[0, 10, 20].item() == pytest.approx(want, rel=1e-5)
+    assert hm.maps[0, 0, 0].item() == 0.0
+    basis = torch.randn(2, 4)
+    hp = token_heatmap(dec, al, basis=basis, components=["blocks.0.attn.head.0"], mode="nearest")
+    q = vitdecomp.scores.orthonormal_basis(basis).float()
+    assert hp.maps[0, 10, 20].item() == pytest.approx(float((5.0 * W[0, 0] @ q.T).norm()), rel=1e-5)
+    assert (hp.maps >= 0).all()
+    with pytest.raises(MismatchError, match="d = 5"):
+        token_heatmap(dec, al, torch.randn(5), components=["blocks.0.attn.head.0"])
+    with pytest.raises(InputError, match="exactly one"):
+        token_heatmap(dec, al, t, basis=basis)
+
+
+def test_resample_crops_and_pads():
+    g = TokenGrid(0, 2, 2, (4, 4))
+    m = torch.arange(4.0).reshape(1, 2, 2)
+    out = resample_to_image(m, g, (6, 10), mode="nearest")
+    assert out.shape == (1, 6, 10)
+    assert out[0, 5, 7].item() == 3.0 and out[0, 0, 9].item() == 0.0
+    with pytest.raises(InputError, match="mode"):
+        resample_to_image(m, g, (8, 8), mode="cubic")
+
+
+def test_real_vit_heatmap_consistent_with_token_split(photo_batch):
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8).eval()
+    x = photo_batch()
+    dec = vitdecomp.decompose(m, x, tokens="source")
+    al = Aligner(torch.randn(len(dec), 192, 16) / 14, torch.zeros(16), dec.names)
+    t = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    ve = vitdecomp.variance_explained(al(dec), t[None])
+    hm = token_heatmap(dec, al, t, scores=ve, k=3, mode="nearest")
+    assert hm.maps.shape == (4, 32, 32) and len(hm.components) == 3
+    assert all(dec.components[dec.index(n)].kind == "head" for n in hm.components)
+    # every 8×8 block repeats a patch value; summed over patches it is Σ_{i∈S} Σ_p ⟨c_i(p) W_i, t⟩
+    per_patch = sum(hm.per_component[n].sum((1, 2)) for n in hm.components)
+    torch.testing.assert_close(hm.maps.sum((1, 2)).double() / 64, per_patch, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="tokens='source'"):
+        token_heatmap(vitdecomp.decompose(m, x), al, t)
+
+
+def test_real_swin_heatmap_uses_stage_grids(photo_batch):
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2, embed_dim=16,
+                          depths=(1, 1), num_heads=(2, 2), num_classes=3).eval()
+    x = photo_batch(names=("coffee",))
+    dec = vitdecomp.decompose(m, x, tokens="source")
+    t = torch.nn.functional.normalize(torch.randn(dec.contributions.shape[-1]), dim=0)
+    hm = token_heatmap(dec, None, t, k=None, kinds=None, mode="nearest")
+    grids = {g.patch_size for g in hm.grids.values()}
+    assert len(grids) == 2 and hm.maps.shape == (1, 32, 32)
+    # each grid cell covers ph·pw pixels: the image sum is the area-weighted sum of the raw maps
+    want = sum(hm.per_component[n].sum() * hm.grids[n].patch_size[0] * hm.grids[n].patch_size[1]
+               for n in hm.components)
+    assert float(hm.maps.sum()) == pytest.approx(float(want), rel=1e-4, abs=1e-3)
+    # and the maps sum to ⟨z, t⟩ (every component's split sums to it; the prefix-free Swin grid has no CLS share)
+    assert float(sum(v.sum() for v in hm.per_component.values())) == pytest.approx(float(dec.representation[0] @ t),
+                                                                                    rel=1e-4, abs=1e-4)
+    rgb = colorize(hm.maps[0])
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
