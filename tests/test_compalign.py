@@ -62,6 +62,15 @@ def test_wide_target_uses_the_achievable_side():
     assert (gram - torch.eye(6)).abs().max() < 0.05
 
 
+def test_square_maps_with_the_penalty_ramp():
+    """D = d: isometries form two disconnected sets (det ±1); the λ ramp lets each map reach the right one."""
+    c, t, maps = _planted(N=1000, C=4, D=8, d=8, seed=3)
+    al = fit_aligner(c, t, batch_size=64, progress=False)
+    assert al.held_out_cosine >= 0.98
+    assert al.history[1]["lam"] == pytest.approx(1 / 20) and al.history[20]["lam"] == 1.0
+    assert ((al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))).median() < 0.1
+
+
 def test_penalty_exact_and_probe_estimate():
     W = torch.randn(3, 10, 6)
     exact = _penalty(W)
@@ -72,6 +81,14 @@ def test_penalty_exact_and_probe_estimate():
     assert abs(float(est) / float(exact) - 1) < 0.05  # unbiased
     q = torch.linalg.qr(torch.randn(10, 10))[0][:, :6]
     assert float(_penalty(q.expand(3, 10, 6))) < 1e-10
+
+
+def test_align_components_matches_call(fitted):
+    c, t, maps, al = fitted
+    part = al.align_components(c[:30], ["blocks.2.mlp", "blocks.0.mlp"], batch_size=7)
+    torch.testing.assert_close(part, al(c[:30])[:, [2, 0]])
+    with pytest.raises(MismatchError, match="unknown components"):
+        al.align_components(c[:3], ["blocks.9.mlp"])
 
 
 def test_save_load_round_trip(tmp_path, fitted):

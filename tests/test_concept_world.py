@@ -121,7 +121,7 @@ def test_shipped_spurious_model_leans_on_the_background():
     correct = (pred == test.labels("label")).float()
     g = test.groups()
     per_group = [float(correct[g == k].mean()) for k in range(4)]
-    # majority groups (circle on water, square on grass) beat the minority groups
+    # majority groups (small on water, large on grass) beat the minority groups
     assert min(per_group[0], per_group[3]) > max(per_group[1], per_group[2]), per_group
 
 

@@ -107,13 +107,13 @@ def test_fixed_factors_and_errors():
 def test_spurious_split_statistics():
     train = D.SpuriousConceptWorld(2000, seed=0, split="train", correlation=0.9)
     g = torch.bincount(train.groups(), minlength=4).double() / 2000
-    # groups: circle/water, circle/grass, square/water, square/grass
+    # groups: small/water, small/grass, large/water, large/grass
     agree = float(g[0] + g[3])
     assert abs(agree - 0.9) < 0.03
     assert abs(float(g[0] + g[1]) - 0.5) < 0.04  # labels balanced
     y = train.labels("label")
     assert set(y.tolist()) == {0, 1}
-    assert all(train.factors(i)["shape"] == D.SPURIOUS_LABELS[int(y[i])] for i in range(50))
+    assert all(train.factors(i)["size"] == D.SPURIOUS_LABELS[int(y[i])] for i in range(50))
     assert all(train.factors(i)["background"] in D.SPURIOUS_BACKGROUNDS for i in range(50))
     assert train[0][1] == int(y[0])
     for split in ("val", "test"):

@@ -3,7 +3,6 @@ mismatch detection, memory-mapped reads, and the end-to-end path images → extr
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -103,19 +103,6 @@ def _open(args):
     return cache, aligner
 
 
-def _aligned(cache, aligner, comp_idx: List[int], batch_size: int):
-    """Aligned contributions ``[N, len(comp_idx), d]`` of some components, read shard by shard."""
-    import torch
-
-    sub_w = None if aligner.weight is None else aligner.weight[comp_idx]
-    share = aligner.bias / len(aligner.names)
-    out = []
-    for batch in cache.batches(batch_size, targets=False):
-        c = batch.contributions[:, comp_idx].to(aligner.bias.device, torch.float32)
-        out.append((c if sub_w is None else torch.einsum("ncD,cDd->ncd", c, sub_w)) + share)
-    return torch.cat(out)
-
-
 def _select(names, patterns) -> List[int]:
     from .errors import InputError
 
@@ -169,7 +156,8 @@ def cmd_align(args) -> int:
         return 0
     aligner = fit_aligner(cache, lam=args.lam, seed=args.seed, val_fraction=args.val_fraction, lr=args.lr,
                           batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
-                          penalty_probes=args.penalty_probes, device=args.device, progress=not args.quiet)
+                          penalty_probes=args.penalty_probes, penalty_warmup=args.penalty_warmup,
+                          device=args.device, progress=not args.quiet)
     aligner.save(args.out)
     held = "n/a" if aligner.held_out_cosine is None else f"{aligner.held_out_cosine:.4f}"
     init = "n/a" if aligner.init_cosine is None else f"{aligner.init_cosine:.4f}"
@@ -192,7 +180,7 @@ def cmd_describe(args) -> int:
     results = {}
     step = max(1, args.component_batch)
     for k in range(0, len(idx), step):  # bounded memory: N × step × d at a time
-        part = _aligned(cache, aligner, idx[k:k + step], args.batch_size)
+        part = aligner.align_components(cache, names[k:k + step], batch_size=args.batch_size)
         results.update(textspan_all(part, names[k:k + step], texts, pool, iters=args.iters, rank=args.rank,
                                     progress=not args.quiet and len(idx) > 1))
     if args.format == "json":
@@ -375,6 +363,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--penalty-probes", type=int, default=None,
                    help="estimate the isometry penalty with this many random probes (faster for large D, d)")
+    p.add_argument("--penalty-warmup", type=int, default=20, help="epochs over which λ ramps up from 0")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_align)
 

@@ -18,9 +18,11 @@ downloaded; an image is drawn with numpy (2× supersampled, box-filtered) in wel
 only on ``(seed, index)``, so datasets are random-access and reproducible across machines.
 
 :class:`ConceptWorld` is the torch ``Dataset`` of that world. :class:`SpuriousConceptWorld` has the Waterbirds
-structure: the label is the shape (circle vs square), the background (water vs grass) agrees with the label in
-a fraction ``correlation`` of the *training* images and is independent of it in ``val`` and ``test``, whose four
-groups (label × background) are exactly balanced.
+structure: the label is the object's size (small vs large), the background (water vs grass) agrees with the label
+in a fraction ``correlation`` of the *training* images and is independent of it in ``val`` and ``test``, whose four
+groups (label × background) are exactly balanced. (Size, not shape, is the label because it is what the small
+CPU-trained models of :mod:`vitdecomp.concept_world` learn reliably while still being a smaller visual signal than
+the background.)
 
 Images are returned as float tensors ``[3, S, S]`` normalised with :data:`MEAN` / :data:`STD` (pixel values
 mapped from [0, 1] to [-1, 1]); :func:`normalize` / :func:`denormalize` convert.
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FACTORS", "FACTOR_NAMES", "MEAN", "STD", "SPURIOUS_LABELS", "SPURIOUS_BACKGROUNDS",
+    "FACTORS", "FACTOR_NAMES", "MEAN", "STD", "SPURIOUS_FACTOR", "SPURIOUS_LABELS", "SPURIOUS_BACKGROUNDS",
     "sample_factors", "render", "caption", "factor_phrase", "normalize", "denormalize",
     "ConceptWorld", "SpuriousConceptWorld", "WordTokenizer", "VOCABULARY",
 ]
@@ -78,8 +80,10 @@ _POSITION_PHRASE = {
     "bottom right": "at the bottom right", "center": "in the center",
 }
 
-#: The Waterbirds-style variant: label 0/1 is the shape, background index 0/1 the majority background for it.
-SPURIOUS_LABELS: Tuple[str, ...] = ("circle", "square")
+#: The Waterbirds-style variant: the label factor, its two classes, and the backgrounds (index 0/1 is the
+#: majority background of class 0/1 in training).
+SPURIOUS_FACTOR = "size"
+SPURIOUS_LABELS: Tuple[str, ...] = ("small", "large")
 SPURIOUS_BACKGROUNDS: Tuple[str, ...] = ("water", "grass")
 
 Factors = Dict[str, str]
@@ -375,25 +379,25 @@ class ConceptWorld(torch.utils.data.Dataset):
 class SpuriousConceptWorld(ConceptWorld):
     """The Waterbirds structure in the concept world.
 
-    Label y: the shape, circle (0) or square (1). Background b: water (0) or grass (1). Group = 2·y + b
-    (``group_names``). In ``split="train"`` the background equals the label (circle on water, square on grass) with
+    Label y: the size, small (0) or large (1). Background b: water (0) or grass (1). Group = 2·y + b
+    (``group_names``). In ``split="train"`` the background equals the label (small on water, large on grass) with
     probability ``correlation``; in ``"val"`` and ``"test"`` the four groups are exactly balanced (image i is in
     group i mod 4). The other factors are drawn uniformly. ``target`` defaults to the label; items are
     ``(image, label)`` and :meth:`groups` gives the groups.
     """
 
-    group_names = ("circle on water", "circle on grass", "square on water", "square on grass")
+    group_names = ("small on water", "small on grass", "large on water", "large on grass")
 
     def __init__(self, n: int, seed: int = 0, *, split: str = "train", correlation: float = 0.95,
-                 image_size: int = 64, transform=None, jitter: bool = True, size: Optional[str] = None):
+                 image_size: int = 64, transform=None, jitter: bool = True):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if not 0.0 <= correlation <= 1.0:
             raise ValueError(f"correlation must lie in [0, 1], got {correlation}")
-        self.split, self.correlation, self.size = split, float(correlation), size
+        self.split, self.correlation = split, float(correlation)
         # distinct streams per split so that train / val / test never share images
         offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
-        super().__init__(n, seed * 7919 + offset, image_size=image_size, target="shape", transform=transform,
+        super().__init__(n, seed * 7919 + offset, image_size=image_size, target=SPURIOUS_FACTOR, transform=transform,
                          jitter=jitter)
 
     def _sample(self, i: int) -> Factors:
@@ -404,11 +408,11 @@ class SpuriousConceptWorld(ConceptWorld):
         else:
             g = i % 4
             y, b = g // 2, g % 2
-        return sample_factors(rng, shape=SPURIOUS_LABELS[y], background=SPURIOUS_BACKGROUNDS[b], size=self.size)
+        return sample_factors(rng, background=SPURIOUS_BACKGROUNDS[b], **{SPURIOUS_FACTOR: SPURIOUS_LABELS[y]})
 
     def labels(self, factor: str = "label") -> torch.Tensor:
         if factor == "label":
-            return torch.tensor([SPURIOUS_LABELS.index(f["shape"]) for f in self._factors], dtype=torch.long)
+            return torch.tensor([SPURIOUS_LABELS.index(f[SPURIOUS_FACTOR]) for f in self._factors], dtype=torch.long)
         return super().labels(factor)
 
     def groups(self) -> torch.Tensor:
@@ -418,4 +422,4 @@ class SpuriousConceptWorld(ConceptWorld):
         return 2 * y + b
 
     def _target(self, i: int):
-        return SPURIOUS_LABELS.index(self._factors[i]["shape"])
+        return SPURIOUS_LABELS.index(self._factors[i][SPURIOUS_FACTOR])

@@ -29,7 +29,7 @@ number of images, Chan et al.'s pairwise update so that it is as accurate as the
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 import torch

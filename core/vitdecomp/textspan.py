@@ -34,7 +34,7 @@ class SpanText(NamedTuple):
     variance_explained: float
 
 
-def textspan(X: torch.Tensor, texts: torch.Tensor, labels: Sequence[str], *, iters: int = 10, rank: int = 80,
+def textspan(X: torch.Tensor, texts: torch.Tensor, labels: Sequence[str], iters: int = 10, rank: int = 80, *,
              device=None) -> List[SpanText]:
     """Run TextSpan on one component; returns ``iters`` :class:`SpanText` picks in order.
 
@@ -82,8 +82,8 @@ def textspan(X: torch.Tensor, texts: torch.Tensor, labels: Sequence[str], *, ite
     return out
 
 
-def textspan_all(aligned: torch.Tensor, names: Sequence[str], texts: torch.Tensor, labels: Sequence[str], *,
-                 iters: int = 10, rank: int = 80, components: Optional[Sequence[str]] = None, device=None,
+def textspan_all(aligned: torch.Tensor, names: Sequence[str], texts: torch.Tensor, labels: Sequence[str],
+                 iters: int = 10, rank: int = 80, *, components: Optional[Sequence[str]] = None, device=None,
                  progress: bool = True) -> Dict[str, List[SpanText]]:
     """:func:`textspan` for every component (or the named ``components``): ``{name: [SpanText, ...]}``.
 

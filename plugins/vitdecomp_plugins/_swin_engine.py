@@ -120,6 +120,8 @@ class _Readout:
         self.dtype, self.device = dtype, device
         self._composite: Dict[int, torch.Tensor] = {}
         self._layout: Dict[int, "_Layout"] = {}
+        self._mats: Dict[int, torch.Tensor] = {}
+        self._block_key, self._block = None, None
         self.last = max(dims)
 
     def carry(self, acc: torch.Tensor, S: int) -> torch.Tensor:
@@ -140,6 +142,24 @@ class _Readout:
         if S not in self._layout:
             self._layout[S] = _Layout(self.group[S], self.n_groups[S], tuple(self.grids[S]))
         return self._layout[S]
+
+    def mats(self, S: int, key=None, matrix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[G, k, D]`` in layout order: ``(M_S[g] @ matrix)ᵀ`` (``matrix`` [C_S, k]; None: identity).
+        Identity is cached per stage; one ``(key, matrix)`` (the last block asked for) is cached."""
+        if matrix is None:
+            if S not in self._mats:
+                M = self.composite(S)
+                lay = self.layout(S)
+                if lay.tile:
+                    M = M.index_select(0, lay.tile_groups)
+                self._mats[S] = M.transpose(1, 2).contiguous()
+            return self._mats[S]
+        if self._block_key != key:
+            Mt = self.mats(S)  # [G, C, D]
+            G, C, D = Mt.shape
+            full = (matrix.T @ Mt.permute(1, 0, 2).reshape(C, G * D)).view(-1, G, D).permute(1, 0, 2)
+            self._block_key, self._block = key, full.contiguous()
+        return self._block
 
     def composite(self, S: int) -> torch.Tensor:
         if S not in self._composite:
@@ -166,27 +186,29 @@ class _Term:
     weight: torch.Tensor
     values: Optional[torch.Tensor]
     matrix: Optional[torch.Tensor]
+    block: Optional[tuple] = None  # (key, full matrix [C_S, K], column slice): matrix = full[:, cols]
 
 
 def _apply_grouped(x: torch.Tensor, layout: "_Layout", mats: torch.Tensor) -> torch.Tensor:
-    """``out[b, p] = mats[group[p]] @ x[b, p]``; x [B, N, k], mats [G, D, k] → [B, N, D]."""
+    """``out[b, p] = x[b, p] @ mats[group(p)]``; x [B, N, k], mats [G, k, D] in ``layout`` order → [B, N, D]."""
     B, N, k = x.shape
     G = mats.shape[0]
     if G == 1:
-        return x @ mats[0].T
+        return x @ mats[0]
     if layout.tile:  # regular grid: the group is a function of (i mod t, j mod t)
         t, (H, W) = layout.tile, layout.hw
-        xs = x.view(B, H // t, t, W // t, t, k).permute(0, 2, 4, 1, 3, 5).reshape(B, t * t, -1, k)
-        ys = torch.matmul(xs, mats.index_select(0, layout.tile_groups).transpose(1, 2))  # [B, t·t, n, D]
+        # one bmm with the groups as its batch and (image, position) as rows (no broadcast copies of mats)
+        xs = x.view(B, H // t, t, W // t, t, k).permute(2, 4, 0, 1, 3, 5).reshape(t * t, -1, k)
+        ys = torch.bmm(xs, mats)  # [t·t, B·n, D]
         D = ys.shape[-1]
-        return ys.view(B, t, t, H // t, W // t, D).permute(0, 3, 1, 4, 2, 5).reshape(B, N, D)
-    out = x.new_empty(B, N, mats.shape[1])
+        return ys.view(t, t, B, H // t, W // t, D).permute(2, 3, 0, 4, 1, 5).reshape(B, N, D)
+    out = x.new_empty(B, N, mats.shape[-1])
     start = 0
     for g in range(G):
         c = int(layout.counts[g])
         if c:
             idx = layout.order[start:start + c]
-            out.index_copy_(1, idx, x.index_select(1, idx) @ mats[g].T)
+            out.index_copy_(1, idx, x.index_select(1, idx) @ mats[g])
         start += c
     return out
 
@@ -236,14 +258,19 @@ class StageTokens(TokenDetail):
                 v = t.values * t.weight.unsqueeze(-1)
                 B, N, k = v.shape
                 if t.matrix is None:
-                    y = _apply_grouped(v, layout, M)
+                    y = _apply_grouped(v, layout, ro.mats(S))
                 else:
                     C, D = t.matrix.shape[0], M.shape[1]
-                    # cheaper of (values @ Wᵀ) then M, or the composite M @ W then values
-                    if B * N * k * C + B * N * C * D <= G * D * C * k + B * N * k * D:
-                        y = _apply_grouped(v @ t.matrix.T, layout, M)
+                    # cheaper of (values @ Wᵀ) then M, or the composite M @ W (shared by a block's heads)
+                    K = t.block[1].shape[1] if t.block is not None else k
+                    if B * N * k * C + B * N * C * D <= G * D * C * K * (k / K if t.block is not None else 1) \
+                            + B * N * k * D:
+                        y = _apply_grouped(v @ t.matrix.T, layout, ro.mats(S))
+                    elif t.block is not None:
+                        key, full, cols = t.block
+                        y = _apply_grouped(v, layout, ro.mats(S, key, full)[:, cols])
                     else:
-                        y = _apply_grouped(v, layout, M @ t.matrix)
+                        y = _apply_grouped(v, layout, ro.mats(S, id(t), t.matrix))
             out = y if out is None else out.add_(y)
         return out
 
@@ -464,7 +491,8 @@ def run_hierarchical(
             for h in range(Hh):
                 terms = None
                 if tokens:
-                    terms = [_Term(w_heads, o_img[:, :, h], Wo_eff[:, h * dh:(h + 1) * dh])]
+                    cols = slice(h * dh, (h + 1) * dh)
+                    terms = [_Term(w_heads, o_img[:, :, h], Wo_eff[:, cols], block=(b.prefix, Wo_eff, cols))]
                 comps.append(Component(f"{b.prefix}.attn.head.{h}", "head", block=b.index, stage=S, head=h))
                 if tokens:
                     details[comps[-1].name] = StageTokens(readout=readout, stage=S, terms=terms)

@@ -32,10 +32,10 @@ ImageNet templates), and CompAttribute scores the components (:func:`vitdecomp.v
 * retrieval by reference image: precision@10 of images sharing the query's factor value, ranking by the cosine of
   Σ_{i∈S} c_i over S = the top-k components by *specificity* for the property, versus the whole representation z,
   versus S = the top-k by ground truth (oracle); chance 1/|values|;
-* spurious repair (``*_spurious`` models, circle vs square with background correlated in training): worst-group
+* spurious repair (``*_spurious`` models, small vs large with the background correlated in training): worst-group
   accuracy on the balanced test split before and after mean-ablating the top-k components by
-  score(background) − score(shape) (:func:`vitdecomp.ablation.repair_spurious`, means from the held-out validation
-  split), for several k, and with the ground-truth ranking A(background) − A(shape) as the oracle.
+  score(background) − score(size) (:func:`vitdecomp.ablation.repair_spurious`, means from the held-out validation
+  split), for several k, and with the ground-truth ranking A(background) − A(size) as the oracle.
 
 :func:`evaluate` runs it for one model; ``benchmarks/concept_world.py`` for all of them.
 """
@@ -307,7 +307,7 @@ def evaluate(run: ModelRun, *, k: Optional[int] = None, queries: int = 200, seed
 
 def evaluate_spurious(arch: str, *, clip=None, encoder=None, n_val: int = 2000, n_test: int = 2000,
                       ks: Sequence[int] = (1, 2, 3, 5, 10), max_epochs: int = 60, progress: bool = False) -> dict:
-    """Spurious repair on ``<arch>_spurious``: CompAttribute ranking by score(background) − score(shape) versus the
+    """Spurious repair on ``<arch>_spurious``: CompAttribute ranking by score(background) − score(size) versus the
     ground-truth ranking, worst-group accuracy before / after mean ablation of the top k."""
     from ..ablation import prediction_head, repair_spurious
     from ..compalign import fit_aligner
@@ -327,7 +327,7 @@ def evaluate_spurious(arch: str, *, clip=None, encoder=None, n_val: int = 2000, 
     with torch.no_grad():
         av = aligner(Cv)
     s_sp = variance_attributed(av, encoder.encode(property_texts("background"), templates=None, progress=False))
-    s_core = variance_attributed(av, encoder.encode(property_texts("shape"), templates=None, progress=False))
+    s_core = variance_attributed(av, encoder.encode(property_texts(D.SPURIOUS_FACTOR), templates=None, progress=False))
     gt_sp = ground_truth(Cv, val.labels("background"))["attribution"]
     gt_core = ground_truth(Cv, val.labels("label"))["attribution"]
     head = prediction_head(model)

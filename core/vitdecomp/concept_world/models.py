@@ -14,7 +14,7 @@ Sizes are chosen so that each trains in a few minutes on one CPU core (``vitdeco
 
 The classifiers (``deit``, ``swin``, ``maxvit``) predict every factor at once: ``num_classes`` = 25 logits, one
 slice per factor in :data:`~vitdecomp.datasets.FACTOR_NAMES` order (:data:`FACTOR_SLICES`). The ``*_spurious``
-variants have 2 classes (circle / square) and were trained on :class:`~vitdecomp.datasets.SpuriousConceptWorld`.
+variants have 2 classes (small / large) and were fine-tuned from the classifiers on :class:`~vitdecomp.datasets.SpuriousConceptWorld`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ data sizes, wall time and accuracies. Data seeds: training images seed ``seed + 
   each image by the nearest of its factor's phrases (``"a red shape"``, ``"a green shape"``, ...).
 * ``deit`` / ``swin`` / ``maxvit``: one cross-entropy per factor over the slices of a 25-way head.
 * ``*_spurious``: the Waterbirds recipe — the factor classifier (the "pretrained" backbone) fine-tuned with a new
-  2-class head on circle vs square, :class:`~vitdecomp.datasets.SpuriousConceptWorld` train split (the background
+  2-class head on small vs large, :class:`~vitdecomp.datasets.SpuriousConceptWorld` train split (the background
   agrees with the label in 95% of the images); reported: mean and worst-group accuracy on the balanced test split.
 """
 
