@@ -280,3 +280,14 @@ def test_grids_and_patch_sizes():
     assert dec.grid_of("norm.bias") == vitdecomp.TokenGrid(0, 2, 3, (16, 16))
     stage = dec.group("stage")
     assert stage.spatial_map("stages.1").shape == (1, 4, 5, dec.contributions.shape[-1])
+
+
+def test_saved_spatial_maps_keep_their_stage_grids(tmp_path):
+    m = model("v1")
+    dec = vitdecomp.decompose(m, torch.randn(1, 3, *IMG), tokens="source")
+    path = tmp_path / "swin.safetensors"
+    dec.save(path, tokens=True)
+    back = vitdecomp.Decomposition.load(path)
+    other = next(n for n in dec.names if dec.grid_of(n) != dec.grid)  # a component on another stage's grid
+    assert back.grid_of(other) == dec.grid_of(other)
+    torch.testing.assert_close(back.spatial_map(other), dec.spatial_map(other))

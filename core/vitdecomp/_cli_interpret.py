@@ -358,7 +358,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--lam", type=float, default=1.0, help="weight of the isometry penalty (paper: 1)")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    p.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping usually ends sooner)")
     p.add_argument("--patience", type=int, default=5, help="epochs without a new held-out minimum before stopping")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--penalty-probes", type=int, default=None,

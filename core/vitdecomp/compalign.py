@@ -93,7 +93,7 @@ class AlignConfig:
     lr: Optional[float] = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
     batch_size: int = attrs.field(default=256, validator=_positive)
-    max_epochs: int = attrs.field(default=100, validator=_positive)
+    max_epochs: int = attrs.field(default=200, validator=_positive)
     patience: int = attrs.field(default=5, validator=_positive)
     val_fraction: float = attrs.field(default=0.1, validator=_fraction)
     ridge: float = attrs.field(default=1e-3, validator=_positive)
@@ -441,7 +441,7 @@ def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[flo
 
 
 def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
-                val_fraction: float = 0.1, lr: Optional[float] = None, batch_size: int = 256, max_epochs: int = 100,
+                val_fraction: float = 0.1, lr: Optional[float] = None, batch_size: int = 256, max_epochs: int = 200,
                 patience: int = 5, weight_decay: float = 0.0, ridge: float = 1e-3,
                 penalty_probes: Optional[int] = None, penalty_warmup: int = 20, device="cpu",
                 names: Optional[Sequence[str]] = None,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FACTORS", "FACTOR_NAMES", "MEAN", "STD", "SPURIOUS_FACTOR", "SPURIOUS_LABELS", "SPURIOUS_BACKGROUNDS",
+    "FACTORS", "FACTOR_NAMES", "GENERATOR_VERSION", "MEAN", "STD", "SPURIOUS_FACTOR", "SPURIOUS_LABELS", "SPURIOUS_BACKGROUNDS",
     "sample_factors", "render", "caption", "factor_phrase", "normalize", "denormalize",
     "ConceptWorld", "SpuriousConceptWorld", "WordTokenizer", "VOCABULARY",
 ]
@@ -87,6 +87,9 @@ SPURIOUS_LABELS: Tuple[str, ...] = ("small", "large")
 SPURIOUS_BACKGROUNDS: Tuple[str, ...] = ("water", "grass")
 
 Factors = Dict[str, str]
+
+#: Bumped whenever the pixels or factors drawn for a given (seed, index) change (keys of image caches).
+GENERATOR_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -317,6 +317,7 @@ class Decomposition:
             "components": [attrs.asdict(c) for c in self.components],
             "error": self.error,
             "grid": attrs.asdict(self.grid) if self.grid is not None else None,
+            "token_grids": {k: attrs.asdict(v) for k, v in self.token_grids.items()},
             "meta": {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)) for k, v in self.meta.items()},
         }
         save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
@@ -333,8 +334,9 @@ class Decomposition:
             tokens = {k[len("tokens/"):]: DenseTokens(f.get_tensor(k)) for k in f.keys() if k.startswith("tokens/")}
         grid = TokenGrid(**meta["grid"]) if meta.get("grid") else None
         comps = tuple(Component(**c) for c in meta["components"])
+        grids = {k: TokenGrid(**v) for k, v in meta.get("token_grids", {}).items()}
         return cls(contributions=contributions, components=comps, representation=representation, grid=grid,
-                   token_details=tokens, meta=meta.get("meta", {}))
+                   token_details=tokens, token_grids=grids, meta=meta.get("meta", {}))
 
 
 @attrs.define(eq=False)

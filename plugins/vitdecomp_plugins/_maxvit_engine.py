@@ -247,7 +247,7 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
     Hf, Wf = plan.grids[S - 1]
     red = (Hf, Wf) if plan.per_position_norm else (1, 1)  # reduction grid
 
-    def reduce_cl(t: torch.Tensor, level: int) -> torch.Tensor:
+    def reduce_cl(t: torch.Tensor) -> torch.Tensor:
         """channels-last [B, H_l, W_l, C] → mean over each reduction cell → [B, Hr, Wr, C]."""
         if red == (1, 1):
             return t.mean((1, 2), keepdim=True)
@@ -255,7 +255,8 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
         rh, rw = h // red[0], w // red[1]
         return t.reshape(t.shape[0], red[0], rh, red[1], rw, t.shape[-1]).mean((2, 4))
 
-    def reduce_nchw(t: torch.Tensor, level: int) -> torch.Tensor:
+    def reduce_nchw(t: torch.Tensor) -> torch.Tensor:
+        """NCHW [B, C, H_l, W_l] → [B, Hr, Wr, C]."""
         if red == (1, 1):
             return t.mean((2, 3), keepdim=True).permute(0, 2, 3, 1)
         h, w = t.shape[-2:]
@@ -270,7 +271,7 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
         cap = caps[key] = _Capture(level)
 
         def fn(t):
-            cap.reduced = reduce_nchw(t, level)
+            cap.reduced = reduce_nchw(t)
             if tokens:
                 cap.native = t.permute(0, 2, 3, 1)
 
@@ -304,7 +305,7 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
                             cap.native = _unpartition(t, part, size)
                     else:
                         full = _unpartition(t, part, size)
-                        cap.reduced = reduce_cl(full, s)
+                        cap.reduced = reduce_cl(full)
                         if tokens:
                             cap.native = full
 
@@ -321,7 +322,7 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
                 mcap = caps[mkey] = _Capture(s)
 
                 def on_mlp(t, cap=mcap):
-                    cap.reduced = reduce_cl(t, s)
+                    cap.reduced = reduce_cl(t)
                     if tokens:
                         cap.native = t
 

@@ -62,7 +62,8 @@ N_EVAL_SPURIOUS = 2000
 
 def generate(ds: D.ConceptWorld, cache: Optional[Path] = None) -> torch.Tensor:
     """All images of ``ds`` as uint8 ``[N, 3, S, S]`` (optionally cached in ``cache`` as .npy)."""
-    key = f"{type(ds).__name__}_{ds.n}_{ds.seed}_{getattr(ds, 'split', '')}_{getattr(ds, 'correlation', '')}_{ds.image_size}.npy"
+    spur = f"{ds.split}_{ds.correlation}_{D.SPURIOUS_FACTOR}" if isinstance(ds, D.SpuriousConceptWorld) else ""
+    key = f"{type(ds).__name__}_{ds.n}_{ds.seed}_{spur}_{ds.image_size}_{D.GENERATOR_VERSION}.npy"
     if cache is not None and (cache / key).is_file():
         return torch.from_numpy(np.load(cache / key))
     arr = np.stack([ds.array(i) for i in range(ds.n)]).transpose(0, 3, 1, 2).copy()
