@@ -7,9 +7,10 @@ Run by hand (not a test):
 
 Each (model, mode) runs in a fresh subprocess. Timing: median of --reps runs after a warm-up, interleaving the
 plain forward (``vitdecomp.representation``, i.e. the model's own forward_features + forward_head) with the
-mode being measured so both see the same machine load. Memory: CPU — peak resident set size above the level
-after warm-up (Linux VmHWM, reset through /proc/self/clear_refs); CUDA — torch.cuda.max_memory_allocated above
-the level before the call. Models use random weights (timings do not depend on the weights).
+mode being measured so both see the same machine load. Memory: CPU — one cold call in another fresh process,
+peak resident set size above the level before the call (Linux VmHWM, reset through /proc/self/clear_refs; the
+model's weights and the input are resident before, so this is the call's working memory); CUDA —
+torch.cuda.max_memory_allocated above the level before the call. Models use random weights (timings do not depend on the weights).
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ def worker(model_name: str, mode: str, batch: int, reps: int, device: str, dtype
             return fwd()
         return vitdecomp.decompose(model, x, heads=mode != "branch", tokens="source" if mode == "token" else None)
 
+    if os.environ.get("VITDECOMP_BENCH_MEMORY") and not device.startswith("cuda"):
+        # CPU memory: one cold call in a fresh process (a warm-up would leave the allocator holding the pages,
+        # hiding the call's peak from the RSS high-water mark)
+        import gc
+
+        gc.collect(); ok = _reset_peak(); base = _rss_kib("VmRSS")
+        out = run()
+        if mode == "token":
+            out.token_contributions(out.names[1])
+        peak_mb = (_rss_kib("VmHWM") - base) / 1024 if ok else float("nan")
+        return {"model": model_name, "mode": mode, "peak_extra_mb": peak_mb}
     fwd(); run(); sync()  # warm-up
     t_fwd, t_mode = [], []
     for _ in range(reps):
@@ -118,6 +130,13 @@ def main() -> None:
                 raise SystemExit(f"worker failed for {m} {mode}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
+            if not args.device.startswith("cuda"):
+                mem = subprocess.run(cmd, capture_output=True, text=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "VITDECOMP_BENCH_MEMORY": "1"})
+                if mem.returncode:
+                    print(mem.stderr, file=sys.stderr)
+                    raise SystemExit(f"memory worker failed for {m} {mode}")
+                r["peak_extra_mb"] = json.loads(mem.stdout.strip().splitlines()[-1])["peak_extra_mb"]
             print(f"{r['model']:28} {r['mode']:9} batch {r['batch']:3} {r['device']:5} forward {r['forward_s'] * 1e3:8.1f} ms  "
                   f"{r['mode']} {r['mode_s'] * 1e3:8.1f} ms  ratio {r['ratio']:5.2f}×  peak +{r['peak_extra_mb']:7.1f} MB",
                   flush=True)

@@ -159,19 +159,19 @@ def clip_and_encoder():
 @pytest.mark.parametrize("name", ["deit", "swin", "maxvit", "clip"])
 def test_pipeline_end_to_end(name, clip_and_encoder):
     clip, enc = clip_and_encoder
-    run = E.prepare_run(name, clip=clip, encoder=enc, n_fit=150, n_eval=150, max_epochs=3)
+    run = E.prepare_run(name, clip=clip, encoder=enc, n_fit=100, n_eval=100, max_epochs=2)
     assert run.error <= 1e-5
     C = len(run.names)
-    assert run.contributions.shape[:2] == (150, C) and run.aligned.shape == (150, C, 64)
-    res = E.evaluate(run, encoder=enc, queries=30)
+    assert run.contributions.shape[:2] == (100, C) and run.aligned.shape == (100, C, 64)
+    res = E.evaluate(run, encoder=enc, queries=20)
     assert set(res["properties"]) == set(D.FACTOR_NAMES)
     for f, r in res["properties"].items():
         assert 0.0 <= r["precision_at_k"] <= 1.0
         assert -1.0 <= r["spearman_score_attribution"] <= 1.0
         assert r["retrieval_chance"] == pytest.approx(1 / len(D.FACTORS[f]))
     assert 0.0 <= res["textspan"]["agreement"] <= 1.0
-    # the background is trivially visible: its best components retrieve same-background images well
-    assert res["properties"]["background"]["retrieval_oracle"] > 0.8
+    # every model knows the colour: its whole representation retrieves same-colour images far above chance (1/6)
+    assert res["properties"]["color"]["retrieval_whole"] > 0.5
 
 
 def test_spurious_evaluation_runs(clip_and_encoder):

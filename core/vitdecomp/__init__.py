@@ -36,6 +36,8 @@ _LAZY = {
     "Property": "properties", "get_property": "properties", "list_properties": "properties", "load_properties": "properties",
     "fit_aligner": "compalign", "Aligner": "compalign",
     "variance_attributed": "scores", "variance_explained": "scores", "specificity": "scores", "StreamingScores": "scores",
+    "rank_components": "scores", "score_properties": "scores", "orthonormal_basis": "scores",
+    "AlignConfig": "compalign", "SpanText": "textspan", "CacheBatch": "extract",
     "textspan": "textspan", "textspan_all": "textspan",
     "extract": "extract", "ExtractionCache": "extract",
     "retrieve_by_text": "retrieval", "retrieve_by_image": "retrieval", "property_scores": "retrieval",

@@ -206,13 +206,29 @@ def predict(head, z: torch.Tensor) -> torch.Tensor:
 
 def component_means(source, *, batch_size: int = 256) -> torch.Tensor:
     """μ_i = mean over images of c_i(x), shape ``[C, D]`` (accumulated in float64, returned in float32 or float64 as
-    the input). ``source``: held-out contributions (tensor, Decomposition or ExtractionCache)."""
+    the input). ``source``: held-out contributions (tensor, Decomposition or ExtractionCache).
+
+    Under a torch.distributed process group the work is split and the sums are all-reduced, so every rank gets
+    the mean over all images: an ExtractionCache is read by shard (each rank its own shards); a tensor or
+    Decomposition is taken as this rank's own part of the data."""
+    from . import distributed as dist
+
+    if _is_cache(source) and dist.info().active:
+        batches = ((b.indices, b.contributions, None) for b in source.batches(batch_size, targets=False, local=True))
+    else:
+        batches = iter_source(source, batch_size)
     total, n, dtype = None, 0, torch.float32
-    for _, c, _ in iter_source(source, batch_size):
+    for _, c, _ in batches:
         dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
         s = c.to(torch.float64).sum(0)
         total = s if total is None else total + s
         n += c.shape[0]
+    if dist.info().active:
+        shape = dist.all_gather_objects(None if total is None else tuple(total.shape))
+        shape = next((s for s in shape if s is not None), None)
+        if shape is not None:
+            total = dist.all_reduce_sum(total if total is not None else torch.zeros(shape, dtype=torch.float64))
+        n = int(dist.all_reduce_sum(torch.tensor([n], dtype=torch.float64)).item())
     if not n:
         raise EmptyDatasetError("component_means: the held-out source holds no images")
     return (total / n).to(dtype)

@@ -407,6 +407,11 @@ def _closed_form(data: _Data, targets: torch.Tensor, mask: torch.Tensor, ridge: 
         ss += s.sum(0)
         st += t.sum(0)
         n += s.shape[0]
+    from . import distributed as dist
+
+    if dist.info().active:  # each rank summed its own images: add the normal equations up across ranks
+        sxx, sxt, ss, st = (dist.all_reduce_sum(t) for t in (sxx, sxt, ss, st))
+        n = int(dist.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64)).item())
     ms, mt = ss / n, st / n
     cxx = sxx - n * torch.outer(ms, ms)
     cxt = sxt - n * torch.outer(ms, mt)
@@ -429,6 +434,8 @@ def _combine(c: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[float, float]:
     """(mean 1 − cos, mean cos) over images where ``mask``."""
+    from . import distributed as dist
+
     tot, n = 0.0, 0
     with torch.no_grad():
         for idx, c in _batches(data, mask, batch_size, None):
@@ -436,8 +443,48 @@ def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[flo
             cos = torch.nn.functional.cosine_similarity(f, targets[idx].to(device), dim=-1)
             tot += float(cos.sum())
             n += cos.numel()
+    if dist.info().active:  # each rank evaluated its own share of the images
+        tot, n = dist.all_reduce_sum(torch.tensor([tot, float(n)], dtype=torch.float64)).tolist()
     mean = tot / max(n, 1)
     return 1.0 - mean, mean
+
+
+def _data_parallel_epoch(data, targets, local_train, batch_size, gen, W, b, opt, lam_now, probes, device, world):
+    """One epoch of data-parallel refinement: each rank steps through its own images; per step the summed data
+    gradients and image counts are all-reduced (ranks that ran out contribute zero, as with DDP's Join), the
+    penalty gradient is averaged, and every rank applies the same update. Returns (Σ loss, n) over all ranks."""
+    from . import distributed as dist
+
+    it = iter(_batches(data, local_train, batch_size, gen))
+    tot = torch.zeros(2, dtype=torch.float64)
+    while True:
+        nxt = next(it, None)
+        alive = dist.all_reduce_sum(torch.tensor([0.0 if nxt is None else 1.0]))
+        if float(alive) == 0:
+            break
+        opt.zero_grad(set_to_none=True)
+        if nxt is not None:
+            idx, c = nxt
+            c = c.to(device, torch.float32)
+            f = _combine(c, W) + b
+            data_sum = (1 - torch.nn.functional.cosine_similarity(f, targets[idx].to(device), dim=-1)).sum()
+            data_sum.backward()
+            count = float(c.shape[0])
+            tot += torch.tensor([float(data_sum.detach()), count], dtype=torch.float64)
+        else:
+            count = 0.0
+        gW = W.grad if W.grad is not None else torch.zeros_like(W)
+        gb = b.grad if b.grad is not None else torch.zeros_like(b)
+        n_all = float(dist.all_reduce_sum(torch.tensor([count], dtype=torch.float64)))
+        gW, gb = dist.all_reduce_sum(gW) / n_all, dist.all_reduce_sum(gb) / n_all
+        if lam_now > 0:
+            W.grad = None
+            (lam_now * _penalty(W, probes, gen)).backward()
+            gW = gW + dist.all_reduce_sum(W.grad) / world
+        W.grad, b.grad = gW, gb
+        opt.step()
+    tot = dist.all_reduce_sum(tot)
+    return float(tot[0]), int(tot[1])
 
 
 def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
@@ -489,7 +536,19 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     val_mask[torch.randperm(N, generator=gen)[:n_val]] = True
     train_mask = ~val_mask
 
-    W0, b0 = _closed_form(data, targets, train_mask, ridge, max(batch_size, 1024), device)
+    # Under torch.distributed every rank takes a disjoint share of the training and held-out images: the closed
+    # form and the evaluations are all-reduced, and refinement is data-parallel (gradients all-reduced each step,
+    # with uneven shares handled as DDP's Join does), so all ranks hold the same maps.
+    from . import distributed as dist
+
+    di = dist.info()
+    local_train, local_val = train_mask, val_mask
+    if di.active:
+        local_train = torch.zeros(N, dtype=torch.bool)
+        local_train[torch.nonzero(train_mask).flatten()[di.rank::di.world_size]] = True
+        local_val = torch.zeros(N, dtype=torch.bool)
+        local_val[torch.nonzero(val_mask).flatten()[di.rank::di.world_size]] = True
+    W0, b0 = _closed_form(data, targets, local_train, ridge, max(batch_size, 1024), device)
     W = W0.unsqueeze(0).repeat(C, 1, 1).contiguous().requires_grad_(True)
     b = b0.clone().requires_grad_(True)
     lr_used = lr if lr is not None else 0.05 / math.sqrt(max(D, d))
@@ -506,32 +565,36 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
 
     history: List[dict] = []
     if n_val:
-        best_obj, init_cos, pen0 = objective_on(val_mask)
+        best_obj, init_cos, pen0 = objective_on(local_val)
     else:
         best_obj, init_cos, pen0 = float("inf"), None, float(_penalty(W.detach()))
     history.append({"epoch": 0, "train_loss": None, "val_objective": best_obj if n_val else None,
                     "val_cosine": init_cos, "penalty": pen0})
     best_state = (W.detach().clone(), b.detach().clone())
     best_epoch, best_cos, bad = 0, init_cos, 0
-    bar = tqdm(range(1, max_epochs + 1), desc="CompAlign", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, max_epochs + 1), desc="CompAlign", unit="epoch", disable=not progress or di.rank != 0)
     for epoch in bar:
         # continuation: λ ramps up linearly over the first `penalty_warmup` epochs (see AlignConfig)
         lam_now = lam * min(1.0, epoch / cfg.penalty_warmup) if cfg.penalty_warmup else lam
         tot, n = 0.0, 0
-        for idx, c in _batches(data, train_mask, batch_size, gen):
-            c = c.to(device, torch.float32)
-            t = targets[idx].to(device)
-            f = _combine(c, W) + b
-            data_loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean()
-            loss = data_loss + lam_now * _penalty(W, cfg.penalty_probes, gen) if lam_now > 0 else data_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(data_loss.detach()) * c.shape[0]
-            n += c.shape[0]
-        entry = {"epoch": epoch, "train_loss": tot / n, "lam": lam_now}
+        if not di.active:
+            for idx, c in _batches(data, train_mask, batch_size, gen):
+                c = c.to(device, torch.float32)
+                t = targets[idx].to(device)
+                f = _combine(c, W) + b
+                data_loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean()
+                loss = data_loss + lam_now * _penalty(W, cfg.penalty_probes, gen) if lam_now > 0 else data_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(data_loss.detach()) * c.shape[0]
+                n += c.shape[0]
+        else:
+            tot, n = _data_parallel_epoch(data, targets, local_train, batch_size, gen, W, b, opt, lam_now,
+                                          cfg.penalty_probes, device, di.world_size)
+        entry = {"epoch": epoch, "train_loss": tot / max(n, 1), "lam": lam_now}
         if n_val:
-            obj, cos, pen = objective_on(val_mask)
+            obj, cos, pen = objective_on(local_val)
             entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
             if obj < best_obj - 1e-7:
                 best_obj, best_cos, best_epoch, bad = obj, cos, epoch, 0

@@ -15,7 +15,8 @@ from typing import Any, Optional
 import attrs
 import torch
 
-__all__ = ["DistInfo", "info", "init_from_env", "all_reduce_sum", "barrier", "broadcast_object", "is_main"]
+__all__ = ["DistInfo", "info", "init_from_env", "all_reduce_sum", "barrier", "broadcast_object", "all_gather_objects",
+           "is_main"]
 
 
 @attrs.frozen
@@ -84,3 +85,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_objects(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled); ``[obj]`` when there is no group."""
+    if not info().active:
+        return [obj]
+    out = [None] * info().world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import attrs
 import torch
 
+from . import distributed as dist
 from .errors import EmptyDatasetError, InputError, MismatchError
 
 __all__ = ["extract", "ExtractionCache", "CacheBatch", "IMAGE_SUFFIXES"]
@@ -348,9 +349,17 @@ class ExtractionCache:
         items = self.meta.get("data", {}).get("files")
         return None if items is None else items[: len(self)]
 
-    def batches(self, batch_size: int = 256, *, targets: bool = True) -> Iterator[CacheBatch]:
-        """Iterate over the cache in order, ``batch_size`` images at a time (batches do not cross shards)."""
-        for s in self._shards:
+    def local_shards(self) -> List[int]:
+        """Shard numbers this process reads when work is split across a torch.distributed group (shard j goes to
+        rank j mod world size, as in :func:`extract`); all shards without a group."""
+        di = dist.info()
+        return [j for j in range(len(self._shards)) if j % di.world_size == di.rank]
+
+    def batches(self, batch_size: int = 256, *, targets: bool = True, local: bool = False) -> Iterator[CacheBatch]:
+        """Iterate over the cache in order, ``batch_size`` images at a time (batches do not cross shards).
+        ``local=True``: only this rank's shards (:meth:`local_shards`) under torch.distributed."""
+        shards = [self._shards[j] for j in self.local_shards()] if local else self._shards
+        for s in shards:
             from safetensors import safe_open
 
             n = s["stop"] - s["start"]
@@ -462,28 +471,27 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob("*.tmp"):
-        tmp.unlink()
     meta_file = out / "meta.json"
-    meta = None
-    if meta_file.exists():
-        if resume:
-            meta = json.loads(meta_file.read_text())
-            if meta.get("format") != _FORMAT:
-                raise MismatchError(f"{meta_file} is not a vitdecomp extraction cache (format {meta.get('format')!r})")
-            _compare(meta, settings, out)
-        else:
-            for f in out.glob("shard-*.safetensors"):
-                f.unlink()
-            meta_file.unlink()
-    if meta is None:
-        meta = {**settings, "names": None, "dim": None, "target_dim": None, "complete": False}
-        _atomic_write_json(meta_file, meta)
+    # Under torch.distributed (torchrun) rank 0 owns meta.json; every rank writes only its own shards.
+    di = dist.info()
+    state = None
+    if di.rank == 0:
+        try:
+            state = {"meta": _prepare_cache(out, meta_file, settings, resume)}
+        except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, re-raised everywhere
+            state = {"error": exc}
+    state = dist.broadcast_object(state)
+    if "error" in state:
+        raise state["error"]
+    meta = state["meta"]
 
-    done = [j for j in range(num_shards) if (out / _shard_name(j)).exists()]
-    todo = [j for j in range(num_shards) if j not in set(done)]
-    n_done = sum(min(N, (j + 1) * shard_size) - j * shard_size for j in done)
-    bar = tqdm(total=N, initial=n_done, desc="extracting", unit="img", disable=not progress)
+    mine = [j for j in range(num_shards) if j % di.world_size == di.rank]  # disjoint shards per rank
+    done = [j for j in mine if (out / _shard_name(j)).exists()]
+    todo = [j for j in mine if j not in set(done)]
+    size_of = lambda j: min(N, (j + 1) * shard_size) - j * shard_size  # noqa: E731
+    desc = "extracting" if not di.active else f"extracting (rank {di.rank}/{di.world_size})"
+    bar = tqdm(total=sum(size_of(j) for j in mine), initial=sum(size_of(j) for j in done), desc=desc, unit="img",
+               disable=not progress or di.rank != 0)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
         for j in todo:
@@ -529,9 +537,45 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
             os.close(fd)
             save_file(tensors, tmp, metadata={"vitdecomp": json.dumps(shard_meta)})
             os.replace(tmp, out / _shard_name(j))
-            _atomic_write_json(meta_file, meta)
+            if not di.active:
+                _atomic_write_json(meta_file, meta)
     finally:
         bar.close()
-    meta["complete"] = True
-    _atomic_write_json(meta_file, meta)
+    if di.active:
+        # every rank may have learnt the component names; rank 0 merges them and writes the index
+        found = dist.all_gather_objects({k: meta.get(k) for k in ("names", "dim", "target_dim")})
+        for k in ("names", "dim", "target_dim"):
+            values = [f[k] for f in found if f[k] is not None]
+            if values and any(v != values[0] for v in values):
+                raise MismatchError(f"ranks disagree on the cache's {k}: {values}")
+            if values:
+                meta[k] = values[0]
+    if di.rank == 0:
+        meta["complete"] = all((out / _shard_name(j)).exists() for j in range(num_shards))
+        meta["index"] = [{"file": _shard_name(j), "start": j * shard_size, "stop": j * shard_size + size_of(j),
+                          "rank": j % di.world_size} for j in range(num_shards)]
+        meta["world_size"] = di.world_size
+        _atomic_write_json(meta_file, meta)
+    dist.barrier()
     return ExtractionCache.open(out)
+
+
+def _prepare_cache(out: Path, meta_file: Path, settings: dict, resume: bool) -> dict:
+    """Check an existing cache against ``settings`` (resume) or reset it; return the metadata to continue with."""
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    meta = None
+    if meta_file.exists():
+        if resume:
+            meta = json.loads(meta_file.read_text())
+            if meta.get("format") != _FORMAT:
+                raise MismatchError(f"{meta_file} is not a vitdecomp extraction cache (format {meta.get('format')!r})")
+            _compare(meta, settings, out)
+        else:
+            for f in out.glob("shard-*.safetensors"):
+                f.unlink()
+            meta_file.unlink()
+    if meta is None:
+        meta = {**settings, "names": None, "dim": None, "target_dim": None, "complete": False}
+        _atomic_write_json(meta_file, meta)
+    return meta

@@ -291,6 +291,27 @@ class StreamingScores:
         self._combine(other.n, other._stats)
         return self
 
+    def all_reduce(self) -> "StreamingScores":
+        """Combine the accumulators of every rank of the torch.distributed process group (each rank having
+        updated with its own images), so every rank holds the statistics of all images; a no-op without a
+        group. Ranks are merged in rank order, so the result is the same on every rank."""
+        from . import distributed as dist
+
+        if not dist.info().active:
+            return self
+        parts = dist.all_gather_objects(
+            (self.n, self._C, {k: v.cpu() for k, v in self._stats.items()} if self.n else None)
+        )
+        self.n, self._stats = 0, None
+        for n, C, stats in parts:
+            if not n:
+                continue
+            if self._C is not None and C != self._C:
+                raise MismatchError(f"ranks accumulated different numbers of components ({self._C} vs {C})")
+            self._C = C
+            self._combine(n, stats)
+        return self
+
     def _need(self) -> None:
         if self.n < 2:
             raise EmptyDatasetError(f"StreamingScores has seen {self.n} images; at least 2 are needed")

@@ -236,6 +236,23 @@ def _versions() -> dict:
             "open_clip": open_clip.__version__, "numpy": np.__version__}
 
 
+def _update_manifest(path: Path, name: str, entry: dict) -> None:
+    """Read-modify-write ``models.json`` under a lock (several training runs may share it)."""
+    import fcntl
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / "vitdecomp_concept_world_manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record.setdefault("models", {})[name] = entry
+        record.update({"format": "vitdecomp.concept_world/1", "script": "python -m vitdecomp.concept_world.train",
+                       "versions": _versions(), "machine": platform.processor() or platform.machine()})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitdecomp.concept_world.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(DEFAULT_CONFIGS))
@@ -257,9 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = _reload(name, path)
         metrics = evaluate_model(name, model, seed=args.seed, cache=args.cache)
         print(f"[{name}] trained in {wall:.0f} s; {json.dumps(metrics)}", flush=True)
-        record = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}  # re-read: runs may overlap
-        record.setdefault("models", {})
-        record["models"][name] = {
+        entry = {
             "file": path.name,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -269,13 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "wall_seconds": round(wall, 1)},
             "metrics": metrics,
         }
-        record.update({
-            "format": "vitdecomp.concept_world/1",
-            "script": "python -m vitdecomp.concept_world.train",
-            "versions": _versions(),
-            "machine": platform.processor() or platform.machine(),
-        })
-        manifest_path.write_text(json.dumps(record, indent=2) + "\n")
+        _update_manifest(manifest_path, name, entry)
     return 0
 
 

@@ -1,0 +1,109 @@
+"""Distributed extraction and statistics under torchrun (gloo, 2 CPU processes) equal the single-process run."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent('''
+    import sys, torch, timm, vitdecomp
+    from vitdecomp import distributed as vdist
+    from vitdecomp.compalign import _Data, _closed_form
+
+    torch.set_num_threads(1)
+    info = vdist.init_from_env()
+    out = sys.argv[1]
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randn(11, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        def __len__(self):
+            return 11
+        def __getitem__(self, i):
+            return self.x[i], i % 3
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
+    cache = vitdecomp.extract(model, Images(), out + "/cache", batch_size=2, shard_size=2, dtype=torch.float32,
+                              progress=False, model_name="tiny")
+    means = vitdecomp.component_means(cache)
+    g = torch.Generator().manual_seed(2)
+    acc = vitdecomp.StreamingScores({"p": torch.randn(3, 192, generator=g)})
+    for b in cache.batches(4, local=True):  # each rank its own shards
+        acc.update(b.contributions)
+    acc.all_reduce()
+    targets = torch.nn.functional.normalize(torch.randn(11, 16, generator=g), dim=-1)
+    mask = torch.zeros(11, dtype=torch.bool)
+    mask[torch.arange(11)[info.rank::info.world_size]] = True
+    W0, b0 = _closed_form(_Data.of(cache), targets, mask, 1e-3, 1024, "cpu")
+    aligner = vitdecomp.fit_aligner(cache, targets, max_epochs=3, penalty_warmup=1, progress=False, val_fraction=0.3)
+    torch.save({"means": means, "va": acc.variance_attributed("p"), "W0": W0, "b0": b0, "W": aligner.weight,
+                "cos": aligner.held_out_cosine, "world": info.world_size}, f"{out}/rank{info.rank}.pt")
+    print("done", info.rank, info.world_size)
+''')
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    script = root / "job.py"
+    script.write_text(SCRIPT)
+    (root / "single").mkdir()
+    (root / "multi").mkdir()
+    _run([sys.executable, str(script), str(root / "single")], root)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*torchrun, str(script), str(root / "multi")], root)
+    return root, torchrun, script
+
+
+def test_extraction_is_identical_and_indexed(runs):
+    import vitdecomp
+
+    root, _, _ = runs
+    single = vitdecomp.ExtractionCache.open(root / "single" / "cache")
+    multi = vitdecomp.ExtractionCache.open(root / "multi" / "cache")
+    assert multi.names == single.names and len(multi) == len(single) == 11
+    torch.testing.assert_close(multi.contributions(), single.contributions(), rtol=1e-6, atol=1e-6)
+    assert multi.labels() == single.labels()
+    import json
+
+    meta = json.loads((root / "multi" / "cache" / "meta.json").read_text())
+    assert meta["complete"] and meta["world_size"] == 2
+    assert [s["rank"] for s in meta["index"]] == [0, 1, 0, 1, 0, 1]
+    assert [(s["start"], s["stop"]) for s in meta["index"]][-1] == (10, 11)
+
+
+def test_statistics_reduce_across_ranks(runs):
+    root, _, _ = runs
+    one = torch.load(root / "single" / "rank0.pt")
+    r0, r1 = torch.load(root / "multi" / "rank0.pt"), torch.load(root / "multi" / "rank1.pt")
+    assert r0["world"] == 2
+    for r in (r0, r1):  # every rank holds the global statistics, equal to one process over all images
+        torch.testing.assert_close(r["means"], one["means"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r["va"], one["va"], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(r["W0"], one["W0"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r["b0"], one["b0"], rtol=1e-4, atol=1e-5)
+    # data-parallel refinement: both ranks apply identical updates
+    torch.testing.assert_close(r0["W"], r1["W"], rtol=0, atol=0)
+    assert r0["cos"] == r1["cos"]
+
+
+def test_interrupted_run_resumes_per_rank(runs):
+    root, torchrun, script = runs
+    cache = root / "multi" / "cache"
+    victim = cache / "shard-00003.safetensors"  # a rank-1 shard
+    keep = cache / "shard-00002.safetensors"
+    before = keep.stat().st_mtime_ns
+    victim.unlink()
+    _run([*torchrun, str(script), str(root / "multi")], root)
+    assert victim.exists() and keep.stat().st_mtime_ns == before  # only the missing shard was recomputed
