@@ -26,5 +26,5 @@ def test_demo_quick_writes_a_report(tmp_path, capsys):
     deit = res["models"]["deit"]
     assert deit["reconstruction_error"] <= 1e-5
     assert set(deit["properties"]) == {"shape", "color", "pattern", "position", "size", "background"}
-    assert set(res["spurious"]["by_k"]) == {"1", "3", "5"}
+    assert set(res["spurious"]["by_k"]) == {"1", "3", "5", "10"}
     assert "wrote" in capsys.readouterr().out

@@ -107,3 +107,23 @@ def test_interrupted_run_resumes_per_rank(runs):
     victim.unlink()
     _run([*torchrun, str(script), str(root / "multi")], root)
     assert victim.exists() and keep.stat().st_mtime_ns == before  # only the missing shard was recomputed
+
+
+def test_cli_extract_under_torchrun_matches_single_process(tmp_path, runs):
+    from PIL import Image
+    from skimage import data
+
+    import vitdecomp
+
+    _, torchrun, _ = runs
+    for i, name in enumerate(("astronaut", "coffee", "chelsea")):
+        (tmp_path / "imgs" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(data, name)()).resize((40, 40)).save(tmp_path / "imgs" / f"class{i % 2}" / f"{name}.png")
+    args = ["extract", "timm:deit_tiny_patch16_224", str(tmp_path / "imgs"), "--random-init", "--img-size", "32",
+            "--batch-size", "1", "--shard-size", "1", "--quiet", "--dtype", "float32"]
+    _run([*torchrun, "-m", "vitdecomp.cli", *args, "--out", str(tmp_path / "multi")], tmp_path)
+    _run([sys.executable, "-m", "vitdecomp.cli", *args, "--out", str(tmp_path / "single")], tmp_path)
+    multi = vitdecomp.ExtractionCache.open(tmp_path / "multi")
+    single = vitdecomp.ExtractionCache.open(tmp_path / "single")
+    torch.testing.assert_close(multi.contributions(), single.contributions())
+    assert multi.labels() == single.labels()

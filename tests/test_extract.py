@@ -221,3 +221,18 @@ def test_end_to_end_extract_align_score_describe(cache):
     desc = textspan_all(aligned, cache.names, texts, [f"t{i}" for i in range(20)], iters=3, rank=8,
                         components=list(cache.names[:2]), progress=False)
     assert set(desc) == set(cache.names[:2]) and all(len(v) == 3 for v in desc.values())
+
+
+def test_reduced_precision_extraction_records_error_vs_float32(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(5, 3, 32, 32), torch.zeros(5, dtype=torch.long))
+    cache = extract(m, data, tmp_path / "c", batch_size=2, shard_size=3, dtype=torch.float32, progress=False,
+                    autocast="bf16", model_name="tiny")
+    errs = cache.shard_errors_vs_float32
+    assert len(errs) == 2 and all(1e-6 < e < 0.1 for e in errs)
+    with pytest.raises(vitdecomp.MismatchError, match="autocast"):
+        extract(m, data, tmp_path / "c", batch_size=2, shard_size=3, dtype=torch.float32, progress=False,
+                model_name="tiny")

@@ -224,7 +224,7 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
     if spurious:
         arch = main if main != "clip" else "deit"
         step(f"{arch}_spurious: spurious-correlation repair")
-        sp = E.evaluate_spurious(arch, clip=clip, encoder=enc, n_val=n, n_test=n, ks=(1, 3, 5),
+        sp = E.evaluate_spurious(arch, clip=clip, encoder=enc, n_val=n, n_test=n, ks=(1, 3, 5, 10),
                                  max_epochs=15 if quick else 40)
         results["spurious"] = sp
         md += ["## Spurious correlation: small vs large, background as the shortcut", "",

@@ -126,8 +126,14 @@ def _write(text: str, out: Optional[str]) -> None:
 
 
 def cmd_extract(args) -> int:
+    from . import distributed
     from .extract import extract
 
+    distributed.init_from_env(device=args.device)  # no-op unless launched by torchrun with WORLD_SIZE > 1
+    if args.random_init or args.clip_random_init:
+        import torch
+
+        torch.manual_seed(0)  # the same random weights on every rank (and in every run)
     kw = {"img_size": args.img_size} if args.img_size else {}
     loaded = _load_model(args.model, args.weights, args.random_init, args.device, **kw)
     clip = None
@@ -137,7 +143,9 @@ def cmd_extract(args) -> int:
     dk = {"heads": not args.no_heads, "start": args.start, "bias": args.bias}
     cache = extract(loaded, args.data, args.out, clip=clip, batch_size=args.batch_size, dtype=_dtype(args.dtype),
                     device=args.device, decompose_kwargs=dk, shard_size=args.shard_size, progress=not args.quiet,
-                    resume=not args.no_resume, num_workers=args.workers)
+                    resume=not args.no_resume, num_workers=args.workers, autocast=args.autocast)
+    if not distributed.is_main():
+        return 0
     print(f"{cache.path}: {len(cache)} images × {len(cache.names)} components × D={cache.dim} ({args.dtype})"
           + (f", CLIP targets d={cache.target_dim} from {cache.clip_model}" if cache.has_targets else "")
           + f"; largest reconstruction error {cache.max_error:.2e}")
@@ -346,6 +354,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--start", type=_start, default=None, help="decompose blocks from this index (or 'stage,block') on")
     p.add_argument("--bias", choices=("explicit", "even"), default="explicit")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                   help="run the model in reduced precision; the error against float32 is measured per shard")
     p.add_argument("--no-resume", action="store_true", help="discard an existing cache in --out")
     _common(p, cache=False)
     p.set_defaults(func=cmd_extract)

@@ -221,7 +221,7 @@ class ExtractionCache:
             with safe_open(str(f), framework="pt") as sf:
                 sm = json.loads(sf.metadata()["vitdecomp"])
             shards.append({"file": f, "start": sm["start"], "stop": sm["stop"], "labels": sm["labels"],
-                           "max_error": sm.get("max_error")})
+                           "max_error": sm.get("max_error"), "error_vs_float32": sm.get("error_vs_float32")})
         complete = meta.get("complete", False) and len(shards) == meta["num_shards"]
         if not complete and not allow_partial:
             raise InputError(
@@ -282,6 +282,12 @@ class ExtractionCache:
     def shard_ranges(self) -> List[Tuple[int, int]]:
         """``[(start, stop), ...]``: the image indices each shard holds."""
         return [(s["start"], s["stop"]) for s in self._shards]
+
+    @property
+    def shard_errors_vs_float32(self) -> List[Optional[float]]:
+        """Per shard, the measured relative error of a reduced-precision (autocast) extraction against a float32
+        forward (None for float32 extractions)."""
+        return [s.get("error_vs_float32") for s in self._shards]
 
     @property
     def max_error(self) -> float:
@@ -387,7 +393,7 @@ def _atomic_write_json(path: Path, obj) -> None:
 
 def _compare(old: dict, new: dict, path: Path) -> None:
     keys = ["model", "model_fingerprint", "decompose", "dtype", "clip_model", "clip_fingerprint", "shard_size",
-            "num_images", "data_fingerprint"]
+            "num_images", "data_fingerprint", "autocast"]
     diffs = [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     if diffs:
         raise MismatchError(
@@ -399,7 +405,7 @@ def _compare(old: dict, new: dict, path: Path) -> None:
 def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Optional[str] = None,
             batch_size: int = 32, dtype=torch.float16, device="cpu", decompose_kwargs: Optional[dict] = None,
             shard_size: int = 1024, progress: bool = True, resume: bool = True, num_workers: int = 0,
-            model_name: Optional[str] = None, registry=None) -> ExtractionCache:
+            model_name: Optional[str] = None, registry=None, autocast=None) -> ExtractionCache:
     """Decompose every image of ``data`` and cache the contributions in ``out_dir``.
 
     :param model: a supported model (``torch.nn.Module``), a :class:`vitdecomp.LoadedModel` (brings its
@@ -415,6 +421,15 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
     :param decompose_kwargs: ``heads``, ``start``, ``bias`` for :func:`vitdecomp.decompose`.
     :param shard_size: images per shard file (the unit of resumption).
     :param resume: continue an interrupted extraction in ``out_dir``; ``False`` deletes its shards first.
+    :param device: ``"cpu"``, ``"cuda"`` (under torchrun: ``cuda:LOCAL_RANK``) or a device. On CUDA, loading uses
+        pinned memory, finished contributions are copied to the host asynchronously, and the host synchronises
+        once per shard.
+    :param autocast: ``"bf16"``/``"fp16"``: run the model under autocast; the error against a float32 forward is
+        measured on the first batch of every shard and stored (``ExtractionCache.shard_errors_vs_float32``).
+
+    Under torch.distributed (e.g. ``torchrun --nproc_per_node N``) every rank extracts a disjoint set of shards
+    (shard j goes to rank j mod N), rank 0 writes the metadata and the merged index, an interrupted run resumes
+    per rank, and the cache is identical to a single-process one.
     :returns: the :class:`ExtractionCache`.
     """
     from tqdm.auto import tqdm
@@ -435,7 +450,12 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
         dk["start"] = list(dk["start"])
     model, preprocess, model_name = _resolve_model(model, preprocess, model_name)
     clip_model, clip_pre, clip_name = _resolve_clip(clip, clip_name)
+    from .api import _autocast_dtype
+
+    ac = _autocast_dtype(autocast)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None and dist.info().active:
+        device = torch.device("cuda", dist.info().local_rank)
     model = model.to(device).eval()
     if clip_model is not None:
         clip_model = clip_model.to(device).eval()
@@ -467,11 +487,17 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
         "clip_model": clip_name,
         "clip_fingerprint": model_fingerprint(clip_model, exclude_prefix="") if clip_model is not None else None,
         "shard_size": shard_size, "num_images": N, "num_shards": num_shards, "data_fingerprint": data_fp,
+        "autocast": None if ac is None else str(ac).replace("torch.", ""),
         "data": data_meta,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_file = out / "meta.json"
+    if dist.info().active:  # every rank must decompose the same model with the same weights
+        fps = dist.all_gather_objects((settings["model_fingerprint"], settings["clip_fingerprint"], N))
+        if any(f != fps[0] for f in fps):
+            raise MismatchError(f"ranks hold different models, weights or datasets (fingerprints per rank: {fps}); "
+                                "load the same checkpoint on every rank (seed random initialisations)")
     # Under torch.distributed (torchrun) rank 0 owns meta.json; every rank writes only its own shards.
     di = dist.info()
     state = None
@@ -493,16 +519,29 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
     bar = tqdm(total=sum(size_of(j) for j in mine), initial=sum(size_of(j) for j in done), desc=desc, unit="img",
                disable=not progress or di.rank != 0)
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    on_cuda = device.type == "cuda"
     try:
         for j in todo:
             start, stop = j * shard_size, min(N, (j + 1) * shard_size)
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(items, range(start, stop)), batch_size=batch_size, shuffle=False,
-                num_workers=num_workers, collate_fn=_collate,
+                num_workers=num_workers, collate_fn=_collate, pin_memory=on_cuda,
             )
-            contribs, targets, labels, max_err = [], [], [], 0.0
-            for x, xc, lab, idx in loader:
-                dec = decompose(model, x.to(device, model_dtype), check=False, registry=registry, **dk)
+            contribs, targets, labels = [], [], []
+            # device-side running maxima: no host synchronisation until the shard is written
+            err_t = torch.zeros((), device=device, dtype=torch.float64)
+            finite_t = torch.ones((), device=device, dtype=torch.bool)
+            err32 = []
+            for bi, (x, xc, lab, idx) in enumerate(loader):
+                x = x.to(device, model_dtype, non_blocking=on_cuda)
+                if ac is None:
+                    dec = decompose(model, x, check=False, registry=registry, **dk)
+                elif bi == 0:  # measure the reduced-precision error against float32 once per shard
+                    dec = decompose(model, x, check=False, registry=registry, autocast=ac, **dk)
+                    err32.append(dec.meta["error_vs_float32"])
+                else:
+                    with torch.autocast(device_type=device.type, dtype=ac):
+                        dec = decompose(model, x, check=False, registry=registry, **dk)
                 names = list(dec.names)
                 if meta["names"] is None:
                     meta.update(names=names, dim=dec.contributions.shape[-1])
@@ -512,13 +551,14 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     raise MismatchError(
                         f"the decomposition's components differ from the cache's ({_first_difference(names, meta['names'])})"
                     )
-                max_err = max(max_err, float(dec.error))
-                c = dec.contributions.detach().to("cpu", store_dtype)
-                if not torch.isfinite(c).all():
-                    raise InputError(
-                        f"contributions overflow {dtype_name} (largest magnitude "
-                        f"{float(dec.contributions.abs().max()):.3g}); extract with dtype=torch.float32"
-                    )
+                err_t = torch.maximum(err_t, dec.error_tensor().max().to(torch.float64))
+                c_dev = dec.contributions.detach().to(store_dtype)
+                finite_t &= torch.isfinite(c_dev).all()
+                if on_cuda:  # asynchronous copy into pinned host memory
+                    c = torch.empty(c_dev.shape, dtype=store_dtype, pin_memory=True)
+                    c.copy_(c_dev, non_blocking=True)
+                else:
+                    c = c_dev
                 contribs.append(c)
                 if clip_model is not None:
                     with torch.no_grad():
@@ -526,11 +566,18 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     targets.append(torch.nn.functional.normalize(t.float(), dim=-1).cpu())
                 labels.extend(lab)
                 bar.update(len(idx))
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            if not bool(finite_t):
+                raise InputError(f"contributions overflow {dtype_name} in shard {j}; extract with dtype=torch.float32")
+            max_err = float(err_t)
             tensors = {"contributions": torch.cat(contribs).contiguous()}
             if targets:
                 tensors["targets"] = torch.cat(targets).contiguous()
                 meta["target_dim"] = tensors["targets"].shape[1]
             shard_meta = {"start": start, "stop": stop, "labels": labels, "max_error": max_err}
+            if err32:
+                shard_meta["error_vs_float32"] = max(err32)
             from safetensors.torch import save_file
 
             fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
