@@ -45,7 +45,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     import vitdecomp
-    from vitdecomp.extract import _collate, _Items, extract
+    from vitdecomp.extraction import _collate, _Items, extract
 
     loaded = vitdecomp.load_model(args.model, random_init=True)
     data = _Images(args.n)

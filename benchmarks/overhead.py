@@ -7,9 +7,10 @@ Run by hand (not a test):
 
 Each (model, mode) runs in a fresh subprocess. Timing: median of --reps runs after a warm-up, interleaving the
 plain forward (``vitdecomp.representation``, i.e. the model's own forward_features + forward_head) with the
-mode being measured so both see the same machine load. Memory: CPU — one cold call in another fresh process,
-peak resident set size above the level before the call (Linux VmHWM, reset through /proc/self/clear_refs; the
-model's weights and the input are resident before, so this is the call's working memory); CUDA —
+mode being measured so both see the same machine load. Memory: CPU — in another fresh process, after a warm-up
+call, the peak resident set size of one call above the level before it (Linux VmHWM, reset through
+/proc/self/clear_refs; glibc is told to return freed tensors to the OS with MALLOC_MMAP_THRESHOLD_; the model's
+weights and the input are resident before, so this is the call's working memory); CUDA —
 torch.cuda.max_memory_allocated above the level before the call. Models use random weights (timings do not depend on the weights).
 """
 
@@ -68,10 +69,13 @@ def worker(model_name: str, mode: str, batch: int, reps: int, device: str, dtype
         return vitdecomp.decompose(model, x, heads=mode != "branch", tokens="source" if mode == "token" else None)
 
     if os.environ.get("VITDECOMP_BENCH_MEMORY") and not device.startswith("cuda"):
-        # CPU memory: one cold call in a fresh process (a warm-up would leave the allocator holding the pages,
-        # hiding the call's peak from the RSS high-water mark)
+        # CPU memory: a warm-up call first (one-time kernel/library initialisation is not working memory), then
+        # the measured call. The parent sets MALLOC_MMAP_THRESHOLD_ so glibc returns freed tensors to the OS
+        # instead of keeping them in its heap, which would hide the call's peak from the RSS high-water mark.
         import gc
 
+        out = run()
+        del out
         gc.collect(); ok = _reset_peak(); base = _rss_kib("VmRSS")
         out = run()
         if mode == "token":
@@ -132,7 +136,8 @@ def main() -> None:
             r = rows[-1]
             if not args.device.startswith("cuda"):
                 mem = subprocess.run(cmd, capture_output=True, text=True,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "VITDECOMP_BENCH_MEMORY": "1"})
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "VITDECOMP_BENCH_MEMORY": "1",
+                                          "MALLOC_MMAP_THRESHOLD_": "65536"})
                 if mem.returncode:
                     print(mem.stderr, file=sys.stderr)
                     raise SystemExit(f"memory worker failed for {m} {mode}")

@@ -51,7 +51,7 @@ def _text_args(root):
 
 def test_extract_and_align_outputs(workdir, capsys):
     from vitdecomp.compalign import Aligner
-    from vitdecomp.extract import ExtractionCache
+    from vitdecomp.extraction import ExtractionCache
 
     cache = ExtractionCache.open(workdir / "cache")
     assert len(cache) == 12 and set(cache.labels()) == {"cat", "cup", "man"}
@@ -81,7 +81,7 @@ def test_describe_json_and_markdown(workdir, capsys):
 
 def test_score_table_json_and_plot(workdir, capsys):
     from vitdecomp.compalign import Aligner
-    from vitdecomp.extract import ExtractionCache
+    from vitdecomp.extraction import ExtractionCache
     from vitdecomp.properties import get_property
     from vitdecomp.scores import variance_attributed
     from vitdecomp.text import TextEncoder

@@ -12,7 +12,7 @@ from skimage import data as skdata
 import open_clip
 import vitdecomp
 from vitdecomp.errors import EmptyDatasetError, InputError, MismatchError
-from vitdecomp.extract import ExtractionCache, extract
+from vitdecomp.extraction import ExtractionCache, extract
 
 CLIP_CFG = {
     "embed_dim": 16,
@@ -201,7 +201,7 @@ def test_float16_overflow_is_reported(tmp_path, vit):
 def test_end_to_end_extract_align_score_describe(cache):
     from vitdecomp.compalign import fit_aligner
     from vitdecomp.scores import StreamingScores, variance_attributed
-    from vitdecomp.textspan import textspan_all
+    from vitdecomp.spans import textspan_all
 
     torch.manual_seed(0)
     aligner = fit_aligner(cache, val_fraction=0.25, max_epochs=5, batch_size=8, progress=False)

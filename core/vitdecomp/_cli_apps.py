@@ -207,7 +207,7 @@ def cmd_retrieve(args) -> int:
     import torch
 
     from .errors import InputError
-    from .extract import ExtractionCache
+    from .extraction import ExtractionCache
     from .retrieval import property_scores, retrieve_by_image, retrieve_by_text
     from .scores import specificity
 
@@ -317,7 +317,7 @@ def cmd_heatmap(args) -> int:
     scores = None
     if not args.components:
         if args.cache:
-            from .extract import ExtractionCache
+            from .extraction import ExtractionCache
 
             source = ExtractionCache.open(args.cache)
         elif len(paths) >= 2:
@@ -394,7 +394,7 @@ def cmd_segment(args) -> int:
 
 def _class_folder(root, labels_file: Optional[str]):
     from .errors import EmptyDatasetError, InputError
-    from .extract import IMAGE_SUFFIXES
+    from .extraction import IMAGE_SUFFIXES
 
     root = Path(root)
     if not root.is_dir():

@@ -79,7 +79,7 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
     from .concept_world import models as M
     from .heatmap import token_heatmap
     from .plotting import contact_sheet, overlay, plot_group_accuracies
-    from .textspan import textspan_all
+    from .spans import textspan_all
     from .api import decompose
 
     out = Path(out)

@@ -89,7 +89,7 @@ def _text_encoder(args, default_model: Optional[str]):
 def _open(args):
     from .compalign import Aligner
     from .errors import MismatchError
-    from .extract import ExtractionCache
+    from .extraction import ExtractionCache
 
     cache = ExtractionCache.open(args.cache)
     aligner = Aligner.load(args.aligner, device=args.device)
@@ -127,7 +127,7 @@ def _write(text: str, out: Optional[str]) -> None:
 
 def cmd_extract(args) -> int:
     from . import distributed
-    from .extract import extract
+    from .extraction import extract
 
     distributed.init_from_env(device=args.device)  # no-op unless launched by torchrun with WORLD_SIZE > 1
     if args.random_init or args.clip_random_init:
@@ -154,7 +154,7 @@ def cmd_extract(args) -> int:
 
 def cmd_align(args) -> int:
     from .compalign import Aligner, fit_aligner
-    from .extract import ExtractionCache
+    from .extraction import ExtractionCache
 
     cache = ExtractionCache.open(args.cache)
     if args.identity:
@@ -177,7 +177,7 @@ def cmd_align(args) -> int:
 
 def cmd_describe(args) -> int:
     from .text import load_text_pool
-    from .textspan import textspan_all
+    from .spans import textspan_all
 
     cache, aligner = _open(args)
     idx = _select(cache.names, args.components)

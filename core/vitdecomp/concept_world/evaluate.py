@@ -245,7 +245,7 @@ def prepare_run(name: str, *, clip=None, encoder=None, n_fit: int = 2000, n_eval
 
 def textspan_agreement(run: ModelRun, encoder, *, min_share: float = 0.01) -> dict:
     """TextSpan (1 pick per component from the 25 single-factor phrases) versus the factor with the highest r2."""
-    from ..textspan import textspan
+    from ..spans import textspan
 
     pool = single_factor_pool()
     owner = [f for f in D.FACTOR_NAMES for _ in D.FACTORS[f]]

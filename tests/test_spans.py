@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vitdecomp.errors import EmptyDatasetError, MismatchError
-from vitdecomp.textspan import SpanText, textspan, textspan_all
+from vitdecomp.spans import SpanText, textspan, textspan_all
 
 d = 32
 
