@@ -1,6 +1,6 @@
 """Does interpretation find what is really there? The concept-world ground-truth benchmark.
 
-    python benchmarks/concept_world.py                     # all models, 2000 + 2000 images, writes RESULTS_concept_world.md
+    python benchmarks/concept_world.py                     # all models, 2000 + 2000 images, writes concept_world_report.md (copy it into RESULTS.md)
     python benchmarks/concept_world.py --images 500 --models deit --out /tmp/cw.md
 
 For the shipped concept-world models (a small CLIP, DeiT / Swin / MaxViT factor classifiers and their spurious
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--spurious", nargs="*", default=list(M.TARGETS), help="architectures for the spurious repair")
     p.add_argument("--images", type=int, default=2000, help="evaluation images (and as many to fit each aligner)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS_concept_world.md")
+    p.add_argument("--out", type=Path, default=Path("concept_world_report.md"))
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,6 +1,5 @@
 """Mean ablation and spurious-correlation repair (METHOD.md §6)."""
 
-import numpy as np
 import pytest
 import timm
 import torch

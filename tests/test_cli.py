@@ -3,9 +3,6 @@
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 import vitdecomp

@@ -24,13 +24,6 @@ from vitdecomp_plugins.swin import TimmSwinAdapter  # noqa: E402
 IMG = (32, 40)  # non-square, and odd stage grids (8×10 → 4×5 → 2×3): window padding and merge padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add contention on a shared machine (17 s → 0.8 s for one conformance run)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ref(m, x):

@@ -14,7 +14,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import AmbiguousAdapterError, NoAdapterError, PluginLoadError, VitDecompError
+from .errors import AmbiguousAdapterError, NoAdapterError, PluginLoadError
 
 __all__ = ["Registry", "PluginInfo", "default_registry", "list_plugins", "reset_default_registry"]
 

@@ -10,7 +10,7 @@ import torch
 from ._plugins import Registry, default_registry
 from .adapter import DecomposeOptions
 from .decomposition import Decomposition, _Shifted, tolerance_for
-from .errors import InputError, ReconstructionError
+from .errors import InputError
 
 __all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter"]
 

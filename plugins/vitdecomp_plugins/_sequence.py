@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import FactorTokens, RowTokens
-from vitdecomp.engine import FrozenNorm, HookSet, freeze_norm, is_identity
+from vitdecomp.engine import HookSet, freeze_norm, is_identity
 
 __all__ = ["AttentionSpec", "BlockSpec", "ReadoutSpec", "run_sequence"]
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .. import datasets as D
 from . import models as M
 
-__all__ = ["TrainConfig", "DEFAULT_CONFIGS", "generate", "train_model", "evaluate_model", "main"]
+__all__ = ["DEFAULT_CONFIGS", "generate", "train_model", "evaluate_model", "main"]
 
 # Per-model settings (steps are what fits a few CPU-minutes each on one core).
 DEFAULT_CONFIGS: Dict[str, dict] = {
