@@ -175,3 +175,26 @@ def test_read_waterbirds_and_group_folders(tmp_path):
         read_group_folders(root)
     with pytest.raises(InputError, match="metadata.csv"):
         read_waterbirds(root)
+
+
+def test_no_ablation_identity_from_a_float16_cache(tmp_path):
+    """The cache stores the model's own z: with nothing ablated the logits are the model's, even when the
+    contributions are stored in float16."""
+    import timm
+
+    import vitdecomp
+    from vitdecomp.ablation import ablation_curve, component_means, prediction_head
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8,
+                          num_classes=5).eval()
+    x = torch.randn(6, 3, 32, 32)
+    data = torch.utils.data.TensorDataset(x, torch.arange(6) % 5)
+    cache = vitdecomp.extract(m, data, tmp_path / "c", batch_size=3, shard_size=3, progress=False, model_name="t")
+    assert cache.dtype == torch.float16 and cache.has_representation
+    torch.testing.assert_close(cache.representation(), vitdecomp.representation(m, x))
+    head = prediction_head(m)
+    torch.testing.assert_close(head(cache.representation()), m(x), rtol=1e-5, atol=1e-5)
+    labels = torch.arange(6) % 5
+    curve = ablation_curve(cache, labels, head, component_means(cache), list(cache.names[:2]))
+    assert float(curve.accuracy[0]) == float((m(x).argmax(-1) == labels).double().mean())

@@ -9,7 +9,8 @@ components by their mean over held-out images gives
 and re-reading the model's prediction head on z_A measures the *direct effect* of A (nothing downstream of a
 component is recomputed). ``z(x)`` is the model's own representation when it is available (a
 :class:`~vitdecomp.Decomposition` carries it), so with nothing ablated the logits are the model's own, exactly
-(:func:`mean_ablate` returns ``z`` itself); from a cache it is Σ_i c_i (within the cache dtype's round-off).
+(:func:`mean_ablate` returns ``z`` itself); an extraction cache stores z in float32 next to the contributions,
+so the identity holds from caches too (older caches without z fall back to Σ_i c_i).
 
 The head is the model's linear classifier (``adapter.readout(model)``: timm ViT ``head``, Swin ``head.fc``). A head
 that is not linear in z — MaxViT's ``NormMlpClassifierHead`` (Linear+tanh, then fc) — is used as the callable
@@ -103,9 +104,9 @@ def iter_source(source, batch_size: int = 256, *, representation: Optional[torch
         source = source.contributions
     if _is_cache(source):
         if representation is not None:
-            raise InputError("representation= is not used with an ExtractionCache (it stores contributions only)")
+            raise InputError("representation= is not used with an ExtractionCache (the cache stores its own z)")
         for b in source.batches(batch_size, targets=False):
-            yield b.indices, b.contributions, None
+            yield b.indices, b.contributions, b.representation
         return
     x = _check_tensor(source)
     n = x.shape[0]

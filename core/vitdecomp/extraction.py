@@ -109,10 +109,10 @@ class _Items(torch.utils.data.Dataset):
                 f"tensors (item {i}: {tuple(img.shape)}). Return PIL images and pass preprocess=..., or extract "
                 "without clip=."
             )
-        if self.preprocess is not None:
-            x = self.preprocess(img)
-        elif is_tensor:
+        if is_tensor:  # documented: tensors are already preprocessed; never transform them a second time
             x = img
+        elif self.preprocess is not None:
+            x = self.preprocess(img)
         else:
             raise InputError(
                 f"item {i} is a {type(img).__name__}, not a tensor; pass preprocess=... (the model's transform) or "
@@ -179,12 +179,14 @@ def _resolve_clip(clip, clip_name):
 @attrs.frozen
 class CacheBatch:
     """One batch read from a cache: global ``indices`` [B], ``contributions`` [B, C, D], ``targets`` [B, d] or None,
-    ``labels`` (list)."""
+    ``labels`` (list), ``representation`` [B, D] (the model's own z, float32) or None for caches written before
+    it was stored."""
 
     indices: torch.Tensor = attrs.field(eq=False)
     contributions: torch.Tensor = attrs.field(eq=False)
     targets: Optional[torch.Tensor] = attrs.field(eq=False)
     labels: list = attrs.field(eq=False)
+    representation: Optional[torch.Tensor] = attrs.field(eq=False, default=None)
 
 
 @attrs.define(eq=False)
@@ -340,6 +342,23 @@ class ExtractionCache:
         """Contributions ``[n, C, D]`` (the cache dtype) of the images ``indices`` (default: all)."""
         return self._gather("contributions", indices)
 
+    @property
+    def has_representation(self) -> bool:
+        """True when the shards store the model's own representation z (float32) next to the contributions."""
+        from safetensors import safe_open
+
+        if not self._shards:
+            return False
+        with safe_open(str(self._shards[0]["file"]), framework="pt") as f:
+            return "representation" in set(f.keys())
+
+    def representation(self, indices=None) -> torch.Tensor:
+        """The model's own representation z ``[n, D]`` (float32, computed in the same pass as the contributions) of
+        the images ``indices``: with nothing ablated, mean ablation re-reads the head on exactly this."""
+        if not self.has_representation:
+            raise InputError(f"extraction cache {self.path} stores no representation (made by an older version)")
+        return self._gather("representation", indices)
+
     def targets(self, indices=None) -> torch.Tensor:
         """CLIP image embeddings ``[n, d]`` (float32, unit norm) of the images ``indices`` (default: all)."""
         if not self.has_targets:
@@ -370,12 +389,15 @@ class ExtractionCache:
 
             n = s["stop"] - s["start"]
             with safe_open(str(s["file"]), framework="pt") as f:
-                has_t = targets and "targets" in set(f.keys())
+                keys = set(f.keys())
+                has_t = targets and "targets" in keys
                 cs, ts = f.get_slice("contributions"), (f.get_slice("targets") if has_t else None)
+                zs = f.get_slice("representation") if "representation" in keys else None
                 for i in range(0, n, batch_size):
                     j = min(i + batch_size, n)
                     yield CacheBatch(torch.arange(s["start"] + i, s["start"] + j), cs[i:j],
-                                     ts[i:j] if ts is not None else None, s["labels"][i:j])
+                                     ts[i:j] if ts is not None else None, s["labels"][i:j],
+                                     zs[i:j] if zs is not None else None)
 
     def __iter__(self) -> Iterator[CacheBatch]:
         return self.batches()
@@ -527,7 +549,7 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                 torch.utils.data.Subset(items, range(start, stop)), batch_size=batch_size, shuffle=False,
                 num_workers=num_workers, collate_fn=_collate, pin_memory=on_cuda,
             )
-            contribs, targets, labels = [], [], []
+            contribs, targets, labels, reps = [], [], [], []
             # device-side running maxima: no host synchronisation until the shard is written
             err_t = torch.zeros((), device=device, dtype=torch.float64)
             finite_t = torch.ones((), device=device, dtype=torch.bool)
@@ -560,6 +582,13 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                 else:
                     c = c_dev
                 contribs.append(c)
+                z_dev = dec.representation.detach().to(torch.float32)
+                if on_cuda:
+                    z = torch.empty(z_dev.shape, dtype=torch.float32, pin_memory=True)
+                    z.copy_(z_dev, non_blocking=True)
+                else:
+                    z = z_dev
+                reps.append(z)
                 if clip_model is not None:
                     with torch.no_grad():
                         t = clip_model.encode_image(xc.to(device, next(clip_model.parameters()).dtype))
@@ -571,7 +600,8 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
             if not bool(finite_t):
                 raise InputError(f"contributions overflow {dtype_name} in shard {j}; extract with dtype=torch.float32")
             max_err = float(err_t)
-            tensors = {"contributions": torch.cat(contribs).contiguous()}
+            tensors = {"contributions": torch.cat(contribs).contiguous(),
+                       "representation": torch.cat(reps).contiguous()}
             if targets:
                 tensors["targets"] = torch.cat(targets).contiguous()
                 meta["target_dim"] = tensors["targets"].shape[1]
