@@ -149,7 +149,10 @@ def decompose(
         if ac is None:
             dec = ad.decompose(model, images, options)
         else:
-            with torch.autocast(device_type=images.device.type, dtype=ac):
+            from .engine import forward_autocast
+
+            # the model's forward (inside the adapter's HookSet) runs under autocast; captures are upcast
+            with forward_autocast(images.device.type, ac, images.dtype):
                 dec = ad.decompose(model, images, options)
             from .decomposition import relative_error
 

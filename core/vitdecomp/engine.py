@@ -8,13 +8,39 @@ apply the resulting linear map to stacks of components.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, List, Optional
 
 import attrs
 import torch
 from torch import nn
 
-__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity"]
+__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity", "forward_autocast"]
+
+# (device type, reduced dtype, working dtype) while vitdecomp.decompose(..., autocast=...) runs
+_AUTOCAST: contextvars.ContextVar = contextvars.ContextVar("vitdecomp_forward_autocast", default=None)
+
+
+@contextlib.contextmanager
+def forward_autocast(device_type: str, dtype: torch.dtype, work_dtype: torch.dtype):
+    """While active, every :class:`HookSet` runs the model's forward under ``torch.autocast(device_type, dtype)``
+    and hands its hooks tensors upcast to ``work_dtype``, so adapters' readout algebra stays in full precision."""
+    token = _AUTOCAST.set((device_type, dtype, work_dtype))
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
+
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, tuple):
+        return tuple(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
 
 
 def is_identity(module) -> bool:
@@ -83,25 +109,42 @@ def freeze_norm(module, x: torch.Tensor) -> Optional[FrozenNorm]:
 
 
 class HookSet:
-    """Registers forward (pre-)hooks and removes them all on exit, even on error."""
+    """Registers forward (pre-)hooks and removes them all on exit, even on error.
+
+    Run the model's forward inside ``with HookSet() as hooks:``. Under :func:`forward_autocast` (what
+    ``decompose(..., autocast=...)`` sets) the block runs under ``torch.autocast`` and hooks receive tensors
+    upcast to the working dtype; code after the block runs in full precision.
+    """
 
     def __init__(self):
         self._handles: List = []
+        self._ac = _AUTOCAST.get()
+        self._ctx = None
+
+    def _in(self, x):
+        return x if self._ac is None else _cast(x, self._ac[2])
 
     def pre(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(lambda m, args: fn(args[0] if args else None)))
+        self._handles.append(module.register_forward_pre_hook(lambda m, args: fn(self._in(args[0]) if args else None)))
 
     def pre_kw(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(lambda m, args, kwargs: fn(args, kwargs), with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: fn(self._in(args), self._in(kwargs)), with_kwargs=True))
 
     def post(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_hook(lambda m, args, out: fn(out)))
+        self._handles.append(module.register_forward_hook(lambda m, args, out: fn(self._in(out))))
 
     def __enter__(self):
+        if self._ac is not None:
+            self._ctx = torch.autocast(self._ac[0], dtype=self._ac[1])
+            self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+            self._ctx = None
         return False

@@ -1,0 +1,136 @@
+"""One prepared GPU run (for a lent GPU machine): correctness of the CUDA path and the issue-#8 throughput figures.
+
+    python benchmarks/gpu_check.py                 # ≈ 5–8 min on one H100/H200
+    python benchmarks/gpu_check.py --quick         # correctness only
+
+1. Correctness on CUDA: every built-in family (tiny random models) decomposes exactly in float32 on the GPU
+   (error ≤ 1e-5) and agrees with the CPU decomposition; bf16 autocast reports its error against float32.
+2. Extraction on CUDA (pinned loading, asynchronous copies): the cache equals a CPU extraction's.
+3. Throughput (images/s) of extraction versus a plain forward at batch 64/128/256 for ViT-B/16, Swin-B and
+   MaxViT-S, fp32 and bf16 (target: ≥ 0.8× the plain forward's throughput at component level).
+Prints one JSON line per measurement; paste the table into benchmarks/RESULTS.md with the GPU's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+
+import torch
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def correctness() -> None:
+    import open_clip
+    import timm
+
+    import vitdecomp
+    from vitdecomp import testing
+
+    models = {
+        "deit": timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8),
+        "dinov2_reg": timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=2, img_size=32,
+                                        patch_size=8),
+        "swin": timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=4,
+                                  embed_dim=32, depths=(2, 2), num_heads=(2, 4)),
+        "maxvit": timm.create_model("maxvit_tiny_tf_224", pretrained=False, img_size=64),
+        "clip": open_clip.CLIP(embed_dim=24, vision_cfg={"image_size": 32, "layers": 2, "width": 48, "patch_size": 8,
+                                                           "head_width": 16},
+                               text_cfg={"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}),
+    }
+    for name, m in models.items():
+        m = testing.perturb_parameters(m.eval())
+        size = 64 if name in ("swin", "maxvit") else 32
+        x = torch.randn(4, 3, size, size)
+        cpu = vitdecomp.decompose(m, x, tokens="source")
+        g = copy.deepcopy(m).cuda()
+        gpu = vitdecomp.decompose(g, x.cuda(), tokens="source", check=True)
+        diff = float((gpu.contributions.cpu() - cpu.contributions).norm() / cpu.contributions.norm())
+        bf = vitdecomp.decompose(g, x.cuda(), autocast="bf16")
+        tok = max(float((gpu.token_contributions(n).sum(1) - gpu[n]).norm() / gpu.representation.norm())
+                  for n in gpu.names[:20])
+        print(json.dumps({"check": "cuda-exactness", "family": name, "error": gpu.error, "cpu_vs_gpu": diff,
+                          "token_sum_error": tok, "bf16_error": bf.error,
+                          "bf16_error_vs_float32": bf.meta["error_vs_float32"]}), flush=True)
+        assert gpu.error <= 1e-5 and diff <= 1e-4, name
+
+
+def extraction_equal() -> None:
+    import timm
+
+    import vitdecomp
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, 32, 32), torch.zeros(40, dtype=torch.long))
+    with tempfile.TemporaryDirectory() as d:
+        a = vitdecomp.extract(m, data, d + "/cpu", batch_size=8, shard_size=16, dtype=torch.float32, progress=False)
+        b = vitdecomp.extract(m, data, d + "/gpu", batch_size=8, shard_size=16, dtype=torch.float32, device="cuda",
+                              progress=False)
+        diff = float((a.contributions() - b.contributions()).norm() / a.contributions().norm())
+    print(json.dumps({"check": "cuda-extraction", "cpu_vs_gpu": diff}), flush=True)
+    assert diff <= 1e-4
+
+
+def throughput(batches, dtypes, n_batches: int) -> None:
+    import timm
+
+    import vitdecomp
+    from vitdecomp.api import _autocast_dtype
+
+    for arch in ("vit_base_patch16_224", "swin_base_patch4_window7_224", "maxvit_small_tf_224"):
+        m = timm.create_model(arch, pretrained=False).eval().cuda()
+        for bs in batches:
+            x = torch.randn(bs, 3, 224, 224, device="cuda")
+            for dt in dtypes:
+                ac = _autocast_dtype(dt) if dt != "fp32" else None
+
+                def fwd():
+                    with torch.no_grad(), torch.autocast("cuda", dtype=ac or torch.float32, enabled=ac is not None):
+                        return vitdecomp.representation(m, x)
+
+                def dec():
+                    with torch.autocast("cuda", dtype=ac or torch.float32, enabled=ac is not None):
+                        d = vitdecomp.decompose(m, x)
+                    return d.contributions.to("cpu", non_blocking=True)
+
+                res = {}
+                for label, fn in (("forward", fwd), ("decompose", dec)):
+                    fn(); _sync()
+                    t0 = time.perf_counter()
+                    for _ in range(n_batches):
+                        fn()
+                    _sync()
+                    res[label] = bs * n_batches / (time.perf_counter() - t0)
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(json.dumps({"check": "throughput", "model": arch, "batch": bs, "dtype": dt,
+                                  "forward_img_s": res["forward"], "decompose_img_s": res["decompose"],
+                                  "ratio": res["decompose"] / res["forward"], "peak_gib": peak,
+                                  "gpu": torch.cuda.get_device_name()}), flush=True)
+                torch.cuda.reset_peak_memory_stats()
+        del m
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--n-batches", type=int, default=5)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device")
+    correctness()
+    extraction_equal()
+    if not args.quick:
+        throughput(args.batches, ("fp32", "bf16"), args.n_batches)
+
+
+if __name__ == "__main__":
+    main()
