@@ -27,7 +27,8 @@ def test_bf16_autocast_is_measured(family):
     model = testing.perturb_parameters(build().eval())
     x = torch.randn(2, 3, size, size)
     dec = vitdecomp.decompose(model, x, autocast="bf16", check=True)
-    assert dec.contributions.dtype == torch.float32 and dec.meta["autocast"] == "bfloat16"
+    assert dec.contributions.dtype == dec.representation.dtype == torch.float32
+    assert dec.meta["autocast"] == "bfloat16"
     assert dec.error < 2e-2 and 1e-5 < dec.meta["error_vs_float32"] < 0.1
     full = vitdecomp.decompose(model, x)  # the float32 path is untouched afterwards
     assert full.error < 1e-5 and "autocast" not in full.meta

@@ -154,6 +154,8 @@ def decompose(
             # the model's forward (inside the adapter's HookSet) runs under autocast; captures are upcast
             with forward_autocast(images.device.type, ac, images.dtype):
                 dec = ad.decompose(model, images, options)
+            # z comes out of the reduced-precision forward; keep the record in the working dtype
+            dec.representation, dec._error = dec.representation.to(images.dtype), None
             from .decomposition import relative_error
 
             z32 = ad.representation(model, images)

@@ -112,8 +112,8 @@ class HookSet:
     """Registers forward (pre-)hooks and removes them all on exit, even on error.
 
     Run the model's forward inside ``with HookSet() as hooks:``. Under :func:`forward_autocast` (what
-    ``decompose(..., autocast=...)`` sets) the block runs under ``torch.autocast`` and hooks receive tensors
-    upcast to the working dtype; code after the block runs in full precision.
+    ``decompose(..., autocast=...)`` sets) the block runs under ``torch.autocast``, while hooks run with autocast
+    off on tensors upcast to the working dtype; code after the block runs in full precision.
     """
 
     def __init__(self):
@@ -121,18 +121,23 @@ class HookSet:
         self._ac = _AUTOCAST.get()
         self._ctx = None
 
-    def _in(self, x):
-        return x if self._ac is None else _cast(x, self._ac[2])
+    def _call(self, fn: Callable, *xs):
+        """Call a hook; under forward_autocast with its tensors upcast and autocast off, so whatever the hook
+        computes (attention rows, reductions) is in the working precision."""
+        if self._ac is None:
+            return fn(*xs)
+        with torch.autocast(self._ac[0], enabled=False):
+            return fn(*(_cast(x, self._ac[2]) for x in xs))
 
     def pre(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(lambda m, args: fn(self._in(args[0]) if args else None)))
+        self._handles.append(module.register_forward_pre_hook(lambda m, args: self._call(fn, args[0] if args else None)))
 
     def pre_kw(self, module: nn.Module, fn: Callable) -> None:
         self._handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs: fn(self._in(args), self._in(kwargs)), with_kwargs=True))
+            lambda m, args, kwargs: self._call(fn, args, kwargs), with_kwargs=True))
 
     def post(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_hook(lambda m, args, out: fn(self._in(out))))
+        self._handles.append(module.register_forward_hook(lambda m, args, out: self._call(fn, out)))
 
     def __enter__(self):
         if self._ac is not None:

@@ -150,23 +150,6 @@ def run_sequence(
         z = readout.run(images)
 
     # ---------------------------------------------------------------- frozen readout
-    # Everything below is linear algebra on captured tensors: run it in the working dtype even when the
-    # forward ran under autocast (bf16/fp16 captures are upcast), so reduced precision only affects the model.
-    with torch.autocast(device_type=device.type, enabled=False):
-        for r in rec:
-            for field in ("o", "mlp", "attn_rows", "v"):
-                t = getattr(r, field)
-                if t is not None and t.dtype != dtype:
-                    setattr(r, field, t.to(dtype))
-        for k in list(captured):
-            captured[k] = captured[k].to(dtype)
-        return _readout(images, blocks, readout, rec, captured, z.to(dtype) if z.dtype != dtype else z, rows, w,
-                        prereduce, reduce_rows, embed_name, start, tokens, grid, meta)
-
-
-def _readout(images, blocks, readout, rec, captured, z, rows, w, prereduce, reduce_rows, embed_name, start, tokens,
-             grid, meta):
-    device, dtype = images.device, images.dtype
     Rp = 1 if prereduce else len(readout.rows)
     B = images.shape[0]
     fin = freeze_norm(readout.norm, captured["final_in"]) if "final_in" in captured else None
