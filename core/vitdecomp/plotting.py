@@ -28,6 +28,14 @@ def _figure(figsize):
     return fig
 
 
+def _save(fig, out) -> Path:
+    """Write ``fig`` to ``out`` (PNG at 100 dpi), creating the folder; returns the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def to_rgb(image, *, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
            size: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """An RGB uint8 array ``[H, W, 3]`` from a path, a PIL image, a numpy array (HWC, uint8 or float in [0, 1])
@@ -135,10 +143,7 @@ def contact_sheet(images: Sequence, out, *, titles: Optional[Sequence[str]] = No
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return _save(fig, out)
 
 
 def plot_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], out, *,
@@ -160,10 +165,7 @@ def plot_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], o
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return _save(fig, out)
 
 
 def plot_group_accuracies(before: Mapping, after: Mapping, out, *, title: Optional[str] = None) -> Path:
@@ -182,7 +184,4 @@ def plot_group_accuracies(before: Mapping, after: Mapping, out, *, title: Option
         ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return _save(fig, out)

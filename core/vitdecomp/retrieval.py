@@ -168,6 +168,17 @@ def _ids(source, ids, n):
     return list(ids) if ids is not None else None
 
 
+def _choose(components, component_scores, all_names, C: int, k: int, hint: str):
+    """(chosen names, their indices): the given ``components``, else the top ``k`` by ``component_scores``."""
+    if components is not None:
+        chosen = tuple(all_names[i] for i in _resolve_indices(list(components), all_names, C))
+    elif component_scores is not None:
+        chosen = top_components(component_scores, all_names, k)
+    else:
+        raise InputError(f"give component_scores= (e.g. {hint}) or components=")
+    return chosen, torch.as_tensor(_resolve_indices(list(chosen), all_names, C))
+
+
 def retrieve_by_text(source, text: torch.Tensor, *, aligner=None, component_scores: Optional[torch.Tensor] = None,
                      components: Optional[Sequence[str]] = None, k: int = 10, names: Optional[Sequence[str]] = None,
                      ids: Optional[Sequence] = None, query: str = "", batch_size: int = 256) -> RetrievalResult:
@@ -184,13 +195,7 @@ def retrieve_by_text(source, text: torch.Tensor, *, aligner=None, component_scor
     C = P.shape[1]
     if all_names is None:
         all_names = tuple(str(i) for i in range(C))
-    if components is not None:
-        chosen = tuple(all_names[i] for i in _resolve_indices(list(components), all_names, C))
-    elif component_scores is not None:
-        chosen = top_components(component_scores, all_names, k)
-    else:
-        raise InputError("give component_scores= (e.g. CompAttribute scores for the property) or components=")
-    idx = torch.as_tensor(_resolve_indices(list(chosen), all_names, C))
+    chosen, idx = _choose(components, component_scores, all_names, C, k, "CompAttribute scores for the property")
     return RetrievalResult(scores=P[:, idx].sum(1), baseline_scores=P.sum(1), components=chosen, query=query,
                            ids=_ids(source, ids, P.shape[0]))
 
@@ -241,13 +246,7 @@ def retrieve_by_image(source, reference, *, component_scores: Optional[torch.Ten
         all_names = tuple(str(i) for i in range(C))
     if len(all_names) != C:
         raise MismatchError(f"the reference has {C} components, the candidates {len(all_names)}")
-    if components is not None:
-        chosen = tuple(all_names[i] for i in _resolve_indices(list(components), all_names, C))
-    elif component_scores is not None:
-        chosen = top_components(component_scores, all_names, k)
-    else:
-        raise InputError("give component_scores= (e.g. specificity for the property) or components=")
-    idx = torch.as_tensor(_resolve_indices(list(chosen), all_names, C))
+    chosen, idx = _choose(components, component_scores, all_names, C, k, "specificity for the property")
     r_sel, r_all = ref[idx].sum(0), ref.sum(0)
     sel, base = [], []
     for _, c, z in iter_source(source, batch_size):
