@@ -10,21 +10,12 @@ from skimage import data as skdata
 import open_clip
 from vitdecomp.cli import build_parser, main
 
-CLIP_NAME = "vitdecomp-test-tiny-cli"
-CLIP_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_clip_name):
     """Images in class folders, a saved tiny CLIP checkpoint, and a cache + aligner made through the CLI."""
     root = tmp_path_factory.mktemp("cli")
-    open_clip.factory._MODEL_CONFIGS[CLIP_NAME] = CLIP_CFG
     torch.manual_seed(0)
-    clip = open_clip.create_model(CLIP_NAME)
+    clip = open_clip.create_model(tiny_clip_name)
     torch.save(clip.state_dict(), root / "clip.pt")
     for label, arr in {"cat": skdata.chelsea(), "cup": skdata.coffee(), "man": skdata.astronaut()}.items():
         (root / "img" / label).mkdir(parents=True)
@@ -34,28 +25,28 @@ def workdir(tmp_path_factory):
     (root / "pool.txt").write_text("\n".join(f"description number {i}" for i in range(30)))
     torch.manual_seed(0)
     rc = main(["extract", "timm:vit_tiny_patch16_224", str(root / "img"), "--out", str(root / "cache"),
-               "--random-init", "--img-size", "32", "--clip", f"open_clip:{CLIP_NAME}",
+               "--random-init", "--img-size", "32", "--clip", f"open_clip:{tiny_clip_name}",
                "--clip-weights", str(root / "clip.pt"), "--batch-size", "4", "--shard-size", "5", "--quiet",
                "--dtype", "float32"])
     assert rc == 0
     rc = main(["align", str(root / "cache"), "--out", str(root / "aligner.safetensors"), "--epochs", "3",
                "--batch-size", "4", "--val-fraction", "0.25", "--quiet"])
     assert rc == 0
-    yield root
-    open_clip.factory._MODEL_CONFIGS.pop(CLIP_NAME, None)
+    return root
 
 
 def _text_args(root):
     return ["--aligner", str(root / "aligner.safetensors"), "--text-weights", str(root / "clip.pt"), "--quiet"]
 
 
-def test_extract_and_align_outputs(workdir, capsys):
+def test_extract_and_align_outputs(workdir, capsys, tiny_clip_name):
     from vitdecomp.compalign import Aligner
     from vitdecomp.extraction import ExtractionCache
 
     cache = ExtractionCache.open(workdir / "cache")
     assert len(cache) == 12 and set(cache.labels()) == {"cat", "cup", "man"}
-    assert cache.clip_model == f"open_clip:{CLIP_NAME}" and cache.target_dim == 16
+    assert cache.clip_model == f"open_clip:{tiny_clip_name}"
+    assert cache.target_dim == open_clip.get_model_config(tiny_clip_name)["embed_dim"]
     al = Aligner.load(workdir / "aligner.safetensors")
     assert al.names == cache.names and al.clip_model == cache.clip_model and al.held_out_cosine is not None
 
@@ -79,7 +70,7 @@ def test_describe_json_and_markdown(workdir, capsys):
     assert "### `blocks.0.mlp`" in md and "| # | text | variance explained |" in md
 
 
-def test_score_table_json_and_plot(workdir, capsys):
+def test_score_table_json_and_plot(workdir, capsys, tiny_clip_name):
     from vitdecomp.compalign import Aligner
     from vitdecomp.extraction import ExtractionCache
     from vitdecomp.properties import get_property
@@ -97,7 +88,7 @@ def test_score_table_json_and_plot(workdir, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same numbers through the Python API
     cache, al = ExtractionCache.open(workdir / "cache"), Aligner.load(workdir / "aligner.safetensors")
-    enc = TextEncoder.from_pretrained(CLIP_NAME, pretrained=str(workdir / "clip.pt"))
+    enc = TextEncoder.from_pretrained(tiny_clip_name, pretrained=str(workdir / "clip.pt"))
     ref = variance_attributed(al(cache.contributions()), get_property("color").embed(enc))
     best = int(torch.argmax(ref))
     assert ranking[0]["component"] == cache.names[best]
@@ -118,7 +109,7 @@ def test_score_user_properties_and_errors(workdir, capsys):
     assert rc == 2 and "Unknown property 'colour'" in err and "waterbirds_core" in err
 
 
-def test_align_identity_and_mismatch(workdir, capsys):
+def test_align_identity_and_mismatch(workdir, capsys, tiny_clip_name):
     from vitdecomp.compalign import Aligner
 
     out = workdir / "identity.safetensors"
@@ -126,7 +117,7 @@ def test_align_identity_and_mismatch(workdir, capsys):
     assert Aligner.load(out).is_identity
     Aligner.identity(["a", "b"], 192).save(workdir / "other.safetensors")
     rc = main(["score", str(workdir / "cache"), "--aligner", str(workdir / "other.safetensors"),
-               "--text-weights", str(workdir / "clip.pt"), "--text-model", f"open_clip:{CLIP_NAME}",
+               "--text-weights", str(workdir / "clip.pt"), "--text-model", f"open_clip:{tiny_clip_name}",
                "--property", "color", "--quiet"])
     assert rc == 2 and "other components" in capsys.readouterr().err
 
