@@ -6,7 +6,9 @@ from typing import Optional
 
 import attrs
 
-__all__ = ["Component", "TokenGrid", "KINDS"]
+from .errors import InputError
+
+__all__ = ["Component", "TokenGrid", "KINDS", "group_key"]
 
 #: Component kinds. ``embed``: patch/position embedding and prefix tokens (or a conv stem);
 #: ``head``: one attention head; ``attn``: a whole attention branch; ``mlp``: an MLP branch;
@@ -41,12 +43,8 @@ class Component:
 
     @property
     def parent(self) -> str:
-        """The name one level up the tree (``blocks.3.attn.head.7`` → ``blocks.3.attn``)."""
-        if self.kind == "head":
-            return self.name.rsplit(".head.", 1)[0]
-        if self.kind == "const" and self.name.endswith(".bias") and ".attn" in self.name:
-            return self.name[: -len(".bias")]
-        return self.name
+        """The name one level up the tree (``blocks.3.attn.head.7`` → ``blocks.3.attn``): the branch it sums into."""
+        return group_key(self, "branch")
 
 
 @attrs.frozen
@@ -65,3 +63,34 @@ class TokenGrid:
     @property
     def num_tokens(self) -> int:
         return self.num_prefix + self.h * self.w
+
+
+def group_key(comp: "Component", level: str) -> str:
+    """The name of the group ``comp`` belongs to at ``level`` (see :meth:`Decomposition.group`)."""
+    name = comp.name
+    if level in ("component", "leaf"):
+        return name
+    if level in ("branch", "attn"):
+        if comp.kind == "head":
+            return name.rsplit(".head.", 1)[0]
+        if comp.kind == "const" and name.endswith(".bias"):
+            owner = name[: -len(".bias")]
+            if owner.endswith("attn"):
+                return owner
+        return name
+    if level == "block":
+        if comp.block is None:
+            return name
+        parts = name.split(".")
+        # "blocks.3.xxx" or "stages.2.blocks.1.xxx": keep the path up to the block index
+        for i, p in enumerate(parts):
+            if p == "blocks" and i + 1 < len(parts):
+                return ".".join(parts[: i + 2])
+        return name
+    if level == "stage":
+        if comp.stage is None:
+            return group_key(comp, "block")
+        return f"stages.{comp.stage}"
+    if level == "kind":
+        return comp.kind
+    raise InputError(f"Unknown grouping level {level!r}; use 'component', 'branch', 'block', 'stage' or 'kind'")

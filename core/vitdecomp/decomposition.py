@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 import attrs
 import torch
 
-from ._records import Component, TokenGrid
+from ._records import Component, TokenGrid, group_key as _group_key
 from .errors import InputError, ReconstructionError
 
 __all__ = ["Decomposition", "TokenDetail", "FactorTokens", "RowTokens", "DenseTokens", "tolerance_for", "relative_error"]
@@ -89,36 +89,6 @@ class _Shifted(TokenDetail):
         if self.base is None:
             return spread.expand(-1, num_tokens, -1).clone()
         return self.base.materialize(num_tokens) + spread
-
-
-def _group_key(comp: Component, level: str) -> str:
-    name = comp.name
-    if level in ("component", "leaf"):
-        return name
-    if level in ("branch", "attn"):
-        if comp.kind == "head":
-            return name.rsplit(".head.", 1)[0]
-        if comp.kind == "const" and name.endswith(".bias"):
-            owner = name[: -len(".bias")]
-            if owner.endswith("attn"):
-                return owner
-        return name
-    if level == "block":
-        if comp.block is None:
-            return name
-        parts = name.split(".")
-        # "blocks.3.xxx" or "stages.2.blocks.1.xxx": keep the path up to the block index
-        for i, p in enumerate(parts):
-            if p == "blocks" and i + 1 < len(parts):
-                return ".".join(parts[: i + 2])
-        return name
-    if level == "stage":
-        if comp.stage is None:
-            return _group_key(comp, "block")
-        return f"stages.{comp.stage}"
-    if level == "kind":
-        return comp.kind
-    raise InputError(f"Unknown grouping level {level!r}; use 'component', 'branch', 'block', 'stage' or 'kind'")
 
 
 @attrs.define(eq=False)
