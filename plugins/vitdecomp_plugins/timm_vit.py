@@ -62,8 +62,6 @@ def _problems(model) -> list:
         if getattr(attn, "gate", None) is not None:
             out.append(f"blocks.{i}.attn.gate (gated attention)")
             break
-        if not is_identity(getattr(blk, "attn_drop", None)) and False:
-            pass
     return out
 
 
