@@ -114,7 +114,6 @@ def throughput(batches, dtypes, n_batches: int) -> None:
                                   "ratio": res["decompose"] / res["forward"], "peak_gib": peak,
                                   "gpu": torch.cuda.get_device_name()}), flush=True)
                 torch.cuda.reset_peak_memory_stats()
-        del m
         torch.cuda.empty_cache()
 
 

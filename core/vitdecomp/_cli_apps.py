@@ -204,8 +204,6 @@ def _progress(args) -> bool:
 
 
 def cmd_retrieve(args) -> int:
-    import torch
-
     from .errors import InputError
     from .extraction import ExtractionCache
     from .retrieval import property_scores, retrieve_by_image, retrieve_by_text
@@ -476,8 +474,6 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_spurious(args) -> int:
-    import torch
-
     from .ablation import prediction_head, read_group_folders, read_waterbirds, repair_spurious
     from .plotting import plot_group_accuracies
     from .retrieval import property_scores

@@ -78,7 +78,7 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
     from .concept_world import evaluate as E
     from .concept_world import models as M
     from .heatmap import token_heatmap
-    from .plotting import contact_sheet, overlay, plot_group_accuracies
+    from .plotting import contact_sheet, overlay
     from .spans import textspan_all
     from .api import decompose
 
