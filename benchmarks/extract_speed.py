@@ -1,17 +1,21 @@
 """Extraction throughput: images/s of ``vitdecomp.extract`` against a plain forward pass over the same data.
 
 Both paths use the same DataLoader (PIL images → the model's preprocessing) and batch size, so the ratio is the
-cost of decomposing (per-head components), casting to the cache dtype and writing safetensors shards. A third run
-adds CLIP targets (a second model's forward, with its own preprocessing).
+cost of decomposing (per-head components), casting to the cache dtype and writing safetensors shards. With
+``--clip`` a third run adds CLIP targets (a second model's forward, with its own preprocessing). ``--autocast
+bf16`` runs both the forward and the extraction under autocast (the extraction also measures its error against
+float32 once per shard, which is part of its cost).
 
-    python benchmarks/extract_speed.py                       # deit_small, 64 images, batch 16
-    python benchmarks/extract_speed.py --model timm:vit_base_patch16_224 --n 32 --batch 8
+    python benchmarks/extract_speed.py                                  # deit_small, 64 images, batch 16
+    python benchmarks/extract_speed.py --models timm:vit_base_patch16_224 timm:swin_base_patch4_window7_224 \\
+        timm:maxvit_small_tf_224 --n 64 --batch 64 --autocast none bf16 --no-clip --device cuda
 Random weights (no downloads); timings do not depend on the weight values.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 import time
@@ -33,51 +37,74 @@ class _Images(torch.utils.data.Dataset):
         return self.ims[i], i % 4
 
 
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(spec, data, *, batch, autocast, device, clip=None):
+    import vitdecomp
+    from vitdecomp.api import _autocast_dtype
+    from vitdecomp.extraction import _collate, _Items, extract
+
+    loaded = vitdecomp.load_model(spec, random_init=True, device=device)
+    ac = _autocast_dtype(autocast)
+    dev = torch.device(device)
+    items = _Items(data, loaded.preprocess, None)
+    loader = torch.utils.data.DataLoader(items, batch_size=batch, collate_fn=_collate, pin_memory=dev.type == "cuda")
+
+    def forward():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=ac or torch.float32, enabled=ac is not None):
+            for x, *_ in loader:
+                vitdecomp.representation(loaded.model, x.to(dev, non_blocking=True))
+        _sync(dev)
+
+    few = torch.utils.data.Subset(data, range(min(len(data), batch)))
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(loaded, few, f"{tmp}/warm", batch_size=batch, progress=False, device=dev, autocast=ac)  # warm-up
+        forward()  # warm-up
+        t0 = time.perf_counter()
+        forward()
+        t_fwd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache = extract(loaded, data, f"{tmp}/a", batch_size=batch, progress=False, device=dev, autocast=ac)
+        t_ext = time.perf_counter() - t0
+        row = {"model": spec, "batch": batch, "autocast": autocast or "fp32", "device": str(dev),
+               "components": len(cache.names), "dim": cache.dim,
+               "forward_img_s": len(data) / t_fwd, "extract_img_s": len(data) / t_ext,
+               "extract_throughput_vs_forward": t_fwd / t_ext,
+               "max_reconstruction_error": cache.max_error,
+               "error_vs_float32": max((e for e in cache.shard_errors_vs_float32 if e is not None), default=None)}
+        if clip:
+            clip_model = vitdecomp.load_model(clip, random_init=True, device=device)
+            t0 = time.perf_counter()
+            extract(loaded, data, f"{tmp}/b", batch_size=batch, clip=clip_model, progress=False, device=dev,
+                    autocast=ac)
+            row["extract_with_clip_img_s"] = len(data) / (time.perf_counter() - t0)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="timm:deit_small_patch16_224")
+    ap.add_argument("--models", nargs="+", default=["timm:deit_small_patch16_224"])
     ap.add_argument("--clip", default="open_clip:ViT-B-16")
+    ap.add_argument("--no-clip", action="store_true", help="skip the run with CLIP targets")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--autocast", nargs="+", default=["none"], choices=["none", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    import vitdecomp
-    from vitdecomp.extraction import _collate, _Items, extract
-
-    loaded = vitdecomp.load_model(args.model, random_init=True)
     data = _Images(args.n)
-    print(f"{args.model}: {args.n} images, batch {args.batch}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-
-    # plain forward over the same loader (representation = the tensor that is decomposed)
-    items = _Items(data, loaded.preprocess, None)
-    loader = torch.utils.data.DataLoader(items, batch_size=args.batch, collate_fn=_collate)
-    with torch.no_grad():
-        vitdecomp.representation(loaded.model, next(iter(loader))[0])  # warm-up
-        t0 = time.perf_counter()
-        for x, *_ in loader:
-            vitdecomp.representation(loaded.model, x)
-        t_fwd = time.perf_counter() - t0
-
-    with tempfile.TemporaryDirectory() as tmp:
-        extract(loaded, data, f"{tmp}/warm", batch_size=args.batch, progress=False)  # warm-up (fingerprint etc.)
-        t0 = time.perf_counter()
-        cache = extract(loaded, data, f"{tmp}/a", batch_size=args.batch, progress=False)
-        t_ext = time.perf_counter() - t0
-        C, D = len(cache.names), cache.dim
-        clip = vitdecomp.load_model(args.clip, random_init=True)
-        t0 = time.perf_counter()
-        extract(loaded, data, f"{tmp}/b", batch_size=args.batch, clip=clip, progress=False)
-        t_clip = time.perf_counter() - t0
-
-    rows = [("plain forward", t_fwd), ("extract (float16 cache)", t_ext), (f"extract + CLIP targets ({args.clip})", t_clip)]
-    print(f"components C={C}, D={D}; cache {args.n * C * D * 2 / 2**20:.1f} MiB")
-    print(f"{'path':45} {'images/s':>9} {'× forward':>10}")
-    for name, t in rows:
-        print(f"{name:45} {args.n / t:9.2f} {t / t_fwd:10.2f}")
+    print(f"# {args.n} images, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, device {args.device}", flush=True)
+    for spec in args.models:
+        for ac in args.autocast:
+            row = bench(spec, data, batch=args.batch, autocast=None if ac == "none" else ac, device=args.device,
+                        clip=None if args.no_clip else args.clip)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

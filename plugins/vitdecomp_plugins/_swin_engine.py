@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import attrs
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,22 +85,26 @@ def _window_rows(H: int, W: int, window: tuple, shift: tuple, device) -> torch.T
     return idx.reshape(-1)
 
 
-def _merge_slots(H: int, W: int, device):
+def _merge_slots(H: int, W: int):
     """Parent position (on the ``ceil(H/2) × ceil(W/2)`` grid) and merge slot of every position of an H × W grid,
-    from the same reshape timm's PatchMerging applies."""
-    idx = torch.arange(H * W, device=device).view(1, H, W, 1)
+    from the same reshape timm's PatchMerging applies. Integer geometry, computed on the host with numpy (it
+    never depends on the weights or the images, so it never needs to read the accelerator)."""
+    idx = np.arange(H * W, dtype=np.int64).reshape(1, H, W, 1)
     if H % 2 or W % 2:
-        idx = F.pad(idx, (0, 0, 0, W % 2, 0, H % 2), value=-1)
+        idx = np.pad(idx, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), constant_values=-1)
     Hp, Wp = idx.shape[1], idx.shape[2]
-    g = idx.reshape(1, Hp // 2, 2, Wp // 2, 2, 1).permute(0, 1, 3, 4, 2, 5).reshape(-1, 4)  # [P, 4]
-    parent = torch.empty(H * W, dtype=torch.long, device=device)
-    slot = torch.empty(H * W, dtype=torch.long, device=device)
-    P = torch.arange(g.shape[0], device=device).unsqueeze(1).expand(-1, 4)
-    K = torch.arange(4, device=device).unsqueeze(0).expand(g.shape[0], -1)
+    g = idx.reshape(1, Hp // 2, 2, Wp // 2, 2, 1).transpose(0, 1, 3, 4, 2, 5).reshape(-1, 4)  # [P, 4]
     keep = g >= 0
-    parent[g[keep]] = P[keep]
-    slot[g[keep]] = K[keep]
+    parent = np.empty(H * W, dtype=np.int64)
+    slot = np.empty(H * W, dtype=np.int64)
+    parent[g[keep]] = np.broadcast_to(np.arange(g.shape[0])[:, None], g.shape)[keep]
+    slot[g[keep]] = np.broadcast_to(np.arange(4)[None, :], g.shape)[keep]
     return parent, slot, (Hp // 2, Wp // 2)
+
+
+def _to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A host index array on ``device`` (a non-blocking host→device copy: the host does not wait for the GPU)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
 
 
 def _linear_matrix(fn: Optional[FrozenNorm], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -114,8 +119,10 @@ class _Readout:
     merge slot blocks ``slots[S]`` [4, C_S, C_{S-1}] (into stage S), final ``final`` FrozenNorm; composite
     matrices ``composite(S)`` [G_S, D, C_S] are built lazily (spatial detail only)."""
 
-    def __init__(self, dims, grids, w, group, n_groups, slots, final, dtype, device):
+    def __init__(self, dims, grids, w, group, n_groups, slots, final, dtype, device, group_host=None):
         self.dims, self.grids, self.w, self.group, self.n_groups = dims, grids, w, group, n_groups
+        # host copies (numpy) of the integer, weight-independent groups: layout decisions never read the device
+        self.group_host = group_host if group_host is not None else {S: g.cpu().numpy() for S, g in group.items()}
         self.slots, self.final = slots, final
         self.dtype, self.device = dtype, device
         self._composite: Dict[int, torch.Tensor] = {}
@@ -140,7 +147,7 @@ class _Readout:
 
     def layout(self, S: int) -> _Layout:
         if S not in self._layout:
-            self._layout[S] = _Layout(self.group[S], self.n_groups[S], tuple(self.grids[S]))
+            self._layout[S] = _Layout(self.group_host[S], self.n_groups[S], tuple(self.grids[S]), self.device)
         return self._layout[S]
 
     def mats(self, S: int, key=None, matrix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -216,20 +223,21 @@ def _apply_grouped(x: torch.Tensor, layout: "_Layout", mats: torch.Tensor) -> to
 class _Layout:
     """How a stage's positions fall into merge-slot groups (for applying per-group matrices position by position)."""
 
-    def __init__(self, group: torch.Tensor, n_groups: int, hw: tuple):
+    def __init__(self, group: np.ndarray, n_groups: int, hw: tuple, device=None):
+        """``group``: the host (numpy) copy of the stage's groups; the index tensors it derives go to ``device``."""
         self.hw = hw
         H, W = hw
         self.tile = None
         t = int(round(n_groups ** 0.5))
         if n_groups > 1 and t * t == n_groups and H % t == 0 and W % t == 0:
-            g = group.view(H // t, t, W // t, t)
+            g = group.reshape(H // t, t, W // t, t)
             first = g[0, :, 0, :]
-            if bool((g == first.view(1, t, 1, t)).all()):
+            if bool((g == first.reshape(1, t, 1, t)).all()):
                 self.tile = t
-                self.tile_groups = first.reshape(-1)
+                self.tile_groups = _to_device(first.reshape(-1), device)
         if self.tile is None:
-            self.order = torch.argsort(group, stable=True)
-            self.counts = torch.bincount(group, minlength=n_groups).tolist()
+            self.order = _to_device(np.argsort(group, kind="stable"), device)
+            self.counts = np.bincount(group, minlength=n_groups).tolist()
 
 
 @attrs.define(eq=False)
@@ -359,21 +367,22 @@ def run_hierarchical(
     else:
         w_last = torch.full((B, N[L]), 1.0 / N[L], dtype=dtype, device=device)
     w = {L: w_last}
-    group = {L: torch.zeros(N[L], dtype=torch.long, device=device)}
+    # integer geometry is built on the host and copied once (non-blocking): no device→host round trips
+    group_host = {L: np.zeros(N[L], dtype=np.int64)}
     n_groups = {L: 1}
     slots = {}
     for S in range(L - 1, start_stage - 1, -1):
         nxt = stages[S + 1]
         if nxt.downsample is None:
-            w[S], group[S], n_groups[S] = w[S + 1], group[S + 1], n_groups[S + 1]
+            w[S], group_host[S], n_groups[S] = w[S + 1], group_host[S + 1], n_groups[S + 1]
             continue
-        parent, slot, out_hw = _merge_slots(*grids[S], device)
+        parent, slot, out_hw = _merge_slots(*grids[S])
         if tuple(out_hw) != tuple(grids[S + 1]):
             raise RuntimeError(f"patch merging of stage {S + 1} maps {grids[S]} to {out_hw}, but the stage runs on {grids[S + 1]}")
         fn = merge_norm.get(S + 1)
         up = w[S + 1] if fn is None else w[S + 1] * fn.inv_scale.reshape(B, -1)
-        w[S] = up.index_select(1, parent)
-        group[S] = group[S + 1].index_select(0, parent) * 4 + slot
+        w[S] = up.index_select(1, _to_device(parent, device))
+        group_host[S] = group_host[S + 1][parent] * 4 + slot
         n_groups[S] = n_groups[S + 1] * 4
         # slot blocks of the merge into S+1: [4, C_{S+1}, C_S]
         red = nxt.downsample.reduction.weight.detach().to(dtype)  # [C', 4C]
@@ -390,8 +399,9 @@ def run_hierarchical(
             A = red
         Cn, C4 = A.shape
         slots[S + 1] = A.view(Cn, 4, C4 // 4).permute(1, 0, 2).contiguous()
+    group = {S: _to_device(g, device) for S, g in group_host.items()}
     readout = _Readout(dims=dims, grids=grids, w=w, group=group, n_groups=n_groups, slots=slots, final=fin,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, group_host=group_host)
 
     # ---------------------------------------------------------------- pooling helpers
     def pool(values: torch.Tensor, weight: torch.Tensor, S: int) -> torch.Tensor:
@@ -485,8 +495,9 @@ def run_hierarchical(
             heads = torch.einsum("bghk,chk->bhgc", ph, Wo_eff.view(C, Hh, dh))  # [B, H, G, C]
             if tokens:
                 # image-order head outputs: row of each image position
-                inv_rows = torch.empty(Nn, dtype=torch.long, device=device)
-                inv_rows[rows[valid]] = torch.arange(rows.numel(), device=device)[valid]
+                # (padding rows are written to a spare last entry: no boolean-mask indexing, no host sync)
+                inv_rows = torch.empty(Nn + 1, dtype=torch.long, device=device).index_put_(
+                    (torch.where(valid, rows, Nn),), torch.arange(rows.numel(), device=device))[:Nn]
                 o_img = o.index_select(1, inv_rows).view(B, Nn, Hh, dh)
             for h in range(Hh):
                 terms = None
