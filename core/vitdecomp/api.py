@@ -9,7 +9,7 @@ import torch
 
 from ._plugins import Registry, default_registry
 from .adapter import DecomposeOptions
-from .decomposition import Decomposition, _Shifted, tolerance_for
+from .decomposition import Decomposition, _Shifted, _take, tolerance_for
 from .errors import InputError
 
 __all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter"]
@@ -90,8 +90,8 @@ def _apply_even_bias(dec: Decomposition) -> Decomposition:
     if not const:
         return dec
     keep = [i for i, c in enumerate(dec.components) if c.kind != "const"]
-    share = dec.contributions[:, const].sum(1) / len(keep)  # [B, D]
-    contributions = dec.contributions[:, keep] + share.unsqueeze(1)
+    share = _take(dec.contributions, const).sum(1) / len(keep)  # [B, D]
+    contributions = _take(dec.contributions, keep) + share.unsqueeze(1)
     comps = tuple(dec.components[i] for i in keep)
     details = {}
     if dec.token_details:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import attrs
 import torch
@@ -20,6 +20,15 @@ _TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, t
 def tolerance_for(dtype: torch.dtype) -> float:
     """The relative-error tolerance ``check=True`` applies for ``dtype``."""
     return _TOLERANCE.get(dtype, 1e-5)
+
+
+def _take(x: torch.Tensor, idx: List[int]) -> torch.Tensor:
+    """``x[:, idx]`` for a list of component indices, without a blocking host→device copy of the index."""
+    from .engine import index_tensor
+
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return x[:, idx[0]:idx[0] + len(idx)]
+    return x.index_select(1, index_tensor(idx, x.device))
 
 
 def relative_error(total: torch.Tensor, reference: torch.Tensor) -> float:
@@ -233,7 +242,7 @@ class Decomposition:
                                  block=first.block if level != "stage" else None, stage=first.stage,
                                  branch=first.branch if level == "branch" else None)
             comps.append(comp)
-            rows.append(self.contributions[:, idx].sum(1))
+            rows.append(_take(self.contributions, idx).sum(1))
             member_grids = {self.grid_of(self.components[i].name) for i in idx}
             if self.token_details and len(member_grids) == 1 and all(self.components[i].name in self.token_details for i in idx):
                 members = [self.token_details[self.components[i].name] for i in idx]
@@ -263,7 +272,7 @@ class Decomposition:
         ]
         comps = tuple(self.components[i] for i in idx)
         return Decomposition(
-            contributions=self.contributions[:, idx], components=comps, representation=self.representation,
+            contributions=_take(self.contributions, idx), components=comps, representation=self.representation,
             grid=self.grid, token_details={c.name: self.token_details[c.name] for c in comps if c.name in self.token_details},
             token_grids={c.name: self.token_grids[c.name] for c in comps if c.name in self.token_grids},
             meta=dict(self.meta), partial=len(idx) != len(self.components) or self.partial,

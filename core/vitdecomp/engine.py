@@ -16,10 +16,38 @@ import attrs
 import torch
 from torch import nn
 
-__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity", "forward_autocast"]
+__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity", "forward_autocast", "index_tensor", "to_device"]
 
 # (device type, reduced dtype, working dtype) while vitdecomp.decompose(..., autocast=...) runs
 _AUTOCAST: contextvars.ContextVar = contextvars.ContextVar("vitdecomp_forward_autocast", default=None)
+
+
+def to_device(t, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A host tensor (or nested list of numbers) on ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` / ``torch.tensor(..., device="cuda")`` from pageable memory synchronises the stream
+    (the host waits for every queued kernel); here host data are staged through pinned memory and copied
+    asynchronously. Tensors already on an accelerator, and CPU targets, go through ``.to`` unchanged."""
+    device = torch.device(device)
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if dtype is not None and t.device.type == "cpu":
+        t = t.to(dtype)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device, dtype) if dtype is not None else t.to(device)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host.to(device, non_blocking=True)
+
+
+def index_tensor(values, device) -> torch.Tensor:
+    """Integer indices ``values`` (a sequence of ints) as a long tensor on ``device`` without making the host wait:
+    a contiguous range is built there (``arange``), anything else goes through :func:`to_device`."""
+    values = [int(v) for v in values]
+    n = len(values)
+    if n and values == list(range(values[0], values[0] + n)):
+        return torch.arange(values[0], values[0] + n, device=device)
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 @contextlib.contextmanager

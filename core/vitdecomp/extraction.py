@@ -424,6 +424,46 @@ def _compare(old: dict, new: dict, path: Path) -> None:
         )
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host: CPU tensors as they are; CUDA tensors copied asynchronously into pinned host memory
+    (the copy is queued behind the work that produces ``t``; the host synchronises once per shard)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def _extract_batch(model, x, xc, clip_model, *, device, model_dtype, ac, measure32: bool, store_dtype, registry,
+                   dk) -> dict:
+    """The device part of extraction for one batch, free of host synchronisation: decompose, cast, queue the
+    copies to the host. Returns names, host tensors ``contributions``/``representation`` (``targets``), and the
+    device-side scalars ``error`` (max reconstruction error) and ``finite``. With ``ac`` and ``measure32`` the
+    reduced-precision error against float32 is measured (one synchronisation, once per shard)."""
+    from .api import decompose
+
+    x = x.to(device, model_dtype, non_blocking=True)
+    out = {}
+    if ac is None:
+        dec = decompose(model, x, check=False, registry=registry, **dk)
+    elif measure32:
+        dec = decompose(model, x, check=False, registry=registry, autocast=ac, **dk)
+        out["error_vs_float32"] = dec.meta["error_vs_float32"]
+    else:
+        with torch.autocast(device_type=device.type, dtype=ac):
+            dec = decompose(model, x, check=False, registry=registry, **dk)
+    out["names"] = list(dec.names)
+    out["error"] = dec.error_tensor().max().to(torch.float64)
+    c_dev = dec.contributions.detach().to(store_dtype)
+    out["finite"] = torch.isfinite(c_dev).all()
+    out["contributions"] = _to_host(c_dev)
+    out["representation"] = _to_host(dec.representation.detach().to(torch.float32))
+    if clip_model is not None:
+        with torch.no_grad():
+            t = clip_model.encode_image(xc.to(device, next(clip_model.parameters()).dtype, non_blocking=True))
+        out["targets"] = _to_host(torch.nn.functional.normalize(t.float(), dim=-1))
+    return out
+
+
 def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Optional[str] = None,
             batch_size: int = 32, dtype=torch.float16, device="cpu", decompose_kwargs: Optional[dict] = None,
             shard_size: int = 1024, progress: bool = True, resume: bool = True, num_workers: int = 0,
@@ -456,7 +496,6 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
     """
     from tqdm.auto import tqdm
 
-    from .api import decompose
     from .text import model_fingerprint
 
     dtype_name = _dtype_name(dtype)
@@ -555,44 +594,25 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
             finite_t = torch.ones((), device=device, dtype=torch.bool)
             err32 = []
             for bi, (x, xc, lab, idx) in enumerate(loader):
-                x = x.to(device, model_dtype, non_blocking=on_cuda)
-                if ac is None:
-                    dec = decompose(model, x, check=False, registry=registry, **dk)
-                elif bi == 0:  # measure the reduced-precision error against float32 once per shard
-                    dec = decompose(model, x, check=False, registry=registry, autocast=ac, **dk)
-                    err32.append(dec.meta["error_vs_float32"])
-                else:
-                    with torch.autocast(device_type=device.type, dtype=ac):
-                        dec = decompose(model, x, check=False, registry=registry, **dk)
-                names = list(dec.names)
+                res = _extract_batch(model, x, xc, clip_model, device=device, model_dtype=model_dtype, ac=ac,
+                                     measure32=bi == 0, store_dtype=store_dtype, registry=registry, dk=dk)
                 if meta["names"] is None:
-                    meta.update(names=names, dim=dec.contributions.shape[-1])
-                elif names != meta["names"]:
+                    meta.update(names=res["names"], dim=res["contributions"].shape[-1])
+                elif res["names"] != meta["names"]:
                     from .compalign import _first_difference
 
                     raise MismatchError(
-                        f"the decomposition's components differ from the cache's ({_first_difference(names, meta['names'])})"
+                        "the decomposition's components differ from the cache's "
+                        f"({_first_difference(res['names'], meta['names'])})"
                     )
-                err_t = torch.maximum(err_t, dec.error_tensor().max().to(torch.float64))
-                c_dev = dec.contributions.detach().to(store_dtype)
-                finite_t &= torch.isfinite(c_dev).all()
-                if on_cuda:  # asynchronous copy into pinned host memory
-                    c = torch.empty(c_dev.shape, dtype=store_dtype, pin_memory=True)
-                    c.copy_(c_dev, non_blocking=True)
-                else:
-                    c = c_dev
-                contribs.append(c)
-                z_dev = dec.representation.detach().to(torch.float32)
-                if on_cuda:
-                    z = torch.empty(z_dev.shape, dtype=torch.float32, pin_memory=True)
-                    z.copy_(z_dev, non_blocking=True)
-                else:
-                    z = z_dev
-                reps.append(z)
-                if clip_model is not None:
-                    with torch.no_grad():
-                        t = clip_model.encode_image(xc.to(device, next(clip_model.parameters()).dtype))
-                    targets.append(torch.nn.functional.normalize(t.float(), dim=-1).cpu())
+                err_t = torch.maximum(err_t, res["error"])
+                finite_t &= res["finite"]
+                if "error_vs_float32" in res:
+                    err32.append(res["error_vs_float32"])
+                contribs.append(res["contributions"])
+                reps.append(res["representation"])
+                if "targets" in res:
+                    targets.append(res["targets"])
                 labels.extend(lab)
                 bar.update(len(idx))
             if on_cuda:

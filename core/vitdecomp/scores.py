@@ -237,15 +237,18 @@ class StreamingScores:
             "c_p_ps": torch.einsum("nck,nk->ck", pc, psc),
             "m2_a": (a - mean_a).pow(2).sum((0, 2)),
             "ss_a": a.pow(2).sum((0, 2)), "ss_s": s.pow(2).sum().reshape(1),
-            "rel": torch.tensor([_rel_zero(aligned.dtype)], dtype=torch.float64),
+            "rel": torch.full((1,), _rel_zero(aligned.dtype), dtype=torch.float64, device=a.device),
         }
 
     def _combine(self, n_b: int, b: Dict[str, torch.Tensor]) -> None:
+        # statistics stay on the device of the first batch (no per-batch copies to the host); results are read
+        # back to the host by the accessors
         if self.n == 0:
-            self.n, self._stats = n_b, {k: v.cpu() for k, v in b.items()}
+            self.n, self._stats = n_b, dict(b)
             return
         a = self._stats
-        b = {k: v.cpu() for k, v in b.items()}
+        dev = a["rel"].device
+        b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
         n, mean_p, dp, w = _merge_moments(self.n, n_b, a["mean_p"], b["mean_p"])
         _, mean_ps, dps, _ = _merge_moments(self.n, n_b, a["mean_ps"], b["mean_ps"])
         _, mean_a, da, _ = _merge_moments(self.n, n_b, a["mean_a"], b["mean_a"])
@@ -329,7 +332,7 @@ class StreamingScores:
         """Same as :func:`variance_attributed` over every image seen, shape ``[C]``."""
         self._need()
         sl = self._slices[self._name(prop)]
-        st = self._stats
+        st = self._host_stats()
         return _corr(st["c_p_ps"][:, sl], st["m2_p"][:, sl], st["m2_ps"][sl].unsqueeze(0), st["ss_a"].unsqueeze(1),
                      st["ss_s"], st["rel"]).mean(1)
 
@@ -337,8 +340,12 @@ class StreamingScores:
         """Same as :func:`variance_explained` over every image seen, shape ``[C]``."""
         self._need()
         sl = self._slices[self._name(prop)]
-        inside, whole = self._stats["m2_p"][:, sl].sum(1), self._stats["m2_a"]
-        return _ratio(inside, whole, self._stats["ss_a"], self._stats["rel"])
+        st = self._host_stats()
+        inside, whole = st["m2_p"][:, sl].sum(1), st["m2_a"]
+        return _ratio(inside, whole, st["ss_a"], st["rel"])
+
+    def _host_stats(self) -> Dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self._stats.items()}
 
     def scores(self) -> Dict[str, torch.Tensor]:
         """``{property: variance attributed [C]}`` for every accumulated property."""
@@ -350,7 +357,7 @@ class StreamingScores:
         from safetensors.torch import save_file
 
         tensors = {f"basis/{k}": v.contiguous() for k, v in self.bases.items()}
-        tensors.update({f"stat/{k}": v.contiguous() for k, v in self._stats.items()})
+        tensors.update({f"stat/{k}": v.contiguous() for k, v in self._host_stats().items()})
         meta = {"format": "vitdecomp.streaming_scores/1", "n": self.n, "C": self._C, "order": list(self.bases)}
         save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
 

@@ -10,12 +10,19 @@ Use it from a pack's tests::
         testing.run_conformance(model, image_size=(32, 32), reference=lambda m, x: m.forward_own(x))
 
 Every check raises ``AssertionError`` with a message naming the model, dtype and granularity that failed.
+
+:func:`check_cuda_placement` runs the decomposition on a *simulated* CUDA device (PyTorch's fake tensors carry
+shapes, dtypes and devices but no data), so a machine without a GPU still proves that an adapter keeps every
+tensor on the model's device and never makes the host wait for the GPU (``.item()``, ``float(t)``, boolean-mask
+indexing, ``.cpu()``, ``nonzero`` ...) inside a decomposition.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import traceback
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -31,6 +38,9 @@ __all__ = [
     "check_component_names",
     "check_token_sums",
     "check_bad_inputs",
+    "check_cuda_placement",
+    "simulated_cuda",
+    "HostSyncError",
     "run_conformance",
     "GRANULARITIES",
 ]
@@ -182,9 +192,131 @@ def check_bad_inputs(model, images: torch.Tensor, *, fixed_size: bool = True, ad
         model.eval()
 
 
+class HostSyncError(AssertionError):
+    """An operation that makes the host wait for the GPU ran on a CUDA tensor inside a checked region."""
+
+
+#: aten operations whose result the host must read from the device (each one waits for the GPU's queue).
+_SYNC_OPS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+             "unique_consecutive", "repeat_interleave", "equal", "allclose")
+
+
+def _user_frames() -> str:
+    """The innermost stack frames outside torch (where the offending call was written), innermost first."""
+    frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename and "testing.py" not in f.filename]
+    return " ← ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.line}"
+                      for f in reversed(frames[-3:]))
+
+
+@contextlib.contextmanager
+def simulated_cuda():
+    """A context in which ``"cuda"`` tensors are simulated (no GPU needed) and host synchronisations are caught.
+
+    Inside it, create tensors and move modules with ``device="cuda"`` as usual: they become fake tensors (shape,
+    dtype, device; no data). Mixing devices raises as it would on a GPU; an operation on a CUDA tensor that makes
+    the host wait for the device (``.item()``, ``float()``/``bool()`` of a tensor, boolean-mask indexing,
+    ``nonzero``, a blocking device→host copy such as ``.cpu()``) raises :class:`HostSyncError` naming the code
+    line. Blocking host→device copies count too (``.to("cuda")`` without ``non_blocking=True`` waits for the
+    stream). Values cannot be read inside the context: it checks placement and synchronisation, not numbers
+    (those are checked on CPU). Yields an object whose ``paused()`` context lets set-up code through.
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError as exc:  # pragma: no cover - private torch API moved
+        raise RuntimeError(f"simulated CUDA needs torch's fake tensors ({exc}); torch {torch.__version__}") from exc
+
+    def on_cuda(x) -> bool:
+        return isinstance(x, torch.Tensor) and x.device.type == "cuda"
+
+    class _SyncSpy(TorchDispatchMode):
+        armed = True
+
+        @contextlib.contextmanager
+        def paused(self):
+            """Let synchronising operations through (setting up: moving a model to the device, say)."""
+            self.armed = False
+            try:
+                yield
+            finally:
+                self.armed = True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not self.armed:
+                return func(*args, **kwargs)
+            name = func._schema.name.split("::")[-1]
+            flat = list(args) + list(kwargs.values())
+            flat += [t for a in flat if isinstance(a, (list, tuple)) for t in a]
+            why = None
+            if name in _SYNC_OPS and any(on_cuda(a) for a in flat):
+                why = f"aten.{name} on a CUDA tensor"
+            elif name == "_to_copy" and on_cuda(args[0]) and kwargs.get("device") is not None \
+                    and torch.device(kwargs["device"]).type == "cpu" and not kwargs.get("non_blocking", False):
+                why = "a blocking device→host copy (.cpu() / .to('cpu'))"
+            elif name == "_to_copy" and isinstance(args[0], torch.Tensor) and not on_cuda(args[0]) \
+                    and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda" \
+                    and not kwargs.get("non_blocking", False):
+                why = "a blocking host→device copy (.to('cuda') without non_blocking=True waits for the stream)"
+            elif name == "copy_" and isinstance(args[1], torch.Tensor) and on_cuda(args[0]) != on_cuda(args[1]) \
+                    and not (len(args) > 2 and args[2]) and not kwargs.get("non_blocking", False):
+                why = "a blocking copy_ between host and device"
+            elif name == "index" and on_cuda(args[0]) and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+                why = "boolean-mask indexing of a CUDA tensor"
+            if why is not None:
+                raise HostSyncError(f"{why} makes the host wait for the GPU; at {_user_frames()}")
+            return func(*args, **kwargs)
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake, _SyncSpy() as spy:
+        yield spy
+
+
+def check_cuda_placement(model, image_size, *, batch: int = 2, granularities: Iterable[dict] = GRANULARITIES,
+                         adapter=None, registry=None, materialize: int = 3) -> list:
+    """Decompose ``model`` on a simulated CUDA device (see :func:`simulated_cuda`) at every granularity.
+
+    Asserts that no operation mixes devices or waits for the GPU inside ``decompose``, that contributions,
+    representation and the lazy error live on the device, and that token splits / spatial maps of the first
+    ``materialize`` components are produced there too. Returns ``[(options, shape of contributions), ...]``."""
+    results = []
+    for opts in granularities:
+        opts = dict(opts)
+        m = copy.deepcopy(model).eval()
+        if opts.get("start") == "middle":
+            opts["start"] = _start_for(m, api.find_adapter(m, adapter, registry=registry))
+            if opts["start"] is None:
+                continue
+        where = f"{type(model).__name__} {opts} on simulated CUDA"
+        with simulated_cuda() as sim:
+            with sim.paused():
+                g = m.to("cuda")
+                x = torch.randn(batch, 3, *image_size, device="cuda")
+            try:
+                dec = api.decompose(g, x, adapter=adapter, registry=registry, **opts)
+                err = dec.error_tensor()
+                tensors = {"contributions": dec.contributions, "representation": dec.representation, "error": err}
+                if opts.get("tokens"):
+                    for name in dec.names[:materialize]:
+                        tensors[f"token_contributions({name!r})"] = dec.token_contributions(name)
+                        tensors[f"spatial_map({name!r})"] = dec.spatial_map(name)
+            except HostSyncError as exc:
+                raise HostSyncError(f"{where}: {exc}") from None
+            except RuntimeError as exc:
+                if "device" in str(exc).lower():
+                    raise AssertionError(f"{where}: tensors on different devices: {exc}") from exc
+                raise
+            for label, t in tensors.items():
+                assert t.device.type == "cuda", f"{where}: {label} is on {t.device}, expected the model's device"
+            results.append((opts, tuple(dec.contributions.shape)))
+    return results
+
+
 def run_conformance(model, image_size, *, batch: int = 2, reference: Optional[Callable] = None,
                     fixed_size: bool = True, seed: int = 0, adapter=None, registry=None) -> list:
-    """All checks on ``model`` with a random batch of ``image_size`` (H, W) images."""
+    """All checks on ``model`` with a random batch of ``image_size`` (H, W) images (including
+    :func:`check_cuda_placement`, which needs no GPU)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, *image_size, generator=g)
     model.eval()
@@ -192,4 +324,5 @@ def run_conformance(model, image_size, *, batch: int = 2, reference: Optional[Ca
     results += check_reconstruction(model, images[:1], granularities=({"heads": True},), reference=reference,
                                     adapter=adapter, registry=registry)
     check_bad_inputs(model, images, fixed_size=fixed_size, adapter=adapter, registry=registry)
+    check_cuda_placement(model, image_size, batch=batch, adapter=adapter, registry=registry)
     return results

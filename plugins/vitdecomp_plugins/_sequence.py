@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import FactorTokens, RowTokens
-from vitdecomp.engine import HookSet, freeze_norm, is_identity
+from vitdecomp.engine import HookSet, freeze_norm, index_tensor, is_identity, to_device
 
 __all__ = ["AttentionSpec", "BlockSpec", "ReadoutSpec", "run_sequence"]
 
@@ -115,12 +115,12 @@ def run_sequence(
 ) -> Decomposition:
     """Run the model once and return the exact decomposition (explicit constants, heads split)."""
     device, dtype = images.device, images.dtype
-    rows = torch.as_tensor(readout.rows, device=device, dtype=torch.long)
+    rows = index_tensor(readout.rows, device)
     # token tensors inside blocks are [B, N, D] (or [N, B, D] for sequence-first transformers)
     def at_rows(x):
         return _rows(x.transpose(0, 1) if seq_first else x, rows)
 
-    w = readout.weights.to(device=device, dtype=dtype)
+    w = to_device(readout.weights, device, dtype)
     # Pooling weights are known up front when no per-token norm sits between the blocks and the pooling;
     # then every capture can be reduced over rows immediately (component mode only).
     prereduce = is_identity(readout.norm) and not tokens and len(readout.rows) > 1

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import TokenDetail
-from vitdecomp.engine import FrozenNorm, HookSet, freeze_norm, is_identity
+from vitdecomp.engine import FrozenNorm, HookSet, freeze_norm, is_identity, to_device
 
 __all__ = ["StagePlan", "BlockPlan", "run_hierarchical"]
 
@@ -103,8 +103,8 @@ def _merge_slots(H: int, W: int):
 
 
 def _to_device(a: np.ndarray, device) -> torch.Tensor:
-    """A host index array on ``device`` (a non-blocking host→device copy: the host does not wait for the GPU)."""
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+    """A host index array on ``device`` (staged through pinned memory: the host does not wait for the GPU)."""
+    return to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
 
 
 def _linear_matrix(fn: Optional[FrozenNorm], n: int, like: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 
 from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import FactorTokens, RowTokens, TokenDetail
-from vitdecomp.engine import HookSet, freeze_norm, is_identity
+from vitdecomp.engine import HookSet, freeze_norm, index_tensor, is_identity, to_device
 
 __all__ = ["BlockParts", "Plan", "decompose_plan"]
 
@@ -109,13 +109,13 @@ def decompose_plan(plan: Plan, images: torch.Tensor, *, start: int, tokens: bool
     device, dtype = images.device, images.dtype
     row_list = sorted({r for g in plan.groups for r, _ in g})
     pos = {r: i for i, r in enumerate(row_list)}
-    rows = torch.tensor(row_list, device=device, dtype=torch.long)
+    rows = index_tensor(row_list, device)
     G, R = len(plan.groups), len(row_list)
     W = torch.zeros(G, R, dtype=torch.float64)
     for gi, grp in enumerate(plan.groups):
         for r, wt in grp:
             W[gi, pos[r]] += float(wt)
-    W = W.to(device=device, dtype=dtype)
+    W = to_device(W, device, dtype)  # staged through pinned memory: no stream synchronisation
 
     recs = {bp.index: _Record() for bp in plan.blocks if bp.index >= start}
     captured = {}
