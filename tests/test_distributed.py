@@ -1,9 +1,13 @@
 """Distributed extraction and statistics under torchrun (gloo, 2 CPU processes) equal the single-process run."""
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,8 +79,6 @@ def test_extraction_is_identical_and_indexed(runs):
     assert multi.names == single.names and len(multi) == len(single) == 11
     torch.testing.assert_close(multi.contributions(), single.contributions(), rtol=1e-6, atol=1e-6)
     assert multi.labels() == single.labels()
-    import json
-
     meta = json.loads((root / "multi" / "cache" / "meta.json").read_text())
     assert meta["complete"] and meta["world_size"] == 2
     assert [s["rank"] for s in meta["index"]] == [0, 1, 0, 1, 0, 1]
@@ -127,3 +129,138 @@ def test_cli_extract_under_torchrun_matches_single_process(tmp_path, runs):
     single = vitdecomp.ExtractionCache.open(tmp_path / "single")
     torch.testing.assert_close(multi.contributions(), single.contributions())
     assert multi.labels() == single.labels()
+
+
+# ---------------------------------------------------------------------------------------------- NCCL device binding
+
+
+def _fake_group(monkeypatch, accepts_device_id=True):
+    """Stand-ins for torch.distributed / torch.cuda (no GPU here); records the calls in order."""
+    from vitdecomp import distributed as vdist
+
+    calls = []
+    if accepts_device_id:
+        def init_process_group(backend=None, init_method=None, device_id=None, **kw):
+            calls.append(("init", backend, device_id))
+    else:  # an older torch without the keyword
+        def init_process_group(backend=None, init_method=None, **kw):
+            assert "device_id" not in kw
+            calls.append(("init", backend, None))
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    return vdist, calls
+
+
+@pytest.mark.parametrize("accepts_device_id", [True, False])
+def test_nccl_binds_local_rank_gpu_before_init(monkeypatch, accepts_device_id):
+    vdist, calls = _fake_group(monkeypatch, accepts_device_id)
+    vdist.init_from_env(backend="nccl")
+    expected_id = torch.device("cuda", 1) if accepts_device_id else None
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", expected_id)]
+
+
+def test_cuda_device_picks_nccl_and_binds(monkeypatch):
+    vdist, calls = _fake_group(monkeypatch)
+    vdist.init_from_env(device="cuda")
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1))]
+
+
+def test_cpu_device_keeps_gloo_without_binding(monkeypatch):
+    vdist, calls = _fake_group(monkeypatch)
+    vdist.init_from_env(device="cpu")
+    assert calls == [("init", "gloo", None)]
+
+
+def test_comm_device_is_local_rank_gpu_for_nccl(monkeypatch):
+    from vitdecomp import distributed as vdist
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(vdist, "info", lambda: vdist.DistInfo(rank=3, world_size=4, local_rank=1, backend="nccl"))
+    assert vdist._comm_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(vdist, "info", lambda: vdist.DistInfo(rank=3, world_size=4, local_rank=1, backend="gloo"))
+    assert vdist._comm_device() == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- two nodes
+
+
+CLI_WRAPPER = textwrap.dedent('''
+    import os, sys
+    from vitdecomp.cli import main
+
+    print("launch", *(os.environ.get(k, "-") for k in ("GROUP_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE")), flush=True)
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def _torchrun():
+    exe = Path(sys.executable).with_name("torchrun")
+    return str(exe) if exe.exists() else shutil.which("torchrun")
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_share_one_cache(tmp_path):
+    """2 nodes × 1 process on localhost, as on a cluster with a shared filesystem: two concurrent torchrun
+    launches (static rendezvous on MASTER_ADDR:MASTER_PORT) write into the same folder."""
+    torchrun = _torchrun()
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to the interpreter nor on PATH")
+    from PIL import Image
+    from skimage import data
+
+    import vitdecomp
+
+    for i, name in enumerate(("astronaut", "coffee", "chelsea", "camera")):
+        (tmp_path / "imgs" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(data, name)()).convert("RGB").resize((40, 40)).save(
+            tmp_path / "imgs" / f"class{i % 2}" / f"{name}.png")
+    wrapper = tmp_path / "cli.py"
+    wrapper.write_text(CLI_WRAPPER)
+    args = ["extract", "timm:deit_tiny_patch16_224", str(tmp_path / "imgs"), "--random-init", "--img-size", "32",
+            "--batch-size", "1", "--shard-size", "1", "--quiet", "--dtype", "float32", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    port = _free_port()
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]  # files, not pipes: a full pipe would stall a node
+    procs = []
+    try:
+        for node, log in enumerate(logs):
+            with open(log, "w") as fh:
+                procs.append(subprocess.Popen(
+                    [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                     "--master_addr", "127.0.0.1", "--master_port", str(port),
+                     str(wrapper), *args, "--out", str(tmp_path / "multi")],
+                    cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = [log.read_text() for log in logs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-6000:]
+    # each node ran one process: LOCAL_RANK 0 on both, global RANK = node rank, one world of 2
+    launches = [[line.split()[1:] for line in out.splitlines() if line.startswith("launch ")] for out in outs]
+    assert launches == [[["0", "0", "0", "2"]], [["1", "1", "0", "2"]]]
+
+    _run([sys.executable, "-m", "vitdecomp.cli", *args, "--out", str(tmp_path / "single")], tmp_path)
+    multi = vitdecomp.ExtractionCache.open(tmp_path / "multi")
+    single = vitdecomp.ExtractionCache.open(tmp_path / "single")
+    assert multi.names == single.names and len(multi) == len(single) == 4
+    torch.testing.assert_close(multi.contributions(), single.contributions(), rtol=1e-6, atol=1e-6)
+    assert multi.labels() == single.labels()
+    meta = json.loads((tmp_path / "multi" / "meta.json").read_text())
+    assert meta["complete"] and meta["world_size"] == 2
+    assert [s["rank"] for s in meta["index"]] == [0, 1, 0, 1]

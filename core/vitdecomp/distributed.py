@@ -9,6 +9,7 @@ identity, so single-process code pays nothing.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional
 
@@ -47,20 +48,43 @@ def is_main() -> bool:
     return info().rank == 0
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _uses_nccl(backend: Optional[str]) -> bool:
+    return backend is not None and "nccl" in str(backend).lower()
+
+
 def init_from_env(backend: Optional[str] = None, device=None) -> DistInfo:
     """Initialise the default process group from ``torchrun``'s environment variables, if they say there is
-    more than one process and no group exists yet. Backend: ``nccl`` for CUDA devices, else ``gloo``."""
+    more than one process and no group exists yet. Backend: ``nccl`` for CUDA devices, else ``gloo``.
+
+    With ``nccl`` every rank binds GPU ``cuda:LOCAL_RANK`` (``torch.cuda.set_device`` before the group is
+    created, and ``device_id`` where this torch accepts it), so several ranks on one node never share a GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
         if backend is None:
             on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
             backend = "nccl" if on_cuda else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        kwargs = {}
+        if _uses_nccl(backend):
+            gpu = torch.device("cuda", _local_rank())
+            torch.cuda.set_device(gpu)
+            if "device_id" in inspect.signature(torch.distributed.init_process_group).parameters:
+                kwargs["device_id"] = gpu
+        torch.distributed.init_process_group(backend=backend, **kwargs)
     return info()
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if info().backend == "nccl" else torch.device("cpu")
+    """Where collectives' buffers live: this rank's GPU for NCCL (``cuda:LOCAL_RANK`` under torchrun, else the
+    current CUDA device of a group the caller initialised), the CPU otherwise."""
+    if not _uses_nccl(info().backend):
+        return torch.device("cpu")
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", _local_rank())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
