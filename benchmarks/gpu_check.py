@@ -4,7 +4,9 @@
     python benchmarks/gpu_check.py --quick         # correctness only
 
 1. Correctness on CUDA: every built-in family (tiny random models) decomposes exactly in float32 on the GPU
-   (error ≤ 1e-5) and agrees with the CPU decomposition; bf16 autocast reports its error against float32.
+   (error ≤ 1e-5) and agrees with the CPU decomposition; bf16 autocast reports its error against float32; with
+   ``torch.cuda.set_sync_debug_mode("error")`` a decomposition (every granularity) raises on any host
+   synchronisation — the real-GPU counterpart of the simulated-CUDA tests.
 2. Extraction on CUDA (pinned loading, asynchronous copies): the cache equals a CPU extraction's.
 3. Throughput (images/s) of extraction versus a plain forward at batch 64/128/256 for ViT-B/16, Swin-B and
    MaxViT-S, fp32 and bf16 (target: ≥ 0.8× the plain forward's throughput at component level).
@@ -55,9 +57,22 @@ def correctness() -> None:
         bf = vitdecomp.decompose(g, x.cuda(), autocast="bf16")
         tok = max(float((gpu.token_contributions(n).sum(1) - gpu[n]).norm() / gpu.representation.norm())
                   for n in gpu.names[:20])
+        syncs, xg = [], x.cuda()
+        for opts in testing.GRANULARITIES:
+            opts = {k: v for k, v in opts.items() if k != "start"}
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                d = vitdecomp.decompose(g, xg, **opts)
+                if opts.get("tokens"):
+                    d.spatial_map(d.names[2])
+            except RuntimeError as exc:  # the sync debug mode raises on a synchronising call
+                syncs.append(f"{opts}: {exc}")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
         print(json.dumps({"check": "cuda-exactness", "family": name, "error": gpu.error, "cpu_vs_gpu": diff,
                           "token_sum_error": tok, "bf16_error": bf.error,
-                          "bf16_error_vs_float32": bf.meta["error_vs_float32"]}), flush=True)
+                          "bf16_error_vs_float32": bf.meta["error_vs_float32"], "host_syncs": syncs}), flush=True)
         assert gpu.error <= 1e-5 and diff <= 1e-4, name
 
 

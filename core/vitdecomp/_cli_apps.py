@@ -106,6 +106,7 @@ def _clip_args(p):
 def _out_args(p):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="torch device for models and batch math, e.g. cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -115,13 +116,13 @@ def _load_model(args):
     kw = _model_kwargs(getattr(args, "model_arg", None))
     if getattr(args, "img_size", None):
         kw["img_size"] = args.img_size
-    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, **kw)
+    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, device=args.device, **kw)
 
 
 def _aligner(args):
     from .compalign import Aligner
 
-    return Aligner.load(args.aligner)
+    return Aligner.load(args.aligner, device=args.device)
 
 
 def _encoder(args, aligner):
@@ -138,7 +139,7 @@ def _encoder(args, aligner):
         name = name.split("/", 1)[0]
     elif args.clip_weights:
         name, pretrained = name.split("/", 1)[0], args.clip_weights
-    enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache)
+    enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache, device=args.device)
     enc.progress = not args.no_progress
     return enc
 
@@ -167,8 +168,12 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
 
-def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress: bool, desc: str, tokens=None):
-    """Contributions [N, C, D] and representations [N, D] of image files, decomposed in batches."""
+def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress: bool, desc: str, tokens=None,
+                     device=None):
+    """Contributions [N, C, D] and representations [N, D] of image files (on the host), decomposed in batches on
+    ``device`` (results copied to the host asynchronously, one wait at the end)."""
+    from .engine import to_host, wait_for_host_copies
+
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
@@ -189,10 +194,11 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
                     xs.append(loaded.preprocess(im.convert("RGB")))
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot read image {str(p)!r}: {exc}") from exc
-        dec = decompose(model, torch.stack(xs).to(dtype), tokens=tokens)
+        dec = decompose(model, torch.stack(xs).to(dtype), tokens=tokens, device=device)
         names = dec.names
-        cs.append(dec.contributions)
-        zs.append(dec.representation)
+        cs.append(to_host(dec.contributions))
+        zs.append(to_host(dec.representation))
+    wait_for_host_copies(next((p.device for p in model.parameters()), "cpu"))
     return torch.cat(cs), torch.cat(zs), names
 
 
@@ -222,13 +228,14 @@ def cmd_retrieve(args) -> int:
         for name in (args.against.split(",") if args.against else _all_property_names(args)):
             if name and name != prop.name:
                 bases[name] = _property(args, name).embed(enc)
-    acc = property_scores(cache, bases, aligner=aligner, batch_size=args.batch_size * 16, progress=progress)
+    acc = property_scores(cache, bases, aligner=aligner, batch_size=args.batch_size * 16, progress=progress,
+                          device=args.device)
     paths = cache.paths()
     root = Path(cache.meta.get("data", {}).get("root", "."))
     if args.text is not None:
         t = enc.encode([args.text])[0]
         res = retrieve_by_text(cache, t, aligner=aligner, component_scores=acc.variance_attributed(prop.name), k=args.k,
-                               query=f"text {args.text!r}, property {prop.name}")
+                               query=f"text {args.text!r}, property {prop.name}", device=args.device)
         query_img = None
     else:
         sc = acc.scores()
@@ -247,12 +254,13 @@ def cmd_retrieve(args) -> int:
             if not args.model:
                 raise InputError(f"--reference {ref!r} is not in the cache; pass --model to decompose it")
             loaded = _load_model(args)
-            c, _, names = _decompose_paths(loaded, [Path(ref)], batch_size=1, progress=False, desc="reference")
+            c, _, names = _decompose_paths(loaded, [Path(ref)], batch_size=1, progress=False, desc="reference",
+                                           device=args.device)
             if tuple(names) != tuple(cache.names):
                 raise InputError("the --model's components differ from the cache's; use the model the cache was made with")
             reference, query_img = c[0], Path(ref)
         res = retrieve_by_image(cache, reference, component_scores=spec, k=args.k,
-                                query=f"reference {ref}, property {prop.name}")
+                                query=f"reference {ref}, property {prop.name}", device=args.device)
     ranked, base = res.ranked(args.top), res.ranked(args.top, baseline=True)
     print(f"{res.query}; components: {', '.join(res.components)}")
     print(f"{'rank':>4}  {'property-restricted':40} {'whole representation':40}")
@@ -311,7 +319,7 @@ def cmd_heatmap(args) -> int:
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read image {str(p)!r}: {exc}") from exc
         inputs.append(x[0])
-        decs.append(decompose(loaded.model, x.to(dtype), tokens="source"))
+        decs.append(decompose(loaded.model, x.to(dtype), tokens="source", device=args.device))
     scores = None
     if not args.components:
         if args.cache:
@@ -323,7 +331,8 @@ def cmd_heatmap(args) -> int:
         else:
             raise InputError("ranking components by variance explained needs several images: pass --cache DIR "
                              "(an extraction cache of the same model) or --components NAME ...")
-        scores = property_scores(source, basis, aligner=aligner, batch_size=256).variance_explained()
+        scores = property_scores(source, basis, aligner=aligner, batch_size=256,
+                                 device=args.device).variance_explained()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mean, std = _mean_std(loaded)
@@ -363,7 +372,8 @@ def cmd_segment(args) -> int:
 
     loaded = _load_model(args)
     ev = evaluate_segmentation(loaded.model, args.root, preprocess=loaded.preprocess, batch_size=args.batch_size,
-                               limit=args.limit, mode=args.mode, keep=args.examples, progress=_progress(args))
+                               limit=args.limit, mode=args.mode, keep=args.examples, progress=_progress(args),
+                               device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rgb, sal, mask, gt in ev.examples:
@@ -432,9 +442,11 @@ def cmd_ablate(args) -> int:
     progress = _progress(args)
     paths, labels = _class_folder(args.data, args.labels_file)
     hpaths, hlabels = _class_folder(args.heldout, args.labels_file)
-    c, z, names = _decompose_paths(loaded, paths, batch_size=args.batch_size, progress=progress, desc="decomposing data")
-    hc, hz, _ = _decompose_paths(loaded, hpaths, batch_size=args.batch_size, progress=progress, desc="decomposing held-out")
-    means = component_means(hc)
+    c, z, names = _decompose_paths(loaded, paths, batch_size=args.batch_size, progress=progress,
+                                   desc="decomposing data", device=args.device)
+    hc, hz, _ = _decompose_paths(loaded, hpaths, batch_size=args.batch_size, progress=progress,
+                                 desc="decomposing held-out", device=args.device)
+    means = component_means(hc, device=args.device)
     y = torch.tensor(labels)
     curves = {}
     for order in args.order:
@@ -448,14 +460,14 @@ def cmd_ablate(args) -> int:
                     raise InputError(f"--scores {args.scores} lacks {len(missing)} components, e.g. {missing[:3]}")
                 sc = torch.tensor([float(table[n]) for n in names])
             else:
-                sc = direct_effects(hc, torch.tensor(hlabels), head, means)
+                sc = direct_effects(hc, torch.tensor(hlabels), head, means, device=args.device)
             seq = score_order(sc, names)
         steps = None
         if args.steps:
             n = len(seq)
             steps = sorted({round(i * n / args.steps) for i in range(args.steps + 1)})
         curves[order] = ablation_curve(c, y, head, means, seq, steps=steps, label=order, names=names,
-                                       representation=z, progress=progress)
+                                       representation=z, progress=progress, device=args.device)
     out = Path(args.out)
     first = next(iter(curves.values()))
     _write_json(out / "curves.json", {k: v.as_dict() for k, v in curves.items()})
@@ -489,13 +501,15 @@ def cmd_spurious(args) -> int:
     head = prediction_head(loaded.model)
     progress = _progress(args)
     hc, _, names = _decompose_paths(loaded, held.paths(), batch_size=args.batch_size, progress=progress,
-                                    desc=f"decomposing {args.heldout_split}")
+                                    desc=f"decomposing {args.heldout_split}", device=args.device)
     tc, tz, _ = _decompose_paths(loaded, test.paths(), batch_size=args.batch_size, progress=progress,
-                                 desc=f"decomposing {args.test_split}")
+                                 desc=f"decomposing {args.test_split}", device=args.device)
     sp, co = _property(args, args.spurious), _property(args, args.core)
-    acc = property_scores(hc, {sp.name: sp.embed(enc), co.name: co.embed(enc)}, aligner=aligner)
+    acc = property_scores(hc, {sp.name: sp.embed(enc), co.name: co.embed(enc)}, aligner=aligner,
+                          device=args.device)
     res = repair_spurious(tc, test.labels, test.places, hc, head, acc.variance_attributed(sp.name),
-                          acc.variance_attributed(co.name), k=args.k, names=names, representation=tz)
+                          acc.variance_attributed(co.name), k=args.k, names=names, representation=tz,
+                          device=args.device)
     print(res.summary())
     out = Path(args.out)
     _write_json(out / "results.json", {**res.as_dict(), "data": str(root), "heldout_split": args.heldout_split,

@@ -91,10 +91,22 @@ def _check_tensor(x) -> torch.Tensor:
     return x
 
 
-def iter_source(source, batch_size: int = 256, *, representation: Optional[torch.Tensor] = None
+def iter_source(source, batch_size: int = 256, *, representation: Optional[torch.Tensor] = None, device=None
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """``(indices [b], contributions [b, C, D], representation [b, D] or None)`` over a contributions tensor, a
-    :class:`~vitdecomp.Decomposition` (its representation comes along) or an :class:`~vitdecomp.ExtractionCache`."""
+    :class:`~vitdecomp.Decomposition` (its representation comes along) or an :class:`~vitdecomp.ExtractionCache`.
+    With ``device``, contributions and representation are copied there batch by batch (host data staged through
+    pinned memory, so the copies do not make the host wait for the GPU); the indices stay on the host."""
+    if device is None:
+        yield from _iter_source(source, batch_size, representation)
+        return
+    from .engine import to_device
+
+    for ind, c, z in _iter_source(source, batch_size, representation):
+        yield ind, to_device(c, device), (None if z is None else to_device(z, device))
+
+
+def _iter_source(source, batch_size, representation):
     from .decomposition import Decomposition
 
     if isinstance(source, Decomposition):
@@ -205,9 +217,10 @@ def predict(head, z: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- ablation
 
 
-def component_means(source, *, batch_size: int = 256) -> torch.Tensor:
-    """μ_i = mean over images of c_i(x), shape ``[C, D]`` (accumulated in float64, returned in float32 or float64 as
-    the input). ``source``: held-out contributions (tensor, Decomposition or ExtractionCache).
+def component_means(source, *, batch_size: int = 256, device=None) -> torch.Tensor:
+    """μ_i = mean over images of c_i(x), shape ``[C, D]`` (accumulated in float64, returned on the host in float32
+    or float64 as the input). ``source``: held-out contributions (tensor, Decomposition or ExtractionCache);
+    ``device``: where the sums run (batches are copied there; default: where the source is).
 
     Under a torch.distributed process group the work is split and the sums are all-reduced, so every rank gets
     the mean over all images: an ExtractionCache is read by shard (each rank its own shards); a tensor or
@@ -215,9 +228,12 @@ def component_means(source, *, batch_size: int = 256) -> torch.Tensor:
     from . import distributed as dist
 
     if _is_cache(source) and dist.info().active:
-        batches = ((b.indices, b.contributions, None) for b in source.batches(batch_size, targets=False, local=True))
+        from .engine import to_device
+
+        batches = ((b.indices, b.contributions if device is None else to_device(b.contributions, device), None)
+                   for b in source.batches(batch_size, targets=False, local=True))
     else:
-        batches = iter_source(source, batch_size)
+        batches = iter_source(source, batch_size, device=device)
     total, n, dtype = None, 0, torch.float32
     for _, c, _ in batches:
         dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
@@ -232,7 +248,7 @@ def component_means(source, *, batch_size: int = 256) -> torch.Tensor:
         n = int(dist.all_reduce_sum(torch.tensor([n], dtype=torch.float64)).item())
     if not n:
         raise EmptyDatasetError("component_means: the held-out source holds no images")
-    return (total / n).to(dtype)
+    return (total / n).to(dtype).cpu()
 
 
 def mean_ablate(contributions: torch.Tensor, means: torch.Tensor, ablate=None, *,
@@ -264,8 +280,11 @@ def mean_ablate(contributions: torch.Tensor, means: torch.Tensor, ablate=None, *
         raise MismatchError(f"representation must be [N, D] = {(N, D)}, got {tuple(z.shape)}")
     if not idx:
         return z
-    idx_t = torch.as_tensor(idx, device=c.device)
-    delta = (c[:, idx_t].to(torch.float64) - means[idx_t].to(c.device, torch.float64)).sum(1)
+    from .engine import index_tensor, to_device
+
+    idx_t = index_tensor(idx, c.device)
+    mu = to_device(means, c.device).index_select(0, idx_t)
+    delta = (c.index_select(1, idx_t).to(torch.float64) - mu.to(torch.float64)).sum(1)
     return (z.to(torch.float64) - delta).to(z.dtype)
 
 
@@ -312,7 +331,7 @@ def _labels_tensor(labels, n: int) -> torch.Tensor:
 def ablation_curve(source, labels, head, means: torch.Tensor, order: Sequence, *, steps: Optional[Sequence[int]] = None,
                    label: str = "", names: Optional[Sequence[str]] = None,
                    representation: Optional[torch.Tensor] = None, batch_size: int = 256,
-                   progress: bool = False) -> AblationCurve:
+                   progress: bool = False, device=None) -> AblationCurve:
     """Accuracy versus the number of components mean-ablated, ablating cumulatively in ``order``.
 
     :param source: contributions ``[N, C, D]``, a Decomposition (exact baseline) or an ExtractionCache.
@@ -322,6 +341,8 @@ def ablation_curve(source, labels, head, means: torch.Tensor, order: Sequence, *
     :param order: component names or indices, the first ablated first (:func:`execution_order`,
         :func:`score_order`).
     :param steps: numbers of ablated components to evaluate (default every 0..len(order)).
+    :param device: where the ablation runs (batches are copied there; the head runs where its parameters are).
+        Correct counts accumulate on the device: the host reads them once, at the end.
     """
     names = source_names(source) or (tuple(names) if names is not None else None)
     N = source_len(source)
@@ -332,57 +353,75 @@ def ablation_curve(source, labels, head, means: torch.Tensor, order: Sequence, *
     steps = list(range(K + 1)) if steps is None else sorted({int(s) for s in steps})
     if not steps or steps[0] < 0 or steps[-1] > K:
         raise InputError(f"steps must lie in 0..{K} (the length of order), got {steps[:3]}...{steps[-3:]}")
-    correct = torch.zeros(len(steps), dtype=torch.long)
     from tqdm.auto import tqdm
 
+    from .engine import index_tensor, to_device
+
+    correct, mu, chunks = None, None, {}
     bar = tqdm(total=N, desc=f"ablating {label}".strip(), unit="img", disable=not progress)
-    for ind, c, z0 in iter_source(source, batch_size, representation=representation):
+    for ind, c, z0 in iter_source(source, batch_size, representation=representation, device=device):
         if c.shape[1] != C:
             raise MismatchError(f"contributions have {c.shape[1]} components, means {C}")
+        if mu is None:  # once: means, counts and the index chunks of every step live on the batches' device
+            mu = to_device(means, c.device, torch.float64)
+            correct = torch.zeros(len(steps), dtype=torch.long, device=c.device)
+            bounds = [0] + [s for s in steps if s > 0]
+            chunks = {b: index_tensor(idx[a:b], c.device) for a, b in zip(bounds, bounds[1:]) if b > a}
         work = c.dtype if c.dtype in (torch.float32, torch.float64) else torch.float32
         z64 = c.to(torch.float64).sum(1) if z0 is None else z0.to(torch.float64)
-        diffs = c.to(torch.float64) - means.to(c.device, torch.float64)  # [b, C, D]
+        diffs = c.to(torch.float64) - mu  # [b, C, D]
         cum = torch.zeros_like(z64)
         done = 0
-        yb = y[ind].cpu()
+        yb = to_device(y[ind], c.device)
         for si, s in enumerate(steps):
             if s == 0:  # nothing ablated: the model's own representation (or Σ_i c_i), untouched
                 zz = z0 if z0 is not None else c.to(work).sum(1)
             else:
                 if s > done:
-                    cum = cum + diffs[:, torch.as_tensor(idx[done:s], device=c.device)].sum(1)
+                    cum = cum + diffs.index_select(1, chunks[s]).sum(1)
                     done = s
                 zz = (z64 - cum).to(z0.dtype if z0 is not None else work)
             logits = predict(head, zz)
-            correct[si] += int((logits.argmax(-1).cpu() == yb).sum())
+            correct[si] += (logits.argmax(-1).to(yb.device) == yb).sum()
         bar.update(len(ind))
     bar.close()
+    if correct is None:
+        raise EmptyDatasetError("ablation_curve: the source holds no images")
     return AblationCurve(label=label, order=tuple(names[i] if names is not None else str(i) for i in idx),
-                         num_ablated=torch.as_tensor(steps), accuracy=correct.to(torch.float64) / N, num_images=N)
+                         num_ablated=torch.as_tensor(steps), accuracy=correct.cpu().to(torch.float64) / N,
+                         num_images=N)
 
 
-def direct_effects(source, labels, head, means: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+def direct_effects(source, labels, head, means: torch.Tensor, *, batch_size: int = 256, device=None) -> torch.Tensor:
     """Direct effect of each component alone: mean over images of logit_y(z) − logit_y(z − (c_i − μ_i)), ``[C]``
-    (float64). A score for :func:`score_order` that needs no text."""
+    (float64, on the host). A score for :func:`score_order` that needs no text. ``device``: where it runs
+    (batches are copied there; the head runs where its parameters are); sums stay there until the end."""
+    from .engine import to_device
+
     N = source_len(source)
     y = _labels_tensor(labels, N)
     C = means.shape[0]
-    total = torch.zeros(C, dtype=torch.float64)
-    for ind, c, z in iter_source(source, batch_size):
+    total, mu = None, None
+    for ind, c, z in iter_source(source, batch_size, device=device):
         if c.dtype not in (torch.float32, torch.float64):
             c = c.float()
+        if mu is None:
+            mu = to_device(means, c.device, c.dtype)
+            total = torch.zeros(C, dtype=torch.float64, device=c.device)
         z = c.sum(1) if z is None else z
-        yb = y[ind]
-        base = predict(head, z).gather(1, yb.view(-1, 1).to(z.device)).to(torch.float64).squeeze(1)
-        diffs = c - means.to(c.device, c.dtype)
+        yb = to_device(y[ind], c.device)
+        diffs = c - mu
         if isinstance(head, torch.nn.Linear):  # linear: the effect is w_y · (c_i − μ_i)
             w = head.weight[yb.to(head.weight.device)].to(torch.float64)  # [b, D]
-            total += torch.einsum("bcd,bd->c", diffs.to(torch.float64), w.to(diffs.device)).cpu()
+            total += torch.einsum("bcd,bd->c", diffs.to(torch.float64), w.to(diffs.device))
         else:
+            logit = lambda v: predict(head, v).gather(1, yb.view(-1, 1).to(v.device)).to(torch.float64).squeeze(1)  # noqa: E731
+            base = logit(z)
             for i in range(C):
-                lo = predict(head, z - diffs[:, i]).gather(1, yb.view(-1, 1).to(z.device)).to(torch.float64).squeeze(1)
-                total[i] += float((base - lo).sum())
-    return total / N
+                total[i] += (base - logit(z - diffs[:, i])).sum().to(total.device)
+    if total is None:
+        raise EmptyDatasetError("direct_effects: the source holds no images")
+    return total.cpu() / N
 
 
 # ---------------------------------------------------------------------------------------------------- spurious
@@ -466,19 +505,23 @@ class SpuriousRepair:
         return "\n".join(lines)
 
 
-def _predictions(source, head, means, ablate, names, representation, batch_size) -> torch.Tensor:
+def _predictions(source, head, means, ablate, names, representation, batch_size, device=None) -> torch.Tensor:
+    from .engine import to_device
+
     out = []
     idx = _resolve_indices(ablate, names, means.shape[0])
-    for ind, c, z in iter_source(source, batch_size, representation=representation):
-        zz = mean_ablate(c, means, idx, representation=z)
-        out.append(predict(head, zz).argmax(-1).cpu())
-    return torch.cat(out)
+    mu = None
+    for ind, c, z in iter_source(source, batch_size, representation=representation, device=device):
+        mu = to_device(means, c.device) if mu is None else mu
+        zz = mean_ablate(c, mu, idx, representation=z)
+        out.append(predict(head, zz).argmax(-1))
+    return torch.cat(out).cpu()
 
 
 def repair_spurious(test_source, labels, places, heldout_source, head, score_spurious: torch.Tensor,
                     score_core: torch.Tensor, *, k: int = 10, names: Optional[Sequence[str]] = None,
                     means: Optional[torch.Tensor] = None, representation: Optional[torch.Tensor] = None,
-                    batch_size: int = 256) -> SpuriousRepair:
+                    batch_size: int = 256, device=None) -> SpuriousRepair:
     """Mean-ablate the top-``k`` components by score(spurious) − score(core) and compare group accuracies.
 
     :param test_source: contributions of the evaluation images (tensor, Decomposition or ExtractionCache).
@@ -488,6 +531,7 @@ def repair_spurious(test_source, labels, places, heldout_source, head, score_spu
     :param head: z → logits (:func:`prediction_head`).
     :param score_spurious, score_core: ``[C]`` CompAttribute scores (e.g. :func:`vitdecomp.variance_attributed`
         for the ``waterbirds_spurious`` and ``waterbirds_core`` properties).
+    :param device: where means and ablated predictions are computed (the head runs where its parameters are).
     """
     if heldout_source is test_source and means is None:
         raise InputError("the ablation means must come from held-out images, not the test images themselves")
@@ -501,14 +545,14 @@ def repair_spurious(test_source, labels, places, heldout_source, head, score_spu
     if means is None:
         if heldout_source is None:
             raise InputError("pass heldout_source (held-out images) or means=")
-        means = component_means(heldout_source, batch_size=batch_size)
+        means = component_means(heldout_source, batch_size=batch_size, device=device)
     ranked = spurious_ranking(score_spurious, score_core, names, k)
     chosen = [n for n, _ in ranked]
     N = source_len(test_source)
     y = _labels_tensor(labels, N)
     g = _labels_tensor(places, N)
-    before = _predictions(test_source, head, means, [], names, representation, batch_size)
-    after = _predictions(test_source, head, means, chosen, names, representation, batch_size)
+    before = _predictions(test_source, head, means, [], names, representation, batch_size, device)
+    after = _predictions(test_source, head, means, chosen, names, representation, batch_size, device)
     return SpuriousRepair(components=tuple(chosen), differences=tuple(d for _, d in ranked),
                           before=group_accuracies(before, y, g), after=group_accuracies(after, y, g),
                           predictions_before=before, predictions_after=after)

@@ -85,6 +85,25 @@ def _autocast_dtype(value):
     raise InputError(f"autocast={value!r}: use torch.bfloat16 or torch.float16")
 
 
+def _place(model, images, device):
+    """Move the model (in place) and the images to ``device``; both as they are when ``device`` is None."""
+    if device is None:
+        return model, images
+    device = torch.device(device)
+
+    def there(d: torch.device) -> bool:
+        return d.type == device.type and (device.index is None or d.index == device.index)
+
+    p = _param_like(model) if isinstance(model, torch.nn.Module) else None
+    if p is not None and not there(p.device):
+        model = model.to(device)
+    if isinstance(images, torch.Tensor) and not there(images.device):
+        from .engine import to_device
+
+        images = to_device(images, device)
+    return model, images
+
+
 def _apply_even_bias(dec: Decomposition) -> Decomposition:
     const = [i for i, c in enumerate(dec.components) if c.kind == "const"]
     if not const:
@@ -115,6 +134,7 @@ def decompose(
     adapter=None,
     registry: Optional[Registry] = None,
     autocast=None,
+    device=None,
 ) -> Decomposition:
     """Decompose the model's final representation of ``images`` exactly into component contributions.
 
@@ -135,9 +155,14 @@ def decompose(
         ``error`` is then measured against the reduced-precision forward's own z (bounded by the rounding of its
         branch outputs, ~1e-3 for bf16) and ``meta["error_vs_float32"]`` against a separate float32 forward —
         reported, never hidden; ``check=True`` applies the reduced dtype's tolerance.
+    :param device: run on this device (``"cuda"``, ``"cuda:1"``, ``"cpu"``): the model is moved there (in place,
+        as ``nn.Module.to`` does) and the images copied there. Default: where the model already is (the images
+        must then be on the same device). No step of the decomposition makes the host wait for the device
+        (see :func:`vitdecomp.testing.check_cuda_placement`); reading ``error`` does, once.
     :returns: a :class:`Decomposition`; Σ_i c_i = ``representation`` up to ``error``.
     """
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
+    model, images = _place(model, images, device)
     ad = find_adapter(model, adapter, registry=registry)
     model = ad.unwrap(model)
     _validate(model, images, ad)
@@ -173,9 +198,12 @@ def decompose(
     return dec
 
 
-def representation(model, images: torch.Tensor, *, adapter=None, registry: Optional[Registry] = None) -> torch.Tensor:
+def representation(model, images: torch.Tensor, *, adapter=None, registry: Optional[Registry] = None,
+                   device=None) -> torch.Tensor:
     """The family's final representation z ``[B, D]`` as METHOD.md §1 defines it (e.g. timm ViT:
-    ``forward_head(forward_features(x), pre_logits=True)``; open_clip: ``encode_image(x)``)."""
+    ``forward_head(forward_features(x), pre_logits=True)``; open_clip: ``encode_image(x)``). ``device`` as in
+    :func:`decompose`."""
+    model, images = _place(model, images, device)
     ad = find_adapter(model, adapter, registry=registry)
     model = ad.unwrap(model)
     _validate(model, images, ad)

@@ -42,6 +42,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import attrs
 import torch
 
+from .engine import to_device
 from .errors import EmptyDatasetError, InputError, MismatchError
 
 __all__ = ["AlignConfig", "Aligner", "fit_aligner"]
@@ -201,16 +202,14 @@ class Aligner:
 
     def __call__(self, x) -> torch.Tensor:
         """Aligned contributions a_i = c_i W_i + b/C, shape ``[N, C, d]`` (float32)."""
-        c = self._contributions(x)
-        dev = self.bias.device
-        c = c.to(dev, torch.float32)
+        c = to_device(self._contributions(x), self.bias.device, torch.float32)
         if self.weight is None:
             return c + self.bias / len(self.names)
         return torch.einsum("ncD,cDd->ncd", c, self.weight) + self.bias / len(self.names)
 
     def total(self, x) -> torch.Tensor:
         """f(x) = Σ_i c_i W_i + b, shape ``[N, d]``, without building ``[N, C, d]``."""
-        c = self._contributions(x).to(self.bias.device, torch.float32)
+        c = to_device(self._contributions(x), self.bias.device, torch.float32)
         if self.weight is None:
             return c.sum(1) + self.bias
         return _combine(c, self.weight) + self.bias
@@ -382,7 +381,7 @@ def _penalty(W: torch.Tensor, probes: Optional[int] = None, gen: Optional[torch.
     if probes is None:
         return _penalty_matrix(W).pow(2).sum() / (C * d)
     k = min(D, d)
-    z = torch.randn(C, k, probes, generator=gen, device="cpu").to(W.device, W.dtype)
+    z = to_device(torch.randn(C, k, probes, generator=gen, device="cpu"), W.device, W.dtype)
     if D >= d:  # (WᵀW − I) z
         r = W.transpose(1, 2) @ (W @ z) - z
     else:  # (W Wᵀ − I) z
@@ -400,8 +399,8 @@ def _closed_form(data: _Data, targets: torch.Tensor, mask: torch.Tensor, ridge: 
     st = torch.zeros(d, dtype=torch.float64, device=device)
     n = 0
     for idx, c in _batches(data, mask, batch_size, None):
-        s = c.to(device).sum(1, dtype=torch.float64)  # accumulate in float64 without a float64 copy of c
-        t = targets[idx].to(device, torch.float64)
+        s = to_device(c, device).sum(1, dtype=torch.float64)  # float64 accumulation without a float64 copy of c
+        t = to_device(targets[idx], device, torch.float64)
         sxx += s.T @ s
         sxt += s.T @ t
         ss += s.sum(0)
@@ -436,13 +435,14 @@ def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[flo
     """(mean 1 − cos, mean cos) over images where ``mask``."""
     from . import distributed as dist
 
-    tot, n = 0.0, 0
-    with torch.no_grad():
+    tot, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    with torch.no_grad():  # sums stay on the device: the host reads them once
         for idx, c in _batches(data, mask, batch_size, None):
-            f = _combine(c.to(device, torch.float32), W) + b
-            cos = torch.nn.functional.cosine_similarity(f, targets[idx].to(device), dim=-1)
-            tot += float(cos.sum())
+            f = _combine(to_device(c, device, torch.float32), W) + b
+            cos = torch.nn.functional.cosine_similarity(f, to_device(targets[idx], device), dim=-1)
+            tot += cos.sum()
             n += cos.numel()
+    tot = float(tot)
     if dist.info().active:  # each rank evaluated its own share of the images
         tot, n = dist.all_reduce_sum(torch.tensor([tot, float(n)], dtype=torch.float64)).tolist()
     mean = tot / max(n, 1)
@@ -578,17 +578,19 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         lam_now = lam * min(1.0, epoch / cfg.penalty_warmup) if cfg.penalty_warmup else lam
         tot, n = 0.0, 0
         if not di.active:
+            tot_dev = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch, not per step
             for idx, c in _batches(data, train_mask, batch_size, gen):
-                c = c.to(device, torch.float32)
-                t = targets[idx].to(device)
+                c = to_device(c, device, torch.float32)
+                t = to_device(targets[idx], device)
                 f = _combine(c, W) + b
                 data_loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean()
                 loss = data_loss + lam_now * _penalty(W, cfg.penalty_probes, gen) if lam_now > 0 else data_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot += float(data_loss.detach()) * c.shape[0]
+                tot_dev += data_loss.detach() * c.shape[0]
                 n += c.shape[0]
+            tot = float(tot_dev)
         else:
             tot, n = _data_parallel_epoch(data, targets, local_train, batch_size, gen, W, b, opt, lam_now,
                                           cfg.penalty_probes, device, di.world_size)

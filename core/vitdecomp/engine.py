@@ -16,7 +16,8 @@ import attrs
 import torch
 from torch import nn
 
-__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity", "forward_autocast", "index_tensor", "to_device"]
+__all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity", "forward_autocast", "index_tensor", "to_device", "to_host",
+           "wait_for_host_copies"]
 
 # (device type, reduced dtype, working dtype) while vitdecomp.decompose(..., autocast=...) runs
 _AUTOCAST: contextvars.ContextVar = contextvars.ContextVar("vitdecomp_forward_autocast", default=None)
@@ -38,6 +39,22 @@ def to_device(t, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t)
     return host.to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host without waiting: CPU tensors as they are; CUDA tensors copied asynchronously into pinned
+    host memory (queued behind the work that produces ``t``). Call :func:`wait_for_host_copies` before reading."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def wait_for_host_copies(device) -> None:
+    """Block until the copies queued by :func:`to_host` on ``device`` have landed (a no-op off CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def index_tensor(values, device) -> torch.Tensor:

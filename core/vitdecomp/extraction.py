@@ -38,6 +38,7 @@ import torch
 
 from . import distributed as dist
 from .errors import EmptyDatasetError, InputError, MismatchError
+from .engine import to_host, wait_for_host_copies
 
 __all__ = ["extract", "ExtractionCache", "CacheBatch", "IMAGE_SUFFIXES"]
 
@@ -424,15 +425,6 @@ def _compare(old: dict, new: dict, path: Path) -> None:
         )
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the host: CPU tensors as they are; CUDA tensors copied asynchronously into pinned host memory
-    (the copy is queued behind the work that produces ``t``; the host synchronises once per shard)."""
-    if t.device.type != "cuda":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
 def _extract_batch(model, x, xc, clip_model, *, device, model_dtype, ac, measure32: bool, store_dtype, registry,
                    dk) -> dict:
     """The device part of extraction for one batch, free of host synchronisation: decompose, cast, queue the
@@ -455,12 +447,12 @@ def _extract_batch(model, x, xc, clip_model, *, device, model_dtype, ac, measure
     out["error"] = dec.error_tensor().max().to(torch.float64)
     c_dev = dec.contributions.detach().to(store_dtype)
     out["finite"] = torch.isfinite(c_dev).all()
-    out["contributions"] = _to_host(c_dev)
-    out["representation"] = _to_host(dec.representation.detach().to(torch.float32))
+    out["contributions"] = to_host(c_dev)
+    out["representation"] = to_host(dec.representation.detach().to(torch.float32))
     if clip_model is not None:
         with torch.no_grad():
             t = clip_model.encode_image(xc.to(device, next(clip_model.parameters()).dtype, non_blocking=True))
-        out["targets"] = _to_host(torch.nn.functional.normalize(t.float(), dim=-1))
+        out["targets"] = to_host(torch.nn.functional.normalize(t.float(), dim=-1))
     return out
 
 
@@ -615,8 +607,7 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     targets.append(res["targets"])
                 labels.extend(lab)
                 bar.update(len(idx))
-            if on_cuda:
-                torch.cuda.synchronize(device)
+            wait_for_host_copies(device)
             if not bool(finite_t):
                 raise InputError(f"contributions overflow {dtype_name} in shard {j}; extract with dtype=torch.float32")
             max_err = float(err_t)

@@ -100,16 +100,20 @@ def _names(source, aligner, names) -> tuple:
     return got
 
 
-def component_projections(source, direction: torch.Tensor, *, aligner=None, batch_size: int = 256) -> torch.Tensor:
-    """⟨a_i(x), t⟩ for every image and component, ``[N, C]`` (float64).
+def component_projections(source, direction: torch.Tensor, *, aligner=None, batch_size: int = 256,
+                          device=None) -> torch.Tensor:
+    """⟨a_i(x), t⟩ for every image and component, ``[N, C]`` (float64, on the host).
 
     With an aligner, ⟨c_i W_i + b/C, t⟩ = c_i · (W_i t) + ⟨b, t⟩/C; without one ``source`` holds aligned
-    contributions ``[N, C, d]`` (or the model is CLIP and t lives in its space).
+    contributions ``[N, C, d]`` (or the model is CLIP and t lives in its space). ``device``: where the products
+    run (batches are copied there; default: where the source is); the host reads the result once, at the end.
     """
+    from .engine import to_device
+
     t = direction.detach().reshape(-1).to(torch.float64).cpu()
     out = []
     U = None
-    for _, c, _ in iter_source(source, batch_size):
+    for _, c, _ in iter_source(source, batch_size, device=device):
         C, D = c.shape[1], c.shape[2]
         if U is None:
             if aligner is None:
@@ -133,23 +137,28 @@ def component_projections(source, direction: torch.Tensor, *, aligner=None, batc
                 else:
                     U = torch.einsum("cDd,d->cD", aligner.weight.detach().cpu().to(torch.float64), t)
                 off = float(aligner.bias.detach().cpu().to(torch.float64) @ t) / C
-        out.append(torch.einsum("ncD,cD->nc", c.to(torch.float64).cpu(), U) + off)
-    return torch.cat(out)
+            U = to_device(U.contiguous(), c.device)
+        out.append(torch.einsum("ncD,cD->nc", c.to(torch.float64), U) + off)
+    return torch.cat(out).cpu()
 
 
-def property_scores(source, bases, *, aligner=None, batch_size: int = 256, progress: bool = False):
+def property_scores(source, bases, *, aligner=None, batch_size: int = 256, progress: bool = False, device=None):
     """CompAttribute scores streamed over ``source``: a :class:`~vitdecomp.StreamingScores` fed with the aligned
     contributions (read ``.variance_attributed(prop)``, ``.variance_explained(prop)``, ``.scores()``).
 
-    ``bases``: one ``[k, d]`` tensor of text embeddings or ``{property: [k, d]}``.
+    ``bases``: one ``[k, d]`` tensor of text embeddings or ``{property: [k, d]}``. ``device``: where alignment
+    and statistics run (batches and a copy of the aligner go there; default: the aligner's device). The
+    statistics stay on the device; the host reads them when you ask for scores.
     """
     from tqdm.auto import tqdm
 
     from .scores import StreamingScores
 
+    if device is not None and aligner is not None:
+        aligner = aligner.to(device)
     acc = StreamingScores(bases)
     bar = tqdm(total=source_len(source), desc="scoring components", unit="img", disable=not progress)
-    for _, c, _ in iter_source(source, batch_size):
+    for _, c, _ in iter_source(source, batch_size, device=device):
         a = c.to(torch.float32) if aligner is None else aligner(c)
         acc.update(a)
         bar.update(c.shape[0])
@@ -181,7 +190,8 @@ def _choose(components, component_scores, all_names, C: int, k: int, hint: str):
 
 def retrieve_by_text(source, text: torch.Tensor, *, aligner=None, component_scores: Optional[torch.Tensor] = None,
                      components: Optional[Sequence[str]] = None, k: int = 10, names: Optional[Sequence[str]] = None,
-                     ids: Optional[Sequence] = None, query: str = "", batch_size: int = 256) -> RetrievalResult:
+                     ids: Optional[Sequence] = None, query: str = "", batch_size: int = 256,
+                     device=None) -> RetrievalResult:
     """Rank images by ⟨Σ_{i∈S} a_i(x), t⟩, S the top ``k`` components by ``component_scores`` (e.g. the
     CompAttribute scores for a property: ``property_scores(...).variance_attributed(prop)``) or the given
     ``components``; the baseline ranks by ⟨Σ_i a_i(x), t⟩.
@@ -189,9 +199,10 @@ def retrieve_by_text(source, text: torch.Tensor, *, aligner=None, component_scor
     :param source: contributions ``[N, C, D]``, a Decomposition or an ExtractionCache (with ``aligner``), or aligned
         contributions ``[N, C, d]`` (``aligner=None``).
     :param text: the probe text embedding ``[d]`` (:meth:`vitdecomp.TextEncoder.encode`).
+    :param device: where the projections run (see :func:`component_projections`).
     """
     all_names = _names(source, aligner, names)
-    P = component_projections(source, text, aligner=aligner, batch_size=batch_size)
+    P = component_projections(source, text, aligner=aligner, batch_size=batch_size, device=device)
     C = P.shape[1]
     if all_names is None:
         all_names = tuple(str(i) for i in range(C))
@@ -231,13 +242,14 @@ def _reference(source, reference, batch_size):
 def retrieve_by_image(source, reference, *, component_scores: Optional[torch.Tensor] = None,
                       components: Optional[Sequence[str]] = None, k: int = 10, names: Optional[Sequence[str]] = None,
                       ids: Optional[Sequence] = None, exclude_reference: bool = True, query: str = "",
-                      batch_size: int = 256) -> RetrievalResult:
+                      batch_size: int = 256, device=None) -> RetrievalResult:
     """Rank images by cos(Σ_{i∈S} c_i(ref), Σ_{i∈S} c_i(x)), S the top ``k`` components by ``component_scores``
     (the paper: specificity for the property, :func:`vitdecomp.specificity`) or the given ``components``; the
     baseline uses the whole representation.
 
     :param reference: an index into ``source`` (left out of the ranking with ``exclude_reference``), contributions
         ``[C, D]`` of an outside image, or a one-image Decomposition.
+    :param device: where the similarities run (batches are copied there; scores come back to the host once).
     """
     all_names = source_names(source) or (tuple(names) if names is not None else None)
     ref, ref_index = _reference(source, reference, batch_size)
@@ -249,13 +261,18 @@ def retrieve_by_image(source, reference, *, component_scores: Optional[torch.Ten
     chosen, idx = _choose(components, component_scores, all_names, C, k, "specificity for the property")
     r_sel, r_all = ref[idx].sum(0), ref.sum(0)
     sel, base = [], []
-    for _, c, z in iter_source(source, batch_size):
+    idx_dev = None
+    for _, c, z in iter_source(source, batch_size, device=device):
         if c.shape[1] != C:
             raise MismatchError(f"candidates have {c.shape[1]} components, the reference {C}")
-        c = c.to(torch.float64).cpu()
-        sel.append(torch.nn.functional.cosine_similarity(c[:, idx].sum(1), r_sel.unsqueeze(0), dim=-1))
+        if idx_dev is None:  # once: the reference and the chosen indices on the batches' device
+            from .engine import to_device
+
+            idx_dev, r_sel, r_all = (to_device(t, c.device) for t in (idx, r_sel, r_all))
+        c = c.to(torch.float64)
+        sel.append(torch.nn.functional.cosine_similarity(c.index_select(1, idx_dev).sum(1), r_sel.unsqueeze(0), dim=-1))
         base.append(torch.nn.functional.cosine_similarity(c.sum(1), r_all.unsqueeze(0), dim=-1))
-    scores = torch.cat(sel)
-    return RetrievalResult(scores=scores, baseline_scores=torch.cat(base), components=chosen, query=query,
+    scores = torch.cat(sel).cpu()
+    return RetrievalResult(scores=scores, baseline_scores=torch.cat(base).cpu(), components=chosen, query=query,
                            ids=_ids(source, ids, scores.shape[0]),
                            excluded=ref_index if exclude_reference else None)

@@ -227,8 +227,12 @@ class StreamingScores:
     def _batch_stats(self, aligned: torch.Tensor, total: Optional[torch.Tensor]):
         a = aligned.to(torch.float64)
         s = a.sum(1) if total is None else total.to(torch.float64)
-        p = torch.einsum("ncd,dk->nck", a, self._q.to(a.device))
-        ps = s @ self._q.to(a.device)
+        if self._q.device != a.device:  # once: the bases move to the batches' device (staged, no stream sync)
+            from .engine import to_device
+
+            self._q = to_device(self._q, a.device)
+        p = torch.einsum("ncd,dk->nck", a, self._q)
+        ps = s @ self._q
         mean_p, mean_ps, mean_a = p.mean(0), ps.mean(0), a.mean(0)
         pc, psc = p - mean_p, ps - mean_ps
         return {

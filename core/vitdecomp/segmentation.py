@@ -54,25 +54,30 @@ def class_directions(head: Callable, z: torch.Tensor, classes) -> torch.Tensor:
     """The direction in z-space whose dot product with a contribution gives its share of the class logit: ``[B, D]``.
 
     A ``torch.nn.Linear`` head gives its rows w_k; any other head (a module or function z → logits) gives the
-    gradient ∇_z logit_k(z) at each image's own z (first order; exact for a linear head).
+    gradient ∇_z logit_k(z) at each image's own z (first order; exact for a linear head). Class indices given on
+    the host are checked against the head's classes; indices already on the device (an ``argmax``, say) are not
+    read back.
     """
+    from .engine import to_device
+
     cls = torch.as_tensor(classes).long().flatten()
     if cls.shape[0] != z.shape[0]:
         raise MismatchError(f"{cls.shape[0]} classes for {z.shape[0]} images")
-    if isinstance(head, torch.nn.Linear):
-        K = head.out_features
-        if int(cls.min()) < 0 or int(cls.max()) >= K:
+
+    def check(K: int) -> None:
+        if cls.device.type == "cpu" and (int(cls.min()) < 0 or int(cls.max()) >= K):
             raise InputError(f"class index out of range: the head has {K} classes, got {cls.tolist()[:8]}")
-        return head.weight.detach()[cls.to(head.weight.device)].to(z.device, z.dtype)
+
+    if isinstance(head, torch.nn.Linear):
+        check(head.out_features)
+        return head.weight.detach().index_select(0, to_device(cls, head.weight.device)).to(z.device, z.dtype)
     zz = z.detach().clone().requires_grad_(True)
     p = next(iter(head.parameters()), None) if isinstance(head, torch.nn.Module) else None
     inp = zz if p is None else zz.to(p.device, p.dtype)
     with torch.enable_grad():
         logits = head(inp)
-        K = logits.shape[-1]
-        if int(cls.min()) < 0 or int(cls.max()) >= K:
-            raise InputError(f"class index out of range: the head has {K} classes, got {cls.tolist()[:8]}")
-        sel = logits.gather(1, cls.view(-1, 1).to(logits.device)).sum()
+        check(logits.shape[-1])
+        sel = logits.gather(1, to_device(cls, logits.device).view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(sel, zz)
     return grad.detach()
 
@@ -127,19 +132,20 @@ class Segmentation:
 
 
 def segment(model, images: torch.Tensor, classes=None, *, adapter=None, mode: str = "bilinear",
-            head=None) -> Segmentation:
+            head=None, device=None) -> Segmentation:
     """Zero-shot segmentation of ``images`` ``[B, 3, H, W]`` for ``classes`` ``[B]`` (default: the predicted class).
 
     Decomposes with ``tokens="source"``, takes each class's direction through the prediction head
-    (:func:`class_directions`) and returns saliency at image resolution and the mean-threshold masks.
+    (:func:`class_directions`) and returns saliency at image resolution and the mean-threshold masks (on the
+    device the decomposition ran on; ``device`` as in :func:`vitdecomp.decompose`).
     """
     from .ablation import predict, prediction_head
     from .api import decompose
 
+    dec = decompose(model, images, tokens="source", adapter=adapter, device=device)
     head = prediction_head(model, adapter) if head is None else head
-    dec = decompose(model, images, tokens="source", adapter=adapter)
     logits = predict(head, dec.representation)
-    cls = logits.argmax(-1) if classes is None else torch.as_tensor(classes).long().flatten().to(logits.device)
+    cls = logits.argmax(-1) if classes is None else torch.as_tensor(classes).long().flatten()
     dirs = class_directions(head, dec.representation, cls)
     sal = saliency_maps(dec, dirs, image_size=tuple(images.shape[-2:]), mode=mode)
     return Segmentation(saliency=sal.to(torch.float32), masks=binarize(sal), classes=cls.cpu(), logits=logits)
@@ -325,23 +331,26 @@ class SegmentationEvaluation:
 
 def evaluate_segmentation(model, root, *, adapter=None, preprocess=None, image_size=None, batch_size: int = 8,
                           limit: Optional[int] = None, mode: str = "bilinear", keep: int = 0,
-                          progress: bool = True) -> SegmentationEvaluation:
+                          progress: bool = True, device=None) -> SegmentationEvaluation:
     """Segment every image of a folder (layout in the module docstring) and score it against its mask.
 
     Images and masks are resized to the model's input size (``image_size`` overrides) and normalised with the
     mean/std of ``preprocess`` or the model's config. The class is ``labels.csv``'s when listed, else the
-    predicted one.
+    predicted one. ``device``: run the model there (moved in place; default: where it is).
     """
     from tqdm.auto import tqdm
 
     from .ablation import predict, prediction_head
     from .api import decompose
+    from .engine import to_device
 
     images, masks, labels = read_segmentation_folder(root)
     if limit is not None:
         images, masks = images[:limit], masks[:limit]
     size = tuple(image_size) if image_size is not None else input_size(model, adapter)
     mean, std = _norm_stats(model, preprocess)
+    if device is not None:
+        model = model.to(device)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     head = prediction_head(model, adapter)
@@ -351,7 +360,7 @@ def evaluate_segmentation(model, root, *, adapter=None, preprocess=None, image_s
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
         loaded = [load_image(p, size, mean, std) for p in batch]
-        x = torch.stack([t for t, _ in loaded]).to(device, dtype)
+        x = to_device(torch.stack([t for t, _ in loaded]), device, dtype)
         dec = decompose(model, x, tokens="source", adapter=adapter)
         logits = predict(head, dec.representation)
         pred = logits.argmax(-1).cpu()

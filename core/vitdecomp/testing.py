@@ -209,7 +209,7 @@ def _user_frames() -> str:
 
 
 @contextlib.contextmanager
-def simulated_cuda():
+def simulated_cuda(*, allow: int = 0):
     """A context in which ``"cuda"`` tensors are simulated (no GPU needed) and host synchronisations are caught.
 
     Inside it, create tensors and move modules with ``device="cuda"`` as usual: they become fake tensors (shape,
@@ -218,7 +218,10 @@ def simulated_cuda():
     ``nonzero``, a blocking device→host copy such as ``.cpu()``) raises :class:`HostSyncError` naming the code
     line. Blocking host→device copies count too (``.to("cuda")`` without ``non_blocking=True`` waits for the
     stream). Values cannot be read inside the context: it checks placement and synchronisation, not numbers
-    (those are checked on CPU). Yields an object whose ``paused()`` context lets set-up code through.
+    (those are checked on CPU). Yields an object whose ``paused()`` context lets set-up code through and whose
+    ``syncs`` lists the synchronisations seen; ``allow=k`` lets the first ``k`` blocking copies through (a
+    function that streams many batches and reads its result once at the end must show a count that does not
+    grow with the number of batches). Reading a value (``.item()``, masks) cannot be allowed: there is none.
     """
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -231,6 +234,7 @@ def simulated_cuda():
 
     class _SyncSpy(TorchDispatchMode):
         armed = True
+        syncs: list = []
 
         @contextlib.contextmanager
         def paused(self):
@@ -265,11 +269,15 @@ def simulated_cuda():
                     isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
                 why = "boolean-mask indexing of a CUDA tensor"
             if why is not None:
-                raise HostSyncError(f"{why} makes the host wait for the GPU; at {_user_frames()}")
+                self.syncs.append(f"{why} at {_user_frames()}")
+                if len(self.syncs) > allow or not why.startswith("a blocking"):
+                    raise HostSyncError(f"{why} makes the host wait for the GPU; at {_user_frames()}")
             return func(*args, **kwargs)
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake, _SyncSpy() as spy:
+    spy = _SyncSpy()
+    spy.syncs = []
+    with fake, spy:
         yield spy
 
 
