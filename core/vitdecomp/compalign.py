@@ -449,39 +449,47 @@ def _evaluate(data: _Data, targets, mask, W, b, batch_size, device) -> Tuple[flo
     return 1.0 - mean, mean
 
 
+def _num_batches(data: _Data, mask: torch.Tensor, batch_size: int) -> int:
+    """How many batches :func:`_batches` yields for ``mask`` (host arithmetic; no data is read)."""
+    return sum(-(-int(mask[a:b].sum()) // batch_size) for a, b in data.chunks)
+
+
 def _data_parallel_epoch(data, targets, local_train, batch_size, gen, W, b, opt, lam_now, probes, device, world):
-    """One epoch of data-parallel refinement: each rank steps through its own images; per step the summed data
-    gradients and image counts are all-reduced (ranks that ran out contribute zero, as with DDP's Join), the
-    penalty gradient is averaged, and every rank applies the same update. Returns (Σ loss, n) over all ranks."""
+    """One epoch of data-parallel refinement: each rank steps through its own images; per step one all-reduce
+    carries the summed data gradients, the image count and the penalty gradient (ranks that ran out contribute
+    zero, as with DDP's Join), and every rank applies the same update. The number of steps is agreed once per
+    epoch and the loss stays on the device, so no step makes the host wait for the GPU. Returns (Σ loss, n) over
+    all ranks."""
     from . import distributed as dist
 
+    steps = max(dist.all_gather_objects(_num_batches(data, local_train, batch_size)))
     it = iter(_batches(data, local_train, batch_size, gen))
-    tot = torch.zeros(2, dtype=torch.float64)
-    while True:
+    tot = torch.zeros(2, dtype=torch.float64, device=W.device)
+    nW, nb = W.numel(), b.numel()
+    for _ in range(steps):
         nxt = next(it, None)
-        alive = dist.all_reduce_sum(torch.tensor([0.0 if nxt is None else 1.0]))
-        if float(alive) == 0:
-            break
         opt.zero_grad(set_to_none=True)
+        count = torch.zeros(1, dtype=W.dtype, device=W.device)
         if nxt is not None:
             idx, c = nxt
-            c = c.to(device, torch.float32)
+            c = to_device(c, device, torch.float32)
             f = _combine(c, W) + b
-            data_sum = (1 - torch.nn.functional.cosine_similarity(f, targets[idx].to(device), dim=-1)).sum()
+            data_sum = (1 - torch.nn.functional.cosine_similarity(f, to_device(targets[idx], device), dim=-1)).sum()
             data_sum.backward()
-            count = float(c.shape[0])
-            tot += torch.tensor([float(data_sum.detach()), count], dtype=torch.float64)
-        else:
-            count = 0.0
-        gW = W.grad if W.grad is not None else torch.zeros_like(W)
-        gb = b.grad if b.grad is not None else torch.zeros_like(b)
-        n_all = float(dist.all_reduce_sum(torch.tensor([count], dtype=torch.float64)))
-        gW, gb = dist.all_reduce_sum(gW) / n_all, dist.all_reduce_sum(gb) / n_all
+            count.fill_(c.shape[0])
+            tot += torch.stack([data_sum.detach().to(torch.float64), count[0].to(torch.float64)])
+        parts = [W.grad.flatten() if W.grad is not None else W.new_zeros(nW),
+                 b.grad.flatten() if b.grad is not None else b.new_zeros(nb), count]
         if lam_now > 0:
             W.grad = None
             (lam_now * _penalty(W, probes, gen)).backward()
-            gW = gW + dist.all_reduce_sum(W.grad) / world
-        W.grad, b.grad = gW, gb
+            parts.append(W.grad.flatten())
+        red = dist.all_reduce_sum(torch.cat(parts))
+        n_all = red[nW + nb]
+        gW = red[:nW].view_as(W) / n_all
+        if lam_now > 0:
+            gW = gW + red[nW + nb + 1:].view_as(W) / world
+        W.grad, b.grad = gW, red[nW:nW + nb].view_as(b) / n_all
         opt.step()
     tot = dist.all_reduce_sum(tot)
     return float(tot[0]), int(tot[1])
