@@ -29,6 +29,17 @@ __all__ = ["HFCLIPVisionAdapter"]
 _CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPForImageClassification")
 
 
+
+def _class_token(g):
+    """Readout groups: z reads the class token alone."""
+    return [[(0, 1.0)]]
+
+
+def _patch_mean(g):
+    """Readout groups: z is the mean of the patch tokens (the class token excluded)."""
+    n = g.h * g.w
+    return [[(1 + j, 1.0 / n) for j in range(n)]]
+
 class HFCLIPVisionAdapter(HFAdapter):
     name = "transformers-clip"
     families = ("CLIP ViT (transformers)",)
@@ -39,7 +50,7 @@ class HFCLIPVisionAdapter(HFAdapter):
         base = model if cls == "CLIPVisionModel" else model.vision_model
         emb = base.embeddings
         proj, head, norm = None, None, base.post_layernorm
-        groups = lambda g: [[(0, 1.0)]]  # noqa: E731
+        groups = _class_token
         if cls == "CLIPVisionModel":
             read, z_doc = (lambda out: out.pooler_output), "pooler_output"
         elif cls in ("CLIPVisionModelWithProjection", "CLIPModel"):
@@ -51,11 +62,7 @@ class HFCLIPVisionAdapter(HFAdapter):
             z_doc = "visual_projection(pooler_output) (image_embeds / get_image_features)"
         else:
             norm, head = None, getattr(model, "classifier", None)
-
-            def groups(g):
-                n = g.h * g.w
-                return [[(1 + j, 1.0 / n) for j in range(n)]]
-
+            groups = _patch_mean
             read, z_doc = (lambda out: out.last_hidden_state[:, 1:].mean(1)), "last_hidden_state[:, 1:].mean(1)"
         return Layout(
             base=base, layers=base.encoder.layers, num_prefix=1, groups=groups, norm=norm,
