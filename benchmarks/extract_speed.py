@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 
@@ -42,7 +43,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(spec, data, *, batch, autocast, device, clip=None):
+def bench(spec, data, *, batch, autocast, device, clip=None, repeats=1):
     import vitdecomp
     from vitdecomp.api import _autocast_dtype
     from vitdecomp.extraction import _collate, _Items, extract
@@ -53,26 +54,31 @@ def bench(spec, data, *, batch, autocast, device, clip=None):
     items = _Items(data, loaded.preprocess, None)
     loader = torch.utils.data.DataLoader(items, batch_size=batch, collate_fn=_collate, pin_memory=dev.type == "cuda")
 
-    def forward():
+    def forward(dl=loader):
         with torch.no_grad(), torch.autocast(dev.type, dtype=ac or torch.float32, enabled=ac is not None):
-            for x, *_ in loader:
+            for x, *_ in dl:
                 vitdecomp.representation(loaded.model, x.to(dev, non_blocking=True))
         _sync(dev)
 
     few = torch.utils.data.Subset(data, range(min(len(data), batch)))
+    t_fwd, t_ext = [], []
     with tempfile.TemporaryDirectory() as tmp:
         extract(loaded, few, f"{tmp}/warm", batch_size=batch, progress=False, device=dev, autocast=ac)  # warm-up
-        forward()  # warm-up
-        t0 = time.perf_counter()
-        forward()
-        t_fwd = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cache = extract(loaded, data, f"{tmp}/a", batch_size=batch, progress=False, device=dev, autocast=ac)
-        t_ext = time.perf_counter() - t0
+        forward(torch.utils.data.DataLoader(_Items(few, loaded.preprocess, None), batch_size=batch,
+                                            collate_fn=_collate))  # warm-up
+        for r in range(repeats):  # interleaved, so both paths see the same machine load
+            t0 = time.perf_counter()
+            forward()
+            t_fwd.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cache = extract(loaded, data, f"{tmp}/a{r}", batch_size=batch, progress=False, device=dev, autocast=ac)
+            t_ext.append(time.perf_counter() - t0)
+        tf, te = statistics.median(t_fwd), statistics.median(t_ext)
         row = {"model": spec, "batch": batch, "autocast": autocast or "fp32", "device": str(dev),
-               "components": len(cache.names), "dim": cache.dim,
-               "forward_img_s": len(data) / t_fwd, "extract_img_s": len(data) / t_ext,
-               "extract_throughput_vs_forward": t_fwd / t_ext,
+               "components": len(cache.names), "dim": cache.dim, "repeats": repeats,
+               "forward_img_s": len(data) / tf, "extract_img_s": len(data) / te,
+               "extract_throughput_vs_forward": tf / te,
+               "forward_runs_s": [round(t, 2) for t in t_fwd], "extract_runs_s": [round(t, 2) for t in t_ext],
                "max_reconstruction_error": cache.max_error,
                "error_vs_float32": max((e for e in cache.shard_errors_vs_float32 if e is not None), default=None)}
         if clip:
@@ -94,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--autocast", nargs="+", default=["none"], choices=["none", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved forward/extract runs; medians reported")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +110,7 @@ def main(argv=None):
     for spec in args.models:
         for ac in args.autocast:
             row = bench(spec, data, batch=args.batch, autocast=None if ac == "none" else ac, device=args.device,
-                        clip=None if args.no_clip else args.clip)
+                        clip=None if args.no_clip else args.clip, repeats=args.repeats)
             print(json.dumps(row), flush=True)
 
 

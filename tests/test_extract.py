@@ -223,12 +223,21 @@ def test_end_to_end_extract_align_score_describe(cache):
     assert set(desc) == set(cache.names[:2]) and all(len(v) == 3 for v in desc.values())
 
 
-def test_reduced_precision_extraction_records_error_vs_float32(tmp_path):
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_reduced_precision_extraction_records_error_vs_float32(tmp_path, family):
+    """Two batches per shard: the first measures the error against float32, the others only run reduced (the
+    second batch of a Swin shard used to crash: the readout ran under the shard's autocast)."""
     import timm
 
     torch.manual_seed(0)
-    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
-    data = torch.utils.data.TensorDataset(torch.randn(5, 3, 32, 32), torch.zeros(5, dtype=torch.long))
+    if family == "vit":
+        m = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
+        size = 32
+    else:
+        m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4,
+                              embed_dim=16, depths=(1, 1), num_heads=(1, 2)).eval()
+        size = 32
+    data = torch.utils.data.TensorDataset(torch.randn(5, 3, size, size), torch.zeros(5, dtype=torch.long))
     cache = extract(m, data, tmp_path / "c", batch_size=2, shard_size=3, dtype=torch.float32, progress=False,
                     autocast="bf16", model_name="tiny")
     errs = cache.shard_errors_vs_float32

@@ -134,6 +134,7 @@ def decompose(
     adapter=None,
     registry: Optional[Registry] = None,
     autocast=None,
+    compare_float32: bool = True,
     device=None,
 ) -> Decomposition:
     """Decompose the model's final representation of ``images`` exactly into component contributions.
@@ -154,7 +155,11 @@ def decompose(
         under ``torch.autocast`` (float32 images and model); the decomposition's own algebra stays in float32.
         ``error`` is then measured against the reduced-precision forward's own z (bounded by the rounding of its
         branch outputs, ~1e-3 for bf16) and ``meta["error_vs_float32"]`` against a separate float32 forward —
-        reported, never hidden; ``check=True`` applies the reduced dtype's tolerance.
+        reported, never hidden; ``check=True`` applies the reduced dtype's tolerance. Called inside the caller's
+        own ``torch.autocast`` context, the same happens with that context's dtype (only the model's forward runs
+        reduced; the readout algebra is kept out of it) but without the float32 comparison.
+    :param compare_float32: with ``autocast``, also run a float32 forward for ``meta["error_vs_float32"]`` (one
+        more forward; :func:`vitdecomp.extract` does it on the first batch of every shard).
     :param device: run on this device (``"cuda"``, ``"cuda:1"``, ``"cpu"``): the model is moved there (in place,
         as ``nn.Module.to`` does) and the images copied there. Default: where the model already is (the images
         must then be on the same device). No step of the decomposition makes the host wait for the device
@@ -170,22 +175,28 @@ def decompose(
     ac = _autocast_dtype(autocast)
     if ac is not None and images.dtype != torch.float32:
         raise InputError(f"autocast={autocast!r} needs float32 images and model; got {images.dtype}")
-    with torch.no_grad():
-        if ac is None:
+    dt = images.device.type
+    run_ac = ac
+    if run_ac is None and images.dtype == torch.float32 and torch.is_autocast_enabled(dt):
+        run_ac = torch.get_autocast_dtype(dt)  # the caller's own torch.autocast context
+    # the caller's autocast never reaches the readout algebra; only the model's forward runs reduced
+    with torch.no_grad(), torch.autocast(dt, enabled=False):
+        if run_ac is None:
             dec = ad.decompose(model, images, options)
         else:
             from .engine import forward_autocast
 
             # the model's forward (inside the adapter's HookSet) runs under autocast; captures are upcast
-            with forward_autocast(images.device.type, ac, images.dtype):
+            with forward_autocast(dt, run_ac, images.dtype):
                 dec = ad.decompose(model, images, options)
             # z comes out of the reduced-precision forward; keep the record in the working dtype
             dec.representation, dec._error = dec.representation.to(images.dtype), None
-            from .decomposition import relative_error
+            dec.meta["autocast"] = str(run_ac).replace("torch.", "")
+            if ac is not None and compare_float32:
+                from .decomposition import relative_error
 
-            z32 = ad.representation(model, images)
-            dec.meta["autocast"] = str(ac).replace("torch.", "")
-            dec.meta["error_vs_float32"] = relative_error(dec.total(), z32)
+                z32 = ad.representation(model, images)
+                dec.meta["error_vs_float32"] = relative_error(dec.total(), z32)
     if not heads:
         dec = dec.group("branch")
         dec.meta.pop("grouped", None)

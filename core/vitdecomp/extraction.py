@@ -435,14 +435,9 @@ def _extract_batch(model, x, xc, clip_model, *, device, model_dtype, ac, measure
 
     x = x.to(device, model_dtype, non_blocking=True)
     out = {}
-    if ac is None:
-        dec = decompose(model, x, check=False, registry=registry, **dk)
-    elif measure32:
-        dec = decompose(model, x, check=False, registry=registry, autocast=ac, **dk)
+    dec = decompose(model, x, check=False, registry=registry, autocast=ac, compare_float32=measure32, **dk)
+    if ac is not None and measure32:
         out["error_vs_float32"] = dec.meta["error_vs_float32"]
-    else:
-        with torch.autocast(device_type=device.type, dtype=ac):
-            dec = decompose(model, x, check=False, registry=registry, **dk)
     out["names"] = list(dec.names)
     out["error"] = dec.error_tensor().max().to(torch.float64)
     c_dev = dec.contributions.detach().to(store_dtype)
