@@ -192,3 +192,14 @@ def test_segment_on_simulated_cuda():
         seg = vitdecomp.segment(model, torch.randn(2, 3, 32, 32), device="cuda")  # predicted classes
         assert seg.saliency.device.type == "cuda" and seg.saliency.shape == (2, 32, 32)
     assert len(sim.syncs) <= 1  # the class indices handed back on the host
+
+
+def test_token_heatmap_on_simulated_cuda():
+    model = _tiny_vit()
+    with simulated_cuda() as sim:
+        with sim.paused():
+            model.to("cuda")
+        dec = vitdecomp.decompose(model, torch.randn(2, 3, 32, 32, device="cuda"), tokens="source")
+        hm = vitdecomp.token_heatmap(dec, text=torch.randn(192), components=list(dec.names[2:5]))
+        assert hm.maps.device.type == "cuda" and hm.maps.shape == (2, 32, 32)
+    assert sim.syncs == []

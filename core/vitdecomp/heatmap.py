@@ -127,7 +127,9 @@ def _map_matrix(aligner, name: str, directions: torch.Tensor, D: int) -> torch.T
             f"text embeddings have d = {directions.shape[1]} but the aligner maps into d = {W.shape[1]} "
             f"(CLIP model {getattr(aligner, 'clip_model', None)!r}); encode the texts with the aligner's CLIP model"
         )
-    return W.to(torch.float64) @ directions.T.to(torch.float64).to(W.device)
+    from .engine import to_device
+
+    return W.to(torch.float64) @ to_device(directions.T.contiguous(), W.device, torch.float64)
 
 
 def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, basis: Optional[torch.Tensor] = None,
@@ -157,6 +159,8 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
         if basis.ndim != 2:
             raise InputError(f"basis must be [k, d] text embeddings, got shape {tuple(basis.shape)}")
         directions = orthonormal_basis(basis).to(torch.float32)
+    from .engine import to_device
+
     directions = directions.detach().cpu().to(torch.float64)
     if components is None:
         names = heatmap_components(dec, scores, k=k, kinds=kinds)
@@ -174,7 +178,7 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
     for name in names:
         sm = dec.spatial_map(name)  # [B, h, w, D]
         g = dec.grid_of(name)
-        U = _map_matrix(aligner, name, directions, D).to(sm.device)  # [D, k]
+        U = to_device(_map_matrix(aligner, name, directions, D), sm.device)  # [D, k], staged: no stream sync
         proj = torch.einsum("bhwD,Dk->bkhw", sm.to(torch.float64), U)  # [B, k, h, w]
         per[name] = proj[:, 0] if text is not None else proj.norm(dim=1)
         grids[name] = g
