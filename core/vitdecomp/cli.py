@@ -41,7 +41,8 @@ def _load(args):
     kw = {}
     if getattr(args, "img_size", None):
         kw["img_size"] = args.img_size
-    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, **kw)
+    return api.load_model(args.model, weights=args.weights, random_init=args.random_init,
+                          device=getattr(args, "device", "cpu"), **kw)
 
 
 def _image_size(model, adapter) -> tuple:
@@ -94,15 +95,20 @@ def cmd_check(args) -> int:
     adapter = api.find_adapter(model)
     size = tuple(args.image_size) if args.image_size else _image_size(model, adapter)
     g = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch, 3, *size, generator=g, dtype=dtype)
+    images = torch.randn(args.batch, 3, *size, generator=g, dtype=dtype).to(args.device)
+    from .engine import wait_for_host_copies as sync  # a full device synchronisation on CUDA, for timing
+
     with torch.no_grad():
         api.representation(model, images)  # warm-up
+        sync(args.device)
         t0 = time.perf_counter()
         api.representation(model, images)
+        sync(args.device)
         t_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
     dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
                         start=args.start)
+    sync(args.device)
     t_dec = time.perf_counter() - t0
     tol = tolerance_for(dtype)
     print(f"model      {loaded.name}  ({type(adapter.unwrap(model)).__name__}, adapter {adapter.name})")
@@ -139,7 +145,7 @@ def cmd_decompose(args) -> int:
             raise SystemExit(f"cannot read image {path!r}: {exc}")
         batch.append(loaded.preprocess(img))
     images = torch.stack(batch).to(_dtype(args.dtype))
-    dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
+    dec = api.decompose(model, images, device=args.device, heads=not args.no_heads, tokens="source" if args.tokens else None,
                         start=args.start, bias=args.bias, check=True)
     dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images]})
     dec.save(args.out, tokens=args.tokens)
@@ -165,6 +171,7 @@ def _model_args(p):
     p.add_argument("--tokens", action="store_true", help="also split attention heads by source token")
     p.add_argument("--no-heads", action="store_true", help="whole attention branches instead of heads")
     p.add_argument("--start", type=_start, default=None, help="decompose blocks from this index (or 'stage,block') on")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
