@@ -124,20 +124,33 @@ def test_decompose_device_cpu_is_the_default_result(photo_batch):
     assert torch.equal(a.contributions, b.contributions)
 
 
-def test_extraction_batch_step_never_waits():
+@pytest.mark.parametrize("with_clip", [False, True])
+def test_extraction_batch_step_never_waits(with_clip):
+    import open_clip
+
     from vitdecomp.extraction import _extract_batch
 
     model = _tiny_vit()
+    clip = None
+    if with_clip:  # CLIP targets: a second model's forward, its embedding copied to the host asynchronously
+        clip = copy.deepcopy(open_clip.CLIP(
+            embed_dim=24, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            text_cfg={"context_length": 8, "vocab_size": 50, "width": 16, "heads": 1, "layers": 1}).eval())
     dk = {"heads": True, "start": None, "bias": "explicit"}
     with simulated_cuda() as sim:
         with sim.paused():
             model.to("cuda")
+            if clip is not None:
+                clip.to("cuda")
         x = torch.randn(4, 3, 32, 32)  # what the (pinned) DataLoader hands over
-        out = _extract_batch(model, x, None, None, device=torch.device("cuda"), model_dtype=torch.float32, ac=None,
+        xc = torch.randn(4, 3, 32, 32) if with_clip else None
+        out = _extract_batch(model, x, xc, clip, device=torch.device("cuda"), model_dtype=torch.float32, ac=None,
                              measure32=False, store_dtype=torch.float16, registry=None, dk=dk)
         assert out["contributions"].device.type == "cpu" and out["contributions"].dtype == torch.float16
         assert out["representation"].device.type == "cpu"
         assert out["error"].device.type == "cuda" and out["finite"].device.type == "cuda"  # read once per shard
+        if with_clip:
+            assert out["targets"].device.type == "cpu" and out["targets"].shape == (4, 24)
     assert sim.syncs == []
 
 
