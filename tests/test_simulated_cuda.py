@@ -15,7 +15,7 @@ import torch
 
 import vitdecomp
 from vitdecomp import testing
-from vitdecomp.engine import index_tensor, to_device, to_host, wait_for_host_copies
+from vitdecomp.engine import index_tensor, to_device, to_host, synchronize
 from vitdecomp.testing import HostSyncError, simulated_cuda
 
 
@@ -82,7 +82,7 @@ def test_engine_helpers_are_the_plain_operations_on_cpu():
     x = torch.randn(2, 3, dtype=torch.float64)
     assert torch.equal(to_device(x, "cpu", torch.float32), x.float())
     assert to_host(x) is x
-    wait_for_host_copies("cpu")
+    synchronize("cpu")
 
 
 def test_check_cuda_placement_fails_for_an_adapter_that_reads_the_device():

@@ -172,7 +172,7 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
                      device=None):
     """Contributions [N, C, D] and representations [N, D] of image files (on the host), decomposed in batches on
     ``device`` (results copied to the host asynchronously, one wait at the end)."""
-    from .engine import to_host, wait_for_host_copies
+    from .engine import to_host, synchronize
 
     import torch
     from PIL import Image
@@ -198,7 +198,7 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
         names = dec.names
         cs.append(to_host(dec.contributions))
         zs.append(to_host(dec.representation))
-    wait_for_host_copies(next((p.device for p in model.parameters()), "cpu"))
+    synchronize(next((p.device for p in model.parameters()), "cpu"))
     return torch.cat(cs), torch.cat(zs), names
 
 

@@ -96,19 +96,19 @@ def cmd_check(args) -> int:
     size = tuple(args.image_size) if args.image_size else _image_size(model, adapter)
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch, 3, *size, generator=g, dtype=dtype).to(args.device)
-    from .engine import wait_for_host_copies as sync  # a full device synchronisation on CUDA, for timing
+    from .engine import synchronize
 
     with torch.no_grad():
         api.representation(model, images)  # warm-up
-        sync(args.device)
+        synchronize(args.device)
         t0 = time.perf_counter()
         api.representation(model, images)
-        sync(args.device)
+        synchronize(args.device)
         t_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
     dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
                         start=args.start)
-    sync(args.device)
+    synchronize(args.device)
     t_dec = time.perf_counter() - t0
     tol = tolerance_for(dtype)
     print(f"model      {loaded.name}  ({type(adapter.unwrap(model)).__name__}, adapter {adapter.name})")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["FrozenNorm", "freeze_norm", "HookSet", "is_identity", "forward_autocast", "index_tensor", "to_device", "to_host",
-           "wait_for_host_copies"]
+           "synchronize"]
 
 # (device type, reduced dtype, working dtype) while vitdecomp.decompose(..., autocast=...) runs
 _AUTOCAST: contextvars.ContextVar = contextvars.ContextVar("vitdecomp_forward_autocast", default=None)
@@ -43,15 +43,16 @@ def to_device(t, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """``t`` on the host without waiting: CPU tensors as they are; CUDA tensors copied asynchronously into pinned
-    host memory (queued behind the work that produces ``t``). Call :func:`wait_for_host_copies` before reading."""
+    host memory (queued behind the work that produces ``t``). Call :func:`synchronize` before reading."""
     if t.device.type != "cuda":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
 
 
-def wait_for_host_copies(device) -> None:
-    """Block until the copies queued by :func:`to_host` on ``device`` have landed (a no-op off CUDA)."""
+def synchronize(device) -> None:
+    """Block until the work queued on ``device`` has finished — the copies queued by :func:`to_host` among it
+    (a no-op off CUDA)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

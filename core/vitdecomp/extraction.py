@@ -38,7 +38,7 @@ import torch
 
 from . import distributed as dist
 from .errors import EmptyDatasetError, InputError, MismatchError
-from .engine import to_host, wait_for_host_copies
+from .engine import to_host, synchronize
 
 __all__ = ["extract", "ExtractionCache", "CacheBatch", "IMAGE_SUFFIXES"]
 
@@ -602,7 +602,7 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     targets.append(res["targets"])
                 labels.extend(lab)
                 bar.update(len(idx))
-            wait_for_host_copies(device)
+            synchronize(device)
             if not bool(finite_t):
                 raise InputError(f"contributions overflow {dtype_name} in shard {j}; extract with dtype=torch.float32")
             max_err = float(err_t)
