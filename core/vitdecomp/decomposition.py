@@ -24,10 +24,11 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
 def _take(x: torch.Tensor, idx: List[int]) -> torch.Tensor:
     """``x[:, idx]`` for a list of component indices, without a blocking host→device copy of the index."""
-    from .engine import index_tensor
+    from .engine import as_range, index_tensor
 
-    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
-        return x[:, idx[0]:idx[0] + len(idx)]
+    r = as_range(idx)
+    if r is not None:  # a view, no index at all
+        return x[:, r.start:r.stop]
     return x.index_select(1, index_tensor(idx, x.device))
 
 

@@ -58,14 +58,21 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def as_range(values) -> Optional[range]:
+    """``values`` (ints) as a ``range`` when they are consecutive and ascending, else None."""
+    values = [int(v) for v in values]
+    if values and values == list(range(values[0], values[0] + len(values))):
+        return range(values[0], values[0] + len(values))
+    return None
+
+
 def index_tensor(values, device) -> torch.Tensor:
     """Integer indices ``values`` (a sequence of ints) as a long tensor on ``device`` without making the host wait:
     a contiguous range is built there (``arange``), anything else goes through :func:`to_device`."""
-    values = [int(v) for v in values]
-    n = len(values)
-    if n and values == list(range(values[0], values[0] + n)):
-        return torch.arange(values[0], values[0] + n, device=device)
-    return to_device(torch.tensor(values, dtype=torch.long), device)
+    r = as_range(values)
+    if r is not None:
+        return torch.arange(r.start, r.stop, device=device)
+    return to_device(torch.tensor([int(v) for v in values], dtype=torch.long), device)
 
 
 @contextlib.contextmanager

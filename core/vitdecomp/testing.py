@@ -234,7 +234,6 @@ def simulated_cuda(*, allow: int = 0):
 
     class _SyncSpy(TorchDispatchMode):
         armed = True
-        syncs: list = []
 
         @contextlib.contextmanager
         def paused(self):
