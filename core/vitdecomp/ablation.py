@@ -91,22 +91,23 @@ def _check_tensor(x) -> torch.Tensor:
     return x
 
 
-def iter_source(source, batch_size: int = 256, *, representation: Optional[torch.Tensor] = None, device=None
-                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+def iter_source(source, batch_size: int = 256, *, representation: Optional[torch.Tensor] = None, device=None,
+                local: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """``(indices [b], contributions [b, C, D], representation [b, D] or None)`` over a contributions tensor, a
     :class:`~vitdecomp.Decomposition` (its representation comes along) or an :class:`~vitdecomp.ExtractionCache`.
     With ``device``, contributions and representation are copied there batch by batch (host data staged through
-    pinned memory, so the copies do not make the host wait for the GPU); the indices stay on the host."""
+    pinned memory, so the copies do not make the host wait for the GPU); the indices stay on the host.
+    ``local``: of an ExtractionCache, only this rank's shards (under torch.distributed)."""
     if device is None:
-        yield from _iter_source(source, batch_size, representation)
+        yield from _iter_source(source, batch_size, representation, local)
         return
     from .engine import to_device
 
-    for ind, c, z in _iter_source(source, batch_size, representation):
+    for ind, c, z in _iter_source(source, batch_size, representation, local):
         yield ind, to_device(c, device), (None if z is None else to_device(z, device))
 
 
-def _iter_source(source, batch_size, representation):
+def _iter_source(source, batch_size, representation, local=False):
     from .decomposition import Decomposition
 
     if isinstance(source, Decomposition):
@@ -117,7 +118,7 @@ def _iter_source(source, batch_size, representation):
     if _is_cache(source):
         if representation is not None:
             raise InputError("representation= is not used with an ExtractionCache (the cache stores its own z)")
-        for b in source.batches(batch_size, targets=False):
+        for b in source.batches(batch_size, targets=False, local=local):
             yield b.indices, b.contributions, b.representation
         return
     x = _check_tensor(source)
@@ -227,13 +228,8 @@ def component_means(source, *, batch_size: int = 256, device=None) -> torch.Tens
     Decomposition is taken as this rank's own part of the data."""
     from . import distributed as dist
 
-    if _is_cache(source) and dist.info().active:
-        from .engine import to_device
-
-        batches = ((b.indices, b.contributions if device is None else to_device(b.contributions, device), None)
-                   for b in source.batches(batch_size, targets=False, local=True))
-    else:
-        batches = iter_source(source, batch_size, device=device)
+    # a cache is read by shard under a process group (each rank its own); other sources are this rank's part
+    batches = iter_source(source, batch_size, device=device, local=_is_cache(source) and dist.info().active)
     total, n, dtype = None, 0, torch.float32
     for _, c, _ in batches:
         dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
