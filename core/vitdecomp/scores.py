@@ -67,6 +67,16 @@ def orthonormal_basis(texts: torch.Tensor, *, tol: float = 1e-8) -> torch.Tensor
     return q[:, keep].T.contiguous()
 
 
+def _prepare(aligned: torch.Tensor, basis: torch.Tensor, fn: str):
+    """(orthonormal basis ``[k, d]``, aligned contributions in float64) after the checks both batch scores share."""
+    q = orthonormal_basis(basis)
+    _check_aligned(aligned, q.shape[1])
+    n = aligned.shape[0]
+    if n < 2:
+        raise EmptyDatasetError(f"{fn} needs at least 2 images, got {n}")
+    return q, aligned.to(torch.float64)
+
+
 def _check_aligned(aligned: torch.Tensor, basis_dim: Optional[int] = None) -> None:
     if aligned.ndim != 3:
         raise InputError(f"aligned contributions must be [N, C, d], got shape {tuple(aligned.shape)}")
@@ -97,12 +107,7 @@ def variance_attributed(aligned: torch.Tensor, basis: torch.Tensor, *, total: Op
     ``total`` ``[N, d]`` is s(x), by default Σ_i a_i over the given components (pass the full sum when ``aligned``
     holds only some components).
     """
-    q = orthonormal_basis(basis)
-    _check_aligned(aligned, q.shape[1])
-    n = aligned.shape[0]
-    if n < 2:
-        raise EmptyDatasetError(f"variance_attributed needs at least 2 images, got {n}")
-    a = aligned.to(torch.float64)
+    q, a = _prepare(aligned, basis, "variance_attributed")
     s = a.sum(1) if total is None else total.to(torch.float64)
     p = torch.einsum("ncd,kd->nck", a, q)
     ps = s @ q.T  # [N, k]
@@ -116,12 +121,7 @@ def variance_attributed(aligned: torch.Tensor, basis: torch.Tensor, *, total: Op
 
 def variance_explained(aligned: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """VE_i(P) = tr Cov(B_P a_i) / tr Cov(a_i) for every component i, shape ``[C]`` (float64, in [0, 1])."""
-    q = orthonormal_basis(basis)
-    _check_aligned(aligned, q.shape[1])
-    n = aligned.shape[0]
-    if n < 2:
-        raise EmptyDatasetError(f"variance_explained needs at least 2 images, got {n}")
-    a = aligned.to(torch.float64)
+    q, a = _prepare(aligned, basis, "variance_explained")
     ss = a.pow(2).sum((0, 2))
     a = a - a.mean(0)
     inside = torch.einsum("ncd,kd->nck", a, q).pow(2).sum((0, 2))
