@@ -235,7 +235,9 @@ class Decomposition:
                 comp = first
             else:
                 kinds = {self.components[i].kind for i in idx}
-                if len(kinds) == 1:
+                if kinds == {"head"} and level != "kind":
+                    kind = "attn"  # heads summed into their branch (an attention without an output bias)
+                elif len(kinds) == 1:
                     kind = first.kind
                 else:
                     kind = {"branch": "attn", "attn": "attn", "block": "block", "stage": "stage"}.get(level, "attn")
