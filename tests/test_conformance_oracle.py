@@ -216,3 +216,28 @@ def test_unlocatable_component_is_named_and_writes_override_it():
     with pytest.raises(testing.OracleError, match="'blocks.0.ffn'.*writes="):
         testing.check_attributions(model, x, adapter=ad, tokens=False, start=None)
     testing.check_attributions(model, x, adapter=ad, tokens=False, start=None, writes={"blocks.0.ffn": "blocks.0.mlp"})
+
+
+def test_a_displaced_spatial_map_fails():
+    """Swin: an MLP's map shifted by one row (a roll not undone) still sums to the component; the oracle places
+    positions through the model's own roll / pad / partition and rejects it."""
+    torch.manual_seed(0)
+    model = testing.perturb_parameters(timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=(32, 40), window_size=2, embed_dim=16, depths=(2, 2),
+        num_heads=(2, 2), num_classes=0).eval())
+    name = "stages.0.blocks.1.mlp"
+
+    def roll(dec):
+        if not dec.token_details:
+            return dec
+        g = dec.grid_of(name)
+        tok = dec.token_contributions(name)
+        moved = tok.reshape(tok.shape[0], g.h, g.w, -1).roll(1, dims=1).reshape(tok.shape)
+        return rebuild(dec, details={name: DenseTokens(moved)})
+
+    x = torch.randn(1, 3, 32, 40)
+    assert testing.check_attributions(model, x, start=None)[0][2] > 0
+    ad = broken(model, roll)
+    testing.check_reconstruction(model, x, adapter=ad, granularities=({"heads": True, "tokens": "source"},))
+    with pytest.raises(AssertionError, match=f"token split \\(written positions\\) of '{name}'"):
+        testing.check_attributions(model, x, adapter=ad, start=None)

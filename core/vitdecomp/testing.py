@@ -6,10 +6,15 @@ Use it from a pack's tests::
 
     def test_conformance():
         model = build_small_model()                       # real architecture, random weights
-        testing.perturb_parameters(model)                 # move norms / LayerScale away from identity init
+        testing.perturb_parameters(model)                 # move norms / LayerScale / biases off their init
         testing.run_conformance(model, image_size=(32, 32), reference=lambda m, x: m.forward_own(x))
 
 Every check raises ``AssertionError`` with a message naming the model, dtype and granularity that failed.
+
+:func:`check_attributions` checks each component (and token split), not only the sum, against
+:func:`attribution_oracle`: the model's own forward with norms at their forward statistics, attention outputs
+and branch writes cut into leaves, differentiated (``⟨∂z/∂write, write⟩`` is that write's exact share with
+everything else frozen). It never calls the adapter's algebra, only its names, ``unwrap`` and ``representation``.
 
 :func:`check_cuda_placement` runs the decomposition on a *simulated* CUDA device (PyTorch's fake tensors carry
 shapes, dtypes and devices but no data), so a machine without a GPU still proves that an adapter keeps every
@@ -564,6 +569,9 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
                                   f"{type(root).__name__}; pass writes={{{c.name!r}: [parameter paths]}}")
             direct = [p for n, p in mod.named_parameters(recurse=False) if n == "bias"]  # a norm's β, a Linear's b
             consts[c.name] = direct or [p for n, p in mod.named_parameters() if _BIAS.search(n)]
+            if not consts[c.name]:
+                raise OracleError(f"{ad.name}: module {path!r} of constant {c.name!r} has no bias parameter; "
+                                  f"pass writes={{{c.name!r}: [parameter paths]}}")
         else:
             ov = overrides.get(c.name)
             path, mod = (ov, mods.get(ov)) if ov is not None else _resolve(
@@ -572,7 +580,9 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
                 raise OracleError(f"{ad.name}: cannot locate the module that writes component {c.name!r} "
                                   f"(kind {c.kind}) in {type(root).__name__}; pass writes={{{c.name!r}: 'module.path'}}")
             if hasattr(mod, "shortcut") and isinstance(getattr(mod, "drop_path", None), torch.nn.Module):
-                path, mod = f"{path}.drop_path", mod.drop_path  # a block that adds its own shortcut: its branch part
+                # a module that adds its own shortcut (timm's MBConv): its write is the branch part, the
+                # output of its drop_path, not the sum with the stream
+                path, mod = f"{path}.drop_path", mod.drop_path
             branches[c.name] = (path, mod)
     owners = {}
     for g in head_groups:
@@ -864,6 +874,8 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
                     f"{where}: heads=False names {sorted(set(got_dec.names) ^ set(want))[:5]} are not the branches"
                 for name in got_dec.names:
                     _compare(failures, name, got_dec[name][0], want[name], zn, rtol, floor)
+                    worst = max(worst, float((got_dec[name][0] - want[name]).norm()) /
+                                max(float(want[name].norm()), 1e-300))
             if opts.get("tokens"):
                 head_mode = dec.meta.get("head_tokens", "source")
                 src_meta = dec.meta.get("source_tokens") or {}
