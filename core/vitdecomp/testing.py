@@ -694,8 +694,9 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
         probs, value, leaf = state.calls[owners[g]]
         Gd = G[("attn", g)]  # [D, R, H, Nq, dh]
         H = leaf.shape[-3]
-        if len(comps_g) != H:
-            notes.append(f"{g}: the attention product has {H} heads, the decomposition lists {len(comps_g)}")
+        if sorted(c.head for c in comps_g) != list(range(H)):
+            raise AssertionError(f"{ad.name}: the attention product in {owners[g]!r} has {H} heads; the decomposition "
+                                 f"lists heads {[c.head for c in comps_g]} for {g!r}")
         per_head = torch.einsum("d...hqc,...hqc->dh", Gd.reshape(D, -1, *leaf.shape[-3:]),
                                 leaf.detach().reshape(-1, *leaf.shape[-3:]))
         for c in comps_g:
@@ -858,7 +859,7 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
                     f"{where}: the writes located for the components do not add up to z (oracle error {oerr:.2e}): "
                     f"a constant or branch the model adds is not any component (or the oracle located a name wrong, "
                     f"or a norm outside torch.nn.functional is not frozen); oracle notes: {orc.notes[:3]}")
-            worst, checked, failures = 0.0, 0, []
+            worst, checked, failures, unchecked = 0.0, 0, [], []
             if opts["heads"]:
                 for name in dec.names:
                     _compare(failures, name, dec[name][0], orc.contributions[name], zn, rtol, floor)
@@ -884,6 +885,8 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
                         continue
                     T = dec.grid_of(c.name).num_tokens
                     ref = (orc.sources if head_mode == "source" else orc.tokens) if c.kind == "head" else orc.tokens
+                    if c.name not in ref and c.kind != "const":
+                        unchecked.append(c.name)
                     if c.name in ref:
                         tok = dec.token_contributions(c.name)[0]
                         what = f"token split ({'read' if c.kind == 'head' and head_mode == 'source' else 'written'} positions)"
@@ -895,6 +898,10 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
                                  what="meta['source_tokens'] split (read positions)")
                         checked += 1
             _raise_failures(where, failures)
+            if unchecked:
+                raise OracleError(f"{where}: the oracle could not place the token splits of {unchecked[:4]} on their "
+                                  f"grids ({'; '.join(orc.notes[:3]) or 'no layout matched'}); check_attributions("
+                                  f"..., tokens=False) skips token checks")
             results.append((opts, worst, checked))
     return results
 
