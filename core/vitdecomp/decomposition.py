@@ -197,6 +197,8 @@ class Decomposition:
         """Component ``name`` split over tokens: ``[B, T, D]`` summing over T to ``self[name]``.
 
         Attention heads are split by the token they read from; other components sit at the positions they write.
+        A family that places heads at the rows they write instead says so with ``meta["head_tokens"] = "query"``
+        (Swin, MaxViT; the conformance kit checks whichever is declared).
         Token order follows ``self.grid``: prefix tokens first, then the h × w patches row-major.
         """
         if not self.token_details:
