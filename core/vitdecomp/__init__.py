@@ -12,10 +12,12 @@ from .adapter import Adapter, DecomposeOptions
 from .decomposition import Decomposition
 from .errors import (
     AmbiguousAdapterError,
+    CorruptCacheError,
     EmptyDatasetError,
     InputError,
     MismatchError,
     NoAdapterError,
+    OutputError,
     PluginLoadError,
     ReconstructionError,
     UnknownModelError,
@@ -57,7 +59,7 @@ __all__ = [
     "Adapter", "Component", "DecomposeOptions", "Decomposition", "TokenGrid", "hookimpl",
     "VitDecompError", "NoAdapterError", "AmbiguousAdapterError", "PluginLoadError", "UnsupportedModelError",
     "InputError", "UnknownModelError", "WeightsUnavailableError", "ReconstructionError", "MismatchError",
-    "UnknownPropertyError", "EmptyDatasetError",
+    "UnknownPropertyError", "EmptyDatasetError", "CorruptCacheError", "OutputError",
     *_LAZY,
 ]
 
