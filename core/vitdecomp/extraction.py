@@ -610,12 +610,12 @@ def _is_ours(p: Path) -> bool:
 def _claim(out: Path) -> None:
     """Make sure ``out`` is writable and is (or becomes) this library's cache folder, before any expensive work:
     an empty or new folder is claimed with the marker file; a folder holding other files is refused."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"the output path {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
-    if not out.is_dir():
-        raise OutputError(f"the output path {out} exists and is not a folder")
     marker = out / _MARKER
     if not marker.is_file():
         others = sorted(p.name for p in out.iterdir() if not _is_ours(p))
@@ -754,7 +754,7 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
             raise EmptyDatasetError(f"the dataset {type(data).__name__} is empty")
         items = _Items(data, preprocess, clip_pre, skip=skip)
         data_meta = {"kind": "dataset", "class": f"{type(data).__module__}.{type(data).__qualname__}"}
-        data_fp = f"{data_meta['class']}:{len(data)}"
+        data_fp = f"dataset:{len(data)}"  # its identity is its samples: one content digest per item in the shards
     else:
         raise InputError(f"data must be an image folder or a torch Dataset, got {type(data).__name__}")
 

@@ -1,0 +1,325 @@
+"""Nothing stale, nothing lost, nothing silent (issue 14): cache identity and checksums, folder ownership, corrupt
+images, output paths, a SIGKILLed extraction resumed; all on real files with a tiny random timm ViT."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import vitdecomp
+from vitdecomp._fingerprint import weights_fingerprint
+from vitdecomp.errors import CorruptCacheError, InputError, MismatchError, OutputError
+from vitdecomp.extraction import ExtractionCache, extract
+
+
+def _vit(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16, depth=1,
+                             num_classes=0).eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return _vit()
+
+
+class _Tensors(torch.utils.data.Dataset):
+    def __init__(self, n=6, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g).to(dtype)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 2
+
+
+def _folder(root: Path, n=6) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    for k in range(n):
+        arr = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"img{k}.png")
+    return root
+
+
+def _pre():
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def _run(model, data, out, **kw):
+    kw.setdefault("preprocess", _pre())
+    return extract(model, data, out, shard_size=2, batch_size=2, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+
+def test_weight_fingerprint_sees_every_change_including_permutations():
+    m = _vit()
+    fp = weights_fingerprint(m)
+    assert fp == weights_fingerprint(_vit()) and len(fp) == 32  # same weights, same digest
+    with torch.no_grad():
+        w = m.blocks[0].mlp.fc1.weight
+        w[[0, 1]] = w[[1, 0]]  # a permutation keeps every statistic of the values
+    fp_perm = weights_fingerprint(m)  # the memo notices the in-place change (version counter)
+    assert fp_perm != fp
+    with torch.no_grad():
+        w[[0, 1]] = w[[1, 0]]
+    assert weights_fingerprint(m) == fp
+    with torch.no_grad():
+        m.norm.bias[3] += 1e-7  # one value, far below any sampled statistic's resolution
+    assert weights_fingerprint(m) != fp
+    m2 = _vit()
+    m2.register_buffer("extra", torch.zeros(2))
+    assert weights_fingerprint(m2) != fp  # buffers count
+
+
+# ------------------------------------------------------------------------------------------------ identity
+
+
+def test_images_changed_in_place_are_detected_on_resume(tmp_path, vit):
+    root = _folder(tmp_path / "imgs", 4)
+    _run(vit, root, tmp_path / "c")
+    f = root / "img1.png"
+    st = f.stat()
+    im = Image.open(f).convert("RGB")
+    im.putpixel((0, 0), (0, 0, 0) if im.getpixel((0, 0)) != (0, 0, 0) else (255, 255, 255))
+    im.save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same name, same mtime: only the content differs
+    with pytest.raises(MismatchError, match=r"img1\.png \(index 1\) is not the image shard .*shard-00000"):
+        _run(vit, root, tmp_path / "c")
+
+
+def test_dataset_samples_not_class_and_length_identify_a_dataset(tmp_path, vit):
+    _run(vit, _Tensors(4, seed=0), tmp_path / "c", preprocess=None)
+    with pytest.raises(MismatchError, match="dataset item 0 is not the image"):
+        _run(vit, _Tensors(4, seed=1), tmp_path / "c", preprocess=None)  # same class, same length
+
+
+def test_meta_deleted_and_other_weights_never_mix(tmp_path, vit):
+    data = _Tensors(4)
+    _run(vit, data, tmp_path / "c", preprocess=None)
+    (tmp_path / "c" / "meta.json").unlink()
+    with pytest.raises(MismatchError, match="shard-00000.safetensors was made with other settings"):
+        _run(_vit(seed=1), data, tmp_path / "c", preprocess=None)
+    # and the folder does not pretend to be a cache of the other model
+    with pytest.raises(MismatchError):
+        ExtractionCache.open(tmp_path / "c", allow_partial=True)
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+def _corrupt(kind: str, d: Path) -> Path:
+    f = d / "shard-00001.safetensors"
+    if kind == "truncated":
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) - 100])
+    elif kind == "bitflip":
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0x10  # a byte of the tensor data
+        f.write_bytes(bytes(data))
+    else:  # duplicated
+        shutil.copyfile(d / "shard-00000.safetensors", f)
+    return f
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bitflip", "duplicated"])
+def test_broken_shards_are_named_and_rerunning_extract_repairs_them(tmp_path, vit, kind):
+    data = _Tensors(6)
+    good = _run(vit, data, tmp_path / "c", preprocess=None)
+    ref = good.contributions().clone()
+    f = _corrupt(kind, tmp_path / "c")
+    with pytest.raises(CorruptCacheError, match=str(f)):
+        cache = ExtractionCache.open(tmp_path / "c")
+        cache.contributions()  # a bit flip in the data is found on the first read
+    untouched = (tmp_path / "c" / "shard-00000.safetensors").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="re-extracting"):
+        repaired = _run(vit, data, tmp_path / "c", preprocess=None)
+    assert (tmp_path / "c" / "shard-00000.safetensors").stat().st_mtime_ns == untouched  # only the broken one redone
+    repaired.verify()
+    assert torch.equal(repaired.contributions(), ref)
+
+
+def test_verify_checks_every_shard(tmp_path, vit):
+    _run(vit, _Tensors(6), tmp_path / "c", preprocess=None)
+    f = _corrupt("bitflip", tmp_path / "c")
+    cache = ExtractionCache.open(tmp_path / "c")  # headers are fine
+    with pytest.raises(CorruptCacheError, match=f"{f}.*checksum"):
+        cache.verify()
+
+
+def test_broken_or_old_meta_json(tmp_path, vit):
+    data = _Tensors(4)
+    _run(vit, data, tmp_path / "c", preprocess=None)
+    meta = tmp_path / "c" / "meta.json"
+    text = meta.read_text()
+    meta.write_text(text[:50])
+    with pytest.raises(CorruptCacheError, match="meta.json is broken.*rerun vitdecomp extract"):
+        ExtractionCache.open(tmp_path / "c")
+    with pytest.warns(UserWarning, match="rebuilding it"):
+        _run(vit, data, tmp_path / "c", preprocess=None)  # the shards are verified and kept
+    assert len(ExtractionCache.open(tmp_path / "c")) == 4
+    old = json.loads(meta.read_text())
+    old["format"] = "vitdecomp.extraction/1"
+    meta.write_text(json.dumps(old))
+    with pytest.raises(MismatchError, match="older vitdecomp.*rebuild it"):
+        ExtractionCache.open(tmp_path / "c")
+    # an old cache (no marker) is refused by extract with the same advice
+    (tmp_path / "c" / ".vitdecomp-cache").unlink()
+    with pytest.raises(MismatchError, match="older vitdecomp.*new folder"):
+        _run(vit, data, tmp_path / "c", preprocess=None)
+
+
+# ------------------------------------------------------------------------------------------------ ownership
+
+
+def test_extract_refuses_folders_it_does_not_own_and_keeps_foreign_files(tmp_path, vit):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "shard-00000.safetensors").write_bytes(b"user data")
+    (foreign / "notes.tmp").write_text("user data")
+    with pytest.raises(OutputError, match="not empty.*not a vitdecomp extraction cache"):
+        _run(vit, _Tensors(4), foreign, preprocess=None)
+    assert (foreign / "shard-00000.safetensors").read_bytes() == b"user data"
+    assert (foreign / "notes.tmp").read_text() == "user data"
+    # inside its own cache folder extract removes only its own temporary files
+    out = tmp_path / "c"
+    _run(vit, _Tensors(4), out, preprocess=None)
+    (out / "user.tmp").write_text("keep me")
+    (out / ".vitdecomp-leftover.tmp").write_text("a crashed run's temporary file")
+    _run(vit, _Tensors(4), out, preprocess=None)
+    assert (out / "user.tmp").read_text() == "keep me" and not (out / ".vitdecomp-leftover.tmp").exists()
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        extract("timm:no_such_model_is_loaded_first", _Tensors(2), tmp_path / "file" / "sub", progress=False)
+    with pytest.raises(OutputError, match="not a folder"):
+        extract("timm:no_such_model_is_loaded_first", _Tensors(2), tmp_path / "file", progress=False)
+    if os.geteuid() != 0:  # root writes everywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(OutputError, match="not writable"):
+                extract("timm:no_such_model_is_loaded_first", _Tensors(2), ro, progress=False)
+        finally:
+            ro.chmod(0o700)
+
+
+def test_disk_full_keeps_finished_shards(tmp_path, vit, monkeypatch):
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def full_after_one(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_after_one)
+    with pytest.raises(OutputError, match=r"shard-00001.safetensors: No space left.*1 shards finished before it"):
+        _run(vit, _Tensors(6), tmp_path / "c", preprocess=None)
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == [".vitdecomp-cache", "meta.json", "shard-00000.safetensors"]  # no partial file left
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert len(_run(vit, _Tensors(6), tmp_path / "c", preprocess=None)) == 6
+
+
+# ------------------------------------------------------------------------------------------------ corrupt images
+
+
+def test_corrupt_image_is_named_or_skipped_and_recorded(tmp_path, vit):
+    root = _folder(tmp_path / "imgs", 6)
+    (root / "img3.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputError, match=r"img3\.png \(index 3\) cannot be read"):
+        _run(vit, root, tmp_path / "c")
+    first = (tmp_path / "c" / "shard-00000.safetensors").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match=r"skipped image .*img3\.png \(index 3\)"):
+        cache = _run(vit, root, tmp_path / "c", on_error="skip")
+    assert (tmp_path / "c" / "shard-00000.safetensors").stat().st_mtime_ns == first  # shard 0 stays valid
+    assert len(cache) == 5 and list(cache.skipped) == [3] and "UnidentifiedImageError" in cache.skipped[3]
+    assert cache.source_indices() == [0, 1, 2, 4, 5]
+    assert cache.paths() == ["img0.png", "img1.png", "img2.png", "img4.png", "img5.png"]
+    pre = _pre()
+    x = torch.stack([pre(Image.open(root / p).convert("RGB")) for p in cache.paths()])
+    torch.testing.assert_close(cache.contributions().float().sum(1), vitdecomp.representation(vit, x),
+                               rtol=2e-3, atol=2e-3)  # float16 storage
+    assert [b.indices.tolist() for b in cache.batches(batch_size=8)] == [[0, 1], [2], [3, 4]]
+
+
+# ------------------------------------------------------------------------------------------------ a real kill
+
+
+_CHILD = r"""
+import sys, time, torch, timm
+sys.path[:0] = {paths!r}
+from vitdecomp.extraction import extract
+from torchvision import transforms as T
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self): return 6
+    def __getitem__(self, i):
+        if i >= 2:
+            time.sleep(30)  # the parent kills us while we wait here
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(3, 32, 32, generator=g), 0
+
+torch.manual_seed(0)
+m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16, depth=1,
+                      num_classes=0).eval()
+extract(m, Slow(), {out!r}, shard_size=2, batch_size=2, progress=False)
+"""
+
+
+class _Same(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(3, 32, 32, generator=g), 0
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_cache(tmp_path):
+    out = tmp_path / "c"
+    paths = [p for p in sys.path if p]
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(paths=paths, out=str(out))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while not (out / "shard-00000.safetensors").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the child never wrote its first shard"
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors"]
+    resumed = extract(_vit(), _Same(), out, shard_size=2, batch_size=2, progress=False)
+    fresh = extract(_vit(), _Same(), tmp_path / "fresh", shard_size=2, batch_size=2, progress=False)
+    for j in range(3):
+        assert (out / f"shard-0000{j}.safetensors").read_bytes() == \
+            (tmp_path / "fresh" / f"shard-0000{j}.safetensors").read_bytes()
+    assert torch.equal(resumed.contributions(), fresh.contributions())
