@@ -75,13 +75,12 @@ def test_weight_fingerprint_sees_every_change_including_permutations():
     with torch.no_grad():
         w = m.blocks[0].mlp.fc1.weight
         w[[0, 1]] = w[[1, 0]]  # a permutation keeps every statistic of the values
-    fp_perm = weights_fingerprint(m)  # the memo notices the in-place change (version counter)
+    fp_perm = weights_fingerprint(m)
     assert fp_perm != fp
     with torch.no_grad():
         w[[0, 1]] = w[[1, 0]]
     assert weights_fingerprint(m) == fp
-    with torch.no_grad():
-        m.norm.bias[3] += 1e-7  # one value, far below any sampled statistic's resolution
+    m.norm.bias.data[3] += 1e-7  # through .data: no version counter sees it  # one value, far below any sampled statistic's resolution
     assert weights_fingerprint(m) != fp
     m2 = _vit()
     m2.register_buffer("extra", torch.zeros(2))
@@ -323,3 +322,99 @@ def test_sigkill_then_resume_gives_the_uninterrupted_cache(tmp_path):
         assert (out / f"shard-0000{j}.safetensors").read_bytes() == \
             (tmp_path / "fresh" / f"shard-0000{j}.safetensors").read_bytes()
     assert torch.equal(resumed.contributions(), fresh.contributions())
+
+
+# ------------------------------------------------------------------------------------------------ bad values
+
+
+def test_decompose_names_nan_and_inf_images_also_without_check(vit, photo_batch):
+    x = photo_batch()
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(InputError, match=r"images\[1\] contains NaN"):
+        vitdecomp.decompose(vit, x, check=False)
+    x[1, 0, 3, 3] = float("inf")
+    with pytest.raises(InputError, match=r"images\[1\] contains Inf"):
+        vitdecomp.decompose(vit, x)
+    bad = _vit()
+    with torch.no_grad():
+        bad.blocks[0].mlp.fc2.bias[0] = float("nan")
+    with pytest.raises(InputError, match=r"contributions of images\[0\] contains NaN"):
+        vitdecomp.decompose(bad, photo_batch(), check=False)
+
+
+def test_a_submodule_in_training_mode_is_refused(photo_batch):
+    m = _vit()
+    m.blocks[0].attn.train()
+    with pytest.raises(InputError, match="training mode \\(submodule 'blocks.0.attn'.*model.eval"):
+        vitdecomp.decompose(m, photo_batch())
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"heads": "yes"}, "heads must be True .* or False"), ({"heads": 1}, "heads must be True"),
+    ({"tokens": "all"}, "tokens must be None or 'source'"), ({"tokens": True}, "tokens must be None or 'source'"),
+    ({"bias": "mean"}, "bias must be one of \\('explicit', 'even'\\)"), ({"bias": 1}, "bias must be one of"),
+])
+def test_bad_option_values_are_named(vit, photo_batch, kw, match):
+    with pytest.raises(InputError, match=match):
+        vitdecomp.decompose(vit, photo_batch(), **kw)
+
+
+def test_extract_gives_decomposes_errors_for_bad_images(tmp_path, vit):
+    u8 = _Tensors(2)
+    u8.x = (u8.x.clamp(-1, 1) * 100 + 127).to(torch.uint8)
+    with pytest.raises(InputError) as direct:
+        vitdecomp.decompose(vit, u8.x)
+    with pytest.raises(InputError, match="dataset item 0: images must be a floating-point tensor") as via:
+        _run(vit, u8, tmp_path / "a", preprocess=None)
+    assert str(direct.value).split(";")[0] in str(via.value)  # the same message, naming the item
+    nan = _Tensors(4)
+    nan.x[3, 1, 2, 2] = float("nan")
+    with pytest.raises(InputError, match=r"dataset item 3 \(batch 0 of its shard\): images\[1\] contains NaN"):
+        _run(vit, nan, tmp_path / "b", preprocess=None)
+    big = _vit()
+    with torch.no_grad():
+        big.norm.weight.mul_(1e6)
+    with pytest.raises(InputError, match=r"contributions of dataset item 0 \(batch 0 of its shard\) overflow float16"):
+        _run(big, _Tensors(2), tmp_path / "c", preprocess=None)
+
+
+def test_streaming_scores_name_the_nan_batch():
+    from vitdecomp.scores import StreamingScores
+
+    g = torch.Generator().manual_seed(0)
+    acc = StreamingScores(torch.randn(2, 8, generator=g))
+    acc.update(torch.randn(5, 3, 8, generator=g))
+    bad = torch.randn(4, 3, 8, generator=g)
+    bad[2, 1, 0] = float("nan")
+    with pytest.raises(InputError, match=r"batch 1 .*image 2 of that batch \(image 7 overall\) has NaN"):
+        acc.update(bad)
+    assert acc.n == 5 and torch.isfinite(acc.variance_attributed()).all()  # the good batches are kept
+
+
+def test_fit_aligner_refuses_nan_and_aligners_know_their_model(tmp_path, vit):
+    from vitdecomp.compalign import Aligner, fit_aligner
+
+    data = _Tensors(6)
+    ca = _run(vit, data, tmp_path / "a", preprocess=None, dtype=torch.float32)
+    other = _vit(seed=3)
+    cb = _run(other, data, tmp_path / "b", preprocess=None, dtype=torch.float32)
+    t = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    t_nan = t.clone()
+    t_nan[4, 0] = float("nan")
+    with pytest.raises(InputError, match="target of image 4 has NaN"):
+        fit_aligner(ca, targets=t_nan, max_epochs=1, progress=False)
+    c = ca.contributions()
+    c[5, 2, 1] = float("inf")
+    with pytest.raises(InputError, match="image 5 has NaN or Inf"):
+        fit_aligner(c, targets=t, max_epochs=1, progress=False)
+    al = fit_aligner(ca, targets=t, max_epochs=1, progress=False)
+    assert al.model_fingerprint == ca.meta["model_fingerprint"] == weights_fingerprint(vit)
+    al.save(tmp_path / "al.safetensors")
+    al = Aligner.load(tmp_path / "al.safetensors")
+    assert al.align_components(ca).shape[0] == 6
+    with pytest.raises(MismatchError, match="fitted on model .* with weights .* other weights"):
+        al.align_components(cb)  # same names and sizes, other weights
+    with pytest.raises(MismatchError, match="other weights"):
+        list(al.iter_aligned(cb))
+    loose = Aligner.load(tmp_path / "al.safetensors", check_model=False)  # the explicit override
+    assert loose.align_components(cb).shape[0] == 6

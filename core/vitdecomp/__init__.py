@@ -42,6 +42,7 @@ _LAZY = {
     "AlignConfig": "compalign", "SpanText": "spans", "CacheBatch": "extraction",
     "textspan": "spans", "textspan_all": "spans",
     "extract": "extraction", "ExtractionCache": "extraction",
+    "weights_fingerprint": "_fingerprint",
     "retrieve_by_text": "retrieval", "retrieve_by_image": "retrieval", "property_scores": "retrieval",
     "RetrievalResult": "retrieval",
     "token_heatmap": "heatmap", "Heatmap": "heatmap", "resample_to_image": "heatmap",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
-import weakref
 from typing import Any
 
 import torch
@@ -19,9 +19,6 @@ from .errors import InputError
 
 __all__ = ["weights_fingerprint", "item_digest", "bytes_digest"]
 
-_MEMO: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def _tensors(module: torch.nn.Module):
     items = [("p", n, t) for n, t in module.named_parameters(remove_duplicate=False)]
     items += [("b", n, t) for n, t in module.named_buffers(remove_duplicate=False) if t is not None]
@@ -29,36 +26,39 @@ def _tensors(module: torch.nn.Module):
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A 32-hex-digit blake2b digest over every parameter and buffer of ``module``: names, shapes, dtypes and the
-    bytes of the values. Any weight change, a permutation included, changes it. The digest is memoised per module
-    and recomputed when a tensor is replaced or modified in place (torch's version counter), so repeated calls are
-    cheap; the first call reads every byte once (about 0.3 s for a ViT-B on one CPU core, see benchmarks)."""
+    """A 32-hex-digit SHA-256 digest over every parameter and buffer of ``module``: names, shapes, dtypes and the
+    bytes of the values (tensors hashed in parallel threads; hashlib releases the GIL). Any weight change, a permutation included, changes it. Every call reads every byte (no
+    memo: changes through ``.data`` bypass torch's version counters); see benchmarks/RESULTS.md for the time on
+    a ViT-B. Weights on an accelerator are copied to the host for hashing."""
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"a weight fingerprint needs a torch module, got {type(module).__name__}")
     items = _tensors(module)
-    key = tuple((k, n, id(t), t.data_ptr() if t.device.type != "meta" else 0, t._version) for k, n, t in items)
-    memo = _MEMO.get(module)
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    h = hashlib.blake2b(digest_size=16)
     for kind, name, t in items:
         if t.device.type == "meta":
             raise InputError(f"{type(module).__name__}.{name} is on the meta device (no values); load its weights "
                              "before extracting or fitting")
-        h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+
+    def one(item) -> bytes:
+        kind, name, t = item
+        h = hashlib.sha256(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
         data = t.detach()
         if data.layout != torch.strided:
             data = data.to_dense()
         data = data.to("cpu").contiguous().reshape(-1)
         if data.numel():
             h.update(memoryview(data.view(torch.uint8).numpy()))
-    digest = h.hexdigest()
-    _MEMO[module] = (key, digest)
-    return digest
+        return h.digest()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(one, items))
+    return hashlib.sha256(b"".join(parts)).hexdigest()[:32]
 
 
 def bytes_digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    """A 16-hex-digit SHA-256 digest of a file's bytes."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _update(h, obj: Any) -> None:
@@ -90,8 +90,8 @@ def _update(h, obj: Any) -> None:
 
 
 def item_digest(obj: Any) -> str:
-    """A 16-hex-digit digest of one dataset item (image and label): tensor and array bytes, PIL pixels and mode,
+    """A 16-hex-digit SHA-256 digest of one dataset item (image and label): tensor and array bytes, PIL pixels and mode,
     plain values by repr, anything else pickled."""
-    h = hashlib.blake2b(digest_size=8)
+    h = hashlib.sha256()
     _update(h, obj)
-    return h.hexdigest()
+    return h.hexdigest()[:16]

@@ -90,8 +90,10 @@ def _check_finite(images: torch.Tensor, what: str = "images") -> None:
         i = int(torch.nonzero(bad)[0])
         kind = "NaN" if bool(torch.isnan(images[i]).any()) else "Inf"
         n = int(bad.sum())
-        raise InputError(f"{what}[{i}] contains {kind}" + (f" ({n} images of the batch are not finite)" if n > 1 else "")
+        err = InputError(f"{what}[{i}] contains {kind}" + (f" ({n} images of the batch are not finite)" if n > 1 else "")
                          + "; every value must be finite")
+        err.index = i  # the image's position in the batch, for callers that know its name (extract)
+        raise err
 
 
 def _autocast_dtype(value):

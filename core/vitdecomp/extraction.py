@@ -20,7 +20,7 @@ Shards are written atomically, so an interrupted run leaves only complete shards
 the same arguments continues where it stopped (``resume=True``). A cache made for another model, other weights,
 other settings or other images (file content, a dataset's samples) raises :class:`MismatchError` naming the
 differences instead of being reused; every shard is self-describing, so this holds with ``meta.json`` deleted too.
-Every shard's checksum (blake2b over its tensors' bytes and its header) is verified on resume and the first time a
+Every shard's checksum (SHA-256 over its tensors' bytes and its header) is verified on resume and the first time a
 process reads the shard; a truncated, altered or misplaced shard raises :class:`CorruptCacheError` naming the file,
 and rerunning :func:`extract` re-extracts it.
 Reading is memory-mapped (safetensors ``safe_open``): :meth:`ExtractionCache.contributions` with indices reads only
@@ -506,7 +506,7 @@ def _settings_digest(meta: dict) -> str:
 
 
 def _checksum(tensors: Dict[str, torch.Tensor], header: dict) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in header.items() if k != "checksum"}, sort_keys=True).encode())
     for k in sorted(tensors):
         t = tensors[k]
@@ -514,7 +514,7 @@ def _checksum(tensors: Dict[str, torch.Tensor], header: dict) -> str:
         flat = t.contiguous().reshape(-1)
         if flat.numel():
             h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 _REBUILD = "rerun vitdecomp extract with the same arguments to re-extract it"
@@ -825,8 +825,13 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     continue
                 for i, d in zip(idx, digs):
                     inputs[i - start] = d
-                res = _extract_batch(model, x, xc, clip_model, device=device, model_dtype=model_dtype, ac=ac,
-                                     measure32=first, store_dtype=store_dtype, registry=registry, dk=dk)
+                try:
+                    res = _extract_batch(model, x, xc, clip_model, device=device, model_dtype=model_dtype, ac=ac,
+                                         measure32=first, store_dtype=store_dtype, registry=registry, dk=dk)
+                except InputError as exc:
+                    if getattr(exc, "index", None) is None:
+                        raise
+                    raise InputError(f"{items.name(idx[exc.index])} (batch {len(rows)} of its shard): {exc}") from exc
                 first = False
                 if meta["names"] is None:
                     meta.update(names=res["names"], dim=res["contributions"].shape[-1])
