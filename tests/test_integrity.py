@@ -418,3 +418,96 @@ def test_fit_aligner_refuses_nan_and_aligners_know_their_model(tmp_path, vit):
         list(al.iter_aligned(cb))
     loose = Aligner.load(tmp_path / "al.safetensors", check_model=False)  # the explicit override
     assert loose.align_components(cb).shape[0] == 6
+
+
+# ------------------------------------------------------------------------------------------------ named errors
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory, vit):
+    """A folder cache and an identity aligner file for it (no CLIP needed for argument checks)."""
+    from vitdecomp.compalign import Aligner
+
+    d = tmp_path_factory.mktemp("cli")
+    cache = _run(vit, _folder(d / "imgs", 4), d / "cache")
+    Aligner.identity(cache.names, cache.dim, model_name=cache.model_name).save(d / "id.safetensors")
+    return d
+
+
+def _cli(argv, capsys):
+    from vitdecomp.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["check", "timm:deit_tiny_patch16_224", "--random-init", "--batch", "-3"], "--batch -3: must be an integer ≥ 1"),
+    (["extract", "timm:x", "{d}/imgs", "--out", "{d}/o1", "--random-init", "--workers", "-1"],
+     "--workers -1: must be an integer ≥ 0"),
+    (["extract", "timm:x", "{d}/imgs", "--out", "{d}/o2", "--random-init", "--img-size", "0"],
+     "--img-size 0: must be an integer ≥ 1"),
+    (["retrieve", "{d}/cache", "--aligner", "{d}/id.safetensors", "--property", "color", "--text", "red",
+      "--out", "{d}/r", "--top", "0"], "--top 0: must be an integer ≥ 1"),
+    (["retrieve", "{d}/cache", "--aligner", "{d}/id.safetensors", "--property", "color", "--reference", "99",
+      "--out", "{d}/r"], "--reference 99: the cache holds images 0..3"),
+    (["describe", "{d}/cache", "--aligner", "{d}/id.safetensors", "--components", "blocks.9.*"],
+     "no component matches \\['blocks.9.\\*'\\]"),
+    (["heatmap", "timm:x", "{d}/imgs/img0.png", "--random-init", "--aligner", "{d}/id.safetensors", "--text", "red",
+      "--components", "blocks.0.attn.head.99", "--out", "{d}/h"], "--components blocks.0.attn.head.99: not components"),
+    (["align", "{d}/cache", "--out", "{d}/missing/al.safetensors"], "the folder .*missing does not exist"),
+    (["align", "{d}/cache", "--out", "{d}/cache"], "is a folder; give a file path"),
+    (["align", "{d}/cache", "--out", "{d}/al.safetensors", "--val-fraction", "1.5"], "--val-fraction 1.5: must be in"),
+    (["extract", "timm:x", "{d}/imgs", "--out", "{d}/imgs", "--random-init"], "not empty .*not a vitdecomp"),
+])
+def test_cli_values_are_checked_before_the_work(cli_cache, capsys, argv, match):
+    rc, err = _cli([a.format(d=cli_cache) for a in argv], capsys)
+    assert rc == 2 and err.startswith("vitdecomp: error:")
+    import re
+
+    assert re.search(match, err), err
+    assert not (cli_cache / "o1").exists() and not (cli_cache / "r").exists()  # nothing was started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_without_one(cli_cache, capsys):
+    rc, err = _cli(["score", cli_cache / "cache", "--aligner", cli_cache / "id.safetensors", "--property", "color",
+                    "--device", "cuda"], capsys)
+    assert rc == 2 and "--device cuda: this machine has no CUDA GPU" in err
+    rc, err = _cli(["score", cli_cache / "cache", "--aligner", cli_cache / "id.safetensors", "--property", "color",
+                    "--device", "gpu0"], capsys)
+    assert rc == 2 and "is not a torch device" in err
+
+
+def test_decomposition_load_names_bad_files(tmp_path, vit, photo_batch):
+    from safetensors.torch import save_file
+
+    from vitdecomp import Decomposition
+
+    dec = vitdecomp.decompose(vit, photo_batch()[:2])
+    dec.save(tmp_path / "d.safetensors")
+    data = (tmp_path / "d.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    save_file({"contributions": torch.zeros(1, 2, 3), "representation": torch.zeros(1, 3)},
+              str(tmp_path / "nometa.safetensors"))
+    (tmp_path / "text.safetensors").write_text("hello")
+    for name, match in [("cut", "cannot read"), ("foreign", "no vitdecomp metadata"), ("nometa", "no vitdecomp meta"),
+                        ("text", "cannot read"), ("absent", "is not a file")]:
+        with pytest.raises(InputError, match=f"{name}.safetensors.*{match}.*Decomposition.save"):
+            Decomposition.load(tmp_path / f"{name}.safetensors")
+    assert torch.equal(Decomposition.load(tmp_path / "d.safetensors").contributions, dec.contributions)
+
+
+def test_load_properties_on_a_folder(tmp_path):
+    with pytest.raises(InputError, match="is a folder; give a .toml or .json file"):
+        vitdecomp.load_properties(tmp_path)
+
+
+def test_extract_concept_world_with_its_default_target(tmp_path):
+    from vitdecomp.concept_world import load
+    from vitdecomp.datasets import ConceptWorld
+
+    ds = ConceptWorld(4)
+    cache = extract(load("deit"), ds, tmp_path / "c", batch_size=4, progress=False)
+    assert cache.labels() == [ds[i][1].tolist() for i in range(4)]  # the factor vectors, as lists

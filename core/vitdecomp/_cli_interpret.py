@@ -93,6 +93,7 @@ def _open(args):
 
     cache = ExtractionCache.open(args.cache)
     aligner = Aligner.load(args.aligner, device=args.device)
+    aligner.check_source(cache)  # same names and sizes but another model's weights is an error
     if aligner.names != cache.names:
         from .compalign import _first_difference
 

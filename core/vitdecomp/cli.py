@@ -221,6 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        from ._cli_checks import check_args
+
+        check_args(args)  # argument values, devices and output paths, before any work
         return int(args.func(args) or 0)
     except VitDecompError as exc:
         print(f"vitdecomp: error: {exc}", file=sys.stderr)

@@ -140,9 +140,9 @@ class _Items(torch.utils.data.Dataset):
                 return None, reason, i
             raise InputError(f"{self.name(i)} cannot be read: {reason}. Fix or remove it, or extract with "
                              "on_error='skip' (--skip-bad-images) to skip and record it") from exc
-        if hasattr(label, "item") and not isinstance(label, (str, int)):  # tensors, numpy scalars
-            label = label.item()
-        if label is not None and not isinstance(label, (str, int, float, bool)):
+        if hasattr(label, "tolist") and not isinstance(label, (str, int, float, bool)):
+            label = label.tolist()  # tensors, numpy scalars and arrays: one number, or a list (a label vector)
+        if label is not None and not _json_label(label):
             label = str(label)
         is_tensor = isinstance(img, torch.Tensor)
         if self.clip_preprocess is not None and is_tensor:
@@ -165,6 +165,12 @@ class _Items(torch.utils.data.Dataset):
                              f"preprocessed and normalised); got {x.dtype}")
         xc = self.clip_preprocess(img) if self.clip_preprocess is not None else None
         return x, xc, label, i, digest
+
+
+def _json_label(label) -> bool:
+    if isinstance(label, (str, int, float, bool)):
+        return True
+    return isinstance(label, list) and all(_json_label(v) for v in label)
 
 
 def _collate(batch):
@@ -607,15 +613,20 @@ def _is_ours(p: Path) -> bool:
     return p.name.startswith(_TMP_PREFIX) and p.name.endswith(".tmp")
 
 
-def _claim(out: Path) -> None:
-    """Make sure ``out`` is writable and is (or becomes) this library's cache folder, before any expensive work:
-    an empty or new folder is claimed with the marker file; a folder holding other files is refused."""
+def check_out(out: Path) -> None:
+    """Raise :class:`OutputError` (or :class:`MismatchError` for an old cache) when :func:`extract` would refuse
+    ``out``; writes nothing. The command line calls it before loading any model."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"the output path {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    if out.is_dir():
+        _refuse_foreign(out)
+    from ._cli_checks import check_out_dir
+
+    check_out_dir(out)
+
+
+def _refuse_foreign(out: Path) -> None:
     marker = out / _MARKER
     if not marker.is_file():
         others = sorted(p.name for p in out.iterdir() if not _is_ours(p))
@@ -631,6 +642,19 @@ def _claim(out: Path) -> None:
                 "and is not a vitdecomp extraction cache; extract never writes into, deletes or reuses files it did "
                 "not write. Choose a new or empty folder"
             )
+
+
+def _claim(out: Path) -> None:
+    """Make sure ``out`` is writable and is (or becomes) this library's cache folder, before any expensive work:
+    an empty or new folder is claimed with the marker file; a folder holding other files is refused."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"the output path {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    _refuse_foreign(out)
+    marker = out / _MARKER
     try:
         _atomic_write_json(marker, {"format": _FORMAT, "written_by": "vitdecomp.extract"})
     except OSError as exc:
