@@ -511,3 +511,111 @@ def test_extract_concept_world_with_its_default_target(tmp_path):
     ds = ConceptWorld(4)
     cache = extract(load("deit"), ds, tmp_path / "c", batch_size=4, progress=False)
     assert cache.labels() == [ds[i][1].tolist() for i in range(4)]  # the factor vectors, as lists
+
+
+# ------------------------------------------------------------------------------------------------ plugin isolation
+
+
+def _pack(tmp_path, monkeypatch, mod: str, body: str, ep_name: str = "newpack"):
+    """A real installed-looking distribution 'new-pack 1.0' (dist-info on sys.path) with one entry point."""
+    import textwrap
+
+    (tmp_path / f"{mod}.py").write_text(textwrap.dedent(body))
+    info = tmp_path / "new_pack-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: new-pack\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[vitdecomp]\n{ep_name} = {mod}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_raising_hook_is_named_lenient_drops_it_and_plugins_still_lists(tmp_path, monkeypatch, capsys):
+    from vitdecomp._plugins import Registry, reset_default_registry
+    from vitdecomp.cli import main
+
+    _pack(tmp_path, monkeypatch, "raising_hook_pack", """
+        import vitdecomp
+
+        @vitdecomp.hookimpl
+        def register_adapters(register):
+            raise KeyError("boom in the hook")
+    """)
+    with pytest.raises(vitdecomp.PluginLoadError, match="plugin 'newpack' \\(new-pack 1.0\\): its hook "
+                                                         "register_adapters raised KeyError") as exc:
+        Registry.from_entry_points()
+    assert isinstance(exc.value.__cause__, KeyError)
+    with pytest.warns(RuntimeWarning, match="newpack.*skipping this plugin"):
+        reg = Registry.from_entry_points(lenient=True)
+    assert "timm-vit" in [r.obj.name for r in reg.adapters] and "newpack" in reg.dropped
+    assert "newpack" not in [i.name for i in reg.plugins()]
+    reset_default_registry()
+    try:
+        rc = main(["plugins"])
+    finally:
+        reset_default_registry()
+    out, err = capsys.readouterr()
+    assert rc == 1 and "timm_vit" in out and "built-in" in out and "new-pack 1.0" in err and "boom in the hook" in err
+
+
+@pytest.mark.parametrize("kind", ["loader", "entry_point", "property"])
+def test_name_clashes_blame_the_newcomer_and_lenient_keeps_the_builtin(tmp_path, monkeypatch, kind):
+    from vitdecomp._plugins import Registry
+    from vitdecomp.properties import get_property
+
+    bodies = {
+        "loader": "@vitdecomp.hookimpl\ndef register_model_loaders(register):\n    register('timm', lambda *a, **k: 0)\n",
+        "entry_point": "@vitdecomp.hookimpl\ndef register_adapters(register):\n    pass\n",
+        "property": "@vitdecomp.hookimpl\ndef register_properties(register):\n    register('color', ['pink'])\n",
+    }
+    ep = "timm_vit" if kind == "entry_point" else "newpack"
+    _pack(tmp_path, monkeypatch, f"clash_{kind}_pack", "import vitdecomp\n" + bodies[kind], ep_name=ep)
+    with pytest.raises(vitdecomp.PluginLoadError) as exc:
+        Registry.from_entry_points()
+    msg = str(exc.value)
+    first = msg.split(",")[0] if kind != "entry_point" else msg
+    assert "new-pack 1.0" in first.split("already")[0] and "distribution vitdecomp" not in first.split("already")[0]
+    with pytest.warns(RuntimeWarning, match="new-pack"):
+        reg = Registry.from_entry_points(lenient=True)
+    assert {"timm-vit", "open_clip-vit", "timm-swin", "timm-maxvit"} <= {r.obj.name for r in reg.adapters}
+    assert reg.origin(reg.loaders["timm"].plugin).endswith("built-in)")
+    assert get_property("color", registry=reg).descriptions != ("pink",)
+
+
+def test_an_adapter_that_claims_then_fails_is_named(vit, photo_batch):
+    from vitdecomp import Adapter
+    from vitdecomp._plugins import Registry
+
+    class Greedy(Adapter):
+        name = "greedy"
+
+        def supports(self, model):
+            return True
+
+        def decompose(self, model, images, options):
+            return {}["no such key"]
+
+        def representation(self, model, images):
+            raise ZeroDivisionError("oops")
+
+    class GreedyPack:
+        __name__ = "greedy_pack"
+
+        @vitdecomp.hookimpl
+        def register_adapters(self, register):
+            register(Greedy())
+
+    reg = Registry.from_plugins([GreedyPack()], dists={"greedy_pack": ("greedy-dist", "0.1")})
+    with pytest.raises(vitdecomp.AdapterError, match="adapter 'greedy' of plugin 'greedy_pack' \\(greedy-dist 0.1\\) "
+                                                     "claimed model class .*VisionTransformer but failed on its "
+                                                     "decomposition: KeyError"):
+        vitdecomp.decompose(vit, photo_batch()[:1], registry=reg)
+    with pytest.raises(vitdecomp.AdapterError, match="failed on its representation: ZeroDivisionError"):
+        vitdecomp.representation(vit, photo_batch()[:1], registry=reg)
+
+
+def test_plugins_check_shows_which_adapters_claim_a_model(capsys):
+    from vitdecomp.cli import main
+
+    rc = main(["plugins", "--check", "timm:deit_tiny_patch16_224"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "CLAIMS  timm-vit" in out and "no      timm-swin" in out
+    assert "decompose uses adapter 'timm-vit'" in out

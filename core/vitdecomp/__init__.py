@@ -11,6 +11,7 @@ from ._records import Component, TokenGrid
 from .adapter import Adapter, DecomposeOptions
 from .decomposition import Decomposition
 from .errors import (
+    AdapterError,
     AmbiguousAdapterError,
     CorruptCacheError,
     EmptyDatasetError,
@@ -61,6 +62,7 @@ __all__ = [
     "VitDecompError", "NoAdapterError", "AmbiguousAdapterError", "PluginLoadError", "UnsupportedModelError",
     "InputError", "UnknownModelError", "WeightsUnavailableError", "ReconstructionError", "MismatchError",
     "UnknownPropertyError", "EmptyDatasetError", "CorruptCacheError", "OutputError",
+    "AdapterError",
     *_LAZY,
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import attrs
@@ -26,6 +27,29 @@ class LoadedModel:
 
     def __iter__(self):  # allows ``model, preprocess = load_model(...)``
         return iter((self.model, self.preprocess))
+
+
+@contextlib.contextmanager
+def _blame(ad, model, registry: Optional[Registry], what: str):
+    """Turn an adapter's own crash (not a VitDecompError, not out-of-memory) into :class:`AdapterError` naming the
+    adapter, its plugin and the model class: a pack that claims models it then fails on is named."""
+    from .errors import AdapterError, VitDecompError
+
+    try:
+        yield
+    except (VitDecompError, MemoryError, torch.OutOfMemoryError, AssertionError):  # assertions: test tooling
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised, named and chained
+        try:
+            plugin = (registry or default_registry()).plugin_of(ad)
+        except Exception:  # noqa: BLE001 - the message must not fail
+            plugin = None
+        cls = type(model)
+        raise AdapterError(
+            f"adapter {getattr(ad, 'name', ad)!r}" + (f" of {plugin}" if plugin else "")
+            + f" claimed model class {cls.__module__}.{cls.__qualname__} but failed on its {what}: "
+            f"{type(exc).__name__}: {exc}. Report it to the pack's authors; pass adapter=... to use another one"
+        ) from exc
 
 
 def find_adapter(model, adapter=None, *, registry: Optional[Registry] = None):
@@ -195,9 +219,11 @@ def decompose(
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
     model, images = _place(model, images, device)
     ad = find_adapter(model, adapter, registry=registry)
-    model = ad.unwrap(model)
-    _validate(model, images, ad)
-    ad.validate(model, images)
+    outer = model
+    with _blame(ad, outer, registry, "unwrap/validate"):
+        model = ad.unwrap(model)
+        _validate(model, images, ad)
+        ad.validate(model, images)
     sync_ok = check or images.device.type == "cpu"  # never make the host wait for an accelerator unasked
     if sync_ok:
         _check_finite(images)
@@ -209,7 +235,7 @@ def decompose(
     if run_ac is None and images.dtype == torch.float32 and torch.is_autocast_enabled(dt):
         run_ac = torch.get_autocast_dtype(dt)  # the caller's own torch.autocast context
     # the caller's autocast never reaches the readout algebra; only the model's forward runs reduced
-    with torch.no_grad(), torch.autocast(dt, enabled=False):
+    with torch.no_grad(), torch.autocast(dt, enabled=False), _blame(ad, outer, registry, "decomposition"):
         if run_ac is None:
             dec = ad.decompose(model, images, options)
         else:
@@ -247,11 +273,12 @@ def representation(model, images: torch.Tensor, *, adapter=None, registry: Optio
     :func:`decompose`."""
     model, images = _place(model, images, device)
     ad = find_adapter(model, adapter, registry=registry)
-    model = ad.unwrap(model)
-    _validate(model, images, ad)
-    ad.validate(model, images)
-    with torch.no_grad():
-        return ad.representation(model, images)
+    with _blame(ad, model, registry, "representation"):
+        inner = ad.unwrap(model)
+        _validate(inner, images, ad)
+        ad.validate(inner, images)
+        with torch.no_grad():
+            return ad.representation(inner, images)
 
 
 def load_model(

@@ -17,6 +17,7 @@ __all__ = [
     "EmptyDatasetError",
     "CorruptCacheError",
     "OutputError",
+    "AdapterError",
 ]
 
 
@@ -77,3 +78,7 @@ class CorruptCacheError(VitDecompError, ValueError):
 
 class OutputError(VitDecompError, OSError):
     """An output path that cannot be written (missing, read-only, not empty and not ours, disk full)."""
+
+
+class AdapterError(VitDecompError, RuntimeError):
+    """An adapter that claimed a model failed on it with an error of its own; names the adapter and its plugin."""
