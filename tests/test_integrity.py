@@ -80,7 +80,7 @@ def test_weight_fingerprint_sees_every_change_including_permutations():
     with torch.no_grad():
         w[[0, 1]] = w[[1, 0]]
     assert weights_fingerprint(m) == fp
-    m.norm.bias.data[3] += 1e-7  # through .data: no version counter sees it  # one value, far below any sampled statistic's resolution
+    m.norm.bias.data[3] += 1e-7  # one value, changed through .data (no version counter sees it)
     assert weights_fingerprint(m) != fp
     m2 = _vit()
     m2.register_buffer("extra", torch.zeros(2))
@@ -160,6 +160,8 @@ def test_verify_checks_every_shard(tmp_path, vit):
     cache = ExtractionCache.open(tmp_path / "c")  # headers are fine
     with pytest.raises(CorruptCacheError, match=f"{f}.*checksum"):
         cache.verify()
+    with pytest.raises(CorruptCacheError, match=f"{f}.*checksum"):
+        ExtractionCache.open(tmp_path / "c", verify=True)
 
 
 def test_broken_or_old_meta_json(tmp_path, vit):
@@ -619,3 +621,18 @@ def test_plugins_check_shows_which_adapters_claim_a_model(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "CLAIMS  timm-vit" in out and "no      timm-swin" in out
     assert "decompose uses adapter 'timm-vit'" in out
+
+
+def test_cli_extract_skips_bad_images_on_request(tmp_path, capsys):
+    root = _folder(tmp_path / "imgs", 3)
+    (root / "img1.png").write_bytes(b"broken")
+    args = ["extract", "timm:deit_tiny_patch16_224", root, "--random-init", "--img-size", "32", "--quiet",
+            "--shard-size", "2"]
+    rc, err = _cli([*args, "--out", tmp_path / "a"], capsys)
+    assert rc == 2 and "img1.png (index 1) cannot be read" in err and "--skip-bad-images" in err
+    from vitdecomp.cli import main
+
+    with pytest.warns(UserWarning, match="skipped image"):
+        rc = main([str(a) for a in [*args, "--out", tmp_path / "a", "--skip-bad-images"]])
+    assert rc == 0 and "skipped 1 unreadable image(s), indices [1]" in capsys.readouterr().out
+    assert ExtractionCache.open(tmp_path / "a").paths() == ["img0.png", "img2.png"]

@@ -141,7 +141,9 @@ class _Items(torch.utils.data.Dataset):
             raise InputError(f"{self.name(i)} cannot be read: {reason}. Fix or remove it, or extract with "
                              "on_error='skip' (--skip-bad-images) to skip and record it") from exc
         if hasattr(label, "tolist") and not isinstance(label, (str, int, float, bool)):
-            label = label.tolist()  # tensors, numpy scalars and arrays: one number, or a list (a label vector)
+            # tensors, numpy scalars and arrays: one value becomes a number, a label vector a list
+            size = label.numel() if hasattr(label, "numel") else getattr(label, "size", None)
+            label = label.item() if size == 1 and hasattr(label, "item") else label.tolist()
         if label is not None and not _json_label(label):
             label = str(label)
         is_tensor = isinstance(img, torch.Tensor)
@@ -258,12 +260,13 @@ class ExtractionCache:
     _verified: set = attrs.field(factory=set, init=False)  # shard files whose checksum this object has verified
 
     @classmethod
-    def open(cls, path, *, allow_partial: bool = False) -> "ExtractionCache":
+    def open(cls, path, *, allow_partial: bool = False, verify: bool = False) -> "ExtractionCache":
         """Open the cache in ``path``. An unfinished extraction raises :class:`InputError` unless
         ``allow_partial`` (then only the completed shards are visible).
 
         Every shard's header is checked here (readable, not truncated, in its place, made with the cache's
-        settings); its checksum is verified the first time this object reads it (:meth:`verify` checks all now).
+        settings); its checksum is verified the first time this object reads it, or here for all shards with
+        ``verify=True`` (:meth:`verify`; reads the whole cache once).
         A broken shard raises :class:`CorruptCacheError` naming the file; rerunning :func:`extract` repairs it."""
         path = Path(path)
         meta = _read_meta(path)
@@ -299,7 +302,10 @@ class ExtractionCache:
             row += n
         if not shards or row == 0:
             raise EmptyDatasetError(f"extraction cache {path} holds no images yet")
-        return cls(path, meta, shards)
+        cache = cls(path, meta, shards)
+        if verify:
+            cache.verify()
+        return cache
 
     def verify(self) -> None:
         """Verify every shard's checksum now (reads every byte of the cache once); raises
