@@ -245,6 +245,16 @@ def test_disk_full_keeps_finished_shards(tmp_path, vit, monkeypatch):
     assert len(_run(vit, _Tensors(6), tmp_path / "c", preprocess=None)) == 6
 
 
+def test_a_disk_too_small_is_announced_after_the_first_batch(tmp_path, vit, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))  # 1000 bytes free
+    with pytest.warns(UserWarning, match="needs about .* GiB more but .* has 0.00 GiB free"):
+        _run(vit, _Tensors(2), tmp_path / "c", preprocess=None)
+
+
 # ------------------------------------------------------------------------------------------------ corrupt images
 
 

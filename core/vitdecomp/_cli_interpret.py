@@ -163,6 +163,7 @@ def cmd_align(args) -> int:
     cache = ExtractionCache.open(args.cache)
     if args.identity:
         aligner = Aligner.identity(cache.names, cache.dim, model_name=cache.model_name)
+        aligner.model_fingerprint = cache.meta.get("model_fingerprint")
         aligner.save(args.out)
         print(f"wrote identity aligner for {cache.model_name} ({len(cache.names)} components, d={cache.dim}) to {args.out}")
         return 0

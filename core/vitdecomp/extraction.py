@@ -862,6 +862,8 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     if getattr(exc, "index", None) is None:
                         raise
                     raise InputError(f"{items.name(idx[exc.index])} (batch {len(rows)} of its shard): {exc}") from exc
+                if first and j == todo[0]:
+                    _warn_if_disk_too_small(out, res, sum(size_of(k) for k in todo))
                 first = False
                 if meta["names"] is None:
                     meta.update(names=res["names"], dim=res["contributions"].shape[-1])
@@ -927,6 +929,22 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
         _atomic_write_json(meta_file, meta)
     dist.barrier()
     return ExtractionCache.open(out)
+
+
+def _warn_if_disk_too_small(out: Path, res: dict, images: int) -> None:
+    """After the first batch the size of a row is known: warn early when the rest will not fit on the disk (the
+    write itself then fails with :class:`OutputError`, keeping the finished shards)."""
+    import shutil
+    import warnings
+
+    rows = res["contributions"].shape[0]
+    per_image = sum(res[k].element_size() * res[k].numel() for k in ("contributions", "representation", "targets")
+                    if k in res) / max(rows, 1)
+    need, free = per_image * images, shutil.disk_usage(out).free
+    if need > free:
+        warnings.warn(f"the cache needs about {need / 2**30:.2f} GiB more but {out} has {free / 2**30:.2f} GiB free; "
+                      "extraction will stop with an error when the disk is full (finished shards are kept)",
+                      stacklevel=3)
 
 
 def _write_shard(out: Path, j: int, tensors: dict, shard_meta: dict, kept: int) -> None:
