@@ -646,3 +646,26 @@ def test_cli_extract_skips_bad_images_on_request(tmp_path, capsys):
         rc = main([str(a) for a in [*args, "--out", tmp_path / "a", "--skip-bad-images"]])
     assert rc == 0 and "skipped 1 unreadable image(s), indices [1]" in capsys.readouterr().out
     assert ExtractionCache.open(tmp_path / "a").paths() == ["img0.png", "img2.png"]
+
+
+def test_saved_decompositions_carry_the_fingerprint_aligners_check(tmp_path, capsys):
+    from vitdecomp import Decomposition
+    from vitdecomp.compalign import Aligner
+
+    img = _folder(tmp_path / "imgs", 1) / "img0.png"
+    rc, err = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--img-size", "32", img,
+                    tmp_path / "imgs" / "missing.png", "--out", tmp_path / "d.safetensors"], capsys)
+    assert rc == 2 and "missing.png' (index 1)" in err
+    rc, _ = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--img-size", "32", img,
+                  "--out", tmp_path / "d.safetensors"], capsys)
+    dec = Decomposition.load(tmp_path / "d.safetensors")
+    assert rc == 0 and len(dec.meta["model_fingerprint"]) == 32
+    mine = Aligner.identity(dec.names, dec.contributions.shape[-1])
+    mine.model_fingerprint = dec.meta["model_fingerprint"]
+    assert mine(dec).shape[0] == 1
+    other = Aligner.identity(dec.names, dec.contributions.shape[-1])
+    other.model_fingerprint = "0" * 32
+    with pytest.raises(MismatchError, match="other weights"):
+        other(dec)
+    other.check_model = False
+    assert other(dec).shape[0] == 1

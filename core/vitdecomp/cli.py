@@ -175,17 +175,21 @@ def cmd_decompose(args) -> int:
 
     loaded = _load(args)
     model = loaded.model.to(_dtype(args.dtype))
+    from ._fingerprint import weights_fingerprint
+    from .errors import InputError
+
     batch = []
-    for path in args.images:
+    for i, path in enumerate(args.images):
         try:
             img = Image.open(path).convert("RGB")
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot read image {path!r}: {exc}")
+            raise InputError(f"cannot read image {path!r} (index {i}): {exc}") from exc
         batch.append(loaded.preprocess(img))
     images = torch.stack(batch).to(_dtype(args.dtype))
     dec = api.decompose(model, images, device=args.device, heads=not args.no_heads, tokens="source" if args.tokens else None,
                         start=args.start, bias=args.bias, check=True)
-    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images]})
+    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images],
+                     "model_fingerprint": weights_fingerprint(model)})  # checked by aligners applied to it
     dec.save(args.out, tokens=args.tokens)
     print(f"wrote {args.out}: {len(args.images)} images × {len(dec)} components × {dec.contributions.shape[-1]} dims "
           f"(reconstruction error {dec.error:.2e})")
