@@ -430,6 +430,8 @@ def test_fit_aligner_refuses_nan_and_aligners_know_their_model(tmp_path, vit):
         list(al.iter_aligned(cb))
     loose = Aligner.load(tmp_path / "al.safetensors", check_model=False)  # the explicit override
     assert loose.align_components(cb).shape[0] == 6
+    with pytest.raises(OutputError, match="cannot write the aligner to .*nowhere"):
+        al.save(tmp_path / "nowhere" / "al.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ named errors

@@ -295,7 +295,12 @@ class Aligner:
             "in_dim": self.in_dim, "out_dim": self.out_dim, "penalty_side": self.penalty_side,
             "model_fingerprint": self.model_fingerprint,
         }
-        save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
+        try:
+            save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
+        except Exception as exc:  # noqa: BLE001 - safetensors wraps OS errors in its own type
+            from .errors import OutputError
+
+            raise OutputError(f"cannot write the aligner to {path}: {type(exc).__name__}: {exc}") from exc
 
     @classmethod
     def load(cls, path, *, device="cpu", check_model: bool = True) -> "Aligner":
