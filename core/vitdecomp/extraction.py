@@ -1018,7 +1018,8 @@ def _resumable(f: Path, j: int, settings: dict, digest: str, items) -> bool:
         if now != d:
             raise MismatchError(
                 f"{items.name(i)} is not the image shard {f} was made from (its content changed); the cache was "
-                "made from other data. Extract into another folder, or rerun with resume=False (--no-resume)"
+                "made from other data (a dataset with random transforms yields other samples at every read: make "
+                "it deterministic). Extract into another folder, or rerun with resume=False (--no-resume)"
             )
     return True
 
