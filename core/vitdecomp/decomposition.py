@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import attrs
@@ -308,17 +309,34 @@ class Decomposition:
 
     @classmethod
     def load(cls, path) -> "Decomposition":
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`. A missing, truncated or foreign file (another safetensors file, one
+        without vitdecomp metadata) raises :class:`InputError` naming it."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["vitdecomp"])
-            contributions = f.get_tensor("contributions")
-            representation = f.get_tensor("representation")
-            tokens = {k[len("tokens/"):]: DenseTokens(f.get_tensor(k)) for k in f.keys() if k.startswith("tokens/")}
-        grid = TokenGrid(**meta["grid"]) if meta.get("grid") else None
-        comps = tuple(Component(**c) for c in meta["components"])
-        grids = {k: TokenGrid(**v) for k, v in meta.get("token_grids", {}).items()}
+        from .errors import InputError
+
+        what = "a safetensors file written by Decomposition.save (vitdecomp decompose --out)"
+        if not Path(path).is_file():
+            raise InputError(f"{path} is not a file; Decomposition.load reads {what}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("vitdecomp")
+                keys = set(f.keys())
+                if raw is None or not {"contributions", "representation"} <= keys:
+                    raise InputError(f"{path} has no vitdecomp metadata or tensors (it holds {sorted(keys)[:5]}); "
+                                     f"Decomposition.load reads {what}")
+                meta = json.loads(raw)
+                contributions = f.get_tensor("contributions")
+                representation = f.get_tensor("representation")
+                tokens = {k[len("tokens/"):]: DenseTokens(f.get_tensor(k)) for k in keys if k.startswith("tokens/")}
+            grid = TokenGrid(**meta["grid"]) if meta.get("grid") else None
+            comps = tuple(Component(**c) for c in meta["components"])
+            grids = {k: TokenGrid(**v) for k, v in meta.get("token_grids", {}).items()}
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors, json and attrs raise their own types
+            raise InputError(f"{path}: cannot read it ({type(exc).__name__}: {exc}); Decomposition.load reads "
+                             f"{what}") from exc
         return cls(contributions=contributions, components=comps, representation=representation, grid=grid,
                    token_details=tokens, token_grids=grids, meta=meta.get("meta", {}))
 
