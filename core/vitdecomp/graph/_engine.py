@@ -91,7 +91,8 @@ def _cut(graph, start) -> List[_Op]:
     out = []
     for op in ops[:at]:
         touches = op.stream is s and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn")
-        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "cattn" and s in op.extra["reads"])
+        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "cattn" and op.stream is not s
+                                                                 and s in op.extra["reads"])
         if reads:
             raise GraphError(f"{_where(graph, op)}: start={start} cuts stream {s.name!r} after this mixer reads it; "
                              "start must be a block after every mixer that reads its stream")
