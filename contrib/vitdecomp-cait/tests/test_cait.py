@@ -84,6 +84,14 @@ def test_impossible_graphs_name_pack_node_and_expectation(registry):
         vitdecomp.graph.execute(g, x)
 
     g = ad.describe(m, x)
-    g.streams[0].rows = 15  # the class attention reads 1 + 16 rows; the description now says 1 + 15
-    with pytest.raises(GraphError, match=r"'timm-cait'.*(embed|blocks_token_only).*rows"):
-        vitdecomp.graph.execute(g, x)
+    ca = next(op for op in g.ops if op.kind == "cattn")
+    ca.extra["reads"].append(g.streams[0])  # its norm sees 1 + 16 rows; the description now says 1 + 16 + 16
+    with pytest.raises(GraphError, match=r"'timm-cait'.*blocks_token_only\.0\.attn.*sees \(1, 17, 48\).*33 rows"):
+        with torch.no_grad():
+            vitdecomp.graph.execute(g, x)
+
+    g = ad.describe(m, x)
+    g.streams[0].rows = 15  # the patch blocks see 16 rows
+    with pytest.raises(GraphError, match=r"'timm-cait'.*node 'embed'.*sees 16 rows; the stream declares 15"):
+        with torch.no_grad():
+            vitdecomp.graph.execute(g, x)

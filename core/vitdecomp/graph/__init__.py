@@ -12,6 +12,7 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   outputs, and for token detail the attention rows and values, are read);
 * **frozen linear mixers**: a norm at the statistics the forward used, with the module's own eps
   (:meth:`Graph.norm`), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
+  pooled groups side by side (:meth:`Graph.concat`),
   and a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
   several streams, at the forward's attention weights);
 * a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
@@ -69,7 +70,7 @@ class Stream:
 
 @attrs.define(eq=False)
 class _Op:
-    kind: str  # entry | branch | param | heads | norm | pool | project | cattn | block
+    kind: str  # entry | branch | param | heads | norm | pool | concat | project | cattn | block
     stream: Optional[Stream]
     name: str = ""
     block: Optional[int] = None
@@ -160,6 +161,17 @@ class Graph:
         self.streams.append(out)
         w = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
         self.ops.append(_Op("pool", stream, name=name, extra={"out": out, "rows": [int(r) for r in rows], "weights": w}))
+        return out
+
+    def concat(self, streams: Sequence[Stream], widths: Sequence[int], *, name: str = "concat") -> Stream:
+        """A new one-row stream: the one-row ``streams`` (of feature widths ``widths``) side by side (a readout
+        that concatenates pooled groups, e.g. DINOv2's class token and mean patch)."""
+        if any(s.rows != 1 for s in streams) or len(widths) != len(streams):
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: concat takes one-row streams with one width each; "
+                             f"got rows {[s.rows for s in streams]} and widths {list(widths)}")
+        out = Stream(name=name, rows=1, tokens=None, spread=streams[0].spread)
+        self.streams.append(out)
+        self.ops.append(_Op("concat", out, name=name, extra={"reads": list(streams), "widths": [int(w) for w in widths]}))
         return out
 
     def project(self, stream: Stream, matrix: Optional[torch.Tensor], *, name: str = "proj") -> None:

@@ -91,7 +91,7 @@ def _cut(graph, start) -> List[_Op]:
     out = []
     for op in ops[:at]:
         touches = op.stream is s and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn")
-        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "cattn" and op.stream is not s
+        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "concat" and s in op.extra["reads"]) or (op.kind == "cattn" and op.stream is not s
                                                                  and s in op.extra["reads"])
         if reads:
             raise GraphError(f"{_where(graph, op)}: start={start} cuts stream {s.name!r} after this mixer reads it; "
@@ -139,6 +139,14 @@ def _analyse(graph, ops):
                 state[id(s)] = ("pool", w)
             else:
                 state[id(s)] = "dynamic"
+            continue
+        if op.kind == "concat":
+            if not live:
+                raise GraphError(f"{_where(graph, op)}: its output never reaches the readout")
+            st = state[id(s)]
+            for r in op.extra["reads"]:
+                need.setdefault(id(r), set()).add(0)
+                state[id(r)] = ("pool", {0: st[1][0]}) if st != "dynamic" and id(r) not in state else "dynamic"
             continue
         if op.kind == "cattn":
             if s.rows != 1:
@@ -240,6 +248,18 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
             lst = terms.setdefault(k, [])
             for t in terms[id(dst)]:
                 lst.append(_Term(t.w[:, :1] * wp, t.M, ws=None if t.ws is None else wp * t.ws[0], f=t.f))
+        elif op.kind == "concat":
+            off = 0
+            for r, width in zip(op.extra["reads"], op.extra["widths"]):
+                lst = terms.setdefault(id(r), [])
+                for t in terms[k]:
+                    if t.M is None:
+                        E = torch.zeros(width, sum(op.extra["widths"]), device=device, dtype=dtype)
+                        E[:, off:off + width] = torch.eye(width, device=device, dtype=dtype)
+                    else:
+                        E = t.M[off:off + width]
+                    lst.append(_Term(t.w, E, ws=t.ws, f=t.f))
+                off += width
         elif op.kind == "norm":
             fn = freeze_norm(op.module, rec.val)
             D = rec.val.shape[-1]
@@ -406,7 +426,7 @@ def _take(graph, op, x, s, rows_idx, seq_first):
 
 def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, reducers):
     s = op.stream
-    if op.kind in ("block", "pool", "project"):
+    if op.kind in ("block", "pool", "concat", "project"):
         return
     k = id(s)
     ri = idx.get(k)
