@@ -95,3 +95,41 @@ def test_impossible_graphs_name_pack_node_and_expectation(registry):
     with pytest.raises(GraphError, match=r"'timm-cait'.*node 'embed'.*sees 16 rows; the stream declares 15"):
         with torch.no_grad():
             vitdecomp.graph.execute(g, x)
+
+
+def test_patch_component_equals_its_route_through_class_attention(registry):
+    """Independent of the engine: push one patch-block write (blocks.1.mlp, captured with a plain hook) through
+    both class-attention blocks and the final norm by hand, with every norm statistic, attention weight and
+    branch output frozen at the forward's values (the MLPs of the class blocks are branch outputs: held)."""
+    m = build().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = {}
+    hooks = [m.blocks[1].mlp.register_forward_hook(lambda mod, a, out: seen.__setitem__("w", out * m.blocks[1].gamma_2))]
+    for j, blk in enumerate(m.blocks_token_only):
+        hooks.append(blk.norm1.register_forward_pre_hook(lambda mod, a, j=j: seen.__setitem__(f"u{j}", a[0])))
+    hooks.append(m.norm.register_forward_pre_hook(lambda mod, a: seen.__setitem__("fin", a[0][:, 0])))
+    try:
+        dec = vitdecomp.decompose(m, x, registry=registry)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def frozen_norm(norm, d, u):  # linear part of a LayerNorm at the statistics of its forward input u
+        sd = (u.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        return norm.weight * (d - d.mean(-1, keepdim=True)) / sd
+
+    dx, dcls = seen["w"], torch.zeros_like(seen["w"][:, :1])
+    for j, blk in enumerate(m.blocks_token_only):
+        a, u = blk.attn, seen[f"u{j}"]
+        B, N, C = u.shape
+        H = a.num_heads
+        n = blk.norm1(u)
+        q = a.q(n[:, 0]).view(B, H, 1, -1)
+        k = a.k(n).view(B, N, H, -1).transpose(1, 2)
+        A = torch.softmax((q * a.scale) @ k.transpose(-2, -1), dim=-1)  # [B, H, 1, N]
+        dv = (frozen_norm(blk.norm1, torch.cat([dcls, dx], 1), u) @ a.v.weight.T).view(B, N, H, -1).transpose(1, 2)
+        do = (A @ dv).transpose(1, 2).reshape(B, 1, C)
+        dcls = dcls + blk.gamma_1 * (do @ a.proj.weight.T)
+    expected = frozen_norm(m.norm, dcls[:, 0], seen["fin"])
+    assert expected.norm() > 1e-3 * dec.representation.norm()  # a component that matters, not two zeros
+    torch.testing.assert_close(dec["blocks.1.mlp"], expected, rtol=1e-10, atol=1e-12)
