@@ -112,7 +112,7 @@ def _analyse(graph, ops):
         raise GraphError(f"pack {graph.pack!r}: the output stream {graph.out.name!r} has {graph.out.rows} rows; "
                          "expected one row (pool the stream first: Graph.pool)")
     need: Dict[int, set] = {id(graph.out): {0}}
-    state: Dict[int, object] = {id(graph.out): ("static", [1.0])}
+    state: Dict[int, object] = {id(graph.out): ("pool", {0: 1.0})}  # static row weights (known before the forward)
     op_state = {}
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
@@ -175,7 +175,6 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
     B = images.shape[0]
     ops = _cut(graph, start)
     rows, op_state = _analyse(graph, ops)
-    streams = {id(s): s for s in graph.streams}
     idx = {k: index_tensor(v, device) for k, v in rows.items()}  # no host→device wait
     pos = {k: {r: i for i, r in enumerate(v)} for k, v in rows.items()}
 
@@ -203,7 +202,7 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
                                                      f=torch.ones(B, device=device, dtype=dtype))]}
     emitted: List[list] = [[] for _ in ops]
 
-    def grid_rows(s: Stream, k=None):
+    def grid_rows(s: Stream):
         return index_tensor([s.tokens + r for r in rows[id(s)]], device) if s.tokens is not None else None
 
     def row_detail(s: Stream, per_row: torch.Tensor) -> Optional[TokenDetail]:
