@@ -216,9 +216,30 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
                              values=val.expand(-1, len(srows), -1))
         return None
 
+    stacks: Dict[int, tuple] = {}  # stream → (W [B, T, R], M [T, D, d]) while its terms do not change
+
+    def stacked(k):
+        """A stream's terms stacked, so a write costs a few batched products however many routes reach z."""
+        if k not in stacks:
+            lst = terms[k]
+            W = torch.stack([t.w for t in lst], 1)
+            D = next((t.M.shape[0] for t in lst if t.M is not None), None)
+            eye = torch.eye(D, device=device, dtype=dtype) if D is not None else None
+            stacks[k] = (W, torch.stack([eye if t.M is None else t.M for t in lst], 0))
+        return stacks[k]
+
+    def multi(k) -> bool:
+        return len(terms[k]) > 1 and any(t.M is not None for t in terms[k])
+
     def contribute(s: Stream, u: torch.Tensor, reduced: bool):
         """Σ_t (Σ_r w u) @ M for a write ``u`` [B, R, D] (or [B, 1, D] pre-reduced over rows)."""
         total, per_row = None, None
+        if multi(id(s)) and not reduced:
+            W, Ms = stacked(id(s))
+            total = torch.einsum("btd,tde->be", torch.einsum("btr,brd->btd", W, u), Ms)
+            if tokens:
+                per_row = torch.einsum("btrd,tde->bre", W.unsqueeze(-1) * u.unsqueeze(1), Ms)
+            return total, (row_detail(s, per_row) if tokens else None)
         for t in terms[id(s)]:
             pooled = (u[:, 0] * t.f[:, None]) if reduced else torch.einsum("br,brd->bd", t.w, u)
             c = _apply(pooled, t.M)
@@ -234,6 +255,8 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
         k = id(s)
         if op.kind == "block":
             continue
+        if op.kind not in ("entry", "branch", "param", "heads"):
+            stacks.clear()  # a mixer changes the terms
         if op.kind == "project":
             P = op.value.detach().to(device=device, dtype=dtype)
             for t in terms[k]:
@@ -289,7 +312,8 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
             total, detail = contribute(s, rec.val, reduced)
             emitted[i].append((Component(op.name, op.comp_kind, block=op.block), total, detail))
         elif op.kind == "heads":
-            _heads(graph, op, rec, s, terms[k], emitted[i], tokens, i in reducers, contribute, device, dtype)
+            _heads(graph, op, rec, s, terms[k], emitted[i], tokens, i in reducers, contribute, device, dtype,
+                   stacked(k) if multi(k) and i not in reducers else None)
 
     comps, values, details = [], [], {}
     for lst in emitted:
@@ -302,7 +326,18 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
                          grid=graph.grid, token_details=details, meta=dict(graph.meta))
 
 
-def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype):
+class _StackedFactors(TokenDetail):
+    """A head split by source token when several routes reach z: ``Σ_t weight[b, t, n] · (values[b, n] @ M_t.T)``
+    with ``weight`` [B, T, N], ``values`` [B, N, k] and ``matrices`` [T, d, k]."""
+
+    def __init__(self, weight, values, matrices):
+        self.weight, self.values, self.matrices = weight, values, matrices
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        return torch.einsum("btn,bnk,tek->bne", self.weight, self.values, self.matrices)
+
+
+def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype, stack=None):
     src = op.module
     H = src.num_heads
     Wo = op.extra["weight"].detach().to(dtype)
@@ -313,19 +348,28 @@ def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, devic
         Wg = Wg * gamma.view(-1, 1, 1)
     o = rec.o  # [B, H, R, dh]
     heads = None
-    for t in tlist:
-        so = o[:, :, 0] * t.f[:, None, None] if reduced else torch.einsum("bhrk,br->bhk", o, t.w)
-        hd = _apply(torch.einsum("bhk,dhk->bhd", so, Wg), t.M)
-        heads = hd if heads is None else heads + hd
+    if stack is not None:  # several routes: batched over them
+        W, Ms = stack
+        hd = torch.einsum("bthk,dhk->bthd", torch.einsum("bhrk,btr->bthk", o, W), Wg)
+        heads = torch.einsum("bthd,tde->bhe", hd, Ms)
+        att = torch.einsum("bhrn,btr->bhtn", rec.attn, W) if tokens else None
+    else:
+        for t in tlist:
+            so = o[:, :, 0] * t.f[:, None, None] if reduced else torch.einsum("bhrk,br->bhk", o, t.w)
+            hd = _apply(torch.einsum("bhk,dhk->bhd", so, Wg), t.M)
+            heads = hd if heads is None else heads + hd
     for h in range(H):
         detail = None
-        if tokens:
+        if tokens and stack is not None:
+            detail = _StackedFactors(att[:, h], rec.v[:, h], torch.einsum("dk,tde->tek", Wg[:, h, :], stack[1]))
+        elif tokens:
             parts = []
             for t in tlist:
                 att = torch.einsum("bhrn,br->bhn", rec.attn[:, h:h + 1], t.w)[:, 0]
                 M = Wg[:, h, :] if t.M is None else (Wg[:, h, :].T @ t.M).T  # [d, dh]
                 parts.append(FactorTokens(weight=att, values=rec.v[:, h], matrix=M))
             detail = parts[0] if len(parts) == 1 else _Summed(parts)
+        if tokens:
             n = rec.v.shape[2]
             if s.tokens != 0 or n != graph.grid.num_tokens:
                 detail = _Placed(detail, s.tokens or 0, n)
