@@ -156,7 +156,8 @@ class Graph:
             self.ops.append(_Op("norm", stream, name=name, module=module, extra={"at": int(at)}))
 
     def pool(self, stream: Stream, rows: Sequence[int], weights, *, name: str = "pool") -> Stream:
-        """A new one-row stream ``Σ_r weights[r] · stream[rows[r]]`` (CLS selection, mean pooling)."""
+        """A new one-row stream ``Σ_r weights[r] · stream[rows[r]]`` (CLS selection, mean pooling); ``weights`` a
+        sequence of numbers, known before the forward."""
         out = Stream(name=f"{stream.name}.{name}", rows=1, tokens=None, spread=(stream, [int(r) for r in rows]))
         self.streams.append(out)
         w = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
