@@ -20,11 +20,11 @@ import sys
 
 import torch
 
-from vitdecomp import Adapter, TokenGrid, hookimpl
+from vitdecomp import TokenGrid, hookimpl
 from vitdecomp.engine import is_identity, supported_norm
 from vitdecomp.errors import InputError, UnsupportedModelError
 
-from ._sequence import AttentionSpec, BlockSpec, ReadoutSpec, run_sequence
+from vitdecomp.graph import Graph, GraphAdapter, InProj
 
 __all__ = ["OpenClipViTAdapter"]
 
@@ -46,25 +46,17 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _attention_spec(attn) -> AttentionSpec:
+def _head_source(attn) -> InProj:
     H = attn.num_heads
     if isinstance(attn, torch.nn.MultiheadAttention):
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
             raise UnsupportedModelError("nn.MultiheadAttention with separate k/v dims, bias_k or add_zero_attn")
-        D = attn.embed_dim
-        dh = D // H
-        return AttentionSpec(module=attn, style="inproj", num_heads=H, head_dim=dh,
-                             out_weight=attn.out_proj.weight.detach(),
-                             out_bias=None if attn.out_proj.bias is None else attn.out_proj.bias.detach(),
-                             scale=dh ** -0.5, batch_first=attn.batch_first)
+        return InProj(attn, H, scale=(attn.embed_dim // H) ** -0.5, batch_first=attn.batch_first)
     # open_clip's own Attention
     if not is_identity(getattr(attn, "ln_inner", None)):
         raise UnsupportedModelError("open_clip Attention with an inner norm (ln_inner) before the output projection")
-    dh = attn.head_dim
-    return AttentionSpec(
-        module=attn, style="inproj", num_heads=H, head_dim=dh, out_weight=attn.out_proj.weight.detach(),
-        out_bias=None if attn.out_proj.bias is None else attn.out_proj.bias.detach(), scale=attn.scale,
-        batch_first=True,
+    return InProj(
+        attn, H, scale=attn.scale, batch_first=True,
         logit_scale=None if attn.logit_scale is None else attn.logit_scale.detach(),
         logit_scale_max=float(getattr(attn, "logit_scale_max", 0.0)),
         head_scale=None if attn.head_scale is None else attn.head_scale.detach(),
@@ -72,7 +64,7 @@ def _attention_spec(attn) -> AttentionSpec:
     )
 
 
-class OpenClipViTAdapter(Adapter):
+class OpenClipViTAdapter(GraphAdapter):
     name = "open_clip-vit"
     families = ("CLIP ViT (open_clip)",)
 
@@ -128,34 +120,28 @@ class OpenClipViTAdapter(Adapter):
     def representation(self, model, images):
         return self._run(model, images)
 
-    def decompose(self, v, images, options):
+    def describe(self, v, images) -> Graph:
         grid = self.grid(v, images)
+        g = Graph(self.name, run=lambda x: self._run(v, x), grid=grid, meta={"adapter": self.name, "model": type(v).__name__})
         resblocks = v.transformer.resblocks
-        n = len(resblocks)
-        start = options.start or 0
-        if not isinstance(start, int) or not (0 <= start < n):
-            raise InputError(f"start={options.start!r} is out of range: this CLIP tower has blocks 0..{n - 1}")
-        blocks = []
+        x = g.stream("tokens", grid.num_tokens, seq_first=not getattr(v.transformer, "batch_first", True))
+        g.embed(x, resblocks[0])
         for i, blk in enumerate(resblocks):
-            spec = _attention_spec(blk.attn)
-            gamma = None if is_identity(blk.ls_1) else blk.ls_1.gamma.detach()
-            blocks.append(BlockSpec(prefix=f"blocks.{i}", module=blk, attn=spec, attn_gamma=gamma, mlp_out=blk.ls_2))
+            with g.block(i, f"blocks.{i}", x, entry=blk):
+                g.heads(x, _head_source(blk.attn), blk.attn.out_proj.weight, blk.attn.out_proj.bias,
+                        gamma=None if is_identity(blk.ls_1) else blk.ls_1.gamma)
+                g.branch(x, blk.ls_2, name="mlp")
         N = grid.num_tokens
-        if v.pool_type == "tok":
-            rows, weights = [0], torch.tensor([1.0])
-        else:
-            rows = list(range(1, N))
-            weights = torch.full((len(rows),), 1.0 / len(rows), dtype=torch.float64)
+        rows, weights = ([0], [1.0]) if v.pool_type == "tok" else (list(range(1, N)), [1.0 / (N - 1)] * (N - 1))
         after = bool(getattr(v, "final_ln_after_pool", False))
-        readout = ReadoutSpec(
-            rows=rows, weights=weights, norm=None if after else v.ln_post, norm_name="ln_post",
-            post_norm=v.ln_post if after else None, post_norm_name="ln_post",
-            proj=None if v.proj is None else v.proj.detach(), run=lambda x: self._run(v, x),
-        )
-        seq_first = not getattr(v.transformer, "batch_first", True)
-        meta = {"adapter": self.name, "model": type(v).__name__}
-        return run_sequence(images, blocks, readout, embed_name="embed", start=start, tokens=options.tokens == "source",
-                            grid=grid, meta=meta, input_module_of_block=lambda k: resblocks[k], seq_first=seq_first)
+        if not after:
+            g.norm(x, v.ln_post, name="ln_post")
+        pooled = g.pool(x, rows, weights)
+        if after:
+            g.norm(pooled, v.ln_post, name="ln_post")
+        g.project(pooled, v.proj)
+        g.output(pooled)
+        return g
 
 
 @hookimpl

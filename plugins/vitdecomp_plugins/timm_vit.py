@@ -19,11 +19,11 @@ import sys
 
 import torch
 
-from vitdecomp import Adapter, TokenGrid, hookimpl
+from vitdecomp import TokenGrid, hookimpl
 from vitdecomp.engine import is_identity, supported_norm
 from vitdecomp.errors import InputError, UnsupportedModelError
 
-from ._sequence import AttentionSpec, BlockSpec, ReadoutSpec, run_sequence
+from vitdecomp.graph import FusedQKV, Graph, GraphAdapter, ProjInput
 
 __all__ = ["TimmViTAdapter"]
 
@@ -65,7 +65,7 @@ def _problems(model) -> list:
     return out
 
 
-class TimmViTAdapter(Adapter):
+class TimmViTAdapter(GraphAdapter):
     name = "timm-vit"
     families = ("ViT", "DeiT", "DeiT-distilled", "DINO", "DINOv2", "DINOv2-reg")
 
@@ -119,50 +119,34 @@ class TimmViTAdapter(Adapter):
         return head if isinstance(head, torch.nn.Linear) else None
 
     # ---------------------------------------------------------------- decomposition
-    def decompose(self, model, images, options):
+    def describe(self, model, images) -> Graph:
         grid = self.grid(model, images)
-        n_blocks = len(model.blocks)
-        start = options.start or 0
-        if not isinstance(start, int) or not (0 <= start < n_blocks):
-            raise InputError(f"start={options.start!r} is out of range: {type(model).__name__} has blocks 0..{n_blocks - 1}")
-        blocks = []
-        for i, blk in enumerate(model.blocks):
-            at = blk.attn
-            H = at.num_heads
-            dh = getattr(at, "head_dim", at.qkv.out_features // (3 * H))
-            spec = AttentionSpec(
-                module=at, style="timm", num_heads=H, head_dim=dh,
-                out_weight=at.proj.weight.detach(), out_bias=None if at.proj.bias is None else at.proj.bias.detach(),
-                scale=getattr(at, "scale", dh ** -0.5),
-            )
-            gamma = None if is_identity(blk.ls1) else blk.ls1.gamma.detach()
-            blocks.append(BlockSpec(prefix=f"blocks.{i}", module=blk, attn=spec, attn_gamma=gamma, mlp_out=blk.ls2))
-
-        distilled = getattr(model, "dist_token", None) is not None
-        npre = model.num_prefix_tokens
-        N = grid.num_tokens
-        if distilled:
-            rows, weights = [0, 1], torch.tensor([0.5, 0.5])
-            post = None
-        elif model.global_pool == "token":
-            rows, weights = [0], torch.tensor([1.0])
-            post = model.fc_norm
-        else:  # avg
-            first = 0 if getattr(model, "pool_include_prefix", False) else npre
-            rows = list(range(first, N))
-            weights = torch.full((len(rows),), 1.0 / len(rows), dtype=torch.float64)
-            post = model.fc_norm
-        readout = ReadoutSpec(
-            rows=rows, weights=weights, norm=model.norm, norm_name="norm",
-            post_norm=None if is_identity(post) else post, post_norm_name="fc_norm", proj=None,
-            run=lambda x: self.representation(model, x),
-        )
         meta = {"adapter": self.name, "model": getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
                 if hasattr(model, "default_cfg") else type(model).__name__}
-        return run_sequence(
-            images, blocks, readout, embed_name="embed", start=start, tokens=options.tokens == "source",
-            grid=grid, meta=meta, input_module_of_block=lambda k: model.blocks[k],
-        )
+        g = Graph(self.name, run=lambda x: self.representation(model, x), grid=grid, meta=meta)
+        x = g.stream("tokens", grid.num_tokens)
+        g.embed(x, model.blocks[0])
+        for i, blk in enumerate(model.blocks):
+            at = blk.attn
+            with g.block(i, f"blocks.{i}", x, entry=blk):
+                attention = FusedQKV(at.qkv, at.q_norm, at.k_norm, getattr(at, "scale", at.head_dim ** -0.5))
+                g.heads(x, ProjInput(at.proj, at.num_heads, attention), at.proj.weight, at.proj.bias,
+                        gamma=None if is_identity(blk.ls1) else blk.ls1.gamma)
+                g.branch(x, blk.ls2, name="mlp")
+        npre, N = model.num_prefix_tokens, grid.num_tokens
+        post = model.fc_norm
+        if getattr(model, "dist_token", None) is not None:  # distilled DeiT: mean of the CLS and distillation tokens
+            rows, weights, post = [0, 1], [0.5, 0.5], None
+        elif model.global_pool == "token":
+            rows, weights = [0], [1.0]
+        else:  # avg
+            rows = list(range(0 if getattr(model, "pool_include_prefix", False) else npre, N))
+            weights = [1.0 / len(rows)] * len(rows)
+        g.norm(x, model.norm, name="norm")
+        pooled = g.pool(x, rows, weights)
+        g.norm(pooled, post, name="fc_norm")
+        g.output(pooled)
+        return g
 
 
 def _load_timm(spec, *, pretrained=True, weights=None, random_init=False, device="cpu", **kwargs):

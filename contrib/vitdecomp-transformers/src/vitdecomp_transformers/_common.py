@@ -7,11 +7,10 @@ from typing import Optional, Sequence, Tuple
 import attrs
 import torch
 
-from vitdecomp import Adapter, TokenGrid
+from vitdecomp import TokenGrid
 from vitdecomp.engine import is_identity, supported_norm
 from vitdecomp.errors import InputError, UnsupportedModelError
-
-from ._traversal import BlockParts, Plan, decompose_plan
+from vitdecomp.graph import Graph, GraphAdapter, ProjInput, SeparateQKV
 
 __all__ = ["HFAdapter", "Layout", "hf_class", "block_parts"]
 
@@ -27,6 +26,23 @@ def hf_class(model, names: Sequence[str]) -> Optional[str]:
 
 def _pair(v) -> Tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+@attrs.define(eq=False)
+class BlockParts:
+    """One pre-norm layer ``x + γ1·o_proj(attn(norm1(x)))``, ``x + mlp_branch(norm2(x))``: ``attention`` returns
+    ``(output, weights_or_None)``; ``mlp_out`` is the module whose output is the whole MLP branch."""
+
+    layer: torch.nn.Module
+    attention: torch.nn.Module
+    q: torch.nn.Linear
+    k: torch.nn.Linear
+    v: torch.nn.Linear
+    o: torch.nn.Linear
+    num_heads: int
+    scaling: float
+    gamma: Optional[torch.Tensor]
+    mlp_out: torch.nn.Module
 
 
 def block_parts(i: int, layer) -> BlockParts:
@@ -49,8 +65,8 @@ def block_parts(i: int, layer) -> BlockParts:
     mlp_out = ls2 if ls2 is not None and not is_identity(ls2) else getattr(layer, "mlp", None)
     if mlp_out is None:
         raise UnsupportedModelError(f"{where} has no 'mlp' submodule")
-    return BlockParts(index=i, layer=layer, attention=attn, q=q, k=k, v=v, o=o, num_heads=int(H), head_dim=int(dh),
-                      scaling=float(scaling), gamma=gamma, mlp_out=mlp_out)
+    return BlockParts(layer=layer, attention=attn, q=q, k=k, v=v, o=o, num_heads=int(H), scaling=float(scaling),
+                      gamma=gamma, mlp_out=mlp_out)
 
 
 @attrs.define(eq=False)
@@ -58,9 +74,10 @@ class Layout:
     """What a family module tells the base adapter about one model.
 
     ``base``: the module whose forward embeds and runs the layers; ``layers``: its blocks in order;
-    ``num_prefix``: CLS + distillation + register tokens; ``groups(grid)``: readout groups (see
-    :class:`~vitdecomp_transformers._traversal.Plan`); ``norm``/``norm_name``: the final norm z is read after
-    (None: before any norm); ``proj``: a projection matrix ``[G·D, d]`` or None; ``head``: the linear
+    ``num_prefix``: CLS + distillation + register tokens; ``groups(grid)``: readout groups, each a list of
+    ``(token index, weight)`` pairs pooled into one vector, z concatenating the groups; ``norm``/``norm_name``:
+    the final norm z is read after (None: before any norm), applied per token or, with ``norm_after_pool``, to
+    the pooled vector; ``proj``: a projection matrix ``[G·D, d]`` or None; ``head``: the linear
     classifier on z or None; ``read(outputs)``: z from the base model's output; ``dynamic``: accepts any
     multiple of the patch size (position embeddings are interpolated) instead of only ``image_size``.
     """
@@ -79,9 +96,10 @@ class Layout:
     num_channels: int = 3
     dynamic: bool = False
     z_doc: str = ""
+    norm_after_pool: bool = False
 
 
-class HFAdapter(Adapter):
+class HFAdapter(GraphAdapter):
     """Base class: subclasses set ``name``, ``families``, ``class_names`` and implement :meth:`layout`."""
 
     class_names: Tuple[str, ...] = ()
@@ -145,19 +163,33 @@ class HFAdapter(Adapter):
         lay = self._layout(model)
         return lay.read(lay.base(pixel_values=images))
 
-    def decompose(self, model, images, options):
+    def describe(self, model, images) -> Graph:
         lay = self._layout(model)
         grid = self.grid(lay, images)
-        n = len(lay.layers)
-        start = options.start or 0
-        if not isinstance(start, int) or isinstance(start, bool) or not (0 <= start < n):
-            raise InputError(f"start={options.start!r} is out of range: {type(model).__name__} has blocks 0..{n - 1}")
-        plan = Plan(
-            blocks=[block_parts(i, layer) for i, layer in enumerate(lay.layers)],
-            groups=lay.groups(grid), norm=lay.norm, norm_name=lay.norm_name, proj=lay.proj,
-            run=lambda x: lay.read(lay.base(pixel_values=x)), grid=grid,
-            meta={"adapter": self.name, "model": type(model).__name__,
-                  "checkpoint": getattr(getattr(model, "config", None), "_name_or_path", "") or None,
-                  "attn_implementation": getattr(getattr(lay.base, "config", None), "_attn_implementation", None)},
-        )
-        return decompose_plan(plan, images, start=start, tokens=options.tokens == "source")
+        meta = {"adapter": self.name, "model": type(model).__name__,
+                "checkpoint": getattr(getattr(model, "config", None), "_name_or_path", "") or None,
+                "attn_implementation": getattr(getattr(lay.base, "config", None), "_attn_implementation", None)}
+        g = Graph(self.name, run=lambda x: lay.read(lay.base(pixel_values=x)), grid=grid, meta=meta)
+        x = g.stream("tokens", grid.num_tokens)
+        g.embed(x, lay.layers[0])
+        for i, layer in enumerate(lay.layers):
+            bp = block_parts(i, layer)
+            with g.block(i, f"blocks.{i}", x, entry=layer):
+                source = ProjInput(bp.o, bp.num_heads, SeparateQKV(bp.q, bp.k, bp.v, bp.attention, bp.scaling))
+                g.heads(x, source, bp.o.weight, bp.o.bias, gamma=bp.gamma)
+                g.branch(x, bp.mlp_out, name="mlp")
+        if not lay.norm_after_pool:
+            g.norm(x, lay.norm, name=lay.norm_name)
+        groups = lay.groups(grid)
+        pooled = [g.pool(x, [r for r, _ in grp], [w for _, w in grp], name=f"pool{j}") for j, grp in enumerate(groups)]
+        z = pooled[0] if len(pooled) == 1 else g.concat(pooled, [x_width(lay)] * len(pooled))
+        if lay.norm_after_pool:
+            g.norm(z, lay.norm, name=lay.norm_name)
+        g.project(z, lay.proj)
+        g.output(z)
+        return g
+
+
+def x_width(lay: Layout) -> int:
+    """The hidden size of the layers' stream."""
+    return int(lay.base.config.hidden_size)

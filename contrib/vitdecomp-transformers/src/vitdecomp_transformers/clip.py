@@ -68,6 +68,7 @@ class HFCLIPVisionAdapter(HFAdapter):
             base=base, layers=base.encoder.layers, num_prefix=1, groups=groups, norm=norm,
             norm_name="post_layernorm", proj=proj, head=head, read=read, image_size=_pair(emb.image_size),
             patch_size=_pair(emb.patch_size), num_channels=int(base.config.num_channels), dynamic=False, z_doc=z_doc,
+            norm_after_pool=norm is not None,  # post_layernorm is applied to the pooled class token
         )
 
 

@@ -1,0 +1,225 @@
+"""Contribution graphs: the way to add a model family to vitdecomp.
+
+A family *describes* its model; the core's one engine (:func:`execute`) does the rest. A description is a
+:class:`Graph`, built in forward order, of
+
+* **streams** of token rows (:meth:`Graph.stream`): a plain ViT has one, CaiT a patch and a class stream, and a
+  pooled vector is a one-row stream;
+* **writes** into a stream: the embedding (:meth:`Graph.embed`, the stream as it enters the first block), a
+  branch module's output (:meth:`Graph.branch`, optionally times a LayerScale vector), a parameter
+  (:meth:`Graph.param`, e.g. a class token) and **head writes** (:meth:`Graph.heads`: an attention branch split
+  by its output projection, with a :mod:`head source <vitdecomp.graph.sources>` saying where the per-head
+  outputs, and for token detail the attention rows and values, are read);
+* **frozen linear mixers**: a norm at the statistics the forward used, with the module's own eps
+  (:meth:`Graph.norm`), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
+  pooled groups side by side (:meth:`Graph.concat`),
+  and a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
+  several streams, at the forward's attention weights);
+* a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
+  library's own forward.
+
+Blocks (:meth:`Graph.block`) group writes under a name prefix and mark where ``start`` may cut: with
+``start=k`` the stream entering block ``k`` becomes the component ``init`` (kind ``residual``).
+
+The engine hooks the model's own forward (and checks every hook fired), freezes norms and attention weights,
+composes the linear maps from each write to z (pooling before the per-head products, so component level costs
+about one forward), emits the components in forward order with explicit constants (biases, norm offsets) and
+heads split, and the token detail for ``tokens="source"`` on the model's grid. A component is a *write*: its
+contribution is everything that reaches z from it along linear paths. When z is not read from the stream a
+block writes (CaiT's class stream, attention pooling), the writes of that stream reach z through the
+class-attention value path at the forward's attention weights; the class-attention branch itself then
+contributes only its constant (``<name>.bias``: value and output biases and its norm's offset through the
+attention weights, which sum to one).
+
+Use :class:`GraphAdapter`: subclass it, implement :meth:`GraphAdapter.describe`, and ``decompose`` is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional, Sequence
+
+import attrs
+import torch
+
+from ..adapter import Adapter
+from ..errors import InputError, VitDecompError
+from .sources import FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads
+
+__all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
+           "TalkingHeads", "SeparateQKV", "InProj"]
+
+
+class GraphError(VitDecompError, ValueError):
+    """A contribution-graph description that cannot be executed (names the pack, the node and what was expected)."""
+
+
+@attrs.define(eq=False)
+class Stream:
+    """A stream of ``rows`` token rows. ``tokens``: the grid token index of row 0 (rows are consecutive grid
+    tokens), or None for a stream that is not on the grid (a pooled vector: its writes' token detail is spread
+    evenly over the rows that were pooled into it). ``seq_first``: block entries and branch outputs see it as
+    ``[N, B, D]`` (norms and head sources handle their own layout)."""
+
+    name: str
+    rows: int
+    tokens: Optional[int] = 0
+    seq_first: bool = False
+    spread: Optional[tuple] = None  # (source stream, rows) for a pooled stream
+
+
+@attrs.define(eq=False)
+class _Op:
+    kind: str  # entry | branch | param | heads | norm | pool | concat | project | cattn | block
+    stream: Optional[Stream]
+    name: str = ""
+    block: Optional[int] = None
+    comp_kind: str = ""
+    module: object = None
+    gamma: Optional[torch.Tensor] = None
+    value: Optional[torch.Tensor] = None
+    extra: dict = attrs.field(factory=dict)
+
+
+class Graph:
+    """A model's contribution graph, built in forward order (see the module docstring).
+
+    :param pack: the pack's (adapter's) name, used in error messages.
+    :param run: ``run(images) -> z``, the model library's own forward; the engine's hooks watch it.
+    :param grid: the :class:`vitdecomp.TokenGrid` token detail lives on.
+    :param meta: copied into :attr:`Decomposition.meta`.
+    """
+
+    def __init__(self, pack: str, *, run: Callable[[torch.Tensor], torch.Tensor], grid, meta: Optional[dict] = None):
+        self.pack, self.run, self.grid, self.meta = pack, run, grid, dict(meta or {})
+        self.streams: List[Stream] = []
+        self.ops: List[_Op] = []
+        self.out: Optional[Stream] = None
+        self._block: Optional[tuple] = None  # (index, prefix)
+
+    # ------------------------------------------------------------------ streams and blocks
+    def stream(self, name: str, rows: int, *, tokens: Optional[int] = 0, seq_first: bool = False) -> Stream:
+        """A stream of ``rows`` token rows (``tokens``: grid index of its row 0, None if not on the grid)."""
+        s = Stream(name=name, rows=int(rows), tokens=tokens, seq_first=seq_first)
+        self.streams.append(s)
+        return s
+
+    @contextlib.contextmanager
+    def block(self, index: int, prefix: str, stream: Stream, entry: torch.nn.Module, *, entry_arg: int = 0):
+        """Writes made inside belong to block ``index`` and are named ``<prefix>.<name>``. ``entry`` is the
+        module whose positional input ``entry_arg`` is ``stream`` as the block reads it (where ``start=index``
+        takes ``init``)."""
+        self.ops.append(_Op("block", stream, name=prefix, block=int(index), module=entry, extra={"arg": int(entry_arg)}))
+        self._block = (int(index), prefix)
+        try:
+            yield self
+        finally:
+            self._block = None
+
+    def _name(self, name: str) -> str:
+        return f"{self._block[1]}.{name}" if self._block is not None else name
+
+    def _blk(self) -> Optional[int]:
+        return self._block[0] if self._block is not None else None
+
+    # ------------------------------------------------------------------ writes
+    def embed(self, stream: Stream, entry: torch.nn.Module, *, name: str = "embed", entry_arg: int = 0) -> None:
+        """The embedding: everything in ``stream`` as it enters ``entry`` (its positional input ``entry_arg``):
+        patch + position embedding, prefix tokens; one component of kind ``embed``."""
+        self.ops.append(_Op("entry", stream, name=name, comp_kind="embed", module=entry, extra={"arg": int(entry_arg)}))
+
+    def branch(self, stream: Stream, module: torch.nn.Module, *, name: str = "mlp", kind: str = "mlp",
+               gamma: Optional[torch.Tensor] = None) -> None:
+        """``module``'s output (times the LayerScale vector ``gamma`` if given) is added to ``stream``."""
+        self.ops.append(_Op("branch", stream, name=self._name(name), block=self._blk(), comp_kind=kind, module=module,
+                            gamma=gamma))
+
+    def param(self, stream: Stream, value: torch.Tensor, *, name: str, kind: str = "embed") -> None:
+        """A parameter ``value`` (``[rows, D]`` or ``[1, rows, D]``) is added to ``stream``."""
+        self.ops.append(_Op("param", stream, name=self._name(name), block=self._blk(), comp_kind=kind, value=value))
+
+    def heads(self, stream: Stream, source: HeadSource, out_weight: torch.Tensor, out_bias: Optional[torch.Tensor] = None,
+              *, gamma: Optional[torch.Tensor] = None, name: str = "attn") -> None:
+        """An attention branch added to ``stream``: ``γ ⊙ (Σ_h W_O^(h) o_h + b_O)``, split into components
+        ``<name>.head.<h>`` and ``<name>.bias``. ``out_weight`` is the output projection ``[D, H·dh]``."""
+        self.ops.append(_Op("heads", stream, name=self._name(name), block=self._blk(), module=source, gamma=gamma,
+                            extra={"weight": out_weight, "bias": out_bias}))
+
+    # ------------------------------------------------------------------ mixers
+    def norm(self, stream: Stream, module: torch.nn.Module, *, name: str, at: int = 0) -> None:
+        """``stream`` passes through the norm ``module`` (frozen at the statistics of its input in the forward);
+        its offset β is the component ``<name>.bias``. ``at``: index of the stream's row 0 in the norm's input
+        (a norm applied to several streams concatenated). Identity / None is skipped."""
+        from ..engine import is_identity
+
+        if not is_identity(module):
+            self.ops.append(_Op("norm", stream, name=name, module=module, extra={"at": int(at)}))
+
+    def pool(self, stream: Stream, rows: Sequence[int], weights, *, name: str = "pool") -> Stream:
+        """A new one-row stream ``Σ_r weights[r] · stream[rows[r]]`` (CLS selection, mean pooling); ``weights`` a
+        sequence of numbers, known before the forward."""
+        out = Stream(name=f"{stream.name}.{name}", rows=1, tokens=None, spread=(stream, [int(r) for r in rows]))
+        self.streams.append(out)
+        w = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+        self.ops.append(_Op("pool", stream, name=name, extra={"out": out, "rows": [int(r) for r in rows], "weights": w}))
+        return out
+
+    def concat(self, streams: Sequence[Stream], widths: Sequence[int], *, name: str = "concat") -> Stream:
+        """A new one-row stream: the one-row ``streams`` (of feature widths ``widths``) side by side (a readout
+        that concatenates pooled groups, e.g. DINOv2's class token and mean patch)."""
+        if any(s.rows != 1 for s in streams) or len(widths) != len(streams):
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: concat takes one-row streams with one width each; "
+                             f"got rows {[s.rows for s in streams]} and widths {list(widths)}")
+        out = Stream(name=name, rows=1, tokens=None, spread=streams[0].spread)
+        self.streams.append(out)
+        self.ops.append(_Op("concat", out, name=name, extra={"reads": list(streams), "widths": [int(w) for w in widths]}))
+        return out
+
+    def project(self, stream: Stream, matrix: Optional[torch.Tensor], *, name: str = "proj") -> None:
+        """Every row of ``stream`` is multiplied by ``matrix`` ``[D, d]`` (``row @ matrix``); None is skipped."""
+        if matrix is not None:
+            self.ops.append(_Op("project", stream, name=name, value=matrix))
+
+    def class_attention(self, reads: Sequence[Stream], writes: Stream, *, norm: torch.nn.Module, q: torch.nn.Linear,
+                        k: torch.nn.Linear, v: torch.nn.Linear, proj: torch.nn.Linear, num_heads: int, scale: float,
+                        gamma: Optional[torch.Tensor] = None, name: str = "attn") -> None:
+        """Class attention: ``writes`` (one row) gets ``γ ⊙ proj(attn(norm(cat(reads))))`` where the query is
+        row 0 of the concatenation and keys/values are all its rows. Linear in every read stream once the norm
+        statistics and the attention weights are frozen; the branch's constants form ``<name>.bias``."""
+        self.ops.append(_Op("cattn", writes, name=self._name(name), block=self._blk(), module=norm, gamma=gamma,
+                            extra={"reads": list(reads), "q": q, "k": k, "v": v, "proj": proj, "H": int(num_heads),
+                                   "scale": float(scale)}))
+
+    def output(self, stream: Stream) -> None:
+        """z is the one row of ``stream``."""
+        self.out = stream
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def num_blocks(self) -> int:
+        return sum(1 for op in self.ops if op.kind == "block")
+
+
+def execute(graph: Graph, images: torch.Tensor, *, start=None, tokens: bool = False):
+    """Run ``graph.run(images)`` once with hooks and return the exact :class:`vitdecomp.Decomposition`
+    (explicit constants, heads split; the core applies ``bias="even"`` and ``heads=False`` afterwards)."""
+    from ._engine import run_graph
+
+    return run_graph(graph, images, start=start, tokens=tokens)
+
+
+class GraphAdapter(Adapter):
+    """An adapter whose family is a description: implement :meth:`describe`; ``decompose`` runs the engine."""
+
+    def describe(self, model, images: torch.Tensor) -> Graph:
+        """The contribution graph of ``model`` for ``images`` (shapes only; nothing runs yet)."""
+        raise NotImplementedError
+
+    def decompose(self, model, images, options):
+        graph = self.describe(model, images)
+        start = options.start
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)
+                                  or not 0 <= start < graph.num_blocks):
+            raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
+                             f"0..{graph.num_blocks - 1}")
+        return execute(graph, images, start=start, tokens=options.tokens == "source")

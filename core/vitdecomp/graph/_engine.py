@@ -1,0 +1,544 @@
+"""The one engine that executes a :class:`~vitdecomp.graph.Graph` (see the package docstring).
+
+Algebra. Once norms and attention weights are frozen at the forward's values, z is linear in every write. The
+map from a stream at one point of the tape to z is kept as a list of *terms* ``(w, M)``: per-image row weights
+``w [B, R]`` over the stream's rows (pooling weights, 1/σ of frozen norms, attention weights of class-attention
+value paths: every batch-dependent factor is a scalar per row) and one batch-independent matrix ``M [D, d]``
+(centring and γ of norms, value/output projections, projections; None for the identity). A write ``u`` then
+contributes ``Σ_t (Σ_r w_t[b, r] u[b, r]) @ M_t``: rows are pooled before any D×D product, and heads are pooled
+in their own ``dh`` before their output projection. The engine walks the tape backwards from z once, turning
+each mixer into a transformation of the terms and each write into a contribution.
+
+When a stream's weights are known before the forward (mean pooling without a per-token norm) and no token
+detail is asked for, captures are reduced over rows as the hooks fire (memory of one row per write).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .._records import Component
+from ..decomposition import Decomposition, FactorTokens, RowTokens, TokenDetail, _Summed
+from ..engine import HookSet, freeze_norm, index_tensor, to_device
+from . import GraphError, Stream, _Op
+
+__all__ = ["run_graph"]
+
+
+class _Rec:
+    """What the hooks of one node captured."""
+
+    def __init__(self):
+        self.val = self.o = self.attn = self.v = self.q = self.k = None
+
+
+class _Term:
+    __slots__ = ("w", "ws", "f", "M")
+
+    def __init__(self, w, M, ws=None, f=None):
+        self.w, self.M, self.ws, self.f = w, M, ws, f  # ws/f: static row weights × per-image factor (w = f·ws)
+
+
+class _Placed(TokenDetail):
+    """A token detail over a stream's rows placed on the model's grid from token index ``offset``."""
+
+    def __init__(self, base: TokenDetail, offset: int, count: int):
+        self.base, self.offset, self.count = base, offset, count
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        part = self.base.materialize(self.count)
+        out = part.new_zeros(part.shape[0], num_tokens, part.shape[-1])
+        out[:, self.offset:self.offset + self.count] = part
+        return out
+
+
+def _mm(A: Optional[torch.Tensor], M: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if A is None:
+        return M
+    return A if M is None else A @ M
+
+
+def _apply(u: torch.Tensor, M: Optional[torch.Tensor]) -> torch.Tensor:
+    return u if M is None else u @ M
+
+
+def _norm_matrix(fn, D: int, device, dtype) -> torch.Tensor:
+    """The frozen norm's linear part (centring, γ) as a matrix acting on row vectors."""
+    A = torch.eye(D, device=device, dtype=dtype)
+    if fn.center:
+        A = A - 1.0 / D
+    if fn.weight is not None:
+        A = A * fn.weight
+    return A
+
+
+def _where(graph, op) -> str:
+    return f"pack {graph.pack!r}, node {op.name or op.kind!r} ({op.kind} on stream {op.stream.name!r})"
+
+
+# ---------------------------------------------------------------------------------------------- static passes
+def _cut(graph, start) -> List[_Op]:
+    """The tape with ``start`` applied: the stream block ``start`` reads becomes one ``init`` write there."""
+    ops = list(graph.ops)
+    if not start:
+        return ops
+    at = next((i for i, op in enumerate(ops) if op.kind == "block" and op.block == start), None)
+    if at is None:
+        raise GraphError(f"pack {graph.pack!r}: no block {start} in the graph (start={start})")
+    s = ops[at].stream
+    out = []
+    for op in ops[:at]:
+        touches = op.stream is s and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn")
+        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "concat" and s in op.extra["reads"]) or (op.kind == "cattn" and op.stream is not s
+                                                                 and s in op.extra["reads"])
+        if reads:
+            raise GraphError(f"{_where(graph, op)}: start={start} cuts stream {s.name!r} after this mixer reads it; "
+                             "start must be a block after every mixer that reads its stream")
+        if not touches:
+            out.append(op)
+    b = ops[at]
+    out.append(_Op("entry", s, name="init", block=b.block, comp_kind="residual", module=b.module, extra=dict(b.extra)))
+    return out + ops[at + 1:]
+
+
+def _analyse(graph, ops):
+    """Rows each stream needs, and per write whether its row weights are static (known before the forward)."""
+    if graph.out is None:
+        raise GraphError(f"pack {graph.pack!r}: the graph has no output; call Graph.output(stream) with the "
+                         "one-row stream that is z")
+    if graph.out.rows != 1:
+        raise GraphError(f"pack {graph.pack!r}: the output stream {graph.out.name!r} has {graph.out.rows} rows; "
+                         "expected one row (pool the stream first: Graph.pool)")
+    need: Dict[int, set] = {id(graph.out): {0}}
+    state: Dict[int, object] = {id(graph.out): ("pool", {0: 1.0})}  # static row weights (known before the forward)
+    op_state = {}
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        s = op.stream
+        if op.kind == "block":
+            continue
+        live = id(s) in need
+        if op.kind == "pool":
+            dst, rows = op.extra["out"], op.extra["rows"]
+            bad = [r for r in rows if not 0 <= r < s.rows]
+            if bad or len(rows) != len(op.extra["weights"]):
+                raise GraphError(f"{_where(graph, op)}: pools rows {bad or rows} with {len(op.extra['weights'])} "
+                                 f"weights; expected one weight per row and rows in 0..{s.rows - 1}")
+            if id(dst) not in need:
+                raise GraphError(f"{_where(graph, op)}: its output stream {dst.name!r} never reaches the readout; "
+                                 f"expected it to be the output or read by a later mixer")
+            prev = state.get(id(s))
+            need.setdefault(id(s), set()).update(rows)
+            st = state[id(dst)]
+            if prev is None and st != "dynamic":
+                w = {}
+                for r, wt in zip(rows, op.extra["weights"]):
+                    w[r] = w.get(r, 0.0) + wt * st[1][0]
+                state[id(s)] = ("pool", w)
+            else:
+                state[id(s)] = "dynamic"
+            continue
+        if op.kind == "concat":
+            if not live:
+                raise GraphError(f"{_where(graph, op)}: its output never reaches the readout")
+            st = state[id(s)]
+            for r in op.extra["reads"]:
+                need.setdefault(id(r), set()).add(0)
+                state[id(r)] = ("pool", {0: st[1][0]}) if st != "dynamic" and id(r) not in state else "dynamic"
+            continue
+        if op.kind == "cattn":
+            if s.rows != 1:
+                raise GraphError(f"{_where(graph, op)}: class attention writes one query row; stream {s.name!r} "
+                                 f"has {s.rows}")
+            if not live:
+                raise GraphError(f"{_where(graph, op)}: stream {s.name!r} never reaches the readout after this mixer")
+            for r in op.extra["reads"]:
+                need.setdefault(id(r), set()).update(range(r.rows))
+                state[id(r)] = "dynamic"
+            state[id(s)] = "dynamic"
+            continue
+        if not live:
+            raise GraphError(f"{_where(graph, op)}: stream {s.name!r} never reaches the readout at this point; expected "
+                             f"a later mixer (pool, class_attention) connecting it to the output stream {graph.out.name!r}")
+        if op.kind == "norm" and len(need[id(s)]) > 1:
+            state[id(s)] = "dynamic"
+        op_state[i] = state.get(id(s))
+    rows = {k: sorted(v) for k, v in need.items()}
+    return rows, op_state
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) -> Decomposition:
+    device, dtype = images.device, images.dtype
+    B = images.shape[0]
+    ops = _cut(graph, start)
+    rows, op_state = _analyse(graph, ops)
+    idx = {k: index_tensor(v, device) for k, v in rows.items()}  # no host→device wait
+    pos = {k: {r: i for i, r in enumerate(v)} for k, v in rows.items()}
+
+    def static_w(k, st):
+        w = torch.zeros(len(rows[k]), dtype=torch.float64)
+        for r, wt in st[1].items():
+            w[pos[k][r]] += wt
+        return to_device(w, device, dtype)
+
+    recs = [_Rec() for _ in ops]
+    reducers = {}
+    with HookSet() as hooks:
+        for i, op in enumerate(ops):
+            _install(graph, hooks, op, recs[i], i, rows, idx, op_state, tokens, static_w, reducers)
+        z = graph.run(images)
+    for op, rec in zip(ops, recs):
+        _check_fired(graph, op, rec, tokens)
+        if op.kind == "param":
+            rec.val = rec.param.to(dtype).expand(B, -1, -1)
+
+    # --------------------------------------------------------------------- backward over the tape
+    out = graph.out
+    one = torch.ones(B, 1, device=device, dtype=dtype)
+    terms: Dict[int, List[_Term]] = {id(out): [_Term(one, None, ws=torch.ones(1, device=device, dtype=dtype),
+                                                     f=torch.ones(B, device=device, dtype=dtype))]}
+    emitted: List[list] = [[] for _ in ops]
+
+    def grid_rows(s: Stream):
+        return index_tensor([s.tokens + r for r in rows[id(s)]], device) if s.tokens is not None else None
+
+    def row_detail(s: Stream, per_row: torch.Tensor) -> Optional[TokenDetail]:
+        """Token detail of a write at the stream's rows (``per_row`` [B, R, d])."""
+        if s.tokens is not None:
+            return RowTokens(rows=grid_rows(s), values=per_row)
+        if s.spread is not None and s.spread[0].tokens is not None:
+            src, srows = s.spread
+            val = per_row.sum(1, keepdim=True) / len(srows)
+            return RowTokens(rows=index_tensor([src.tokens + r for r in srows], device),
+                             values=val.expand(-1, len(srows), -1))
+        return None
+
+    stacks: Dict[int, tuple] = {}  # stream → (W [B, T, R], M [T, D, d]) while its terms do not change
+
+    def stacked(k):
+        """A stream's terms stacked, so a write costs a few batched products however many routes reach z."""
+        if k not in stacks:
+            lst = terms[k]
+            W = torch.stack([t.w for t in lst], 1)
+            D = next((t.M.shape[0] for t in lst if t.M is not None), None)
+            eye = torch.eye(D, device=device, dtype=dtype) if D is not None else None
+            stacks[k] = (W, torch.stack([eye if t.M is None else t.M for t in lst], 0))
+        return stacks[k]
+
+    def multi(k) -> bool:
+        return len(terms[k]) > 1 and any(t.M is not None for t in terms[k])
+
+    def contribute(s: Stream, u: torch.Tensor, reduced: bool):
+        """Σ_t (Σ_r w u) @ M for a write ``u`` [B, R, D] (or [B, 1, D] pre-reduced over rows)."""
+        total, per_row = None, None
+        if multi(id(s)) and not reduced:
+            W, Ms = stacked(id(s))
+            total = torch.einsum("btd,tde->be", torch.einsum("btr,brd->btd", W, u), Ms)
+            if tokens:
+                per_row = torch.einsum("btrd,tde->bre", W.unsqueeze(-1) * u.unsqueeze(1), Ms)
+            return total, (row_detail(s, per_row) if tokens else None)
+        for t in terms[id(s)]:
+            pooled = (u[:, 0] * t.f[:, None]) if reduced else torch.einsum("br,brd->bd", t.w, u)
+            c = _apply(pooled, t.M)
+            total = c if total is None else total + c
+            if tokens:
+                pr = _apply(t.w.unsqueeze(-1) * u, t.M)
+                per_row = pr if per_row is None else per_row + pr
+        return total, (row_detail(s, per_row) if tokens else None)
+
+    for i in range(len(ops) - 1, -1, -1):
+        op, rec = ops[i], recs[i]
+        s = op.stream
+        k = id(s)
+        if op.kind == "block":
+            continue
+        if op.kind not in ("entry", "branch", "param", "heads"):
+            stacks.clear()  # a mixer changes the terms
+        if op.kind == "project":
+            P = op.value.detach().to(device=device, dtype=dtype)
+            for t in terms[k]:
+                t.M = _mm(P, t.M)
+        elif op.kind == "pool":
+            dst = op.extra["out"]
+            wp = torch.zeros(len(rows[k]), dtype=torch.float64)
+            for r, wt in zip(op.extra["rows"], op.extra["weights"]):
+                wp[pos[k][r]] += wt
+            wp = to_device(wp, device, dtype)
+            lst = terms.setdefault(k, [])
+            for t in terms[id(dst)]:
+                lst.append(_Term(t.w[:, :1] * wp, t.M, ws=None if t.ws is None else wp * t.ws[0], f=t.f))
+        elif op.kind == "concat":
+            off = 0
+            for r, width in zip(op.extra["reads"], op.extra["widths"]):
+                lst = terms.setdefault(id(r), [])
+                for t in terms[k]:
+                    if t.M is None:
+                        E = torch.zeros(width, sum(op.extra["widths"]), device=device, dtype=dtype)
+                        E[:, off:off + width] = torch.eye(width, device=device, dtype=dtype)
+                    else:
+                        E = t.M[off:off + width]
+                    lst.append(_Term(t.w, E, ws=t.ws, f=t.f))
+                off += width
+        elif op.kind == "norm":
+            fn = freeze_norm(op.module, rec.val)
+            D = rec.val.shape[-1]
+            if fn.bias is not None:
+                total, per_row = None, None
+                for t in terms[k]:
+                    bm = _apply(fn.bias.unsqueeze(0), t.M)  # [1, d]
+                    c = t.w.sum(1, keepdim=True) * bm
+                    total = c if total is None else total + c
+                    if tokens:
+                        pr = t.w.unsqueeze(-1) * bm.unsqueeze(0)
+                        per_row = pr if per_row is None else per_row + pr
+                emitted[i].append((Component(f"{op.name}.bias", "const"), total,
+                                   row_detail(s, per_row) if tokens else None))
+            A = _norm_matrix(fn, D, device, dtype)
+            for t in terms[k]:
+                t.w = t.w * fn.inv_scale
+                if t.ws is not None:
+                    if len(rows[k]) == 1:
+                        t.f = t.f * fn.inv_scale[:, 0]
+                    else:
+                        t.ws = t.f = None
+                t.M = _mm(A, t.M)
+        elif op.kind == "cattn":
+            _class_attention(graph, op, rec, terms, rows, emitted[i], tokens, device, dtype, row_detail)
+        elif op.kind in ("entry", "branch", "param"):
+            reduced = i in reducers
+            total, detail = contribute(s, rec.val, reduced)
+            emitted[i].append((Component(op.name, op.comp_kind, block=op.block), total, detail))
+        elif op.kind == "heads":
+            _heads(graph, op, rec, s, terms[k], emitted[i], tokens, i in reducers, contribute, device, dtype,
+                   stacked(k) if multi(k) and i not in reducers else None)
+
+    comps, values, details = [], [], {}
+    for lst in emitted:
+        for comp, val, det in lst:
+            comps.append(comp)
+            values.append(val)
+            if det is not None:
+                details[comp.name] = det
+    return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,
+                         grid=graph.grid, token_details=details, meta=dict(graph.meta))
+
+
+class _StackedFactors(TokenDetail):
+    """A head split by source token when several routes reach z: ``Σ_t weight[b, t, n] · (values[b, n] @ M_t.T)``
+    with ``weight`` [B, T, N], ``values`` [B, N, k] and ``matrices`` [T, d, k]."""
+
+    def __init__(self, weight, values, matrices):
+        self.weight, self.values, self.matrices = weight, values, matrices
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        return torch.einsum("btn,bnk,tek->bne", self.weight, self.values, self.matrices)
+
+
+def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype, stack=None):
+    src = op.module
+    H = src.num_heads
+    Wo = op.extra["weight"].detach().to(dtype)
+    D = Wo.shape[0]
+    Wg = Wo.view(D, H, -1)
+    gamma = None if op.gamma is None else op.gamma.detach().to(dtype)
+    if gamma is not None:
+        Wg = Wg * gamma.view(-1, 1, 1)
+    o = rec.o  # [B, H, R, dh]
+    heads = None
+    if stack is not None:  # several routes: batched over them
+        W, Ms = stack
+        hd = torch.einsum("bthk,dhk->bthd", torch.einsum("bhrk,btr->bthk", o, W), Wg)
+        heads = torch.einsum("bthd,tde->bhe", hd, Ms)
+        att = torch.einsum("bhrn,btr->bhtn", rec.attn, W) if tokens else None
+    else:
+        for t in tlist:
+            so = o[:, :, 0] * t.f[:, None, None] if reduced else torch.einsum("bhrk,br->bhk", o, t.w)
+            hd = _apply(torch.einsum("bhk,dhk->bhd", so, Wg), t.M)
+            heads = hd if heads is None else heads + hd
+    for h in range(H):
+        detail = None
+        if tokens and stack is not None:
+            detail = _StackedFactors(att[:, h], rec.v[:, h], torch.einsum("dk,tde->tek", Wg[:, h, :], stack[1]))
+        elif tokens:
+            parts = []
+            for t in tlist:
+                att = torch.einsum("bhrn,br->bhn", rec.attn[:, h:h + 1], t.w)[:, 0]
+                M = Wg[:, h, :] if t.M is None else (Wg[:, h, :].T @ t.M).T  # [d, dh]
+                parts.append(FactorTokens(weight=att, values=rec.v[:, h], matrix=M))
+            detail = parts[0] if len(parts) == 1 else _Summed(parts)
+        if tokens:
+            n = rec.v.shape[2]
+            if s.tokens != 0 or n != graph.grid.num_tokens:
+                detail = _Placed(detail, s.tokens or 0, n)
+        emitted.append((Component(f"{op.name}.head.{h}", "head", block=op.block, head=h), heads[:, h], detail))
+    b = op.extra["bias"]
+    if b is not None:
+        b = b.detach().to(dtype)
+        if gamma is not None:
+            b = b * gamma
+        if reduced:  # Σ_r ws[r] · b, with the static weights folded into the pre-reduced row
+            u = (b * rec.wsum).expand(o.shape[0], 1, -1)
+        else:
+            u = b.expand(o.shape[0], o.shape[2], -1)
+        total, detail = contribute(s, u, reduced)
+        emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
+
+
+def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype, row_detail):
+    """Class attention as a mixer: the query row's update is linear in every read row at frozen σ and A."""
+    s = op.stream
+    x = op.extra
+    H = x["H"]
+    fn = freeze_norm(op.module, rec.val)  # stats of every concatenated row
+    D = rec.val.shape[-1]
+    q = rec.q.reshape(rec.q.shape[0], H, -1)  # [B, H, dh]
+    kk = rec.k.reshape(rec.k.shape[0], rec.k.shape[1], H, -1)  # [B, M, H, dh]
+    A = torch.softmax(torch.einsum("bhk,bmhk->bhm", q, kk) * x["scale"], dim=-1)  # [B, H, M]
+    Wv = x["v"].weight.detach().to(dtype).view(H, -1, D)  # [H, dh, D]
+    Wo = x["proj"].weight.detach().to(dtype).view(D, H, -1)  # [D, H, dh]
+    g = None if op.gamma is None else op.gamma.detach().to(dtype)
+    An = _norm_matrix(fn, D, device, dtype)
+    K = []
+    for h in range(H):
+        WoT = Wo[:, h, :].T  # [dh, D]
+        if g is not None:
+            WoT = WoT * g
+        K.append(An @ Wv[h].T @ WoT)  # [D, D]: normed row → this head's share of the update
+    # constants: Σ_h W_O^h (W_V^h β + b_V^h) + b_O (the attention weights of each head sum to one), then γ
+    c = torch.zeros(D, device=device, dtype=dtype)
+    bv = x["v"].bias
+    for h in range(H):
+        vh = torch.zeros(Wv.shape[1], device=device, dtype=dtype)
+        if fn.bias is not None:
+            vh = vh + Wv[h] @ fn.bias
+        if bv is not None:
+            vh = vh + bv.detach().to(dtype).view(H, -1)[h]
+        c = c + Wo[:, h, :] @ vh
+    if x["proj"].bias is not None:
+        c = c + x["proj"].bias.detach().to(dtype)
+    if g is not None:
+        c = c * g
+    offsets, o = [], 0
+    for r in x["reads"]:
+        offsets.append(o)
+        o += r.rows
+    new: Dict[int, list] = {}
+    total, per_row = None, None
+    for t in terms[id(s)]:
+        cm = t.w[:, :1] * _apply(c.unsqueeze(0), t.M)
+        total = cm if total is None else total + cm
+        for h in range(H):
+            Mh = _mm(K[h], t.M)
+            for r, off in zip(x["reads"], offsets):
+                w = t.w[:, :1] * A[:, h, off:off + r.rows] * fn.inv_scale[:, off:off + r.rows]
+                new.setdefault(id(r), []).append(_Term(w, Mh))
+    for k, lst in new.items():
+        terms.setdefault(k, []).extend(lst)
+    emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total,
+                    row_detail(s, total.unsqueeze(1)) if tokens else None))
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+def _check_fired(graph, op, rec, tokens):
+    if op.kind in ("entry", "branch", "norm", "cattn"):
+        missing = rec.val is None or (op.kind == "cattn" and (rec.q is None or rec.k is None))
+    elif op.kind == "heads":
+        missing = rec.o is None or (tokens and (rec.attn is None or rec.v is None))
+    else:
+        return
+    if missing:
+        raise GraphError(f"{_where(graph, op)}: its hooks did not fire during the model's forward; the forward does "
+                         "not call the described modules (a different block type or attention implementation?)")
+
+
+def _take(graph, op, x, s, rows_idx, seq_first):
+    if isinstance(x, tuple):
+        x = x[0]
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        raise GraphError(f"{_where(graph, op)}: expected a [B, N, D] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if seq_first:
+        x = x.transpose(0, 1)
+    if x.shape[1] != s.rows:
+        raise GraphError(f"{_where(graph, op)}: the module sees {x.shape[1]} rows; the stream declares {s.rows}")
+    return x.index_select(1, rows_idx)
+
+
+def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, reducers):
+    s = op.stream
+    if op.kind in ("block", "pool", "concat", "project"):
+        return
+    k = id(s)
+    ri = idx.get(k)
+    st = op_state.get(i)
+    reduce = None
+    if op.kind in ("entry", "branch", "heads") and not tokens and isinstance(st, tuple) and len(rows[k]) > 1:
+        ws = static_w(k, st)  # pool weights known up front: reduce every capture over rows at once
+        reducers[i] = ws
+        rec.wsum = ws.sum()
+
+        def reduce(t, ws=ws):  # rows on dim -2
+            return (t * ws.view(*([1] * (t.ndim - 2)), -1, 1)).sum(-2, keepdim=True)
+
+    if op.kind == "entry":
+        arg = op.extra.get("arg", 0)
+
+        def on_entry(args, kwargs):
+            x = args[arg] if len(args) > arg else kwargs.get("hidden_states", kwargs.get("x"))
+            v = _take(graph, op, x, s, ri, s.seq_first)
+            rec.val = reduce(v) if reduce is not None else v
+
+        hooks.pre_kw(op.module, on_entry)
+    elif op.kind == "branch":
+        g = op.gamma
+
+        def on_out(out):
+            v = _take(graph, op, out, s, ri, s.seq_first)
+            if g is not None:
+                v = v * g.detach().to(v.dtype)
+            rec.val = reduce(v) if reduce is not None else v
+
+        hooks.post(op.module, on_out)
+    elif op.kind == "param":
+        val = op.value.detach()
+        val = val.reshape(1, -1, val.shape[-1])
+        if val.shape[1] != s.rows:
+            raise GraphError(f"{_where(graph, op)}: the parameter has {val.shape[1]} rows; the stream declares {s.rows}")
+        rec.param = val.index_select(1, ri)
+    elif op.kind == "heads":
+        op.module.install(hooks, rec, ri, tokens, reduce)
+    elif op.kind == "norm":
+        at = op.extra["at"]
+        sel = index_tensor([at + r for r in rows[k]], ri.device)
+
+        def on_norm(x):
+            if x.ndim == 2:
+                x = x.unsqueeze(1)
+            if x.shape[1] < at + s.rows:
+                raise GraphError(f"{_where(graph, op)}: the norm sees {x.shape[1]} rows; the stream declares {s.rows} "
+                                 f"from row {at}")
+            rec.val = x.index_select(1, sel)
+
+        hooks.pre(op.module, on_norm)
+    elif op.kind == "cattn":
+        x = op.extra
+        n = sum(r.rows for r in x["reads"])
+
+        def on_norm_in(u):
+            if u.ndim != 3 or u.shape[1] != n:
+                raise GraphError(f"{_where(graph, op)}: its norm sees {tuple(u.shape)}; the streams it reads "
+                                 f"({', '.join(r.name for r in x['reads'])}) declare {n} rows")
+            rec.val = u
+
+        def on_q(out):
+            rec.q = out if out.ndim == 2 else out[:, 0]
+
+        def on_k(out):
+            rec.k = out
+
+        hooks.pre(op.module, on_norm_in)
+        hooks.post(x["q"], on_q)
+        hooks.post(x["k"], on_k)

@@ -1,0 +1,199 @@
+"""Head sources: where a head write's per-head outputs are read during the model's own forward.
+
+A source's :meth:`HeadSource.install` registers hooks that fill a record with
+
+* ``o`` ``[B, H, R, dh]``: each head's output before the output projection, at the stream rows ``rows``
+  (already reduced over rows by ``reduce`` when the engine passes one);
+* in token mode, ``attn`` ``[B, H, R, N]`` (the attention weights of those rows over the N source tokens, as the
+  forward used them) and ``v`` ``[B, H, N, dh]`` (the values they weight).
+
+Sources here cover fused-qkv timm attention (:class:`ProjInput` + :class:`FusedQKV`), talking-heads attention
+(:class:`TalkingHeads`), separate q/k/v projections (:class:`SeparateQKV`, Hugging Face) and attention modules
+that do not call their output projection as a module (:class:`InProj`: ``nn.MultiheadAttention``, open_clip).
+A new attention flavour is a new source (any object with ``num_heads`` and ``install``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+__all__ = ["HeadSource", "ProjInput", "FusedQKV", "TalkingHeads", "SeparateQKV", "InProj"]
+
+
+class HeadSource:
+    """Protocol (see the module docstring)."""
+
+    num_heads: int
+
+    def install(self, hooks, rec, rows: torch.Tensor, tokens: bool, reduce) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _first(args, kwargs, *names):
+    if args:
+        return args[0]
+    for n in names:
+        if kwargs.get(n) is not None:
+            return kwargs[n]
+    return None
+
+
+@attrs.define(eq=False)
+class ProjInput(HeadSource):
+    """Head outputs are the input of the output projection ``proj`` (``[B, N, H·dh]``, heads contiguous).
+    ``attention`` (a :class:`FusedQKV`, :class:`TalkingHeads` or :class:`SeparateQKV`) supplies token detail."""
+
+    proj: torch.nn.Module
+    num_heads: int
+    attention: Optional[object] = None
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        H = self.num_heads
+
+        def on_proj_in(x):
+            B = x.shape[0]
+            o = x.index_select(1, rows).reshape(B, -1, H, x.shape[-1] // H).permute(0, 2, 1, 3)
+            rec.o = reduce(o) if reduce is not None else o
+
+        hooks.pre(self.proj, on_proj_in)
+        if tokens:
+            if self.attention is None:
+                raise NotImplementedError("token detail needs an attention source")
+            self.attention.install(hooks, rec, rows, H)
+
+
+@attrs.define(eq=False)
+class FusedQKV:
+    """timm ``Attention``: values from the fused ``qkv`` output, attention rows recomputed from the outputs of
+    ``q_norm``/``k_norm`` (Identity modules still run) with ``scale``."""
+
+    qkv: torch.nn.Module
+    q_norm: torch.nn.Module
+    k_norm: torch.nn.Module
+    scale: float
+
+    def install(self, hooks, rec, rows, H):
+        def on_qkv(out):
+            B, N, C = out.shape
+            # copy: a view would keep the whole qkv buffer (3× the memory) alive
+            rec.v = out.view(B, N, 3, H, C // (3 * H))[:, :, 2].permute(0, 2, 1, 3).contiguous()
+
+        def on_q(q):
+            rec.q = q.index_select(2, rows)
+
+        def on_k(k):
+            rec.attn = torch.softmax((rec.q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            rec.q = None
+
+        hooks.post(self.qkv, on_qkv)
+        hooks.post(self.q_norm, on_q)
+        hooks.post(self.k_norm, on_k)
+
+
+@attrs.define(eq=False)
+class TalkingHeads:
+    """Talking-heads attention (CaiT): values from the fused ``qkv`` output; the attention weights the values
+    actually meet are the output of the post-softmax head mixer ``mix`` (``[B, N, N, H]``)."""
+
+    qkv: torch.nn.Module
+    mix: torch.nn.Module
+
+    def install(self, hooks, rec, rows, H):
+        def on_qkv(out):
+            B, N, C = out.shape
+            rec.v = out.view(B, N, 3, H, C // (3 * H))[:, :, 2].permute(0, 2, 1, 3).contiguous()
+
+        def on_mix(out):  # [B, N(query), N(source), H]
+            rec.attn = out.index_select(1, rows).permute(0, 3, 1, 2)
+
+        hooks.post(self.qkv, on_qkv)
+        hooks.post(self.mix, on_mix)
+
+
+@attrs.define(eq=False)
+class SeparateQKV:
+    """Separate ``q``/``k``/``v`` projections; the attention rows are taken from ``attention``'s returned
+    weights when it returns them (``(out, weights)``), else recomputed from queries and keys with ``scale``."""
+
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    attention: torch.nn.Module
+    scale: float
+
+    def install(self, hooks, rec, rows, H):
+        def heads_of(x):
+            return x.view(x.shape[0], x.shape[1], H, -1).transpose(1, 2)
+
+        def on_q(out):
+            rec.q = heads_of(out.index_select(1, rows))
+
+        def on_k(out):
+            rec.k = heads_of(out)
+
+        def on_v(out):
+            rec.v = heads_of(out)
+
+        def on_attention(out):
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if isinstance(weights, torch.Tensor) and weights.ndim == 4:
+                rec.attn = weights.index_select(2, rows)
+            else:
+                rec.attn = torch.softmax((rec.q @ rec.k.transpose(-2, -1)) * self.scale, dim=-1)
+            rec.q = rec.k = None
+
+        hooks.post(self.q, on_q)
+        hooks.post(self.k, on_k)
+        hooks.post(self.v, on_v)
+        hooks.post(self.attention, on_attention)
+
+
+@attrs.define(eq=False)
+class InProj(HeadSource):
+    """An attention module with ``in_proj_weight``/``in_proj_bias`` whose output projection is not called as a
+    module (``nn.MultiheadAttention``, open_clip's ``Attention``): queries at the stream rows, all keys and
+    values are recomputed from its input, with optional scaled-cosine logits and head scaling."""
+
+    module: torch.nn.Module
+    num_heads: int
+    scale: float
+    batch_first: bool = True
+    logit_scale: Optional[torch.Tensor] = None
+    logit_scale_max: float = 0.0
+    head_scale: Optional[torch.Tensor] = None  # [H, 1, 1]
+    q_norm: Optional[torch.nn.Module] = None
+    k_norm: Optional[torch.nn.Module] = None
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        H, m = self.num_heads, self.module
+
+        def on_in(args, kwargs):
+            x = _first(args, kwargs, "query", "x")
+            if not self.batch_first:
+                x = x.transpose(0, 1)
+            B, N, D = x.shape
+            dh = D // H
+            q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+            q = q.index_select(1, rows).view(B, -1, H, dh).transpose(1, 2)
+            k = k.view(B, N, H, dh).transpose(1, 2)
+            v = v.view(B, N, H, dh).transpose(1, 2)
+            if self.logit_scale is not None:
+                logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+                logits = logits * torch.clamp(self.logit_scale, max=self.logit_scale_max).exp()
+            else:
+                if self.q_norm is not None:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                logits = (q * self.scale) @ k.transpose(-2, -1)
+            attn = torch.softmax(logits, dim=-1)  # [B, H, R, N]
+            if self.head_scale is not None:
+                v = v * self.head_scale
+            o = attn @ v
+            rec.o = reduce(o) if reduce is not None else o
+            if tokens:
+                rec.attn, rec.v = attn, v.contiguous()
+
+        hooks.pre_kw(m, on_in)

@@ -1,0 +1,85 @@
+"""The contribution-graph description API (vitdecomp.graph): a hand-written description of a real timm ViT
+runs exactly on the core engine, and impossible descriptions fail naming the pack, the node and what was expected."""
+
+import pytest
+import timm
+import torch
+
+from vitdecomp import TokenGrid, testing
+from vitdecomp.graph import FusedQKV, Graph, GraphError, ProjInput, execute
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8, embed_dim=48, num_heads=3,
+                          global_pool="avg", fc_norm=False).eval()
+    return testing.perturb_parameters(m)
+
+
+def describe(m, *, extra=None, pool_rows=None, norm_at=0, output=True):
+    """A plain ViT written by hand: one stream, heads and MLP per block, final norm, mean of the patch rows."""
+    grid = TokenGrid(num_prefix=1, h=4, w=4, patch_size=(8, 8))
+    g = Graph("test-pack", run=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=grid)
+    x = g.stream("tokens", 17)
+    g.embed(x, m.blocks[0])
+    for i, blk in enumerate(m.blocks):
+        a = blk.attn
+        with g.block(i, f"blocks.{i}", x, entry=blk):
+            g.heads(x, ProjInput(a.proj, a.num_heads, FusedQKV(a.qkv, a.q_norm, a.k_norm, a.scale)), a.proj.weight,
+                    a.proj.bias)
+            g.branch(x, blk.mlp, name="mlp")
+            if extra is not None:
+                extra(g, blk)
+    g.norm(x, m.norm, name="norm", at=norm_at)
+    rows = pool_rows if pool_rows is not None else list(range(1, 17))
+    pooled = g.pool(x, rows, [1.0 / len(rows)] * len(rows))
+    if output:
+        g.output(pooled)
+    return g
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_hand_written_description_is_exact(dtype, tol):
+    m = tiny_vit().to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    for kw in ({}, {"tokens": True}, {"start": 1}):
+        with torch.no_grad():
+            dec = execute(describe(m), x, **kw)
+        assert dec.error <= tol, (kw, dec.error)
+        assert dec.names[0] == ("init" if kw.get("start") else "embed") and dec.names[-1] == "norm.bias"
+        if kw.get("tokens"):
+            testing.check_token_sums(dec)
+
+
+def test_stream_that_never_reaches_the_readout():
+    m, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+
+    def side(g, blk):
+        s = g.streams[-1] if g.streams[-1].name == "side" else g.stream("side", 17)
+        g.branch(s, blk.mlp, name="side_mlp")
+
+    with pytest.raises(GraphError, match=r"'test-pack'.*blocks\.1\.side_mlp.*'side' never reaches the readout"):
+        execute(describe(m, extra=side), x)
+
+
+def test_mixers_with_mismatched_rows():
+    m, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(GraphError, match=r"'test-pack'.*node 'pool'.*rows \[17\].*rows in 0\.\.16"):
+        execute(describe(m, pool_rows=[0, 17]), x)
+    with pytest.raises(GraphError, match=r"'test-pack'.*node 'norm'.*sees 17 rows; the stream declares 17 from row 1"):
+        with torch.no_grad():
+            execute(describe(m, norm_at=1), x)
+
+
+def test_missing_output_and_hooks_that_never_fire():
+    m, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(GraphError, match=r"'test-pack'.*no output"):
+        execute(describe(m, output=False), x)
+
+    def unused(g, blk):  # the classifier head is not run by forward_head(pre_logits=True)
+        g.branch(g.streams[0], m.head, name="never")
+
+    m.head = torch.nn.Linear(48, 48)
+    with pytest.raises(GraphError, match=r"'test-pack'.*blocks\.0\.never.*did not fire"):
+        with torch.no_grad():
+            execute(describe(m, extra=unused), x)
