@@ -405,6 +405,12 @@ def _positions(x: torch.Tensor, grid) -> Optional[torch.Tensor]:
     T, hw = grid.num_tokens, (grid.h, grid.w)
     if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] == T:
         return x[0]
+    if x.ndim == 3 and x.shape[0] == 1 and grid.num_prefix and x.shape[1] == grid.h * grid.w:
+        # a stream of the patch tokens alone (CaiT: the class token is a stream of its own)
+        return torch.cat([x.new_zeros(grid.num_prefix, x.shape[2]), x[0]])
+    if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] == 1 and grid.num_prefix:
+        # a stream of the class token alone (CaiT): grid token 0
+        return torch.cat([x[0], x.new_zeros(T - 1, x.shape[2])])
     if x.ndim == 3 and x.shape[1] == 1 and x.shape[0] == T:
         return x[:, 0]
     if x.ndim == 4 and grid.num_prefix == 0 and x.shape[0] == 1:
@@ -448,8 +454,6 @@ def _frozen_functions(state):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         out = orig["scaled_dot_product_attention"](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                    is_causal=is_causal, scale=scale, **kw)
-        if not state.owners:
-            return out
         s = scale if scale is not None else query.shape[-1] ** -0.5
         logits = torch.einsum("...qc,...kc->...qk", query, key) * s
         L, S = logits.shape[-2:]
@@ -457,23 +461,38 @@ def _frozen_functions(state):
             logits = logits.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
-        return state.attention(torch.softmax(logits, -1).detach(), value, out)
+        probs = torch.softmax(logits, -1).detach()
+        if not state.owners:  # an attention whose heads are no components (CaiT's class attention): weights frozen
+            return torch.einsum("...qk,...kc->...qc", probs, value)
+        return state.attention(probs, value, out)
 
     def is_probs(a):
+        a = a.detach() if isinstance(a, torch.Tensor) else a
         return (isinstance(a, torch.Tensor) and a.is_floating_point() and a.ndim >= 3 and bool((a >= 0).all())
                 and bool(torch.allclose(a.sum(-1), torch.ones((), dtype=a.dtype), atol=1e-4)))
 
-    def matmul(a, b, *args, **kw):
-        out = orig_matmul(a, b, *args, **kw)
-        if state.owners and not args and not kw and is_probs(a):
+    def is_mixed(a):
+        # attention weights mixed across heads after the softmax (talking heads: a Linear over the head axis):
+        # every row of a head sums to the same value, which a query-key product's rows do not
+        if not (isinstance(a, torch.Tensor) and a.is_floating_point() and a.ndim >= 4 and a.shape[-2] > 1):
+            return False
+        a = a.detach()
+        rows = a.sum(-1)
+        return bool(torch.allclose(rows, rows.mean(-1, keepdim=True), rtol=1e-5, atol=1e-6 * float(a.abs().max())))
+
+    def attention_product(a, b, out):
+        if not state.owners:
+            return orig_matmul(a.detach(), b) if is_probs(a) else out
+        if is_probs(a) or is_mixed(a):
             return state.attention(a.detach(), b, out)
         return out
 
+    def matmul(a, b, *args, **kw):
+        out = orig_matmul(a, b, *args, **kw)
+        return attention_product(a, b, out) if not args and not kw else out
+
     def tmatmul(a, b):
-        out = orig_tmatmul(a, b)
-        if state.owners and is_probs(a):
-            return state.attention(a.detach(), b, out)
-        return out
+        return attention_product(a, b, orig_tmatmul(a, b))
 
     repl = {"layer_norm": layer_norm, "group_norm": group_norm, "rms_norm": rms_norm,
             "scaled_dot_product_attention": sdpa}
@@ -551,10 +570,16 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
     head_groups: dict = {}
     branches: dict = {}
     consts: dict = {}
+    param_writes: set = set()  # embed components that are parameters: placed on the grid where they are written
     starts = []
     for c in comps:
         if c.kind == "head":
             head_groups.setdefault(c.name.rsplit(".head.", 1)[0], []).append(c)
+        elif c.kind == "embed" and (c.name in params or isinstance(overrides.get(c.name), (list, tuple))):
+            # a parameter written into a stream of its own (CaiT's class token): its contribution is the parameter's
+            ov = overrides.get(c.name, [c.name])
+            consts[c.name] = [params[p] for p in ([ov] if isinstance(ov, str) else ov)]
+            param_writes.add(c.name)
         elif c.kind in ("embed", "residual"):
             starts.append(c)
         elif c.kind == "const":
@@ -735,6 +760,11 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
             tokens[name] = (gp * pos.detach()).sum(-1).T
     for name, ps in consts.items():
         contrib[name] = sum(dot(("const", name, i), p) for i, p in enumerate(ps))
+        if name in param_writes and len(ps) == 1:
+            pos = _positions(ps[0].reshape(1, -1, ps[0].shape[-1]), dec.grid_of(name))
+            if pos is not None:
+                gp = _positions_d(G[("const", name, 0)].reshape(D, 1, -1, ps[0].shape[-1]), dec.grid_of(name))
+                tokens[name] = (gp * pos.detach()).sum(-1).T
     if starts:
         c0 = starts[0]
         inside = {id(p) for p in bmod.parameters()} if first is not None else set()
@@ -780,13 +810,18 @@ def _row_positions(g, captured, value, grid, notes) -> Optional[torch.Tensor]:
         s = torch.where(read, (pw * p1).sum(-1) / nn_.clamp_min(1e-300), torch.zeros_like(nn_))
         si = s.round().long() - 1
         resid = (pw - (si + 1).to(pw.dtype).unsqueeze(-1) * p1).norm(dim=-1)
-        if bool((resid > 1e-6 * pw.norm(dim=-1).clamp_min(1e-300))[read].any()) or bool((~read).any()):
+        # a stream of patch tokens alone (CaiT) leaves the grid's prefix positions unread by this attention
+        alone = x.ndim == 3 and x.shape[1] == grid.h * grid.w != grid.num_tokens
+        unread = ~read
+        if alone:
+            unread[: grid.num_prefix] = False
+        if bool((resid > 1e-6 * pw.norm(dim=-1).clamp_min(1e-300))[read].any()) or bool(unread.any()):
             notes.append(f"{g}: grid positions are not read by exactly one attention row (at {anc!r}); "
                          f"token split not checked")
             return None
         rows = torch.full((R * N,), -1, dtype=torch.long)
-        rows[si] = torch.arange(grid.num_tokens)
-        if len(set(si.tolist())) != grid.num_tokens:
+        rows[si[read]] = torch.arange(grid.num_tokens)[read]
+        if len(set(si[read].tolist())) != int(read.sum()):
             notes.append(f"{g}: two grid positions map to one attention row; token split not checked")
             return None
         return rows

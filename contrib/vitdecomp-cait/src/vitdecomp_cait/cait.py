@@ -41,6 +41,13 @@ class CaitAdapter(GraphAdapter):
     def representation(self, model, images):
         return model.forward_head(model.forward_features(images), pre_logits=True)
 
+    def oracle_writes(self, model):
+        # the conformance oracle's map of a class-attention constant: its norm's β and the value/output biases
+        params = dict(model.named_parameters())
+        parts = ("norm1.bias", "attn.q.bias", "attn.k.bias", "attn.v.bias", "attn.proj.bias")
+        return {f"blocks_token_only.{j}.attn.bias": [p for p in (f"blocks_token_only.{j}.{q}" for q in parts)
+                                                     if p in params] for j in range(len(model.blocks_token_only))}
+
     def describe(self, model, images) -> Graph:
         gh, gw = model.patch_embed.grid_size
         grid = TokenGrid(num_prefix=1, h=gh, w=gw, patch_size=tuple(model.patch_embed.patch_size))
