@@ -54,7 +54,12 @@ def test_retrieve_text_and_reference(setup, capsys):
     rec = json.loads((out / "ranking.json").read_text())
     assert len(rec["components"]) == 3 and len(rec["ranked"]) == 4 and len(rec["baseline"]) == 4
     assert (out / "sheet.png").stat().st_size > 1000
-    assert "whole representation" in capsys.readouterr().out
+    assert not [c for c in rec["components"] if c.endswith(".bias")]  # constants are never chosen by score
+    assert len(rec["component_scores"]) == 3 and 0 < rec["variance_share"] <= 1
+    printed = capsys.readouterr().out
+    assert "whole representation" in printed
+    for c, sc in zip(rec["components"], rec["component_scores"]):
+        assert f"{c}" in printed and f"{sc:+.4f}" in printed  # the selection is printed with each score
     out2 = root / "ret2"
     assert main(["retrieve", str(root / "cache"), *clip, "--property", "color", "--reference", "chelsea.png",
                  "--against", "texture,pattern", "--out", str(out2)]) == 0

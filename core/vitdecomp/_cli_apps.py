@@ -235,7 +235,8 @@ def cmd_retrieve(args) -> int:
     if args.text is not None:
         t = enc.encode([args.text])[0]
         res = retrieve_by_text(cache, t, aligner=aligner, component_scores=acc.variance_attributed(prop.name), k=args.k,
-                               query=f"text {args.text!r}, property {prop.name}", device=args.device)
+                               query=f"text {args.text!r}, property {prop.name}", device=args.device,
+                               include_constant=args.include_constant)
         query_img = None
     else:
         sc = acc.scores()
@@ -260,9 +261,10 @@ def cmd_retrieve(args) -> int:
                 raise InputError("the --model's components differ from the cache's; use the model the cache was made with")
             reference, query_img = c[0], Path(ref)
         res = retrieve_by_image(cache, reference, component_scores=spec, k=args.k,
-                                query=f"reference {ref}, property {prop.name}", device=args.device)
+                                query=f"reference {ref}, property {prop.name}", device=args.device,
+                                include_constant=args.include_constant)
     ranked, base = res.ranked(args.top), res.ranked(args.top, baseline=True)
-    print(f"{res.query}; components: {', '.join(res.components)}")
+    _print_selection(res, "CompAttribute score" if args.text is not None else "specificity")
     print(f"{'rank':>4}  {'property-restricted':40} {'whole representation':40}")
     for i, ((a, sa), (b, sb)) in enumerate(zip(ranked, base)):
         print(f"{i + 1:>4}  {str(a)[:30]:30} {sa:9.4f} {str(b)[:30]:30} {sb:9.4f}")
@@ -281,6 +283,22 @@ def cmd_retrieve(args) -> int:
     else:
         print(f"wrote {out / 'ranking.json'} (the cache has no image paths: no contact sheet)")
     return 0
+
+
+def _print_selection(res, what: str) -> None:
+    """The chosen components with their scores, what was skipped, and any warning about the selection."""
+    import sys
+
+    print(f"{res.query}: {len(res.components)} components chosen by {what}"
+          + (f" (carrying {100 * res.variance_share:.3g}% of the component variance)"
+             if res.variance_share is not None else ""))
+    for name, sc in res.selection():
+        print(f"  {name:40} {what} {sc:+.4f}" if sc is not None else f"  {name}")
+    if res.skipped:
+        print(f"  (not eligible: {len(res.skipped)} constant or zero-variance components, e.g. "
+              f"{', '.join(res.skipped[:3])}; use --include-constant to allow them)")
+    for note in res.notes:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- heatmap
@@ -547,6 +565,8 @@ def add_commands(sub) -> None:
                    help="comma-separated properties specificity is taken against (default: every built-in one)")
     p.add_argument("--k", type=int, default=10, help="number of components kept (default 10)")
     p.add_argument("--top", type=int, default=10, help="number of images shown (default 10)")
+    p.add_argument("--include-constant", action="store_true",
+                   help="allow constant (bias, norm offset) and zero-variance components to be chosen")
     _model_args(p, required=False)
     _out_args(p)
     p.set_defaults(func=cmd_retrieve)
