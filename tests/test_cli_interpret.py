@@ -70,6 +70,34 @@ def test_describe_json_and_markdown(workdir, capsys):
     assert "### `blocks.0.mlp`" in md and "| # | text | variance explained |" in md
 
 
+def test_describe_embeds_the_pool_as_given_unless_templates_are_asked_for(workdir, tmp_path):
+    """TextSpan's pool is embedded without the 80 ImageNet templates by default (Gandelsman et al.); the on-disk
+    text cache is keyed by the template set, so it shows which one was used."""
+    from vitdecomp.compalign import Aligner
+    from vitdecomp.extraction import ExtractionCache
+    from vitdecomp.spans import textspan
+    from vitdecomp.text import TextEncoder, load_text_pool
+
+    out = tmp_path / "raw.json"
+    base = ["describe", str(workdir / "cache"), *_text_args(workdir), "--pool", str(workdir / "pool.txt"),
+            "--components", "blocks.0.mlp", "--iters", "3", "--rank", "8", "--format", "json"]
+    assert main([*base, "--text-cache", str(tmp_path / "raw"), "--out", str(out)]) == 0
+    assert [p.name.rsplit("__", 1)[1] for p in (tmp_path / "raw").iterdir()][0].startswith("raw.")
+    picks = [p["text"] for p in json.loads(out.read_text())["blocks.0.mlp"]]
+    import open_clip
+
+    clip = open_clip.create_model(ExtractionCache.open(workdir / "cache").clip_model.split(":", 1)[1])
+    clip.load_state_dict(torch.load(workdir / "clip.pt"))
+    pool = load_text_pool(workdir / "pool.txt")
+    al = Aligner.load(workdir / "aligner.safetensors")
+    X = al.align_components(ExtractionCache.open(workdir / "cache"), ["blocks.0.mlp"])[:, 0]
+    want = textspan(X, TextEncoder.from_model(clip).encode(pool, templates=None), pool, iters=3, rank=8)
+    assert picks == [w.text for w in want]
+    assert main([*base, "--templates", "imagenet", "--text-cache", str(tmp_path / "tpl"),
+                 "--out", str(tmp_path / "tpl.json")]) == 0
+    assert [p.name.rsplit("__", 1)[1] for p in (tmp_path / "tpl").iterdir()][0].startswith("imagenet.")
+
+
 def test_score_table_json_and_plot(workdir, capsys, tiny_clip_name):
     from vitdecomp.compalign import Aligner
     from vitdecomp.extraction import ExtractionCache

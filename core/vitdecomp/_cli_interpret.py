@@ -36,7 +36,8 @@ _EPILOG_DESCRIBE = """examples:
   vitdecomp describe cache/deit --aligner a.safetensors --components 'blocks.11.attn.head.*'
   vitdecomp describe cache/deit --aligner a.safetensors --pool my_texts.txt --iters 5 --format markdown
   vitdecomp describe cache/deit --aligner a.safetensors --text-weights vitl14.bin --format json --out spans.json
-The text model defaults to the aligner's CLIP model; texts are embedded with the 80 ImageNet templates.
+The text model defaults to the aligner's CLIP model. The pool's texts are embedded as given (as Gandelsman et
+al. do); --templates imagenet averages each over CLIP's 80 ImageNet prompts instead (80× the encoding work).
 """
 
 _EPILOG_SCORE = """examples:
@@ -184,7 +185,8 @@ def cmd_describe(args) -> int:
     names = [cache.names[i] for i in idx]
     pool = load_text_pool(args.pool)
     enc = _text_encoder(args, aligner.clip_model)
-    texts = enc.encode(pool, progress=not args.quiet).to(aligner.bias.device)
+    templates = None if args.templates == "none" else args.templates
+    texts = enc.encode(pool, templates=templates, progress=not args.quiet).to(aligner.bias.device)
     results = {}
     step = max(1, args.component_batch)
     for k in range(0, len(idx), step):  # bounded memory: N × step × d at a time
@@ -387,6 +389,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--iters", type=int, default=10, help="texts per component")
     p.add_argument("--rank", type=int, default=80, help="rank of the component's output space")
     p.add_argument("--component-batch", type=int, default=16, help="components aligned at a time (memory)")
+    p.add_argument("--templates", choices=("none", "simple", "imagenet"), default="none",
+                   help="embed each pool text as given (none) or averaged over CLIP's prompt templates")
     p.set_defaults(func=cmd_describe)
 
     p = subparsers.add_parser("score", help="CompAttribute: rank components for a property",
