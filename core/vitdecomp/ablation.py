@@ -180,6 +180,9 @@ def prediction_head(model, adapter=None) -> Callable[[torch.Tensor], torch.Tenso
     when neither exists, and for distilled DeiT, whose logits average two heads on two tokens (not a function of
     the averaged z).
     """
+    from .api import unwrap_loaded
+
+    model = unwrap_loaded(model)
     ad = _adapter(model, adapter)
     m = ad.unwrap(model)
     if isinstance(getattr(m, "head_dist", None), torch.nn.Linear):
