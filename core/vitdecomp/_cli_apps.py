@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 __all__ = ["add_commands"]
 
-_RAW = argparse.RawDescriptionHelpFormatter
+from ._cli_common import HelpFormatter as _RAW, deprecated_alias, refuse_other_model
 
 _EPILOG_RETRIEVE = """examples:
   # rank images of an extraction cache by "a beach", restricted to the top-10 components for 'location'
@@ -71,9 +71,14 @@ def _model_args(p, *, required: bool = True):
     else:
         p.add_argument("--model", default=None, help="model string, e.g. timm:deit_base_patch16_224")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--random-init", action="store_true", help="random weights (offline work, tests)")
+    src.add_argument("--random-init", action="store_true",
+                     help="random weights (offline work, tests), seeded by --init-seed")
     src.add_argument("--weights", metavar="PATH", help="local checkpoint")
-    p.add_argument("--img-size", type=int, default=None, help="build the model for this input size (timm models)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the --random-init weights (the same in every command, so chained commands agree)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="build the model for N×N inputs (timm models)")
+    deprecated_alias(p, "--img-size", "--image-size", "image_size", type=int)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument, e.g. depth=2 (repeatable; values parsed as JSON when possible)")
 
@@ -95,10 +100,14 @@ def _model_kwargs(items) -> dict:
 
 def _clip_args(p):
     p.add_argument("--aligner", required=True, metavar="PATH", help="CompAlign aligner (vitdecomp.fit_aligner, .save)")
-    p.add_argument("--clip", default=None,
-                   help="open_clip text model, e.g. ViT-L-14/laion2b_s32b_b82k (default: the aligner's CLIP model)")
-    p.add_argument("--clip-weights", metavar="PATH", default=None, help="local open_clip checkpoint for the text tower")
-    p.add_argument("--clip-random-init", action="store_true", help="random text tower (tests)")
+    p.add_argument("--text-model", default=None,
+                   help="open_clip model for the texts, e.g. open_clip:ViT-L-14/laion2b_s32b_b82k "
+                        "(default: the aligner's CLIP model)")
+    p.add_argument("--text-weights", metavar="PATH", default=None, help="local checkpoint of the text model")
+    p.add_argument("--text-random-init", action="store_true", help="random text model (tests only)")
+    deprecated_alias(p, "--clip", "--text-model", "text_model")
+    deprecated_alias(p, "--clip-weights", "--text-weights", "text_weights")
+    deprecated_alias(p, "--clip-random-init", "--text-random-init", "text_random_init", flag=True)
     p.add_argument("--text-cache", metavar="DIR", default=None, help="cache text embeddings on disk here")
     p.add_argument("--properties-file", metavar="PATH", default=None, help="TOML/JSON with your own properties")
 
@@ -106,17 +115,19 @@ def _clip_args(p):
 def _out_args(p):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="torch device for models and batch math, e.g. cuda (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="cpu", help="torch device for models and batch math, e.g. cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    deprecated_alias(p, "--no-progress", "--quiet", "quiet", flag=True)
 
 
 def _load_model(args):
     from . import api
 
     kw = _model_kwargs(getattr(args, "model_arg", None))
-    if getattr(args, "img_size", None):
-        kw["img_size"] = args.img_size
-    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, device=args.device, **kw)
+    if getattr(args, "image_size", None):
+        kw["img_size"] = args.image_size
+    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, seed=args.init_seed,
+                          device=args.device, **kw)
 
 
 def _aligner(args):
@@ -129,18 +140,19 @@ def _encoder(args, aligner):
     from .errors import InputError
     from .text import TextEncoder
 
-    name = args.clip or aligner.clip_model
+    name = args.text_model or aligner.clip_model
     if not name:
-        raise InputError("the aligner does not name its CLIP model; pass --clip (e.g. ViT-L-14/laion2b_s32b_b82k)")
+        raise InputError("the aligner does not name its CLIP model; pass --text-model (e.g. "
+                         "open_clip:ViT-L-14/laion2b_s32b_b82k)")
     if name.startswith("open_clip:"):
         name = name[len("open_clip:"):]
     pretrained = None
-    if args.clip_random_init:
+    if args.text_random_init:
         name = name.split("/", 1)[0]
-    elif args.clip_weights:
-        name, pretrained = name.split("/", 1)[0], args.clip_weights
+    elif args.text_weights:
+        name, pretrained = name.split("/", 1)[0], args.text_weights
     enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache, device=args.device)
-    enc.progress = not args.no_progress
+    enc.progress = not args.quiet
     return enc
 
 
@@ -203,7 +215,24 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
 
 
 def _progress(args) -> bool:
-    return not getattr(args, "no_progress", False)
+    return not getattr(args, "quiet", False)
+
+
+def _check_aligner(aligner, path, names, dim, model_name=None, what="the model") -> None:
+    """Refuse an aligner fit for another model (component names, D, model string)."""
+    refuse_other_model("aligner", path, names=aligner.names, model_name=aligner.model_name, dim=aligner.in_dim,
+                       expected_names=names, expected_model=model_name, expected_dim=dim, expected_what=what)
+
+
+def _check_cache(cache, path, loaded, names, dim) -> None:
+    """Refuse an extraction cache made with another model than ``loaded`` (names, D, model string, weights)."""
+    from .text import model_fingerprint
+
+    refuse_other_model("cache", path, names=cache.names, model_name=cache.model_name, dim=cache.dim,
+                       fingerprint=cache.meta.get("model_fingerprint"), expected_names=names,
+                       expected_model=loaded.name, expected_dim=dim,
+                       expected_fingerprint=model_fingerprint(loaded.model, exclude_prefix=""),
+                       expected_what=f"the model {loaded.name}")
 
 
 # ---------------------------------------------------------------------------------------------------- retrieve
@@ -219,6 +248,7 @@ def cmd_retrieve(args) -> int:
         raise InputError("give exactly one of --text or --reference")
     cache = ExtractionCache.open(args.cache)
     aligner = _aligner(args)
+    _check_aligner(aligner, args.aligner, cache.names, cache.dim, cache.model_name, what=f"cache {args.cache}")
     enc = _encoder(args, aligner)
     prop = _property(args, args.property)
     out = Path(args.out)
@@ -234,7 +264,7 @@ def cmd_retrieve(args) -> int:
     root = Path(cache.meta.get("data", {}).get("root", "."))
     if args.text is not None:
         t = enc.encode([args.text])[0]
-        res = retrieve_by_text(cache, t, aligner=aligner, component_scores=acc.variance_attributed(prop.name), k=args.k,
+        res = retrieve_by_text(cache, t, aligner=aligner, component_scores=acc.mean_correlation(prop.name), k=args.k,
                                query=f"text {args.text!r}, property {prop.name}", device=args.device,
                                include_constant=args.include_constant)
         query_img = None
@@ -257,8 +287,7 @@ def cmd_retrieve(args) -> int:
             loaded = _load_model(args)
             c, _, names = _decompose_paths(loaded, [Path(ref)], batch_size=1, progress=False, desc="reference",
                                            device=args.device)
-            if tuple(names) != tuple(cache.names):
-                raise InputError("the --model's components differ from the cache's; use the model the cache was made with")
+            _check_cache(cache, args.cache, loaded, names, c.shape[-1])
             reference, query_img = c[0], Path(ref)
         res = retrieve_by_image(cache, reference, component_scores=spec, k=args.k,
                                 query=f"reference {ref}, property {prop.name}", device=args.device,
@@ -338,12 +367,15 @@ def cmd_heatmap(args) -> int:
             raise InputError(f"cannot read image {str(p)!r}: {exc}") from exc
         inputs.append(x[0])
         decs.append(decompose(loaded.model, x.to(dtype), tokens="source", device=args.device))
+    names, dim = decs[0].names, decs[0].contributions.shape[-1]
+    _check_aligner(aligner, args.aligner, names, dim, loaded.name, what=f"the model {loaded.name}")
     scores = None
     if not args.components:
         if args.cache:
             from .extraction import ExtractionCache
 
             source = ExtractionCache.open(args.cache)
+            _check_cache(source, args.cache, loaded, names, dim)
         elif len(paths) >= 2:
             source = torch.cat([d.contributions for d in decs])
         else:
@@ -520,13 +552,14 @@ def cmd_spurious(args) -> int:
     progress = _progress(args)
     hc, _, names = _decompose_paths(loaded, held.paths(), batch_size=args.batch_size, progress=progress,
                                     desc=f"decomposing {args.heldout_split}", device=args.device)
+    _check_aligner(aligner, args.aligner, names, hc.shape[-1], loaded.name, what=f"the model {loaded.name}")
     tc, tz, _ = _decompose_paths(loaded, test.paths(), batch_size=args.batch_size, progress=progress,
                                  desc=f"decomposing {args.test_split}", device=args.device)
     sp, co = _property(args, args.spurious), _property(args, args.core)
     acc = property_scores(hc, {sp.name: sp.embed(enc), co.name: co.embed(enc)}, aligner=aligner,
                           device=args.device)
-    res = repair_spurious(tc, test.labels, test.places, hc, head, acc.variance_attributed(sp.name),
-                          acc.variance_attributed(co.name), k=args.k, names=names, representation=tz,
+    res = repair_spurious(tc, test.labels, test.places, hc, head, acc.mean_correlation(sp.name),
+                          acc.mean_correlation(co.name), k=args.k, names=names, representation=tz,
                           device=args.device)
     print(res.summary())
     out = Path(args.out)

@@ -27,8 +27,10 @@ vitdecomp and were trained on the procedural concept world by `python -m vitdeco
 
 
 def add_commands(subparsers) -> None:
+    from ._cli_common import HelpFormatter
+
     p = subparsers.add_parser("demo", help="offline demo on the shipped concept-world models; writes a report",
-                              epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("vitdecomp-demo"), help="report folder (default vitdecomp-demo/)")
     p.add_argument("--quick", action="store_true", help="DeiT only, 300 images, no Swin/MaxViT (a smoke test)")
     p.add_argument("--models", nargs="+", default=None, choices=("deit", "swin", "maxvit", "clip"),
@@ -121,7 +123,7 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
     md.append("")
 
     md += ["## Does CompAttribute find the components that carry a property?", "",
-           "For each property, every component is scored by CompAttribute (variance attributed, with the small CLIP's "
+           "For each property, every component is scored by CompAttribute (mean correlation, with the small CLIP's "
            "text embeddings of the property's phrases) and compared with the ground truth: the component's share of "
            "the property-driven variance of the representation, measured in the model's own space from the known "
            "factors (`vitdecomp.concept_world.evaluate`). ρ: Spearman rank correlation over components; P@k: overlap "

@@ -1,7 +1,7 @@
 """Image retrieval with respect to a property (METHOD.md §6; Balasubramanian et al., NeurIPS 2024, §5
 "property-based image retrieval", Figs. 4–5).
 
-**By text.** Rank the components for a property P by their CompAttribute score (``variance_attributed``), keep the
+**By text.** Rank the components for a property P by their CompAttribute score (``mean_correlation``), keep the
 top k as the set S, and score every image by the projection of its summed aligned contributions on a probe text
 embedding t ("a beach", "striped pattern"):
 
@@ -265,7 +265,7 @@ def _projections(source, direction, aligner, batch_size, device, with_variance: 
 
 def property_scores(source, bases, *, aligner=None, batch_size: int = 256, progress: bool = False, device=None):
     """CompAttribute scores streamed over ``source``: a :class:`~vitdecomp.StreamingScores` fed with the aligned
-    contributions (read ``.variance_attributed(prop)``, ``.variance_explained(prop)``, ``.scores()``).
+    contributions (read ``.mean_correlation(prop)``, ``.variance_explained(prop)``, ``.scores()``).
 
     ``bases``: one ``[k, d]`` tensor of text embeddings or ``{property: [k, d]}``. ``device``: where alignment
     and statistics run (batches and a copy of the aligner go there; default: the aligner's device). The
@@ -324,7 +324,7 @@ def retrieve_by_text(source, text: torch.Tensor, *, aligner=None, component_scor
                      ids: Optional[Sequence] = None, query: str = "", batch_size: int = 256,
                      include_constant: bool = False, device=None) -> RetrievalResult:
     """Rank images by ⟨Σ_{i∈S} a_i(x), t⟩, S the top ``k`` components by ``component_scores`` (e.g. the
-    CompAttribute scores for a property: ``property_scores(...).variance_attributed(prop)``) or the given
+    CompAttribute scores for a property: ``property_scores(...).mean_correlation(prop)``) or the given
     ``components``; the baseline ranks by ⟨Σ_i a_i(x), t⟩.
 
     :param source: contributions ``[N, C, D]``, a Decomposition or an ExtractionCache (with ``aligner``), or aligned
