@@ -136,3 +136,34 @@ def test_spurious_waterbirds_layout(setup, capsys):
     assert len(rec["components"]) == 3 and len(rec["before"]["groups"]) == 4 and rec["num_test"] == 4
     assert (out / "groups.png").exists()
     assert "worst group" in capsys.readouterr().out
+
+
+def test_aligner_or_cache_of_another_model_is_refused(setup, capsys, tiny_clip_name):
+    root, clip = setup
+    img = str(root / "imgs" / "astronaut.png")
+    cache_names = vitdecomp.ExtractionCache.open(root / "cache").names
+    # an aligner for a deeper model: other components
+    other = Aligner(torch.zeros(3, 192, 24), torch.zeros(24), ["embed", "blocks.0.mlp", "norm.bias"],
+                    model_name=MODEL[0], clip_model=tiny_clip_name)
+    other.save(root / "other.safetensors")
+    bad = ["--aligner", str(root / "other.safetensors"), *clip[2:]]
+    assert main(["heatmap", *MODEL, img, *bad, "--text", "x", "--k", "1", "--out", str(root / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "aligner" in err and "belongs to another model" in err and "components differ" in err
+    assert main(["retrieve", str(root / "cache"), *bad, "--property", "color", "--text", "x",
+                 "--out", str(root / "r")]) == 2
+    assert "belongs to another model" in capsys.readouterr().err
+    # the right components, but recorded for another model string
+    Aligner(torch.zeros(len(cache_names), 192, 24), torch.zeros(24), cache_names, model_name="timm:vit_small_x",
+            clip_model=tiny_clip_name).save(root / "renamed.safetensors")
+    assert main(["heatmap", *MODEL, img, "--aligner", str(root / "renamed.safetensors"), *clip[2:], "--text", "x",
+                 "--k", "1", "--out", str(root / "h")]) == 2
+    assert "made for 'timm:vit_small_x'" in capsys.readouterr().err
+    # a cache of the same architecture with other (random) weights: the fingerprint differs
+    assert main(["heatmap", *MODEL, "--init-seed", "1", img, *clip, "--text", "x", "--cache", str(root / "cache"),
+                 "--out", str(root / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "cache" in err and "fingerprint" in err and "--random-init seed" in err
+    # the same seed (the default) in both commands: accepted
+    assert main(["heatmap", *MODEL, img, *clip, "--text", "x", "--cache", str(root / "cache"),
+                 "--out", str(root / "h")]) == 0

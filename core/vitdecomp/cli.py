@@ -97,12 +97,14 @@ def cmd_check(args) -> int:
     dtype = _dtype(args.dtype)
     model = model.to(dtype)
     adapter = api.find_adapter(model)
+    from .errors import InputError
+
     if args.image_size and len(args.image_size) not in (1, 2):
-        raise SystemExit(f"--image-size takes N or H W, got {len(args.image_size)} values")
+        raise InputError(f"--image-size takes N or H W, got {len(args.image_size)} values")
     size = ((args.image_size * 2)[:2] if args.image_size else _image_size(model, adapter))
     size = tuple(int(v) for v in size)
     if args.repeat < 1:
-        raise SystemExit(f"--repeat must be ≥ 1, got {args.repeat}")
+        raise InputError(f"--repeat must be ≥ 1, got {args.repeat}")
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch_size, 3, *size, generator=g, dtype=dtype).to(args.device)
     from .engine import synchronize
