@@ -78,10 +78,16 @@ def test_heatmap_writes_png_and_array(setup):
     imgs = [str(root / "imgs" / f"{n}.png") for n in PHOTOS[:2]]
     assert main(["heatmap", *MODEL, *imgs, *clip, "--text", "striped pattern", "--k", "2", "--out", str(out)]) == 0
     a = np.load(out / "astronaut_heatmap.npy")
-    assert a.shape == (32, 32)
-    with Image.open(out / "astronaut_heatmap.png") as im:
+    assert a.shape == (32, 32)  # the model's input
+    photo = np.load(out / "astronaut_heatmap_photo.npy")
+    assert photo.shape == (40, 40)  # the photo: Resize 36 + CenterCrop 32 undone, the cropped border NaN
+    assert np.isnan(photo[0]).all() and not np.isnan(photo[5:35, 5:35]).any()
+    with Image.open(out / "astronaut_overlay.png") as im:
         assert im.size == (32, 32)
-    assert len(json.loads((out / "heatmap.json").read_text())["components"]) == 2
+    with Image.open(out / "astronaut_heatmap.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200  # a figure with title and colour bar
+    rec = json.loads((out / "heatmap.json").read_text())
+    assert len(rec["components"]) == 2 and "CenterCrop" in rec["images"][imgs[0]]["placement"]
     assert main(["heatmap", *MODEL, imgs[0], *clip, "--property", "color", "--cache", str(root / "cache"),
                  "--out", str(out)]) == 0
 
@@ -100,6 +106,7 @@ def test_segment_folder(setup, capsys):
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["num_images"] == 3 and 0 <= rec["metrics"]["miou_foreground"] <= 1
     assert (out / "astronaut_saliency.png").exists() and (out / "astronaut_mask.png").exists()
+    assert (out / "astronaut_figure.png").stat().st_size > 5000
     assert "mIoU (two-class)" in capsys.readouterr().out
 
 

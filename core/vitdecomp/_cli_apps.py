@@ -31,8 +31,11 @@ _EPILOG_HEATMAP = """examples:
   vitdecomp heatmap timm:swin_base_patch4_window7_224 beach.jpg --aligner swin.aligner.safetensors \\
       --property location --cache cache/ --out heat/
 Components: the top --k attention heads by variance explained for the text (or property), computed over --cache
-(or over the given images when there are several), or --components NAME ... Writes <image>_heatmap.png (overlay),
-<image>_heatmap.npy (raw map at image resolution) and heatmap.json.
+(or over the given images when there are several), or --components NAME ... Writes <image>_heatmap.png (the
+map on the photo at full resolution, with title, colour bar and a diverging colour map centred at 0),
+<image>_heatmap.npy (raw map on the model's input), <image>_heatmap_photo.npy (the map carried back through the
+model's resize and centre crop onto the photo, NaN where the crop removed it), <image>_overlay.png (pixel-exact
+overlay on the model's input) and heatmap.json.
 """
 
 _EPILOG_SEGMENT = """examples:
@@ -40,7 +43,8 @@ _EPILOG_SEGMENT = """examples:
   vitdecomp segment timm:maxvit_small_tf_224.in1k data/ --out seg/ --limit 500 --batch-size 16
 Folder layout: ROOT/images/<name>.jpg, ROOT/masks/<name>.png (non-zero = foreground; without masks/ only the
 maps are written), optional ROOT/labels.csv with "<name>,<class index>" (default: the predicted class).
-Writes metrics.json (pixel accuracy, mIoU foreground-only and two-class, mAP) and example overlays.
+Writes metrics.json (pixel accuracy, mIoU foreground-only and two-class, mAP) and, per example, pixel-exact
+overlays (<name>_saliency.png, <name>_mask.png) and a figure with colour bar and legend (<name>_figure.png).
 """
 
 _EPILOG_ABLATE = """examples:
@@ -338,8 +342,8 @@ def cmd_heatmap(args) -> int:
     import torch
 
     from .errors import InputError
-    from .heatmap import token_heatmap
-    from .plotting import overlay
+    from .heatmap import map_to_photo, preprocess_geometry, token_heatmap
+    from .plotting import heatmap_figure, overlay
     from .retrieval import property_scores
 
     if (args.text is None) == (args.property is None):
@@ -387,15 +391,35 @@ def cmd_heatmap(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     mean, std = _mean_std(loaded)
     record = {"query": query, "images": {}}
+    label = "⟨Σ_i c_i(p) W_i, t⟩ (signed)" if t is not None else "‖B_P Σ_i c_i(p) W_i‖ (property subspace norm)"
     for p, x, dec in zip(paths, inputs, decs):
         hm = token_heatmap(dec, aligner, text=t, basis=None if t is not None else basis, components=args.components,
                            scores=scores, k=args.k, kinds=None if args.all_kinds else ("head",), mode=args.mode,
-                           query=query)
+                           query=query, input_size=tuple(x.shape[-2:]))
         heat = hm.maps[0]
         np.save(out / f"{p.stem}_heatmap.npy", hm.numpy()[0])
-        overlay(x, heat, out / f"{p.stem}_heatmap.png", alpha=args.alpha, mean=mean, std=std)
-        record["images"][str(p)] = {"png": f"{p.stem}_heatmap.png", "array": f"{p.stem}_heatmap.npy",
-                                    "min": float(heat.min()), "max": float(heat.max())}
+        grids = sorted({f"{g.h}×{g.w} cells of {g.patch_size[0]}×{g.patch_size[1]} px" for g in hm.grids.values()})
+        comps = ", ".join(hm.components[:3]) + (f" + {len(hm.components) - 3} more" if len(hm.components) > 3 else "")
+        entry = {"array": f"{p.stem}_heatmap.npy", "min": float(heat.min()), "max": float(heat.max())}
+        with Image.open(p) as im:
+            photo = im.convert("RGB")
+        try:
+            geo = preprocess_geometry(loaded.preprocess, (photo.height, photo.width))
+        except InputError as exc:  # a preprocessing we cannot invert: draw on the model's input, and say so
+            geo, where = None, f"drawn on the model's input ({exc})"
+        if geo is not None:
+            on_photo = map_to_photo(heat, geo, mode=args.mode)
+            np.save(out / f"{p.stem}_heatmap_photo.npy", on_photo.numpy())
+            entry["photo_array"] = f"{p.stem}_heatmap_photo.npy"
+            where = f"on the photo through {' + '.join(geo.steps) or 'no resize'}"
+            image, shown = photo, on_photo
+        else:
+            image, shown = x, heat
+        heatmap_figure(image, shown, out / f"{p.stem}_heatmap.png", title=f"{query} — {comps}", label=label,
+                       alpha=args.alpha, mean=mean, std=std, note=f"grid: {'; '.join(grids)}; {where}")
+        overlay(x, heat, out / f"{p.stem}_overlay.png", alpha=args.alpha, mean=mean, std=std)
+        entry.update({"png": f"{p.stem}_heatmap.png", "overlay": f"{p.stem}_overlay.png", "placement": where})
+        record["images"][str(p)] = entry
         record["components"] = list(hm.components)
     _write_json(out / "heatmap.json", record)
     print(f"{query}; components: {', '.join(record['components'])}")
@@ -417,7 +441,7 @@ def cmd_segment(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .plotting import overlay
+    from .plotting import overlay, segmentation_figure
     from .segmentation import evaluate_segmentation
 
     loaded = _load_model(args)
@@ -426,13 +450,15 @@ def cmd_segment(args) -> int:
                                device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rgb, sal, mask, gt in ev.examples:
+    for (name, rgb, sal, mask, gt), cls in zip(ev.examples, ev.classes):
         overlay(rgb, sal, out / f"{name}_saliency.png", alpha=0.5)
         m = np.zeros(rgb.shape, dtype=np.uint8)
         m[..., 1] = mask.numpy() * 255
         if gt is not None:
             m[..., 0] = gt.numpy() * 255  # red: ground truth, green: predicted, yellow: both
         Image.fromarray(((rgb.astype(np.float64) * 0.5) + m * 0.5).astype(np.uint8)).save(out / f"{name}_mask.png")
+        segmentation_figure(rgb, sal, mask, out / f"{name}_figure.png", truth=gt,
+                            title=f"{name}: class {cls}, {loaded.name}")
     rec = {"root": str(args.root), "num_images": len(ev.names),
            "metrics": ev.metrics.as_dict() if ev.metrics is not None else None,
            "classes": dict(zip(ev.names, ev.classes))}
