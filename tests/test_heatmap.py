@@ -212,3 +212,29 @@ def test_preprocessing_that_cannot_be_mapped_is_refused():
     ramp = torch.arange(30, dtype=torch.float64).expand(20, 30)
     back = map_to_photo(ramp, geo, mode="nearest")
     assert not torch.isnan(back).any() and torch.equal(back[0, :4], torch.tensor([0.0, 0, 1, 1], dtype=torch.float64))
+
+
+def test_coarsest_grid_sums_merge_slots_exactly(photo_batch):
+    """Swin: with grid='coarsest' every stage-0 map is summed into the final 2×2-merged grid; each coarse cell holds
+    the total of its merge slot, so the maps still sum to ⟨z, t⟩ and the picture is constant on coarse cells."""
+    from vitdecomp.heatmap import pool_to_grid
+
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2, embed_dim=16,
+                          depths=(1, 1), num_heads=(2, 2), num_classes=3).eval()
+    dec = vitdecomp.decompose(m, photo_batch(names=("chelsea",)), tokens="source")
+    t = torch.nn.functional.normalize(torch.randn(dec.contributions.shape[-1]), dim=0)
+    native = token_heatmap(dec, None, t, k=None, kinds=None, mode="nearest")
+    coarse = token_heatmap(dec, None, t, k=None, kinds=None, mode="nearest", grid="coarsest")
+    g = coarse.display_grid
+    assert g.patch_size == max(gr.patch_size for gr in native.grids.values())
+    assert "coarsest grid" in coarse.grid_description() and f"{g.h}×{g.w}" in coarse.grid_description()
+    cells = coarse.maps[0].reshape(g.h, g.patch_size[0], g.w, g.patch_size[1])
+    assert torch.allclose(cells, cells[:, :1, :, :1].expand_as(cells))  # one value per coarse cell
+    area = g.patch_size[0] * g.patch_size[1]
+    assert float(coarse.maps.sum()) / area == pytest.approx(float(dec.representation[0] @ t), rel=1e-4, abs=1e-4)
+    fine_name = next(n for n, gr in native.grids.items() if gr != g)
+    pooled = pool_to_grid(native.per_component[fine_name], native.grids[fine_name], g)
+    assert float(pooled.sum()) == pytest.approx(float(native.per_component[fine_name].sum()), rel=1e-9, abs=1e-12)
+    with pytest.raises(MismatchError, match="cannot pool"):
+        pool_to_grid(torch.zeros(3, 3), TokenGrid(0, 3, 3, (8, 8)), TokenGrid(0, 2, 2, (16, 16)))

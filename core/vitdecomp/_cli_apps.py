@@ -395,10 +395,9 @@ def cmd_heatmap(args) -> int:
     for p, x, dec in zip(paths, inputs, decs):
         hm = token_heatmap(dec, aligner, text=t, basis=None if t is not None else basis, components=args.components,
                            scores=scores, k=args.k, kinds=None if args.all_kinds else ("head",), mode=args.mode,
-                           query=query, input_size=tuple(x.shape[-2:]))
+                           query=query, input_size=tuple(x.shape[-2:]), grid=args.grid)
         heat = hm.maps[0]
         np.save(out / f"{p.stem}_heatmap.npy", hm.numpy()[0])
-        grids = sorted({f"{g.h}×{g.w} cells of {g.patch_size[0]}×{g.patch_size[1]} px" for g in hm.grids.values()})
         comps = ", ".join(hm.components[:3]) + (f" + {len(hm.components) - 3} more" if len(hm.components) > 3 else "")
         entry = {"array": f"{p.stem}_heatmap.npy", "min": float(heat.min()), "max": float(heat.max())}
         with Image.open(p) as im:
@@ -416,9 +415,10 @@ def cmd_heatmap(args) -> int:
         else:
             image, shown = x, heat
         heatmap_figure(image, shown, out / f"{p.stem}_heatmap.png", title=f"{query} — {comps}", label=label,
-                       alpha=args.alpha, mean=mean, std=std, note=f"grid: {'; '.join(grids)}; {where}")
+                       alpha=args.alpha, mean=mean, std=std, note=f"grid: {hm.grid_description()}; {where}")
         overlay(x, heat, out / f"{p.stem}_overlay.png", alpha=args.alpha, mean=mean, std=std)
-        entry.update({"png": f"{p.stem}_heatmap.png", "overlay": f"{p.stem}_overlay.png", "placement": where})
+        entry.update({"png": f"{p.stem}_heatmap.png", "overlay": f"{p.stem}_overlay.png", "placement": where,
+                      "grid": hm.grid_description()})
         record["images"][str(p)] = entry
         record["components"] = list(hm.components)
     _write_json(out / "heatmap.json", record)
@@ -641,7 +641,11 @@ def add_commands(sub) -> None:
     p.add_argument("--components", nargs="+", default=None, metavar="NAME", help="use these components")
     p.add_argument("--cache", default=None, help="extraction cache to rank components by variance explained")
     p.add_argument("--all-kinds", action="store_true", help="rank every component kind, not only attention heads")
-    p.add_argument("--mode", choices=("bilinear", "nearest"), default="bilinear")
+    p.add_argument("--mode", choices=("bilinear", "nearest"), default="bilinear",
+                   help="between grid cells: interpolate, or keep the cells as blocks (exact placement)")
+    p.add_argument("--grid", choices=("coarsest", "native"), default="coarsest",
+                   help="hierarchical models: sum every map into the model's coarsest grid (no merge-slot "
+                        "checkerboard), or show each component on its own grid")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     _out_args(p)
     p.set_defaults(func=cmd_heatmap)

@@ -213,11 +213,14 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
             text = D.factor_phrase(f, eval_ds.factors(i)[f])
             emb = enc.encode([text], templates=None, progress=False)[0]
             hm = token_heatmap(dec, run.aligner, text=emb, scores=ve,
-                               k=3, image_size=(64, 64), query=text)
-            panels.append(overlay(X_eval[i], hm.maps[j], mean=mean, std=std, alpha=0.45))
-            titles.append(text)
+                               k=3, image_size=(64, 64), query=text, grid="coarsest")
+            lim = float(hm.maps[j].abs().max()) or 1.0  # diverging, centred at 0
+            panels.append(overlay(X_eval[i], hm.maps[j], mean=mean, std=std, alpha=0.45, cmap="RdBu_r",
+                                  vmin=-lim, vmax=lim))
+            titles.append(f"{text} (±{lim:.2g})" if float(hm.maps[j].abs().max()) > 0 else f"{text}: map is zero")
     contact_sheet(panels, out / "heatmaps.png", titles=titles, ncols=4, thumb=2.0,
-                  title=f"{main}: top-3 heads by variance explained, projected on the image's own phrase")
+                  title=f"{main}: top-3 heads by variance explained, projected on the image's own phrase "
+                        f"(red +, blue −; grid {hm.grid_description()})")
     md += ["## Token heat maps", "",
            f"{main}: where the 3 heads with the highest variance explained for the property write the direction of "
            "the image's own phrase.", "", "![heat maps](heatmaps.png)", ""]

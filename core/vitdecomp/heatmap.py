@@ -38,7 +38,7 @@ from ._records import TokenGrid
 from .errors import InputError, MismatchError
 
 __all__ = ["Heatmap", "token_heatmap", "resample_to_image", "heatmap_components", "image_size_of",
-           "PreprocessGeometry", "preprocess_geometry", "map_to_photo", "scale_to"]
+           "PreprocessGeometry", "preprocess_geometry", "map_to_photo", "scale_to", "pool_to_grid"]
 
 _MODES = ("nearest", "bilinear")
 
@@ -195,6 +195,22 @@ def map_to_photo(maps: torch.Tensor, geometry: PreprocessGeometry, *, mode: str 
     return out.reshape(*lead, H, W)
 
 
+def pool_to_grid(maps: torch.Tensor, grid: TokenGrid, target: TokenGrid) -> torch.Tensor:
+    """Sum maps ``[..., h, w]`` on ``grid`` into the cells of the coarser ``target`` grid: ``[..., H', W']``.
+
+    Exact (each target cell holds the total of the cells it covers), for grids covering the same area with
+    patch sizes that divide (Swin's and MaxViT's stages: 2×2 merge slots per coarser cell).
+    """
+    (ph, pw), (PH, PW) = grid.patch_size, target.patch_size
+    if PH % ph or PW % pw or grid.h * ph != target.h * PH or grid.w * pw != target.w * PW:
+        raise MismatchError(f"cannot pool a {grid.h}×{grid.w} grid of {ph}×{pw} px into a {target.h}×{target.w} "
+                            f"grid of {PH}×{PW} px (different coverage or patch sizes that do not divide)")
+    fy, fx = PH // ph, PW // pw
+    lead = maps.shape[:-2]
+    x = maps.reshape(*lead, target.h, fy, target.w, fx)
+    return x.sum((-3, -1))
+
+
 def heatmap_components(dec, scores: Optional[torch.Tensor] = None, *, k: Optional[int] = 5,
                        kinds: Optional[Sequence[str]] = ("head",)) -> Tuple[str, ...]:
     """Components eligible for a heat map (those with token detail, of ``kinds`` — all kinds with None),
@@ -231,6 +247,13 @@ class Heatmap:
     grids: Dict[str, TokenGrid]
     query: str = ""
     mode: str = "bilinear"
+    display_grid: Optional[TokenGrid] = None  # with grid="coarsest": the one grid every map was summed into
+
+    def grid_description(self) -> str:
+        """Which grid(s) the picture shows, in words."""
+        gs = [self.display_grid] if self.display_grid is not None else list(dict.fromkeys(self.grids.values()))
+        what = "; ".join(f"{g.h}×{g.w} cells of {g.patch_size[0]}×{g.patch_size[1]} px" for g in gs)
+        return what + (" (every component summed into the model's coarsest grid)" if self.display_grid else "")
 
     def numpy(self):
         """``maps`` as a float numpy array ``[B, H, W]``."""
@@ -261,7 +284,8 @@ def _map_matrix(aligner, name: str, directions: torch.Tensor, D: int) -> torch.T
 def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, basis: Optional[torch.Tensor] = None,
                   components: Optional[Sequence[str]] = None, scores: Optional[torch.Tensor] = None, k: int = 5,
                   kinds: Optional[Sequence[str]] = ("head",), image_size: Optional[Tuple[int, int]] = None,
-                  input_size: Optional[Tuple[int, int]] = None, mode: str = "bilinear", query: str = "") -> Heatmap:
+                  input_size: Optional[Tuple[int, int]] = None, mode: str = "bilinear", query: str = "",
+                  grid: str = "native") -> Heatmap:
     """Heat maps of the contributions of the top components onto a text (or into a property's subspace).
 
     :param dec: a decomposition made with ``tokens="source"``.
@@ -275,7 +299,14 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
     :param input_size: (H, W) of the model's input the decomposition was made from (default: the area the grid
         covers); input pixels no grid cell covers get 0.
     :param mode: ``"bilinear"`` or ``"nearest"`` (see :func:`resample_to_image`).
+    :param grid: ``"native"`` (each component on its own grid) or ``"coarsest"``: every component's map summed
+        (exactly, :func:`pool_to_grid`) into the coarsest grid among them before display. For hierarchical models
+        (Swin, MaxViT) a component of an early stage reaches z through merges whose weights differ by merge slot,
+        so its map alternates within each 2×2 slot; on the coarser grid the picture shows what each cell of the
+        model's own later grid receives, without that checkerboard. ``Heatmap.grid_description()`` says which.
     """
+    if grid not in ("native", "coarsest"):
+        raise InputError(f"grid must be 'native' or 'coarsest', got {grid!r}")
     if (text is None) == (basis is None):
         raise InputError("give exactly one of text= (an embedding [d]) or basis= (a property's embeddings [k, d])")
     if text is not None:
@@ -305,6 +336,9 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
     B = dec.contributions.shape[0]
     total = None
     per, grids = {}, {}
+    target = None
+    if grid == "coarsest":
+        target = max((dec.grid_of(n) for n in names), key=lambda g: g.patch_size[0] * g.patch_size[1])
     for name in names:
         sm = dec.spatial_map(name)  # [B, h, w, D]
         g = dec.grid_of(name)
@@ -312,8 +346,10 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
         proj = torch.einsum("bhwD,Dk->bkhw", sm.to(torch.float64), U)  # [B, k, h, w]
         per[name] = proj[:, 0] if text is not None else proj.norm(dim=1)
         grids[name] = g
+        if target is not None and g != target:
+            proj, g = pool_to_grid(proj, g, target), target
         img = resample_to_image(proj, g, in_size, mode=mode)  # [B, k, H_in, W_in]
         total = img if total is None else total + img
     maps = scale_to(total[:, 0] if text is not None else total.norm(dim=1), size, mode=mode)
     return Heatmap(maps=maps.to(torch.float32).reshape(B, *size), components=names, per_component=per, grids=grids,
-                   query=query, mode=mode)
+                   query=query, mode=mode, display_grid=target)
