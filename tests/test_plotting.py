@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from vitdecomp.errors import InputError
-from vitdecomp.plotting import _alpha, _heat_norm, contact_sheet, heatmap_figure, segmentation_figure, wrap_caption
+from vitdecomp.plotting import (_alpha, _heat_norm, contact_sheet, heatmap_figure, overlay, segmentation_figure,
+                                wrap_caption)
 
 
 def _photo():
@@ -115,3 +116,18 @@ def test_segmentation_figure_has_a_legend(tmp_path, monkeypatch):
     out = segmentation_figure(img, sal, m, tmp_path / "seg.png", truth=t, title="chelsea")
     assert out.stat().st_size > 10000
     assert legends[-1] == ["predicted only", "ground truth only", "both"]
+
+
+def test_overlay_on_the_original_photo_goes_through_the_models_preprocessing():
+    """overlay("photo", heat, preprocess=...) puts heat computed on the model's input onto the photo itself."""
+    import vitdecomp
+
+    img = _photo()  # 300×451
+    pre = vitdecomp.load_model("timm:deit_tiny_patch16_224", random_init=True, depth=1).preprocess
+    heat = torch.zeros(224, 224)
+    heat[:, 112:] = 1.0  # the right half of the model's input
+    arr = overlay(img, heat, alpha=1.0, cmap="gray", vmin=0, vmax=1, preprocess=pre)
+    assert arr.shape == img.shape  # the photo's own resolution
+    mid = img.shape[1] // 2
+    assert (arr[150, mid + 20] == 255).all() and (arr[150, mid - 20] == 0).all()  # heat lands on the right half
+    assert (arr[150, 5] == img[150, 5]).all()  # the cropped-away border keeps the photo

@@ -103,17 +103,32 @@ def colorize(heat, *, cmap: str = "jet", vmin: Optional[float] = None, vmax: Opt
 
 
 def overlay(image, heat, out=None, *, alpha: float = 0.5, cmap: str = "jet", mean=None, std=None,
-            vmin=None, vmax=None) -> np.ndarray:
+            vmin=None, vmax=None, preprocess=None) -> np.ndarray:
     """Blend a colorised heat map over an image, pixel for pixel; returns RGB uint8 ``[H, W, 3]`` and writes a PNG
-    to ``out`` when given. The image is resized to the heat map's size if they differ."""
+    to ``out`` when given.
+
+    ``preprocess``: the model's preprocessing (``LoadedModel.preprocess``) when ``image`` is the original photo
+    and ``heat`` lives on the model's input: the map is carried back through its resize and centre crop
+    (:func:`vitdecomp.heatmap.map_to_photo`) and drawn on the photo at full resolution; parts the crop removed
+    stay uncoloured. Without it the image is taken to be what the model saw and resized to the heat map's size.
+    """
     from PIL import Image
 
-    h = heat if isinstance(heat, torch.Tensor) else torch.as_tensor(np.asarray(heat, dtype=np.float64))
-    rgb = to_rgb(image, mean=mean, std=std, size=tuple(h.shape[-2:]))
-    col = colorize(h, cmap=cmap, vmin=vmin, vmax=vmax)
+    h = (heat if isinstance(heat, torch.Tensor) else torch.as_tensor(np.asarray(heat, dtype=np.float64))).detach().cpu()
+    if preprocess is not None:
+        from .heatmap import map_to_photo, preprocess_geometry
+
+        rgb = to_rgb(image)
+        h = map_to_photo(h, preprocess_geometry(preprocess, rgb.shape[:2]))
+    else:
+        rgb = to_rgb(image, mean=mean, std=std, size=tuple(h.shape[-2:]))
+    seen = ~torch.isnan(h).numpy()
+    col = colorize(torch.nan_to_num(h, nan=0.0), cmap=cmap, vmin=vmin if vmin is not None else float(np.nanmin(h.numpy())),
+                   vmax=vmax if vmax is not None else float(np.nanmax(h.numpy())))
     if not 0 <= alpha <= 1:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
-    arr = ((1 - alpha) * rgb.astype(np.float64) + alpha * col.astype(np.float64)).round().astype(np.uint8)
+    a = alpha * seen[..., None]
+    arr = ((1 - a) * rgb.astype(np.float64) + a * col.astype(np.float64)).round().astype(np.uint8)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(out)
