@@ -174,3 +174,18 @@ def test_aligner_or_cache_of_another_model_is_refused(setup, capsys, tiny_clip_n
     # the same seed (the default) in both commands: accepted
     assert main(["heatmap", *MODEL, img, *clip, "--text", "x", "--cache", str(root / "cache"),
                  "--out", str(root / "h")]) == 0
+
+
+def test_random_text_model_is_seeded(tiny_clip_name):
+    """--text-random-init builds the same text model in every command (chained commands compare the same texts)."""
+    import argparse
+
+    from vitdecomp._cli_apps import _encoder
+
+    args = argparse.Namespace(text_model=f"open_clip:{tiny_clip_name}", text_random_init=True, text_weights=None,
+                              text_cache=None, device="cpu", quiet=True, init_seed=0)
+    al = Aligner(None, torch.zeros(24), ["a"], clip_model=f"open_clip:{tiny_clip_name}")
+    a = _encoder(args, al).encode(["a red square"])
+    torch.manual_seed(123)
+    b = _encoder(args, al).encode(["a red square"])
+    torch.testing.assert_close(a, b)

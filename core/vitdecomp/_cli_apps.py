@@ -155,7 +155,11 @@ def _encoder(args, aligner):
         name = name.split("/", 1)[0]
     elif args.text_weights:
         name, pretrained = name.split("/", 1)[0], args.text_weights
-    enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache, device=args.device)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # a random text model is seeded like every --random-init model
+        torch.manual_seed(getattr(args, "init_seed", 0))
+        enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache, device=args.device)
     enc.progress = not args.quiet
     return enc
 
