@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    from _device import require_device
+
+    require_device(args.device, count=args.nproc if args.device.startswith("cuda") else 1)
     one = run(1, args)
     many = run(args.nproc, args)
     ips1, ipsn = args.images / one["seconds"], args.images / many["seconds"]

@@ -102,6 +102,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved forward/extract runs; medians reported")
     args = ap.parse_args(argv)
+    from _device import require_device
+
+    require_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = _Images(args.n)

@@ -137,8 +137,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--n-batches", type=int, default=5)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device")
+    from _device import require_device
+
+    require_device("cuda")  # this script is the GPU check: it says clearly when there is no GPU
     correctness()
     extraction_equal()
     if not args.quick:

@@ -107,6 +107,9 @@ def main():
     p.add_argument("--modes", default="forward,component,spatial,sources")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    from _device import require_device
+
+    require_device(args.device)
     if args.mode:
         print(json.dumps(run_memory(args)))
         return

@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write results to this file")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from _device import require_device
+
+    require_device(args.device)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch, args.reps, args.device, args.dtype, args.threads)))
         return

@@ -120,3 +120,30 @@ def test_offline_pretrained_error_says_how_to_pass_weights():
         vitdecomp.load_model("timm:deit_tiny_patch16_224", weights="/nonexistent/ckpt.safetensors")
     with pytest.raises(vitdecomp.WeightsUnavailableError, match="pretrained tag"):
         vitdecomp.load_model("open_clip:ViT-B-32")
+
+
+def test_random_init_is_seeded_and_loaded_models_are_accepted_everywhere():
+    """load_model(random_init=True) gives the same model in every call (chained CLI commands see one model), and
+    every function that takes a model takes the LoadedModel load_model returns."""
+    from vitdecomp.ablation import prediction_head
+    from vitdecomp.segmentation import input_size, segment
+
+    kw = dict(random_init=True, img_size=32, depth=1, patch_size=8)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = vitdecomp.load_model("timm:deit_tiny_patch16_224", **kw)
+    assert torch.equal(torch.rand(1), before)  # the caller's generator is left as it was
+    b = vitdecomp.load_model("timm:deit_tiny_patch16_224", **kw)
+    c = vitdecomp.load_model("timm:deit_tiny_patch16_224", seed=1, **kw)
+    sa, sb, sc = (m.model.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    x = torch.randn(2, 3, 32, 32)
+    ref = vitdecomp.decompose(a.model, x)
+    for fn in (lambda m: vitdecomp.decompose(m, x).contributions, lambda m: vitdecomp.representation(m, x),
+               lambda m: segment(m, x).saliency):
+        torch.testing.assert_close(fn(a), fn(a.model))
+    assert vitdecomp.find_adapter(a).name == vitdecomp.find_adapter(a.model).name
+    assert input_size(a) == (32, 32)
+    torch.testing.assert_close(prediction_head(a)(ref.representation), prediction_head(a.model)(ref.representation))

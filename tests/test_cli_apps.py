@@ -54,7 +54,12 @@ def test_retrieve_text_and_reference(setup, capsys):
     rec = json.loads((out / "ranking.json").read_text())
     assert len(rec["components"]) == 3 and len(rec["ranked"]) == 4 and len(rec["baseline"]) == 4
     assert (out / "sheet.png").stat().st_size > 1000
-    assert "whole representation" in capsys.readouterr().out
+    assert not [c for c in rec["components"] if c.endswith(".bias")]  # constants are never chosen by score
+    assert len(rec["component_scores"]) == 3 and 0 < rec["variance_share"] <= 1
+    printed = capsys.readouterr().out
+    assert "whole representation" in printed
+    for c, sc in zip(rec["components"], rec["component_scores"]):
+        assert f"{c}" in printed and f"{sc:+.4f}" in printed  # the selection is printed with each score
     out2 = root / "ret2"
     assert main(["retrieve", str(root / "cache"), *clip, "--property", "color", "--reference", "chelsea.png",
                  "--against", "texture,pattern", "--out", str(out2)]) == 0
@@ -73,10 +78,16 @@ def test_heatmap_writes_png_and_array(setup):
     imgs = [str(root / "imgs" / f"{n}.png") for n in PHOTOS[:2]]
     assert main(["heatmap", *MODEL, *imgs, *clip, "--text", "striped pattern", "--k", "2", "--out", str(out)]) == 0
     a = np.load(out / "astronaut_heatmap.npy")
-    assert a.shape == (32, 32)
-    with Image.open(out / "astronaut_heatmap.png") as im:
+    assert a.shape == (32, 32)  # the model's input
+    photo = np.load(out / "astronaut_heatmap_photo.npy")
+    assert photo.shape == (40, 40)  # the photo: Resize 36 + CenterCrop 32 undone, the cropped border NaN
+    assert np.isnan(photo[0]).all() and not np.isnan(photo[5:35, 5:35]).any()
+    with Image.open(out / "astronaut_overlay.png") as im:
         assert im.size == (32, 32)
-    assert len(json.loads((out / "heatmap.json").read_text())["components"]) == 2
+    with Image.open(out / "astronaut_heatmap.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200  # a figure with title and colour bar
+    rec = json.loads((out / "heatmap.json").read_text())
+    assert len(rec["components"]) == 2 and "CenterCrop" in rec["images"][imgs[0]]["placement"]
     assert main(["heatmap", *MODEL, imgs[0], *clip, "--property", "color", "--cache", str(root / "cache"),
                  "--out", str(out)]) == 0
 
@@ -95,6 +106,7 @@ def test_segment_folder(setup, capsys):
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["num_images"] == 3 and 0 <= rec["metrics"]["miou_foreground"] <= 1
     assert (out / "astronaut_saliency.png").exists() and (out / "astronaut_mask.png").exists()
+    assert (out / "astronaut_figure.png").stat().st_size > 5000
     assert "mIoU (two-class)" in capsys.readouterr().out
 
 
@@ -131,3 +143,49 @@ def test_spurious_waterbirds_layout(setup, capsys):
     assert len(rec["components"]) == 3 and len(rec["before"]["groups"]) == 4 and rec["num_test"] == 4
     assert (out / "groups.png").exists()
     assert "worst group" in capsys.readouterr().out
+
+
+def test_aligner_or_cache_of_another_model_is_refused(setup, capsys, tiny_clip_name):
+    root, clip = setup
+    img = str(root / "imgs" / "astronaut.png")
+    cache_names = vitdecomp.ExtractionCache.open(root / "cache").names
+    # an aligner for a deeper model: other components
+    other = Aligner(torch.zeros(3, 192, 24), torch.zeros(24), ["embed", "blocks.0.mlp", "norm.bias"],
+                    model_name=MODEL[0], clip_model=tiny_clip_name)
+    other.save(root / "other.safetensors")
+    bad = ["--aligner", str(root / "other.safetensors"), *clip[2:]]
+    assert main(["heatmap", *MODEL, img, *bad, "--text", "x", "--k", "1", "--out", str(root / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "aligner" in err and "belongs to another model" in err and "components differ" in err
+    assert main(["retrieve", str(root / "cache"), *bad, "--property", "color", "--text", "x",
+                 "--out", str(root / "r")]) == 2
+    assert "belongs to another model" in capsys.readouterr().err
+    # the right components, but recorded for another model string
+    Aligner(torch.zeros(len(cache_names), 192, 24), torch.zeros(24), cache_names, model_name="timm:vit_small_x",
+            clip_model=tiny_clip_name).save(root / "renamed.safetensors")
+    assert main(["heatmap", *MODEL, img, "--aligner", str(root / "renamed.safetensors"), *clip[2:], "--text", "x",
+                 "--k", "1", "--out", str(root / "h")]) == 2
+    assert "made for 'timm:vit_small_x'" in capsys.readouterr().err
+    # a cache of the same architecture with other (random) weights: the fingerprint differs
+    assert main(["heatmap", *MODEL, "--init-seed", "1", img, *clip, "--text", "x", "--cache", str(root / "cache"),
+                 "--out", str(root / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "cache" in err and "fingerprint" in err and "--random-init seed" in err
+    # the same seed (the default) in both commands: accepted
+    assert main(["heatmap", *MODEL, img, *clip, "--text", "x", "--cache", str(root / "cache"),
+                 "--out", str(root / "h")]) == 0
+
+
+def test_random_text_model_is_seeded(tiny_clip_name):
+    """--text-random-init builds the same text model in every command (chained commands compare the same texts)."""
+    import argparse
+
+    from vitdecomp._cli_apps import _encoder
+
+    args = argparse.Namespace(text_model=f"open_clip:{tiny_clip_name}", text_random_init=True, text_weights=None,
+                              text_cache=None, device="cpu", quiet=True, init_seed=0)
+    al = Aligner(None, torch.zeros(24), ["a"], clip_model=f"open_clip:{tiny_clip_name}")
+    a = _encoder(args, al).encode(["a red square"])
+    torch.manual_seed(123)
+    b = _encoder(args, al).encode(["a red square"])
+    torch.testing.assert_close(a, b)

@@ -70,11 +70,39 @@ def test_describe_json_and_markdown(workdir, capsys):
     assert "### `blocks.0.mlp`" in md and "| # | text | variance explained |" in md
 
 
+def test_describe_embeds_the_pool_as_given_unless_templates_are_asked_for(workdir, tmp_path):
+    """TextSpan's pool is embedded without the 80 ImageNet templates by default (Gandelsman et al.); the on-disk
+    text cache is keyed by the template set, so it shows which one was used."""
+    from vitdecomp.compalign import Aligner
+    from vitdecomp.extraction import ExtractionCache
+    from vitdecomp.spans import textspan
+    from vitdecomp.text import TextEncoder, load_text_pool
+
+    out = tmp_path / "raw.json"
+    base = ["describe", str(workdir / "cache"), *_text_args(workdir), "--pool", str(workdir / "pool.txt"),
+            "--components", "blocks.0.mlp", "--iters", "3", "--rank", "8", "--format", "json"]
+    assert main([*base, "--text-cache", str(tmp_path / "raw"), "--out", str(out)]) == 0
+    assert [p.name.rsplit("__", 1)[1] for p in (tmp_path / "raw").iterdir()][0].startswith("raw.")
+    picks = [p["text"] for p in json.loads(out.read_text())["blocks.0.mlp"]]
+    import open_clip
+
+    clip = open_clip.create_model(ExtractionCache.open(workdir / "cache").clip_model.split(":", 1)[1])
+    clip.load_state_dict(torch.load(workdir / "clip.pt"))
+    pool = load_text_pool(workdir / "pool.txt")
+    al = Aligner.load(workdir / "aligner.safetensors")
+    X = al.align_components(ExtractionCache.open(workdir / "cache"), ["blocks.0.mlp"])[:, 0]
+    want = textspan(X, TextEncoder.from_model(clip).encode(pool, templates=None), pool, iters=3, rank=8)
+    assert picks == [w.text for w in want]
+    assert main([*base, "--templates", "imagenet", "--text-cache", str(tmp_path / "tpl"),
+                 "--out", str(tmp_path / "tpl.json")]) == 0
+    assert [p.name.rsplit("__", 1)[1] for p in (tmp_path / "tpl").iterdir()][0].startswith("imagenet.")
+
+
 def test_score_table_json_and_plot(workdir, capsys, tiny_clip_name):
     from vitdecomp.compalign import Aligner
     from vitdecomp.extraction import ExtractionCache
     from vitdecomp.properties import get_property
-    from vitdecomp.scores import variance_attributed
+    from vitdecomp.scores import mean_correlation
     from vitdecomp.text import TextEncoder
 
     png = workdir / "color.png"
@@ -89,13 +117,34 @@ def test_score_table_json_and_plot(workdir, capsys, tiny_clip_name):
     # the same numbers through the Python API
     cache, al = ExtractionCache.open(workdir / "cache"), Aligner.load(workdir / "aligner.safetensors")
     enc = TextEncoder.from_pretrained(tiny_clip_name, pretrained=str(workdir / "clip.pt"))
-    ref = variance_attributed(al(cache.contributions()), get_property("color").embed(enc))
+    aligned = al(cache.contributions())
+    ref = mean_correlation(aligned, get_property("color").embed(enc))
+    other = mean_correlation(aligned, get_property("shape").embed(enc))
     best = int(torch.argmax(ref))
     assert ranking[0]["component"] == cache.names[best]
     assert ranking[0]["score"] == pytest.approx(float(ref[best]), abs=1e-6)
+    for r in ranking:  # specificity against the other property, not a copy of the score
+        i = cache.names.index(r["component"])
+        assert r["specificity"] == pytest.approx(float(ref[i] - other[i].clamp_min(0)), abs=1e-6)
+    assert report["specificity_against"] == ["color", "shape"]
     rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "texture", "--top", "3"])
     table = capsys.readouterr().out
-    assert rc == 0 and "rough texture" in table and "component" in table and len(table.strip().splitlines()) == 5
+    assert rc == 0 and "rough texture" in table and "component" in table and len(table.strip().splitlines()) == 6
+    assert "specific" not in table.splitlines()[1] and "specificity not shown: one property" in table
+    rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "texture", "--top", "3",
+               "--format", "json"])
+    assert all(r["specificity"] is None for r in json.loads(capsys.readouterr().out)["ranking"]["texture"])
+    assert main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "texture",
+                 "--sort", "specificity"]) == 2
+    assert "--against" in capsys.readouterr().err
+    rc = main(["score", str(workdir / "cache"), *_text_args(workdir), "--property", "texture", "--against", "color",
+               "--top", "3", "--format", "json"])
+    rep_t = json.loads(capsys.readouterr().out)
+    assert list(rep_t["ranking"]) == ["texture"] and rep_t["specificity_against"] == ["texture", "color"]
+    tex = mean_correlation(aligned, get_property("texture").embed(enc))
+    for r in rep_t["ranking"]["texture"]:
+        i = cache.names.index(r["component"])
+        assert r["specificity"] == pytest.approx(float(tex[i] - ref[i].clamp_min(0)), abs=1e-6)
 
 
 def test_score_user_properties_and_errors(workdir, capsys):

@@ -150,3 +150,91 @@ def test_real_swin_heatmap_uses_stage_grids(photo_batch):
                                                                                     rel=1e-4, abs=1e-4)
     rgb = colorize(hm.maps[0])
     assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+
+
+def test_display_size_scales_the_map_instead_of_padding_it():
+    """image_size ≠ the model's input: the map is scaled as a whole (it used to be padded into the top-left)."""
+    from vitdecomp.heatmap import scale_to
+
+    dec = _synthetic()
+    t = torch.tensor([1.0, 0.0, 0.0])
+    small = token_heatmap(dec, None, t, components=["blocks.0.attn.head.0"], mode="nearest").maps[0]  # 32×32
+    big = token_heatmap(dec, None, t, components=["blocks.0.attn.head.0"], mode="nearest",
+                        image_size=(64, 96)).maps[0]
+    assert big.shape == (64, 96)
+    hot = (big == big.max()).nonzero()
+    # patch (1, 2) of 8-px patches covers input rows 8..15, cols 16..23 → display rows 16..31, cols 48..71
+    assert hot[:, 0].min() == 16 and hot[:, 0].max() == 31 and hot[:, 1].min() == 48 and hot[:, 1].max() == 71
+    torch.testing.assert_close(big, scale_to(small, (64, 96), mode="nearest"))
+
+
+@pytest.mark.parametrize("photo", ["coffee", "chelsea"])
+def test_heat_is_mapped_through_resize_and_centre_crop_onto_the_photo(photo):
+    """A square planted on a non-square photo goes through the model's real preprocessing; a heat map that is hot
+    exactly where the square landed in the model's input comes back onto the square in the photo."""
+    from skimage import data
+
+    from vitdecomp.heatmap import map_to_photo, preprocess_geometry
+
+    arr = getattr(data, photo)().copy()  # coffee 400×600, chelsea 300×451: landscape
+    H, W = arr.shape[:2]
+    top, left, size = H // 3, W - W // 3 - 40, 50  # right of centre, inside the crop
+    arr[...] = 0
+    arr[top:top + size, left:left + size] = 255
+    pre = vitdecomp.load_model("timm:deit_tiny_patch16_224", random_init=True, depth=1).preprocess
+    x = pre(Image.fromarray(arr))  # [3, 224, 224], normalised
+    seen = (x[0] > x[0].min() + 1e-3).to(torch.float64)  # where the square is in the model's input
+    assert 0 < seen.sum() < seen.numel()
+    geo = preprocess_geometry(pre, (H, W))
+    assert geo.input_size == (224, 224) and geo.steps[0].startswith("Resize") and geo.steps[1].startswith("CenterCrop")
+    back = map_to_photo(seen, geo, mode="nearest")
+    assert back.shape == (H, W)
+    truth = np.zeros((H, W), bool)
+    truth[top:top + size, left:left + size] = True
+    hot = (back > 0.5).numpy()
+    iou = (hot & truth).sum() / (hot | truth).sum()
+    assert iou > 0.9, iou
+    # the crop removed the photo's margins: no value there, values everywhere inside
+    t0, l0, h0, w0 = geo.box()
+    assert l0 > 50 and torch.isnan(back[:, : int(l0) - 1]).all() and torch.isnan(back[:, int(l0 + w0) + 1:]).all()
+    assert not torch.isnan(back[int(t0) + 2: int(t0 + h0) - 2, int(l0) + 2: int(l0 + w0) - 2]).any()
+
+
+def test_preprocessing_that_cannot_be_mapped_is_refused():
+    import torchvision.transforms as T
+
+    from vitdecomp.heatmap import map_to_photo, preprocess_geometry
+
+    with pytest.raises(InputError, match="RandomResizedCrop"):
+        preprocess_geometry(T.Compose([T.RandomResizedCrop(32), T.ToTensor()]), (40, 60))
+    geo = preprocess_geometry(T.Compose([T.Resize((20, 30)), T.ToTensor()]), (40, 60))  # plain resize: the whole photo
+    assert geo.box() == pytest.approx((0, 0, 40, 60))
+    ramp = torch.arange(30, dtype=torch.float64).expand(20, 30)
+    back = map_to_photo(ramp, geo, mode="nearest")
+    assert not torch.isnan(back).any() and torch.equal(back[0, :4], torch.tensor([0.0, 0, 1, 1], dtype=torch.float64))
+
+
+def test_coarsest_grid_sums_merge_slots_exactly(photo_batch):
+    """Swin: with grid='coarsest' every stage-0 map is summed into the final 2×2-merged grid; each coarse cell holds
+    the total of its merge slot, so the maps still sum to ⟨z, t⟩ and the picture is constant on coarse cells."""
+    from vitdecomp.heatmap import pool_to_grid
+
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2, embed_dim=16,
+                          depths=(1, 1), num_heads=(2, 2), num_classes=3).eval()
+    dec = vitdecomp.decompose(m, photo_batch(names=("chelsea",)), tokens="source")
+    t = torch.nn.functional.normalize(torch.randn(dec.contributions.shape[-1]), dim=0)
+    native = token_heatmap(dec, None, t, k=None, kinds=None, mode="nearest")
+    coarse = token_heatmap(dec, None, t, k=None, kinds=None, mode="nearest", grid="coarsest")
+    g = coarse.display_grid
+    assert g.patch_size == max(gr.patch_size for gr in native.grids.values())
+    assert "coarsest grid" in coarse.grid_description() and f"{g.h}×{g.w}" in coarse.grid_description()
+    cells = coarse.maps[0].reshape(g.h, g.patch_size[0], g.w, g.patch_size[1])
+    assert torch.allclose(cells, cells[:, :1, :, :1].expand_as(cells))  # one value per coarse cell
+    area = g.patch_size[0] * g.patch_size[1]
+    assert float(coarse.maps.sum()) / area == pytest.approx(float(dec.representation[0] @ t), rel=1e-4, abs=1e-4)
+    fine_name = next(n for n, gr in native.grids.items() if gr != g)
+    pooled = pool_to_grid(native.per_component[fine_name], native.grids[fine_name], g)
+    assert float(pooled.sum()) == pytest.approx(float(native.per_component[fine_name].sum()), rel=1e-9, abs=1e-12)
+    with pytest.raises(MismatchError, match="cannot pool"):
+        pool_to_grid(torch.zeros(3, 3), TokenGrid(0, 3, 3, (8, 8)), TokenGrid(0, 2, 2, (16, 16)))

@@ -109,3 +109,56 @@ def test_cache_and_streamed_scores(tmp_path):
                                                             "whole": [folder / i for i, _ in img.ranked(3, baseline=True)]})
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_constants_and_zero_variance_components_are_never_chosen_by_score():
+    """A constant's score of exactly 0 beats negative scores; it must still not be chosen (issue #16)."""
+    g = torch.Generator().manual_seed(3)
+    N, D = 16, 6
+    names = ["embed", "blocks.0.attn.bias", "blocks.0.mlp", "frozen", "norm.bias"]
+    c = torch.randn(N, 5, D, generator=g, dtype=torch.float64)
+    c[:, 1] = torch.randn(D, generator=g, dtype=torch.float64)  # a bias: the same for every image
+    c[:, 3] = torch.randn(D, generator=g, dtype=torch.float64)  # not named a bias, but constant over the images
+    c[:, 4] = torch.randn(D, generator=g, dtype=torch.float64)
+    spec = torch.tensor([-0.3, 0.0, -0.1, 0.0, 0.0], dtype=torch.float64)
+    res = retrieve_by_image(c, 0, component_scores=spec, k=2, names=names)
+    assert res.components == ("blocks.0.mlp", "embed")
+    assert res.component_scores == pytest.approx((-0.1, -0.3))
+    assert set(res.skipped) == {"blocks.0.attn.bias", "frozen", "norm.bias"}
+    want = torch.nn.functional.cosine_similarity(c[:, [0, 2]].sum(1), c[0, [0, 2]].sum(0)[None], dim=-1)
+    torch.testing.assert_close(res.scores, want)
+    var = vitdecomp.retrieval.component_variance(c)
+    assert res.variance_share == pytest.approx(float(var[[0, 2]].sum() / var.sum()))
+    assert var[1] == 0 and var[3] == 0 and var[0] > 0
+    with pytest.warns(vitdecomp.retrieval.RetrievalWarning, match="0% of the components' variance"):
+        allowed = retrieve_by_image(c, 0, component_scores=spec, k=2, names=names, include_constant=True)
+    assert allowed.components == ("blocks.0.attn.bias", "frozen")  # the old behaviour, on request only
+    t = torch.randn(D, generator=g, dtype=torch.float64)
+    by_text = retrieve_by_text(c, t, component_scores=spec, k=3, names=names)
+    assert by_text.components == ("blocks.0.mlp", "embed") and by_text.skipped == res.skipped
+    torch.testing.assert_close(by_text.scores, c[:, [0, 2]].sum(1) @ t)
+    # given components are used as given, constants included
+    assert retrieve_by_text(c, t, components=["norm.bias"], names=names).components == ("norm.bias",)
+    with pytest.raises(InputError, match="no component is eligible"):
+        retrieve_by_text(c[:, [1, 3, 4]], t, component_scores=spec[[1, 3, 4]], names=[names[i] for i in (1, 3, 4)])
+
+
+def test_constants_are_recognised_by_kind_in_a_decomposition():
+    model = vitdecomp.load_model("timm:deit_tiny_patch16_224", random_init=True, img_size=32, depth=2,
+                                 patch_size=8).model
+    dec = vitdecomp.decompose(model, torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    kinds = [c.kind for c in dec.components]
+    spec = torch.tensor([0.0 if k == "const" else -1.0 - i for i, k in enumerate(kinds)], dtype=torch.float64)
+    res = retrieve_by_image(dec, 0, component_scores=spec, k=3)
+    assert all(dec.components[dec.index(n)].kind != "const" for n in res.components)
+    assert set(res.skipped) >= {c.name for c in dec.components if c.kind == "const"}
+
+
+def test_a_selection_carrying_almost_no_variance_says_so():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(20, 3, 4, generator=g, dtype=torch.float64)
+    c[:, 2] *= 1e-3  # varies, but a millionth of the others' variance
+    with pytest.warns(vitdecomp.retrieval.RetrievalWarning, match="carry"):
+        res = retrieve_by_image(c, 0, component_scores=torch.tensor([0.0, 0.1, 0.9]), k=1)
+    assert res.components == ("2",) and res.variance_share < 1e-5 and "says little" in res.notes[0]
+    assert res.as_dict()["notes"] == list(res.notes)

@@ -159,3 +159,22 @@ def test_constant_component_scores_zero():
     for chunk in a.split(7):
         st.update(chunk)
     assert st.variance_attributed()[0] == 0 and st.variance_explained()[0] == 0
+
+
+def test_variance_attributed_is_a_deprecated_name_of_mean_correlation():
+    """The score is a correlation (it can be negative), so it is named by what it computes; the old name works."""
+    from vitdecomp.scores import StreamingScores, mean_correlation, variance_attributed
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 4, 6, generator=g, dtype=torch.float64)
+    a[:, 1] = -a[:, 0] * 3  # moves against component 0: negative correlation with the total
+    basis = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    new = mean_correlation(a, basis)
+    assert float(new.min()) < 0 and float(new.max()) <= 1
+    with pytest.warns(DeprecationWarning, match="mean_correlation"):
+        old = variance_attributed(a, basis)
+    torch.testing.assert_close(old, new)
+    acc = StreamingScores(basis).update(a)
+    torch.testing.assert_close(acc.mean_correlation(), new)
+    with pytest.warns(DeprecationWarning, match="mean_correlation"):
+        torch.testing.assert_close(acc.variance_attributed(), new)

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 __all__ = ["add_commands"]
 
-_RAW = argparse.RawDescriptionHelpFormatter
+from ._cli_common import HelpFormatter as _RAW, deprecated_alias, refuse_other_model
 
 _EPILOG_RETRIEVE = """examples:
   # rank images of an extraction cache by "a beach", restricted to the top-10 components for 'location'
@@ -31,8 +31,11 @@ _EPILOG_HEATMAP = """examples:
   vitdecomp heatmap timm:swin_base_patch4_window7_224 beach.jpg --aligner swin.aligner.safetensors \\
       --property location --cache cache/ --out heat/
 Components: the top --k attention heads by variance explained for the text (or property), computed over --cache
-(or over the given images when there are several), or --components NAME ... Writes <image>_heatmap.png (overlay),
-<image>_heatmap.npy (raw map at image resolution) and heatmap.json.
+(or over the given images when there are several), or --components NAME ... Writes <image>_heatmap.png (the
+map on the photo at full resolution, with title, colour bar and a diverging colour map centred at 0),
+<image>_heatmap.npy (raw map on the model's input), <image>_heatmap_photo.npy (the map carried back through the
+model's resize and centre crop onto the photo, NaN where the crop removed it), <image>_overlay.png (pixel-exact
+overlay on the model's input) and heatmap.json.
 """
 
 _EPILOG_SEGMENT = """examples:
@@ -40,7 +43,8 @@ _EPILOG_SEGMENT = """examples:
   vitdecomp segment timm:maxvit_small_tf_224.in1k data/ --out seg/ --limit 500 --batch-size 16
 Folder layout: ROOT/images/<name>.jpg, ROOT/masks/<name>.png (non-zero = foreground; without masks/ only the
 maps are written), optional ROOT/labels.csv with "<name>,<class index>" (default: the predicted class).
-Writes metrics.json (pixel accuracy, mIoU foreground-only and two-class, mAP) and example overlays.
+Writes metrics.json (pixel accuracy, mIoU foreground-only and two-class, mAP) and, per example, pixel-exact
+overlays (<name>_saliency.png, <name>_mask.png) and a figure with colour bar and legend (<name>_figure.png).
 """
 
 _EPILOG_ABLATE = """examples:
@@ -71,9 +75,14 @@ def _model_args(p, *, required: bool = True):
     else:
         p.add_argument("--model", default=None, help="model string, e.g. timm:deit_base_patch16_224")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--random-init", action="store_true", help="random weights (offline work, tests)")
+    src.add_argument("--random-init", action="store_true",
+                     help="random weights (offline work, tests), seeded by --init-seed")
     src.add_argument("--weights", metavar="PATH", help="local checkpoint")
-    p.add_argument("--img-size", type=int, default=None, help="build the model for this input size (timm models)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the --random-init weights (the same in every command, so chained commands agree)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="build the model for N×N inputs (timm models)")
+    deprecated_alias(p, "--img-size", "--image-size", "image_size", type=int)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra constructor argument, e.g. depth=2 (repeatable; values parsed as JSON when possible)")
 
@@ -95,10 +104,14 @@ def _model_kwargs(items) -> dict:
 
 def _clip_args(p):
     p.add_argument("--aligner", required=True, metavar="PATH", help="CompAlign aligner (vitdecomp.fit_aligner, .save)")
-    p.add_argument("--clip", default=None,
-                   help="open_clip text model, e.g. ViT-L-14/laion2b_s32b_b82k (default: the aligner's CLIP model)")
-    p.add_argument("--clip-weights", metavar="PATH", default=None, help="local open_clip checkpoint for the text tower")
-    p.add_argument("--clip-random-init", action="store_true", help="random text tower (tests)")
+    p.add_argument("--text-model", default=None,
+                   help="open_clip model for the texts, e.g. open_clip:ViT-L-14/laion2b_s32b_b82k "
+                        "(default: the aligner's CLIP model)")
+    p.add_argument("--text-weights", metavar="PATH", default=None, help="local checkpoint of the text model")
+    p.add_argument("--text-random-init", action="store_true", help="random text model (tests only)")
+    deprecated_alias(p, "--clip", "--text-model", "text_model")
+    deprecated_alias(p, "--clip-weights", "--text-weights", "text_weights")
+    deprecated_alias(p, "--clip-random-init", "--text-random-init", "text_random_init", flag=True)
     p.add_argument("--text-cache", metavar="DIR", default=None, help="cache text embeddings on disk here")
     p.add_argument("--properties-file", metavar="PATH", default=None, help="TOML/JSON with your own properties")
 
@@ -106,17 +119,19 @@ def _clip_args(p):
 def _out_args(p):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="torch device for models and batch math, e.g. cuda (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="cpu", help="torch device for models and batch math, e.g. cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    deprecated_alias(p, "--no-progress", "--quiet", "quiet", flag=True)
 
 
 def _load_model(args):
     from . import api
 
     kw = _model_kwargs(getattr(args, "model_arg", None))
-    if getattr(args, "img_size", None):
-        kw["img_size"] = args.img_size
-    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, device=args.device, **kw)
+    if getattr(args, "image_size", None):
+        kw["img_size"] = args.image_size
+    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, seed=args.init_seed,
+                          device=args.device, **kw)
 
 
 def _aligner(args):
@@ -129,18 +144,23 @@ def _encoder(args, aligner):
     from .errors import InputError
     from .text import TextEncoder
 
-    name = args.clip or aligner.clip_model
+    name = args.text_model or aligner.clip_model
     if not name:
-        raise InputError("the aligner does not name its CLIP model; pass --clip (e.g. ViT-L-14/laion2b_s32b_b82k)")
+        raise InputError("the aligner does not name its CLIP model; pass --text-model (e.g. "
+                         "open_clip:ViT-L-14/laion2b_s32b_b82k)")
     if name.startswith("open_clip:"):
         name = name[len("open_clip:"):]
     pretrained = None
-    if args.clip_random_init:
+    if args.text_random_init:
         name = name.split("/", 1)[0]
-    elif args.clip_weights:
-        name, pretrained = name.split("/", 1)[0], args.clip_weights
-    enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache, device=args.device)
-    enc.progress = not args.no_progress
+    elif args.text_weights:
+        name, pretrained = name.split("/", 1)[0], args.text_weights
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # a random text model is seeded like every --random-init model
+        torch.manual_seed(getattr(args, "init_seed", 0))
+        enc = TextEncoder.from_pretrained(name, pretrained, cache_dir=args.text_cache, device=args.device)
+    enc.progress = not args.quiet
     return enc
 
 
@@ -203,7 +223,24 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
 
 
 def _progress(args) -> bool:
-    return not getattr(args, "no_progress", False)
+    return not getattr(args, "quiet", False)
+
+
+def _check_aligner(aligner, path, names, dim, model_name=None, what="the model") -> None:
+    """Refuse an aligner fit for another model (component names, D, model string)."""
+    refuse_other_model("aligner", path, names=aligner.names, model_name=aligner.model_name, dim=aligner.in_dim,
+                       expected_names=names, expected_model=model_name, expected_dim=dim, expected_what=what)
+
+
+def _check_cache(cache, path, loaded, names, dim) -> None:
+    """Refuse an extraction cache made with another model than ``loaded`` (names, D, model string, weights)."""
+    from .text import model_fingerprint
+
+    refuse_other_model("cache", path, names=cache.names, model_name=cache.model_name, dim=cache.dim,
+                       fingerprint=cache.meta.get("model_fingerprint"), expected_names=names,
+                       expected_model=loaded.name, expected_dim=dim,
+                       expected_fingerprint=model_fingerprint(loaded.model, exclude_prefix=""),
+                       expected_what=f"the model {loaded.name}")
 
 
 # ---------------------------------------------------------------------------------------------------- retrieve
@@ -221,6 +258,7 @@ def cmd_retrieve(args) -> int:
     if args.reference is not None and args.reference.isdigit() and int(args.reference) >= len(cache):
         raise InputError(f"--reference {args.reference}: the cache holds images 0..{len(cache) - 1}")
     aligner = _aligner(args)
+    _check_aligner(aligner, args.aligner, cache.names, cache.dim, cache.model_name, what=f"cache {args.cache}")
     aligner.check_source(cache)
     enc = _encoder(args, aligner)
     prop = _property(args, args.property)
@@ -237,8 +275,9 @@ def cmd_retrieve(args) -> int:
     root = Path(cache.meta.get("data", {}).get("root", "."))
     if args.text is not None:
         t = enc.encode([args.text])[0]
-        res = retrieve_by_text(cache, t, aligner=aligner, component_scores=acc.variance_attributed(prop.name), k=args.k,
-                               query=f"text {args.text!r}, property {prop.name}", device=args.device)
+        res = retrieve_by_text(cache, t, aligner=aligner, component_scores=acc.mean_correlation(prop.name), k=args.k,
+                               query=f"text {args.text!r}, property {prop.name}", device=args.device,
+                               include_constant=args.include_constant)
         query_img = None
     else:
         sc = acc.scores()
@@ -259,13 +298,13 @@ def cmd_retrieve(args) -> int:
             loaded = _load_model(args)
             c, _, names = _decompose_paths(loaded, [Path(ref)], batch_size=1, progress=False, desc="reference",
                                            device=args.device)
-            if tuple(names) != tuple(cache.names):
-                raise InputError("the --model's components differ from the cache's; use the model the cache was made with")
+            _check_cache(cache, args.cache, loaded, names, c.shape[-1])
             reference, query_img = c[0], Path(ref)
         res = retrieve_by_image(cache, reference, component_scores=spec, k=args.k,
-                                query=f"reference {ref}, property {prop.name}", device=args.device)
+                                query=f"reference {ref}, property {prop.name}", device=args.device,
+                                include_constant=args.include_constant)
     ranked, base = res.ranked(args.top), res.ranked(args.top, baseline=True)
-    print(f"{res.query}; components: {', '.join(res.components)}")
+    _print_selection(res, "CompAttribute score" if args.text is not None else "specificity")
     print(f"{'rank':>4}  {'property-restricted':40} {'whole representation':40}")
     for i, ((a, sa), (b, sb)) in enumerate(zip(ranked, base)):
         print(f"{i + 1:>4}  {str(a)[:30]:30} {sa:9.4f} {str(b)[:30]:30} {sb:9.4f}")
@@ -286,6 +325,22 @@ def cmd_retrieve(args) -> int:
     return 0
 
 
+def _print_selection(res, what: str) -> None:
+    """The chosen components with their scores, what was skipped, and any warning about the selection."""
+    import sys
+
+    print(f"{res.query}: {len(res.components)} components chosen by {what}"
+          + (f" (carrying {100 * res.variance_share:.3g}% of the component variance)"
+             if res.variance_share is not None else ""))
+    for name, sc in res.selection():
+        print(f"  {name:40} {what} {sc:+.4f}" if sc is not None else f"  {name}")
+    if res.skipped:
+        print(f"  (not eligible: {len(res.skipped)} constant or zero-variance components, e.g. "
+              f"{', '.join(res.skipped[:3])}; use --include-constant to allow them)")
+    for note in res.notes:
+        print(f"warning: {note}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------- heatmap
 
 
@@ -294,8 +349,8 @@ def cmd_heatmap(args) -> int:
     import torch
 
     from .errors import InputError
-    from .heatmap import token_heatmap
-    from .plotting import overlay
+    from .heatmap import map_to_photo, preprocess_geometry, token_heatmap
+    from .plotting import heatmap_figure, overlay
     from .retrieval import property_scores
 
     if (args.text is None) == (args.property is None):
@@ -327,12 +382,15 @@ def cmd_heatmap(args) -> int:
             raise InputError(f"cannot read image {str(p)!r}: {exc}") from exc
         inputs.append(x[0])
         decs.append(decompose(loaded.model, x.to(dtype), tokens="source", device=args.device))
+    names, dim = decs[0].names, decs[0].contributions.shape[-1]
+    _check_aligner(aligner, args.aligner, names, dim, loaded.name, what=f"the model {loaded.name}")
     scores = None
     if not args.components:
         if args.cache:
             from .extraction import ExtractionCache
 
             source = ExtractionCache.open(args.cache)
+            _check_cache(source, args.cache, loaded, names, dim)
         elif len(paths) >= 2:
             source = torch.cat([d.contributions for d in decs])
         else:
@@ -344,15 +402,35 @@ def cmd_heatmap(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     mean, std = _mean_std(loaded)
     record = {"query": query, "images": {}}
+    label = "⟨Σ_i c_i(p) W_i, t⟩ (signed)" if t is not None else "‖B_P Σ_i c_i(p) W_i‖ (property subspace norm)"
     for p, x, dec in zip(paths, inputs, decs):
         hm = token_heatmap(dec, aligner, text=t, basis=None if t is not None else basis, components=args.components,
                            scores=scores, k=args.k, kinds=None if args.all_kinds else ("head",), mode=args.mode,
-                           query=query)
+                           query=query, input_size=tuple(x.shape[-2:]), grid=args.grid)
         heat = hm.maps[0]
         np.save(out / f"{p.stem}_heatmap.npy", hm.numpy()[0])
-        overlay(x, heat, out / f"{p.stem}_heatmap.png", alpha=args.alpha, mean=mean, std=std)
-        record["images"][str(p)] = {"png": f"{p.stem}_heatmap.png", "array": f"{p.stem}_heatmap.npy",
-                                    "min": float(heat.min()), "max": float(heat.max())}
+        comps = ", ".join(hm.components[:3]) + (f" + {len(hm.components) - 3} more" if len(hm.components) > 3 else "")
+        entry = {"array": f"{p.stem}_heatmap.npy", "min": float(heat.min()), "max": float(heat.max())}
+        with Image.open(p) as im:
+            photo = im.convert("RGB")
+        try:
+            geo = preprocess_geometry(loaded.preprocess, (photo.height, photo.width))
+        except InputError as exc:  # a preprocessing we cannot invert: draw on the model's input, and say so
+            geo, where = None, f"drawn on the model's input ({exc})"
+        if geo is not None:
+            on_photo = map_to_photo(heat, geo, mode=args.mode)
+            np.save(out / f"{p.stem}_heatmap_photo.npy", on_photo.numpy())
+            entry["photo_array"] = f"{p.stem}_heatmap_photo.npy"
+            where = f"on the photo through {' + '.join(geo.steps) or 'no resize'}"
+            image, shown = photo, on_photo
+        else:
+            image, shown = x, heat
+        heatmap_figure(image, shown, out / f"{p.stem}_heatmap.png", title=f"{query} — {comps}", label=label,
+                       alpha=args.alpha, mean=mean, std=std, note=f"grid: {hm.grid_description()}; {where}")
+        overlay(x, heat, out / f"{p.stem}_overlay.png", alpha=args.alpha, mean=mean, std=std)
+        entry.update({"png": f"{p.stem}_heatmap.png", "overlay": f"{p.stem}_overlay.png", "placement": where,
+                      "grid": hm.grid_description()})
+        record["images"][str(p)] = entry
         record["components"] = list(hm.components)
     _write_json(out / "heatmap.json", record)
     print(f"{query}; components: {', '.join(record['components'])}")
@@ -374,7 +452,7 @@ def cmd_segment(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .plotting import overlay
+    from .plotting import overlay, segmentation_figure
     from .segmentation import evaluate_segmentation
 
     loaded = _load_model(args)
@@ -383,13 +461,15 @@ def cmd_segment(args) -> int:
                                device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rgb, sal, mask, gt in ev.examples:
+    for (name, rgb, sal, mask, gt), cls in zip(ev.examples, ev.classes):
         overlay(rgb, sal, out / f"{name}_saliency.png", alpha=0.5)
         m = np.zeros(rgb.shape, dtype=np.uint8)
         m[..., 1] = mask.numpy() * 255
         if gt is not None:
             m[..., 0] = gt.numpy() * 255  # red: ground truth, green: predicted, yellow: both
         Image.fromarray(((rgb.astype(np.float64) * 0.5) + m * 0.5).astype(np.uint8)).save(out / f"{name}_mask.png")
+        segmentation_figure(rgb, sal, mask, out / f"{name}_figure.png", truth=gt,
+                            title=f"{name}: class {cls}, {loaded.name}")
     rec = {"root": str(args.root), "num_images": len(ev.names),
            "metrics": ev.metrics.as_dict() if ev.metrics is not None else None,
            "classes": dict(zip(ev.names, ev.classes))}
@@ -509,13 +589,14 @@ def cmd_spurious(args) -> int:
     progress = _progress(args)
     hc, _, names = _decompose_paths(loaded, held.paths(), batch_size=args.batch_size, progress=progress,
                                     desc=f"decomposing {args.heldout_split}", device=args.device)
+    _check_aligner(aligner, args.aligner, names, hc.shape[-1], loaded.name, what=f"the model {loaded.name}")
     tc, tz, _ = _decompose_paths(loaded, test.paths(), batch_size=args.batch_size, progress=progress,
                                  desc=f"decomposing {args.test_split}", device=args.device)
     sp, co = _property(args, args.spurious), _property(args, args.core)
     acc = property_scores(hc, {sp.name: sp.embed(enc), co.name: co.embed(enc)}, aligner=aligner,
                           device=args.device)
-    res = repair_spurious(tc, test.labels, test.places, hc, head, acc.variance_attributed(sp.name),
-                          acc.variance_attributed(co.name), k=args.k, names=names, representation=tz,
+    res = repair_spurious(tc, test.labels, test.places, hc, head, acc.mean_correlation(sp.name),
+                          acc.mean_correlation(co.name), k=args.k, names=names, representation=tz,
                           device=args.device)
     print(res.summary())
     out = Path(args.out)
@@ -554,6 +635,8 @@ def add_commands(sub) -> None:
                    help="comma-separated properties specificity is taken against (default: every built-in one)")
     p.add_argument("--k", type=int, default=10, help="number of components kept (default 10)")
     p.add_argument("--top", type=int, default=10, help="number of images shown (default 10)")
+    p.add_argument("--include-constant", action="store_true",
+                   help="allow constant (bias, norm offset) and zero-variance components to be chosen")
     _model_args(p, required=False)
     _out_args(p)
     p.set_defaults(func=cmd_retrieve)
@@ -569,7 +652,11 @@ def add_commands(sub) -> None:
     p.add_argument("--components", nargs="+", default=None, metavar="NAME", help="use these components")
     p.add_argument("--cache", default=None, help="extraction cache to rank components by variance explained")
     p.add_argument("--all-kinds", action="store_true", help="rank every component kind, not only attention heads")
-    p.add_argument("--mode", choices=("bilinear", "nearest"), default="bilinear")
+    p.add_argument("--mode", choices=("bilinear", "nearest"), default="bilinear",
+                   help="between grid cells: interpolate, or keep the cells as blocks (exact placement)")
+    p.add_argument("--grid", choices=("coarsest", "native"), default="coarsest",
+                   help="hierarchical models: sum every map into the model's coarsest grid (no merge-slot "
+                        "checkerboard), or show each component on its own grid")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     _out_args(p)
     p.set_defaults(func=cmd_heatmap)

@@ -40,6 +40,7 @@ def _check_numbers(args) -> None:
         if v < low:
             raise InputError(f"{_flag(dest)} {v}: must be an integer ≥ {low}")
     size = getattr(args, "image_size", None)
+    size = [size] if isinstance(size, int) else size  # N (most commands) or H W (check)
     if size is not None and any(s < 1 for s in size):
         raise InputError(f"--image-size {' '.join(map(str, size))}: height and width must be ≥ 1")
     for dest, (lo, hi, lo_in, hi_in) in _RANGES.items():

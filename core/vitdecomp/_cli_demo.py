@@ -27,8 +27,10 @@ vitdecomp and were trained on the procedural concept world by `python -m vitdeco
 
 
 def add_commands(subparsers) -> None:
+    from ._cli_common import HelpFormatter
+
     p = subparsers.add_parser("demo", help="offline demo on the shipped concept-world models; writes a report",
-                              epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("vitdecomp-demo"), help="report folder (default vitdecomp-demo/)")
     p.add_argument("--quick", action="store_true", help="DeiT only, 300 images, no Swin/MaxViT (a smoke test)")
     p.add_argument("--models", nargs="+", default=None, choices=("deit", "swin", "maxvit", "clip"),
@@ -121,7 +123,7 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
     md.append("")
 
     md += ["## Does CompAttribute find the components that carry a property?", "",
-           "For each property, every component is scored by CompAttribute (variance attributed, with the small CLIP's "
+           "For each property, every component is scored by CompAttribute (mean correlation, with the small CLIP's "
            "text embeddings of the property's phrases) and compared with the ground truth: the component's share of "
            "the property-driven variance of the representation, measured in the model's own space from the known "
            "factors (`vitdecomp.concept_world.evaluate`). ρ: Spearman rank correlation over components; P@k: overlap "
@@ -211,11 +213,14 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
             text = D.factor_phrase(f, eval_ds.factors(i)[f])
             emb = enc.encode([text], templates=None, progress=False)[0]
             hm = token_heatmap(dec, run.aligner, text=emb, scores=ve,
-                               k=3, image_size=(64, 64), query=text)
-            panels.append(overlay(X_eval[i], hm.maps[j], mean=mean, std=std, alpha=0.45))
-            titles.append(text)
+                               k=3, image_size=(64, 64), query=text, grid="coarsest")
+            lim = float(hm.maps[j].abs().max()) or 1.0  # diverging, centred at 0
+            panels.append(overlay(X_eval[i], hm.maps[j], mean=mean, std=std, alpha=0.45, cmap="RdBu_r",
+                                  vmin=-lim, vmax=lim))
+            titles.append(f"{text} (±{lim:.2g})" if float(hm.maps[j].abs().max()) > 0 else f"{text}: map is zero")
     contact_sheet(panels, out / "heatmaps.png", titles=titles, ncols=4, thumb=2.0,
-                  title=f"{main}: top-3 heads by variance explained, projected on the image's own phrase")
+                  title=f"{main}: top-3 heads by variance explained, projected on the image's own phrase "
+                        f"(red +, blue −; grid {hm.grid_description()})")
     md += ["## Token heat maps", "",
            f"{main}: where the 3 heads with the highest variance explained for the property write the direction of "
            "the image's own phrase.", "", "![heat maps](heatmaps.png)", ""]

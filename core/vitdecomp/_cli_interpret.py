@@ -2,7 +2,8 @@
 
 A thin layer over :func:`vitdecomp.extract`, :func:`vitdecomp.fit_aligner`, :func:`vitdecomp.textspan_all`
 (Gandelsman et al. 2024, TextSpan) and :class:`vitdecomp.StreamingScores` (Balasubramanian et al. 2024,
-CompAttribute: score_i(P) = (1/k) Σ_j corr_x(⟨a_i, b_j⟩, ⟨s, b_j⟩)). ``cli.py`` calls :func:`add_commands`.
+CompAttribute: the mean correlation score_i(P) = (1/k) Σ_j corr_x(⟨a_i, b_j⟩, ⟨s, b_j⟩)). ``cli.py`` calls
+:func:`add_commands`.
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ _EPILOG_DESCRIBE = """examples:
   vitdecomp describe cache/deit --aligner a.safetensors --components 'blocks.11.attn.head.*'
   vitdecomp describe cache/deit --aligner a.safetensors --pool my_texts.txt --iters 5 --format markdown
   vitdecomp describe cache/deit --aligner a.safetensors --text-weights vitl14.bin --format json --out spans.json
-The text model defaults to the aligner's CLIP model; texts are embedded with the 80 ImageNet templates.
+The text model defaults to the aligner's CLIP model. The pool's texts are embedded as given (as Gandelsman et
+al. do); --templates imagenet averages each over CLIP's 80 ImageNet prompts instead (80× the encoding work).
 """
 
 _EPILOG_SCORE = """examples:
   vitdecomp score cache/deit --aligner a.safetensors --property color
   vitdecomp score cache/deit --aligner a.safetensors --property color --property texture --plot color.png
   vitdecomp score cache/deit --aligner a.safetensors --properties-file mine.toml --property material --top 20
+Columns: score = mean correlation (1/k) Σ_j corr_x(⟨a_i, b_j⟩, ⟨s, b_j⟩) over the property's k text directions
+(CompAttribute, in [-1, 1]); VE = share of the component's variance inside the property's text span (in [0, 1]);
+specificity = score minus the best score for any other property (the other --property values and --against;
+not shown when there is nothing to compare against).
 Properties: color texture pattern shape location person animal fabric vehicle waterbirds_spurious
 waterbirds_core, those plugins register, and those in --properties-file (TOML or JSON).
 """
@@ -64,10 +70,10 @@ def _start(value: str):
     return int(value)
 
 
-def _load_model(spec, weights, random_init, device, **kw):
+def _load_model(spec, weights, random_init, device, seed=0, **kw):
     from .api import load_model
 
-    return load_model(spec, weights=weights, random_init=random_init, device=device, **kw)
+    return load_model(spec, weights=weights, random_init=random_init, device=device, seed=seed, **kw)
 
 
 def _text_encoder(args, default_model: Optional[str]):
@@ -131,16 +137,13 @@ def cmd_extract(args) -> int:
     from .extraction import extract
 
     distributed.init_from_env(device=args.device)  # no-op unless launched by torchrun with WORLD_SIZE > 1
-    if args.random_init or args.clip_random_init:
-        import torch
-
-        torch.manual_seed(0)  # the same random weights on every rank (and in every run)
-    kw = {"img_size": args.img_size} if args.img_size else {}
-    loaded = _load_model(args.model, args.weights, args.random_init, args.device, **kw)
+    # random weights are seeded by load_model (--init-seed): the same on every rank, in every run and command
+    kw = {"img_size": args.image_size} if args.image_size else {}
+    loaded = _load_model(args.model, args.weights, args.random_init, args.device, args.init_seed, **kw)
     clip = None
     if args.clip:
         clip = loaded if args.clip == args.model and not (args.clip_weights or args.clip_random_init) else \
-            _load_model(args.clip, args.clip_weights, args.clip_random_init, args.device)
+            _load_model(args.clip, args.clip_weights, args.clip_random_init, args.device, args.init_seed)
     dk = {"heads": not args.no_heads, "start": args.start, "bias": args.bias}
     cache = extract(loaded, args.data, args.out, clip=clip, batch_size=args.batch_size, dtype=_dtype(args.dtype),
                     device=args.device, decompose_kwargs=dk, shard_size=args.shard_size, progress=not args.quiet,
@@ -189,7 +192,8 @@ def cmd_describe(args) -> int:
     names = [cache.names[i] for i in idx]
     pool = load_text_pool(args.pool)
     enc = _text_encoder(args, aligner.clip_model)
-    texts = enc.encode(pool, progress=not args.quiet).to(aligner.bias.device)
+    templates = None if args.templates == "none" else args.templates
+    texts = enc.encode(pool, templates=templates, progress=not args.quiet).to(aligner.bias.device)
     results = {}
     step = max(1, args.component_batch)
     for k in range(0, len(idx), step):  # bounded memory: N × step × d at a time
@@ -226,8 +230,9 @@ def cmd_score(args) -> int:
     wanted = args.property or list(extra)
     if not wanted:
         raise InputError("name at least one --property (e.g. --property color) or give --properties-file")
+    against = [n for n in (args.against.split(",") if args.against else []) if n and n not in wanted]
     props = {}
-    for name in wanted:
+    for name in wanted + against:
         if name in extra:
             props[name] = extra[name]
         else:
@@ -247,36 +252,52 @@ def cmd_score(args) -> int:
         acc.update(aligner(batch.contributions))
     scores = acc.scores()
     names = list(cache.names)
+    has_spec = len(scores) > 1  # with one property the specificity would only repeat the score
+    if args.sort == "specificity" and not has_spec:
+        raise InputError("--sort specificity needs other properties to compare against: give several --property "
+                         "or --against texture,pattern,...")
     report = {}
     for name in wanted:
         ve = acc.variance_explained(name)
-        spec = specificity(scores, name)
+        spec = specificity(scores, name) if has_spec else None
         key = {"score": scores[name], "ve": ve, "specificity": spec}[args.sort]
         ranked = rank_components(key, names, top=args.top)
         report[name] = [
             {"rank": r, "component": c, "score": float(scores[name][names.index(c)]),
-             "variance_explained": float(ve[names.index(c)]), "specificity": float(spec[names.index(c)])}
+             "variance_explained": float(ve[names.index(c)]),
+             "specificity": None if spec is None else float(spec[names.index(c)])}
             for r, (c, _) in enumerate(ranked, 1)
         ]
     if args.format == "json":
         text = json.dumps({"images": len(cache), "model": cache.model_name, "clip_model": aligner.clip_model,
-                           "properties": {n: list(props[n].descriptions) for n in wanted}, "ranking": report},
-                          indent=2)
+                           "properties": {n: list(props[n].descriptions) for n in wanted},
+                           "specificity_against": [n for n in scores] if has_spec else [],
+                           "columns": {"score": "mean correlation (CompAttribute)",
+                                       "variance_explained": "share of the component's variance in the text span",
+                                       "specificity": "score minus the best other property's score"},
+                           "ranking": report}, indent=2)
     else:
         lines = []
         md = args.format == "markdown"
         for name in wanted:
             head = f"{name}: {', '.join(props[name].descriptions)}  ({len(cache)} images, sorted by {args.sort})"
             lines.append(f"### {head}" if md else head)
+            sp = (lambda r: f"{r['specificity']:8.4f}") if has_spec else (lambda r: "")
             if md:
-                lines += ["", "| rank | component | score | VE | specificity |", "|---|---|---|---|---|"]
+                lines += ["", "| rank | component | score (mean corr.) | VE | " + ("specificity |" if has_spec else ""),
+                          "|---|---|---|---|" + ("---|" if has_spec else "")]
                 lines += [f"| {r['rank']} | `{r['component']}` | {r['score']:.4f} | {r['variance_explained']:.4f} | "
-                          f"{r['specificity']:.4f} |" for r in report[name]]
+                          + (f"{sp(r).strip()} |" if has_spec else "") for r in report[name]]
             else:
                 w = max(len(r["component"]) for r in report[name])
-                lines.append(f"  {'rank':>4}  {'component':<{w}}  {'score':>8}  {'VE':>8}  {'specific':>8}")
-                lines += [f"  {r['rank']:>4}  {r['component']:<{w}}  {r['score']:8.4f}  {r['variance_explained']:8.4f}  "
-                          f"{r['specificity']:8.4f}" for r in report[name]]
+                lines.append(f"  {'rank':>4}  {'component':<{w}}  {'corr':>8}  {'VE':>8}"
+                             + (f"  {'specific':>8}" if has_spec else ""))
+                lines += [f"  {r['rank']:>4}  {r['component']:<{w}}  {r['score']:8.4f}  {r['variance_explained']:8.4f}"
+                          + (f"  {sp(r)}" if has_spec else "") for r in report[name]]
+            if not has_spec:
+                lines.append("  (specificity not shown: one property; compare against others with --against)")
+            else:
+                lines.append(f"  (specificity against: {', '.join(n for n in scores if n != name)})")
             lines.append("")
         text = "\n".join(lines).rstrip()
     _write(text, args.out)
@@ -300,8 +321,9 @@ def _plot(report, sort, path, model_name) -> None:
         values = [r[field] for r in ranked][::-1]
         ax.barh(range(len(values)), values, color=["C0" if v >= 0 else "C3" for v in values])
         ax.set_yticks(range(len(values)), labels, fontsize=8)
-        ax.set_xlabel({"score": "variance attributed (mean correlation)", "variance_explained": "variance explained",
-                       "specificity": "specificity"}[field])
+        ax.set_xlabel({"score": "mean correlation with the whole representation (CompAttribute score)",
+                       "variance_explained": "share of the component's variance in the property's text span",
+                       "specificity": "specificity (score minus best other property's)"}[field])
         ax.set_title(f"{prop} — {model_name}", fontsize=10)
         ax.axvline(0, color="k", lw=0.5)
     fig.tight_layout()
@@ -316,7 +338,7 @@ def _plot(report, sort, path, model_name) -> None:
 def _common(p, *, cache=True):
     if cache:
         p.add_argument("cache", help="extraction cache folder (from 'vitdecomp extract')")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -335,7 +357,7 @@ def _text_args(p):
 
 def add_commands(subparsers) -> None:
     """Add ``extract``, ``align``, ``describe`` and ``score`` to the ``vitdecomp`` command line."""
-    fmt = argparse.RawDescriptionHelpFormatter
+    from ._cli_common import HelpFormatter as fmt, deprecated_alias
 
     p = subparsers.add_parser("extract", help="decompose a folder of images once and cache the contributions",
                               epilog=_EPILOG_EXTRACT, formatter_class=fmt)
@@ -343,9 +365,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("data", help="image folder (recursive; first-level subfolders are labels)")
     p.add_argument("--out", required=True, help="cache folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--random-init", action="store_true", help="random weights (offline work)")
+    src.add_argument("--random-init", action="store_true", help="random weights (offline work), seeded by --init-seed")
     src.add_argument("--weights", metavar="PATH", help="local checkpoint of the model")
-    p.add_argument("--img-size", type=int, default=None, help="build the model for this input size (timm)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the --random-init / --clip-random-init weights (chained commands agree)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N", help="build the model for N×N inputs (timm)")
+    deprecated_alias(p, "--img-size", "--image-size", "image_size", type=int)
     p.add_argument("--clip", default=None, help="open_clip model for the CompAlign targets, e.g. "
                    "open_clip:ViT-L-14/laion2b_s32b_b82k")
     csrc = p.add_mutually_exclusive_group()
@@ -394,6 +419,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--iters", type=int, default=10, help="texts per component")
     p.add_argument("--rank", type=int, default=80, help="rank of the component's output space")
     p.add_argument("--component-batch", type=int, default=16, help="components aligned at a time (memory)")
+    p.add_argument("--templates", choices=("none", "simple", "imagenet"), default="none",
+                   help="embed each pool text as given (none) or averaged over CLIP's prompt templates")
     p.set_defaults(func=cmd_describe)
 
     p = subparsers.add_parser("score", help="CompAttribute: rank components for a property",
@@ -402,7 +429,10 @@ def add_commands(subparsers) -> None:
     _text_args(p)
     p.add_argument("--property", action="append", default=None, help="property name (repeatable)")
     p.add_argument("--properties-file", default=None, help="TOML or JSON file with more properties")
-    p.add_argument("--top", type=int, default=10, help="rows per property (default 10)")
-    p.add_argument("--sort", choices=("score", "ve", "specificity"), default="score")
+    p.add_argument("--top", type=int, default=10, help="rows per property")
+    p.add_argument("--sort", choices=("score", "ve", "specificity"), default="score",
+                   help="rank by the mean correlation (score), variance explained (ve) or specificity")
+    p.add_argument("--against", default=None, metavar="P1,P2",
+                   help="comma-separated properties the specificity is taken against, besides the other --property")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw a bar chart of the ranking")
     p.set_defaults(func=cmd_score)

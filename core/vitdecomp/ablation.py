@@ -180,6 +180,9 @@ def prediction_head(model, adapter=None) -> Callable[[torch.Tensor], torch.Tenso
     when neither exists, and for distilled DeiT, whose logits average two heads on two tokens (not a function of
     the averaged z).
     """
+    from .api import unwrap_loaded
+
+    model = unwrap_loaded(model)
     ad = _adapter(model, adapter)
     m = ad.unwrap(model)
     if isinstance(getattr(m, "head_dist", None), torch.nn.Linear):
@@ -525,7 +528,7 @@ def repair_spurious(test_source, labels, places, heldout_source, head, score_spu
     :param heldout_source: contributions of held-out images (e.g. the Waterbirds validation split) from which the
         ablation means are estimated — never the test images (``means=`` overrides).
     :param head: z → logits (:func:`prediction_head`).
-    :param score_spurious, score_core: ``[C]`` CompAttribute scores (e.g. :func:`vitdecomp.variance_attributed`
+    :param score_spurious, score_core: ``[C]`` CompAttribute scores (e.g. :func:`vitdecomp.mean_correlation`
         for the ``waterbirds_spurious`` and ``waterbirds_core`` properties).
     :param device: where means and ablated predictions are computed (the head runs where its parameters are).
     """

@@ -13,7 +13,7 @@ from .adapter import DecomposeOptions
 from .decomposition import Decomposition, _Shifted, _take, tolerance_for
 from .errors import InputError
 
-__all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter"]
+__all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter", "unwrap_loaded"]
 
 
 @attrs.define(eq=False)
@@ -50,11 +50,15 @@ def _blame(ad, model, registry: Optional[Registry], what: str):
             + f" claimed model class {cls.__module__}.{cls.__qualname__} but failed on its {what}: "
             f"{type(exc).__name__}: {exc}. Report it to the pack's authors; pass adapter=... to use another one"
         ) from exc
+def unwrap_loaded(model):
+    """The module inside a :class:`LoadedModel`; anything else unchanged. Every function that takes a model
+    accepts what :func:`load_model` returns."""
+    return model.model if isinstance(model, LoadedModel) else model
 
 
 def find_adapter(model, adapter=None, *, registry: Optional[Registry] = None):
     """The adapter that will decompose ``model`` (see :meth:`Registry.find_adapter`)."""
-    return (registry or default_registry()).find_adapter(model, adapter)
+    return (registry or default_registry()).find_adapter(unwrap_loaded(model), adapter)
 
 
 def _param_like(module):
@@ -188,7 +192,7 @@ def decompose(
     """Decompose the model's final representation of ``images`` exactly into component contributions.
 
     :param model: a supported model in eval mode (timm ViT/DeiT/DINO/DINOv2, an open_clip CLIP model or its
-        ``.visual``, and whatever plugins add).
+        ``.visual``, and whatever plugins add), or the :class:`LoadedModel` :func:`load_model` returns.
     :param images: preprocessed float tensor ``[B, 3, H, W]`` in the model's dtype and on its device.
     :param heads: split attention branches into heads (``blocks.i.attn.head.h``) or keep ``blocks.i.attn``.
     :param start: decompose blocks ``start..`` only; the residual stream entering that block is the component
@@ -217,7 +221,7 @@ def decompose(
     :returns: a :class:`Decomposition`; Σ_i c_i = ``representation`` up to ``error``.
     """
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
-    model, images = _place(model, images, device)
+    model, images = _place(unwrap_loaded(model), images, device)
     ad = find_adapter(model, adapter, registry=registry)
     outer = model
     with _blame(ad, outer, registry, "unwrap/validate"):
@@ -271,7 +275,7 @@ def representation(model, images: torch.Tensor, *, adapter=None, registry: Optio
     """The family's final representation z ``[B, D]`` as METHOD.md §1 defines it (e.g. timm ViT:
     ``forward_head(forward_features(x), pre_logits=True)``; open_clip: ``encode_image(x)``). ``device`` as in
     :func:`decompose`."""
-    model, images = _place(model, images, device)
+    model, images = _place(unwrap_loaded(model), images, device)
     ad = find_adapter(model, adapter, registry=registry)
     with _blame(ad, model, registry, "representation"):
         inner = ad.unwrap(model)
@@ -287,6 +291,7 @@ def load_model(
     pretrained: bool = True,
     weights=None,
     random_init: bool = False,
+    seed: int = 0,
     device="cpu",
     registry: Optional[Registry] = None,
     **kwargs,
@@ -295,7 +300,10 @@ def load_model(
     ``open_clip:ViT-B-16/laion2b_s34b_b88k`` (and prefixes that plugins register, e.g. ``hf:``).
 
     Pretrained weights by default; ``weights=PATH`` loads a local checkpoint; ``random_init=True`` builds the
-    architecture with random weights (offline work, tests). Extra keyword arguments go to the model constructor.
+    architecture with random weights (offline work, tests), drawn from torch's generator seeded with ``seed``
+    (the global generator's state is restored afterwards), so the same string, keyword arguments and seed give
+    the same random model in every process: chained commands (``extract`` then ``heatmap`` with
+    ``--random-init``) see one model. Extra keyword arguments go to the model constructor.
     Returns a :class:`LoadedModel` (model in eval mode + preprocessing).
     """
     from .errors import UnknownModelError
@@ -307,4 +315,20 @@ def load_model(
         )
     prefix, name = spec.split(":", 1)
     loader = (registry or default_registry()).loader_for(prefix)
-    return loader(name, pretrained=pretrained, weights=weights, random_init=random_init, device=device, **kwargs)
+    if not (random_init or (not pretrained and weights is None)):
+        return loader(name, pretrained=pretrained, weights=weights, random_init=random_init, device=device, **kwargs)
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return loader(name, pretrained=pretrained, weights=weights, random_init=random_init, device=device,
+                          **kwargs)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

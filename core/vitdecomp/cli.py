@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
 
+from ._cli_common import HelpFormatter, deprecated_alias, show_defaults
+
 _EPILOG_CHECK = """examples:
   vitdecomp check timm:deit_tiny_patch16_224 --random-init
   vitdecomp check timm:vit_small_patch14_dinov2 --random-init --dtype float64 --tokens
-  vitdecomp check open_clip:ViT-B-16 --random-init --batch 2
+  vitdecomp check open_clip:ViT-B-16 --random-init --batch-size 2 --repeat 3
   vitdecomp check timm:deit_base_patch16_224 --weights deit_base.safetensors
 """
 
@@ -39,9 +42,10 @@ def _load(args):
     from . import api
 
     kw = {}
-    if getattr(args, "img_size", None):
-        kw["img_size"] = args.img_size
-    return api.load_model(args.model, weights=args.weights, random_init=args.random_init,
+    size = getattr(args, "image_size", None)
+    if size and len(size) == 1:  # one value: build the model for N×N inputs; two: only the check's input H W
+        kw["img_size"] = size[0]
+    return api.load_model(args.model, weights=args.weights, random_init=args.random_init, seed=args.init_seed,
                           device=getattr(args, "device", "cpu"), **kw)
 
 
@@ -131,26 +135,39 @@ def cmd_check(args) -> int:
     dtype = _dtype(args.dtype)
     model = model.to(dtype)
     adapter = api.find_adapter(model)
-    size = tuple(args.image_size) if args.image_size else _image_size(model, adapter)
+    from .errors import InputError
+
+    if args.image_size and len(args.image_size) not in (1, 2):
+        raise InputError(f"--image-size takes N or H W, got {len(args.image_size)} values")
+    size = ((args.image_size * 2)[:2] if args.image_size else _image_size(model, adapter))
+    size = tuple(int(v) for v in size)
+    if args.repeat < 1:
+        raise InputError(f"--repeat must be ≥ 1, got {args.repeat}")
     g = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch, 3, *size, generator=g, dtype=dtype).to(args.device)
+    images = torch.randn(args.batch_size, 3, *size, generator=g, dtype=dtype).to(args.device)
     from .engine import synchronize
 
-    with torch.no_grad():
-        api.representation(model, images)  # warm-up
+    def timed(fn):
         synchronize(args.device)
         t0 = time.perf_counter()
-        api.representation(model, images)
+        out = fn()
         synchronize(args.device)
-        t_fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
-                        start=args.start)
-    synchronize(args.device)
-    t_dec = time.perf_counter() - t0
+        return time.perf_counter() - t0, out
+
+    kw = dict(heads=not args.no_heads, tokens="source" if args.tokens else None, start=args.start)
+    with torch.no_grad():
+        api.representation(model, images)  # warm-up
+        api.decompose(model, images, **kw)
+    t_fwd, t_dec = [], []
+    for _ in range(args.repeat):  # interleaved, so both see the same machine load
+        with torch.no_grad():
+            t_fwd.append(timed(lambda: api.representation(model, images))[0])
+        t, dec = timed(lambda: api.decompose(model, images, **kw))
+        t_dec.append(t)
+    med_fwd, med_dec = statistics.median(t_fwd), statistics.median(t_dec)
     tol = tolerance_for(dtype)
     print(f"model      {loaded.name}  ({type(adapter.unwrap(model)).__name__}, adapter {adapter.name})")
-    print(f"input      {args.batch}×3×{size[0]}×{size[1]} {args.dtype}, random normal (seed {args.seed})")
+    print(f"input      {args.batch_size}×3×{size[0]}×{size[1]} {args.dtype}, random normal (seed {args.seed})")
     print(f"components {len(dec)}  representation dim {dec.contributions.shape[-1]}")
     if args.list:
         for c in dec.components:
@@ -163,7 +180,9 @@ def cmd_check(args) -> int:
         print(f"tokens     {g.num_prefix} prefix + {g.h}×{g.w} patches of {g.patch_size[0]}×{g.patch_size[1]} px")
     status = "OK" if dec.error <= tol else "FAILED"
     print(f"error      {dec.error:.3e}  (tolerance {tol:.0e}: {status})")
-    print(f"time       decompose {t_dec * 1e3:.1f} ms, forward {t_fwd * 1e3:.1f} ms, ratio {t_dec / max(t_fwd, 1e-9):.2f}×")
+    rng = (lambda ts: f" [{min(ts) * 1e3:.1f}–{max(ts) * 1e3:.1f}]" if len(ts) > 1 else "")
+    print(f"time       median of {args.repeat}: decompose {med_dec * 1e3:.1f} ms{rng(t_dec)}, forward "
+          f"{med_fwd * 1e3:.1f} ms{rng(t_fwd)}, ratio {med_dec / max(med_fwd, 1e-9):.2f}×")
     return 0 if dec.error <= tol else 1
 
 
@@ -206,14 +225,18 @@ def _start(value: str):
 def _model_args(p):
     p.add_argument("model", help="model string, e.g. timm:deit_base_patch16_224 or open_clip:ViT-B-16/laion2b_s34b_b88k")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--random-init", action="store_true", help="random weights (offline work)")
+    src.add_argument("--random-init", action="store_true", help="random weights (offline work), seeded by --init-seed")
     src.add_argument("--weights", metavar="PATH", help="local checkpoint (.safetensors/.pth/.bin, or an open_clip file)")
-    p.add_argument("--img-size", type=int, default=None, help="build the model for this input size (timm models)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the --random-init weights (the same in every command, so chained commands agree)")
+    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
+                   help="N: build the model for N×N inputs (timm models); check also takes H W (its input only)")
+    deprecated_alias(p, "--img-size", "--image-size", "image_size", type=int, nargs=1)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="model and input dtype")
     p.add_argument("--tokens", action="store_true", help="also split attention heads by source token")
     p.add_argument("--no-heads", action="store_true", help="whole attention branches instead of heads")
     p.add_argument("--start", type=_start, default=None, help="decompose blocks from this index (or 'stage,block') on")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,20 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("check", help="decompose a random batch and report the reconstruction error and timing",
-                       epilog=_EPILOG_CHECK, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_EPILOG_CHECK, formatter_class=HelpFormatter)
     _model_args(p)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=2, help="images in the random batch")
+    deprecated_alias(p, "--batch", "--batch-size", "batch_size", type=int)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs (decompose and forward interleaved); the median is reported")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input batch")
     p.add_argument("--list", action="store_true", help="print every component")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("decompose", help="decompose image files and write contributions to a safetensors file",
-                       epilog=_EPILOG_DECOMPOSE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_EPILOG_DECOMPOSE, formatter_class=HelpFormatter)
     _model_args(p)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--bias", default="explicit", choices=("explicit", "even"))
+    p.add_argument("--bias", default="explicit", choices=("explicit", "even"),
+                   help="biases as components of their own, or split evenly (the papers')")
     p.set_defaults(func=cmd_decompose)
 
     for modname in ("_cli_interpret", "_cli_apps", "_cli_demo"):
@@ -253,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.add_commands(sub)
+    show_defaults(parser)
     return parser
 
 

@@ -17,10 +17,18 @@ un-partitioned, DINOv2 registers and CLS left out as prefix tokens). Maps on gri
 (Swin stages, MaxViT stem/stages) are resampled to the image: grid cell (r, c) of a ``TokenGrid`` with patch size
 (ph, pw) covers pixels [r·ph, (r+1)·ph) × [c·pw, (c+1)·pw). ``mode="nearest"`` keeps the cells as blocks (exact
 placement), ``"bilinear"`` interpolates between cell centres (smoother pictures).
+
+**Display size and the original photo.** A map is first placed on the model's input (``input_size``, default the
+area the grid covers) and then scaled as a whole to the display ``image_size``, so it lands on the same part of
+the picture at any display size. :func:`preprocess_geometry` reads the model's own preprocessing (torchvision
+``Resize`` / ``CenterCrop`` as timm and open_clip build them) and :func:`map_to_photo` carries a map from the model
+input back through it onto the original photograph: heat lands on the object in the photo, and the parts of the
+photo the crop removed get no value (NaN), because the model never saw them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import attrs
@@ -29,7 +37,8 @@ import torch
 from ._records import TokenGrid
 from .errors import InputError, MismatchError
 
-__all__ = ["Heatmap", "token_heatmap", "resample_to_image", "heatmap_components", "image_size_of"]
+__all__ = ["Heatmap", "token_heatmap", "resample_to_image", "heatmap_components", "image_size_of",
+           "PreprocessGeometry", "preprocess_geometry", "map_to_photo", "scale_to", "pool_to_grid"]
 
 _MODES = ("nearest", "bilinear")
 
@@ -69,6 +78,139 @@ def resample_to_image(maps: torch.Tensor, grid: TokenGrid, image_size: Tuple[int
     return out.reshape(*lead, H, W)
 
 
+def scale_to(maps: torch.Tensor, size: Tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:
+    """Scale maps ``[..., h, w]`` as a whole to ``[..., H, W]`` (the same picture at another display size)."""
+    if mode not in _MODES:
+        raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
+    H, W = (int(v) for v in size)
+    if tuple(maps.shape[-2:]) == (H, W):
+        return maps
+    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
+    x = maps.reshape(-1, 1, h, w)
+    x = x.to(torch.float32) if x.dtype not in (torch.float32, torch.float64) else x
+    x = torch.nn.functional.interpolate(x, size=(H, W), mode=mode,
+                                        **({} if mode == "nearest" else {"align_corners": False}))
+    return x.reshape(*lead, H, W)
+
+
+@attrs.frozen
+class PreprocessGeometry:
+    """Where the model's input lies on the original photo: input pixel coordinate u = scale·x + offset per axis
+    (x in photo pixels, continuous, pixel edges at integers), for a photo of ``photo_size`` = (H, W) and an input
+    of ``input_size``. ``steps`` names the transforms it was read from."""
+
+    photo_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    scale: Tuple[float, float]
+    offset: Tuple[float, float]
+    steps: Tuple[str, ...] = ()
+
+    def box(self) -> Tuple[float, float, float, float]:
+        """(top, left, height, width) of the model's input in photo pixels."""
+        (sy, sx), (oy, ox) = self.scale, self.offset
+        return (-oy / sy, -ox / sx, self.input_size[0] / sy, self.input_size[1] / sx)
+
+
+_IGNORED = {"ToTensor", "PILToTensor", "MaybeToTensor", "MaybePILToTensor", "Normalize", "ConvertImageDtype",
+            "MaybeConvertMode", "ToDtype", "ToImage", "ToPILImage", "_convert_to_rgb", "convert_to_rgb"}
+
+
+def _resized(size, max_size, h: int, w: int) -> Tuple[int, int]:
+    """torchvision's Resize output size for an (h, w) image."""
+    if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
+        s = int(size if isinstance(size, int) else size[0])
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s, int(s * long / short)
+        if max_size is not None and new_long > max_size:
+            new_short, new_long = int(max_size * new_short / new_long), int(max_size)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+    return int(size[0]), int(size[1])
+
+
+def preprocess_geometry(preprocess, photo_size: Tuple[int, int]) -> PreprocessGeometry:
+    """The geometry of ``preprocess`` (a torchvision ``Compose``, e.g. ``LoadedModel.preprocess``) applied to a
+    photo of ``photo_size`` = (H, W): which part of the photo the model's input covers, at what scale.
+
+    Understands ``Resize`` (to a size or shorter side, with ``max_size``), ``CenterCrop`` (padding when the crop
+    is larger, as torchvision does) and ignores non-geometric steps (to-tensor, normalisation, RGB conversion).
+    Any other transform raises :class:`InputError` naming it: the mapping is exact or refused, never guessed.
+    """
+    transforms = getattr(preprocess, "transforms", None)
+    if transforms is None:
+        transforms = [preprocess]
+    h, w = (int(v) for v in photo_size)
+    sy, sx, oy, ox = 1.0, 1.0, 0.0, 0.0
+    steps = []
+    for t in transforms:
+        name = getattr(t, "__name__", None) or type(t).__name__
+        if name in _IGNORED:
+            continue
+        if name == "Resize":
+            nh, nw = _resized(t.size, getattr(t, "max_size", None), h, w)
+            fy, fx = nh / h, nw / w
+            sy, oy, sx, ox = sy * fy, oy * fy, sx * fx, ox * fx
+            h, w = nh, nw
+            steps.append(f"Resize→{nh}×{nw}")
+        elif name == "CenterCrop":
+            sz = t.size if isinstance(t.size, (list, tuple)) else (t.size,)
+            ch, cw = int(sz[0]), int(sz[-1])
+            if ch > h or cw > w:  # torchvision pads (left/top by the floor of half the excess), then crops
+                pt, pl = (ch - h) // 2 if ch > h else 0, (cw - w) // 2 if cw > w else 0
+                pb, pr = (ch - h + 1) // 2 if ch > h else 0, (cw - w + 1) // 2 if cw > w else 0
+                oy, ox, h, w = oy + pt, ox + pl, h + pt + pb, w + pl + pr
+            top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+            oy, ox, h, w = oy - top, ox - left, ch, cw
+            steps.append(f"CenterCrop→{ch}×{cw}")
+        else:
+            raise InputError(
+                f"cannot map heat maps back through the preprocessing step {name} ({t!r}); supported: Resize, "
+                f"CenterCrop and non-geometric steps ({', '.join(sorted(_IGNORED))}). Draw on the model's input "
+                "instead (vitdecomp.plotting.overlay of the preprocessed tensor)."
+            )
+    return PreprocessGeometry(photo_size=(int(photo_size[0]), int(photo_size[1])), input_size=(h, w),
+                              scale=(sy, sx), offset=(oy, ox), steps=tuple(steps))
+
+
+def map_to_photo(maps: torch.Tensor, geometry: PreprocessGeometry, *, mode: str = "bilinear") -> torch.Tensor:
+    """Carry maps ``[..., h, w]`` on the model's input (h, w = ``geometry.input_size``, or any size: they are
+    scaled to it first) back onto the original photo: ``[..., H, W]`` at ``geometry.photo_size``, float64 with NaN
+    where the photo lies outside the model's input (cropped away)."""
+    if mode not in _MODES:
+        raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
+    hi, wi = geometry.input_size
+    m = scale_to(maps.to(torch.float64), (hi, wi), mode=mode)
+    H, W = geometry.photo_size
+    (sy, sx), (oy, ox) = geometry.scale, geometry.offset
+    dt = torch.float64
+    uy = (torch.arange(H, dtype=dt) + 0.5) * sy + oy  # input coordinate of each photo pixel centre
+    ux = (torch.arange(W, dtype=dt) + 0.5) * sx + ox
+    gy, gx = 2 * uy / hi - 1, 2 * ux / wi - 1  # grid_sample's normalised coordinates (align_corners=False)
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)  # [H, W, 2] as (x, y)
+    lead = m.shape[:-2]
+    x = m.reshape(-1, 1, hi, wi)
+    grid = grid.to(x.device).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+    out = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    inside = ((uy >= 0) & (uy < hi))[:, None] & ((ux >= 0) & (ux < wi))[None, :]
+    out = torch.where(inside.to(out.device), out[:, 0], torch.full_like(out[:, 0], math.nan))
+    return out.reshape(*lead, H, W)
+
+
+def pool_to_grid(maps: torch.Tensor, grid: TokenGrid, target: TokenGrid) -> torch.Tensor:
+    """Sum maps ``[..., h, w]`` on ``grid`` into the cells of the coarser ``target`` grid: ``[..., H', W']``.
+
+    Exact (each target cell holds the total of the cells it covers), for grids covering the same area with
+    patch sizes that divide (Swin's and MaxViT's stages: 2×2 merge slots per coarser cell).
+    """
+    (ph, pw), (PH, PW) = grid.patch_size, target.patch_size
+    if PH % ph or PW % pw or grid.h * ph != target.h * PH or grid.w * pw != target.w * PW:
+        raise MismatchError(f"cannot pool a {grid.h}×{grid.w} grid of {ph}×{pw} px into a {target.h}×{target.w} "
+                            f"grid of {PH}×{PW} px (different coverage or patch sizes that do not divide)")
+    fy, fx = PH // ph, PW // pw
+    lead = maps.shape[:-2]
+    x = maps.reshape(*lead, target.h, fy, target.w, fx)
+    return x.sum((-3, -1))
+
+
 def heatmap_components(dec, scores: Optional[torch.Tensor] = None, *, k: Optional[int] = 5,
                        kinds: Optional[Sequence[str]] = ("head",)) -> Tuple[str, ...]:
     """Components eligible for a heat map (those with token detail, of ``kinds`` — all kinds with None),
@@ -105,6 +247,13 @@ class Heatmap:
     grids: Dict[str, TokenGrid]
     query: str = ""
     mode: str = "bilinear"
+    display_grid: Optional[TokenGrid] = None  # with grid="coarsest": the one grid every map was summed into
+
+    def grid_description(self) -> str:
+        """Which grid(s) the picture shows, in words."""
+        gs = [self.display_grid] if self.display_grid is not None else list(dict.fromkeys(self.grids.values()))
+        what = "; ".join(f"{g.h}×{g.w} cells of {g.patch_size[0]}×{g.patch_size[1]} px" for g in gs)
+        return what + (" (every component summed into the model's coarsest grid)" if self.display_grid else "")
 
     def numpy(self):
         """``maps`` as a float numpy array ``[B, H, W]``."""
@@ -135,7 +284,8 @@ def _map_matrix(aligner, name: str, directions: torch.Tensor, D: int) -> torch.T
 def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, basis: Optional[torch.Tensor] = None,
                   components: Optional[Sequence[str]] = None, scores: Optional[torch.Tensor] = None, k: int = 5,
                   kinds: Optional[Sequence[str]] = ("head",), image_size: Optional[Tuple[int, int]] = None,
-                  mode: str = "bilinear", query: str = "") -> Heatmap:
+                  input_size: Optional[Tuple[int, int]] = None, mode: str = "bilinear", query: str = "",
+                  grid: str = "native") -> Heatmap:
     """Heat maps of the contributions of the top components onto a text (or into a property's subspace).
 
     :param dec: a decomposition made with ``tokens="source"``.
@@ -144,9 +294,19 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
     :param basis: instead of ``text``, a property's text embeddings ``[k, d]``: heat(p) = ‖B_P Σ_{i∈S} c_i(p) W_i‖.
     :param components: the set S by name; otherwise the top ``k`` of ``kinds`` by ``scores`` ``[C]`` (e.g.
         variance explained, :func:`vitdecomp.variance_explained`), or every eligible one without scores.
-    :param image_size: (H, W) of the output maps (default: the area the grid covers).
+    :param image_size: (H, W) of the output maps, the display size (default: ``input_size``). The map on the
+        model's input is scaled as a whole to it, so it covers the same part of the picture at any size.
+    :param input_size: (H, W) of the model's input the decomposition was made from (default: the area the grid
+        covers); input pixels no grid cell covers get 0.
     :param mode: ``"bilinear"`` or ``"nearest"`` (see :func:`resample_to_image`).
+    :param grid: ``"native"`` (each component on its own grid) or ``"coarsest"``: every component's map summed
+        (exactly, :func:`pool_to_grid`) into the coarsest grid among them before display. For hierarchical models
+        (Swin, MaxViT) a component of an early stage reaches z through merges whose weights differ by merge slot,
+        so its map alternates within each 2×2 slot; on the coarser grid the picture shows what each cell of the
+        model's own later grid receives, without that checkerboard. ``Heatmap.grid_description()`` says which.
     """
+    if grid not in ("native", "coarsest"):
+        raise InputError(f"grid must be 'native' or 'coarsest', got {grid!r}")
     if (text is None) == (basis is None):
         raise InputError("give exactly one of text= (an embedding [d]) or basis= (a property's embeddings [k, d])")
     if text is not None:
@@ -170,11 +330,15 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
             dec.index(n)
         if not names:
             raise InputError("components is empty")
-    size = tuple(image_size) if image_size is not None else image_size_of(dec)
+    in_size = tuple(input_size) if input_size is not None else image_size_of(dec)
+    size = tuple(image_size) if image_size is not None else in_size
     D = dec.contributions.shape[-1]
     B = dec.contributions.shape[0]
     total = None
     per, grids = {}, {}
+    target = None
+    if grid == "coarsest":
+        target = max((dec.grid_of(n) for n in names), key=lambda g: g.patch_size[0] * g.patch_size[1])
     for name in names:
         sm = dec.spatial_map(name)  # [B, h, w, D]
         g = dec.grid_of(name)
@@ -182,8 +346,10 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
         proj = torch.einsum("bhwD,Dk->bkhw", sm.to(torch.float64), U)  # [B, k, h, w]
         per[name] = proj[:, 0] if text is not None else proj.norm(dim=1)
         grids[name] = g
-        img = resample_to_image(proj, g, size, mode=mode)  # [B, k, H, W]
+        if target is not None and g != target:
+            proj, g = pool_to_grid(proj, g, target), target
+        img = resample_to_image(proj, g, in_size, mode=mode)  # [B, k, H_in, W_in]
         total = img if total is None else total + img
-    maps = total[:, 0] if text is not None else total.norm(dim=1)
+    maps = scale_to(total[:, 0] if text is not None else total.norm(dim=1), size, mode=mode)
     return Heatmap(maps=maps.to(torch.float32).reshape(B, *size), components=names, per_component=per, grids=grids,
-                   query=query, mode=mode)
+                   query=query, mode=mode, display_grid=target)

@@ -2,7 +2,10 @@
 accuracy curves. matplotlib with the non-interactive Agg backend; nothing is shown, everything is written to files.
 
 Overlays are composed pixel for pixel (PIL), so pixel (r, c) of the PNG is pixel (r, c) of the image: a heat map
-lands exactly where it was computed. Contact sheets and curves are matplotlib figures.
+lands exactly where it was computed. :func:`heatmap_figure` is the picture that explains itself: the photo at full
+resolution under the map, a title, a colour bar with the value scale, a diverging colour map centred at zero for
+signed values, and a plain statement when the map is identically zero. Contact sheets, curves and segmentation
+figures are matplotlib figures with wrapped captions that do not overlap, and legends.
 """
 
 from __future__ import annotations
@@ -15,17 +18,30 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["to_rgb", "colorize", "overlay", "contact_sheet", "plot_curves", "plot_group_accuracies"]
+__all__ = ["to_rgb", "colorize", "overlay", "contact_sheet", "plot_curves", "plot_group_accuracies",
+           "heatmap_figure", "segmentation_figure", "wrap_caption"]
 
 
-def _figure(figsize):
+def _figure(figsize, layout=None):
     """A stand-alone Agg figure (no pyplot, so no global state and no GUI backend is touched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout=layout)
     FigureCanvasAgg(fig)
     return fig
+
+
+def wrap_caption(text, width_chars: int, max_lines: int = 3) -> str:
+    """``text`` wrapped to lines of at most ``width_chars`` characters, at most ``max_lines`` (the last ends with
+    … when something was cut), so captions fit their panel and never run into the next one."""
+    import textwrap
+
+    lines = textwrap.wrap(str(text), max(4, int(width_chars)), break_long_words=True, break_on_hyphens=False)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(1, int(width_chars) - 1)].rstrip() + "…"
+    return "\n".join(lines)
 
 
 def _save(fig, out) -> Path:
@@ -87,17 +103,32 @@ def colorize(heat, *, cmap: str = "jet", vmin: Optional[float] = None, vmax: Opt
 
 
 def overlay(image, heat, out=None, *, alpha: float = 0.5, cmap: str = "jet", mean=None, std=None,
-            vmin=None, vmax=None) -> np.ndarray:
+            vmin=None, vmax=None, preprocess=None) -> np.ndarray:
     """Blend a colorised heat map over an image, pixel for pixel; returns RGB uint8 ``[H, W, 3]`` and writes a PNG
-    to ``out`` when given. The image is resized to the heat map's size if they differ."""
+    to ``out`` when given.
+
+    ``preprocess``: the model's preprocessing (``LoadedModel.preprocess``) when ``image`` is the original photo
+    and ``heat`` lives on the model's input: the map is carried back through its resize and centre crop
+    (:func:`vitdecomp.heatmap.map_to_photo`) and drawn on the photo at full resolution; parts the crop removed
+    stay uncoloured. Without it the image is taken to be what the model saw and resized to the heat map's size.
+    """
     from PIL import Image
 
-    h = heat if isinstance(heat, torch.Tensor) else torch.as_tensor(np.asarray(heat, dtype=np.float64))
-    rgb = to_rgb(image, mean=mean, std=std, size=tuple(h.shape[-2:]))
-    col = colorize(h, cmap=cmap, vmin=vmin, vmax=vmax)
+    h = (heat if isinstance(heat, torch.Tensor) else torch.as_tensor(np.asarray(heat, dtype=np.float64))).detach().cpu()
+    if preprocess is not None:
+        from .heatmap import map_to_photo, preprocess_geometry
+
+        rgb = to_rgb(image)
+        h = map_to_photo(h, preprocess_geometry(preprocess, rgb.shape[:2]))
+    else:
+        rgb = to_rgb(image, mean=mean, std=std, size=tuple(h.shape[-2:]))
+    seen = ~torch.isnan(h).numpy()
+    col = colorize(torch.nan_to_num(h, nan=0.0), cmap=cmap, vmin=vmin if vmin is not None else float(np.nanmin(h.numpy())),
+                   vmax=vmax if vmax is not None else float(np.nanmax(h.numpy())))
     if not 0 <= alpha <= 1:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
-    arr = ((1 - alpha) * rgb.astype(np.float64) + alpha * col.astype(np.float64)).round().astype(np.uint8)
+    a = alpha * seen[..., None]
+    arr = ((1 - a) * rgb.astype(np.float64) + a * col.astype(np.float64)).round().astype(np.uint8)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(out)
@@ -124,7 +155,12 @@ def contact_sheet(images: Sequence, out, *, titles: Optional[Sequence[str]] = No
         nc = max(len(g) for g in grid)
         nr = len(grid)
         caps = [list(titles[r]) if titles is not None else [None] * nc for r in range(nr)]
-    fig = _figure((thumb * nc, thumb * nr + (0.4 if title else 0)))
+    cap_chars = thumb * 72 / (7 * 0.6)  # characters of 7-pt text across one thumbnail
+    n_lines = max([wrap_caption(c, cap_chars).count("\n") + 1 for row in caps for c in row if c] or [0])
+    label_w = 0.3 if any(row_labels) else 0
+    title_text = wrap_caption(title, (thumb * nc + label_w) * 72 / (10 * 0.6), 2) if title else None
+    fig = _figure((thumb * nc + label_w, nr * (thumb + 0.14 * n_lines)
+                   + (0.25 * (title_text.count("\n") + 1) if title else 0) + 0.1), layout="constrained")
     axes = fig.subplots(nr, nc, squeeze=False)
     for r in range(nr):
         for c in range(nc):
@@ -135,14 +171,140 @@ def contact_sheet(images: Sequence, out, *, titles: Optional[Sequence[str]] = No
                 ax.imshow(to_rgb(grid[r][c], mean=mean, std=std))
                 cap = caps[r][c] if c < len(caps[r]) else None
                 if cap:
-                    ax.set_title(str(cap), fontsize=7)
+                    ax.set_title(wrap_caption(cap, cap_chars), fontsize=7)
             else:
                 ax.axis("off")
             if c == 0 and row_labels[r]:
-                ax.set_ylabel(row_labels[r], fontsize=9)
+                ax.set_ylabel(wrap_caption(row_labels[r], thumb * 72 / (9 * 0.6), 2), fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title_text, fontsize=10)
+    return _save(fig, out)
+
+
+def _heat_norm(h: np.ndarray, signed: Optional[bool], vmin, vmax):
+    """(cmap name, vmin, vmax, signed) for a map: diverging and symmetric about 0 when it has both signs."""
+    finite = h[np.isfinite(h)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if signed is None:
+        signed = lo < 0 < hi
+    if signed:
+        m = max(abs(lo), abs(hi)) if vmin is None and vmax is None else max(abs(vmin or 0), abs(vmax or 0))
+        return "RdBu_r", -m, m, True
+    return "magma", (lo if vmin is None else vmin), (hi if vmax is None else vmax), False
+
+
+def _alpha(h: np.ndarray, lo: float, hi: float, alpha: float) -> np.ndarray:
+    """Per-pixel opacity: ``alpha`` where the map is strongest, fading to transparent where it is weakest (0 for
+    signed maps, the minimum for unsigned ones), so the image stays visible where nothing is written."""
+    if lo < 0 < hi or (lo == -hi and hi > 0):
+        w = np.abs(h) / max(abs(lo), abs(hi))
+    else:
+        w = (h - lo) / (hi - lo) if hi > lo else np.ones_like(h)
+    return (alpha * np.sqrt(np.clip(np.nan_to_num(w), 0, 1))).astype(np.float64)
+
+
+def heatmap_figure(image, heat, out, *, title: Optional[str] = None, label: str = "heat", signed: Optional[bool] = None,
+                   alpha: float = 0.75, cmap: Optional[str] = None, vmin=None, vmax=None, mean=None, std=None,
+                   note: Optional[str] = None) -> Path:
+    """A heat map over its image, written to ``out`` (PNG), that explains itself.
+
+    The image is drawn at its own full resolution (at least one figure pixel per image pixel) and stays visible
+    under the map (opacity grows from 0 where the map is weakest to ``alpha`` where it is strongest); NaN entries (parts of a photo the model never saw) are left uncoloured. Signed maps (both
+    signs present, or ``signed=True``) use a diverging colour map centred at zero (symmetric limits), others a
+    sequential one; a colour bar shows the value scale with ``label``. A map that is identically zero draws the
+    image alone and says so in the picture. ``heat`` must have the image's size (map it there first, e.g.
+    :func:`vitdecomp.heatmap.map_to_photo`); ``note`` adds a line under the title (e.g. which grid).
+    """
+    h = heat.detach().cpu().to(torch.float64).numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, float)
+    if h.ndim != 2:
+        raise InputError(f"a heat map must be [H, W], got shape {h.shape}")
+    rgb = to_rgb(image, mean=mean, std=std)
+    if rgb.shape[:2] != h.shape:
+        raise InputError(f"the heat map is {h.shape[0]}×{h.shape[1]} but the image {rgb.shape[0]}×{rgb.shape[1]}; "
+                         "map the heat onto the image first (vitdecomp.heatmap.map_to_photo or scale_to)")
+    H, W = h.shape
+    finite = h[np.isfinite(h)]
+    zero = finite.size == 0 or not np.any(finite != 0)
+    dpi = 100
+    scale = max(1.0, 300 / max(W, 1), 200 / max(H, 1))  # at least full resolution; small inputs drawn larger
+    img_w, img_h = W * scale / dpi, H * scale / dpi
+    chars = max(img_w, 3.0) * 72 / (9 * 0.6)
+    text = "\n".join(wrap_caption(t, chars, 3) for t in (title, note) if t)
+    head = 0.19 * (text.count("\n") + 1) + 0.15 if text else 0.1
+    bar = 0 if zero else 1.0
+    fig = _figure((img_w + bar + 0.25, img_h + head + 0.25), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if zero:
+        ax.text(0.5, 0.5, "map is identically zero\n(the chosen components write nothing here)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="black",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "gray"})
+    else:
+        name, lo, hi, _ = _heat_norm(h, signed, vmin, vmax)
+        im = ax.imshow(np.ma.masked_invalid(h), cmap=cmap or name, vmin=lo, vmax=hi,
+                       alpha=_alpha(h, lo, hi, alpha), interpolation="nearest")
+        cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+        cb.set_label(label, fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+        cb.solids.set_alpha(1)
+    if text:
+        ax.set_title(text, fontsize=9)
+    return _save_dpi(fig, out, dpi)
+
+
+def _save_dpi(fig, out, dpi) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def segmentation_figure(image, saliency, mask, out, *, truth=None, title: Optional[str] = None,
+                        mean=None, std=None) -> Path:
+    """Two panels written to ``out``: the saliency over the image (colour bar, diverging at zero) and the
+    predicted mask against the ground truth with a legend (green: predicted only, red: truth only, yellow: both;
+    without ``truth``: the predicted mask in green)."""
+    from matplotlib.patches import Patch
+
+    rgb = to_rgb(image, mean=mean, std=std)
+    sal = saliency.detach().cpu().to(torch.float64).numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency, float)
+    m = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)).astype(bool)
+    if sal.shape != rgb.shape[:2] or m.shape != rgb.shape[:2]:
+        raise InputError(f"saliency {sal.shape} and mask {m.shape} must have the image's size {rgb.shape[:2]}")
+    fig = _figure((7.6, 3.9 + (0.3 if title else 0)), layout="constrained")
+    a1, a2 = fig.subplots(1, 2)
+    a1.imshow(rgb)
+    name, lo, hi, _ = _heat_norm(sal, None, None, None)
+    im = a1.imshow(sal, cmap=name, vmin=lo, vmax=hi, alpha=_alpha(sal, lo, hi, 0.7))
+    cb = fig.colorbar(im, ax=a1, fraction=0.046, pad=0.02)
+    cb.set_label("saliency (class-logit share)", fontsize=8)
+    cb.solids.set_alpha(1)
+    a1.set_title("saliency", fontsize=9)
+    col = np.zeros(rgb.shape, dtype=np.float64)
+    handles = []
+    if truth is not None:
+        t = (truth.detach().cpu().numpy() if isinstance(truth, torch.Tensor) else np.asarray(truth)).astype(bool)
+        col[m & ~t] = (0, 1, 0)
+        col[t & ~m] = (1, 0, 0)
+        col[m & t] = (1, 1, 0)
+        handles = [Patch(color=(0, 1, 0), label="predicted only"), Patch(color=(1, 0, 0), label="ground truth only"),
+                   Patch(color=(1, 1, 0), label="both")]
+        a2.set_title("mask (saliency > mean) vs ground truth", fontsize=9)
+    else:
+        col[m] = (0, 1, 0)
+        handles = [Patch(color=(0, 1, 0), label="predicted (saliency > mean)")]
+        a2.set_title("mask (saliency > mean)", fontsize=9)
+    shade = (m | (t if truth is not None else m))[..., None]
+    a2.imshow((np.where(shade, 0.5 * rgb / 255 + 0.5 * col, rgb / 255)).clip(0, 1))
+    a2.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(handles), fontsize=7,
+              frameon=False)
+    for a in (a1, a2):
+        a.set_xticks([])
+        a.set_yticks([])
+    if title:
+        fig.suptitle(wrap_caption(title, 90, 2), fontsize=10)
     return _save(fig, out)
 
 

@@ -1,7 +1,7 @@
 """Properties: named sets of text descriptions that CompAttribute scores components against.
 
 A property P (``color``, ``texture``, ...) is a list of short descriptions T_P. Their text embeddings span the
-subspace that :func:`vitdecomp.variance_attributed` projects aligned contributions onto (Balasubramanian et al.,
+subspace that :func:`vitdecomp.mean_correlation` projects aligned contributions onto (Balasubramanian et al.,
 NeurIPS 2024, §3.3; METHOD.md §4):
 
     score_i(P) = (1/k) Σ_j corr_x(⟨a_i(x), b_j⟩, ⟨s(x), b_j⟩),   b_1..b_k an orthonormal basis of span(T_P).

@@ -3,17 +3,24 @@
 With aligned contributions a_i(x) = c_i(x) W_i ∈ R^d, their sum s(x) = Σ_i a_i(x), and an orthonormal basis
 b_1..b_k of the span of a property's text embeddings (QR of the embeddings, done here):
 
-- **variance attributed** (the paper's score)::
+- **mean correlation** (:func:`mean_correlation`, the paper's CompAttribute score; the paper's code calls it
+  ``variance_attributed``, a name kept as a deprecated alias: it is a correlation in [−1, 1], not a variance)::
 
       score_i(P) = (1/k) Σ_j corr_x( ⟨a_i(x), b_j⟩ , ⟨s(x), b_j⟩ )          (Pearson correlation over images)
 
-- **variance explained**::
+  how closely component i's projection on each property direction follows the whole representation's, averaged
+  over the k directions; negative when the component moves against the total.
+
+- **variance explained** (:func:`variance_explained`, a share in [0, 1])::
 
       VE_i(P) = tr Cov(B_P a_i) / tr Cov(a_i)      (share of the component's variance inside span(T_P))
 
-- **specificity**::
+- **specificity** (:func:`specificity`, in [−2, 1])::
 
       spec_i(P) = score_i(P) − max(0, max_{P' ≠ P} score_i(P'))
+
+  the score for P minus the best score for any *other* property; it needs other properties to mean anything
+  (with P alone it is the score itself).
 
 A component with no variance along b_j contributes a correlation of 0 for that direction (the correlation is
 undefined there); a component with no variance has VE 0. "No variance" means below the round-off of the input
@@ -38,6 +45,7 @@ from .errors import EmptyDatasetError, InputError, MismatchError, UnknownPropert
 
 __all__ = [
     "orthonormal_basis",
+    "mean_correlation",
     "variance_attributed",
     "variance_explained",
     "score_properties",
@@ -107,14 +115,15 @@ def _corr(cov, var_x, var_y, ss_x, ss_y, rel):
     return torch.where(ok, cov / den, torch.zeros_like(cov))
 
 
-def variance_attributed(aligned: torch.Tensor, basis: torch.Tensor, *, total: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """score_i(P) = (1/k) Σ_j corr_x(⟨a_i, b_j⟩, ⟨s, b_j⟩) for every component i, shape ``[C]`` (float64).
+def mean_correlation(aligned: torch.Tensor, basis: torch.Tensor, *, total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """score_i(P) = (1/k) Σ_j corr_x(⟨a_i, b_j⟩, ⟨s, b_j⟩) for every component i, shape ``[C]`` (float64, in
+    [−1, 1]): the CompAttribute score, a Pearson correlation over images averaged over the property's directions.
 
     ``aligned`` ``[N, C, d]``; ``basis`` ``[k, d]`` text embeddings of the property (orthonormalised here by QR);
     ``total`` ``[N, d]`` is s(x), by default Σ_i a_i over the given components (pass the full sum when ``aligned``
     holds only some components).
     """
-    q, a = _prepare(aligned, basis, "variance_attributed")
+    q, a = _prepare(aligned, basis, "mean_correlation")
     s = a.sum(1) if total is None else total.to(torch.float64)
     p = torch.einsum("ncd,kd->nck", a, q)
     ps = s @ q.T  # [N, k]
@@ -124,6 +133,20 @@ def variance_attributed(aligned: torch.Tensor, basis: torch.Tensor, *, total: Op
     cov = torch.einsum("nck,nk->ck", p, ps)
     rel = _rel_zero(aligned.dtype)
     return _corr(cov, (p * p).sum(0), (ps * ps).sum(0).unsqueeze(0), ss_a, ss_s, rel).mean(1)
+
+
+def variance_attributed(aligned: torch.Tensor, basis: torch.Tensor, *, total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deprecated name of :func:`mean_correlation` (the paper code's name; the value is a correlation, not a
+    variance)."""
+    _deprecated("variance_attributed", "mean_correlation")
+    return mean_correlation(aligned, basis, total=total)
+
+
+def _deprecated(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(f"{old} is deprecated: it computes a mean correlation (in [-1, 1]), not a variance; use {new}",
+                  DeprecationWarning, stacklevel=3)
 
 
 def variance_explained(aligned: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -143,14 +166,15 @@ def _ratio(inside, whole, ss, rel):
 
 def score_properties(aligned: torch.Tensor, bases: Mapping[str, torch.Tensor], *,
                      total: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    """:func:`variance_attributed` for several properties: ``{name: [C]}``."""
-    return {name: variance_attributed(aligned, b, total=total) for name, b in bases.items()}
+    """:func:`mean_correlation` for several properties: ``{name: [C]}``."""
+    return {name: mean_correlation(aligned, b, total=total) for name, b in bases.items()}
 
 
 def specificity(scores_by_property: Mapping[str, torch.Tensor], prop: str) -> torch.Tensor:
     """spec_i(P) = score_i(P) − max(0, max_{P'≠P} score_i(P')), shape ``[C]``.
 
-    With a single property the second term is 0 and the specificity equals the score.
+    With a single property the second term is 0 and the specificity equals the score: give the scores of the
+    properties to compare against as well (the CLI's ``--against``).
     """
     if prop not in scores_by_property:
         raise UnknownPropertyError(
@@ -208,7 +232,7 @@ class StreamingScores:
 
     ``StreamingScores(basis)`` for one ``[k, d]`` basis (stored under the name ``"property"``) or
     ``StreamingScores({property: [k, d], ...})``. Feed batches of aligned contributions with :meth:`update`; read
-    :meth:`variance_attributed`, :meth:`variance_explained` or :meth:`scores` at any time. Results equal the batch
+    :meth:`mean_correlation`, :meth:`variance_explained` or :meth:`scores` at any time. Results equal the batch
     functions on the concatenated data up to float64 round-off. Accumulators built with the same bases (in
     different processes, say) combine with :meth:`merge`, and persist with :meth:`save` / :meth:`load`.
     """
@@ -387,7 +411,12 @@ class StreamingScores:
         return prop
 
     def variance_attributed(self, prop: Optional[str] = None) -> torch.Tensor:
-        """Same as :func:`variance_attributed` over every image seen, shape ``[C]``."""
+        """Deprecated name of :meth:`mean_correlation`."""
+        _deprecated("StreamingScores.variance_attributed", "StreamingScores.mean_correlation")
+        return self.mean_correlation(prop)
+
+    def mean_correlation(self, prop: Optional[str] = None) -> torch.Tensor:
+        """Same as :func:`mean_correlation` over every image seen, shape ``[C]``."""
         self._need()
         sl = self._slices[self._name(prop)]
         st = self._host_stats()
@@ -406,8 +435,8 @@ class StreamingScores:
         return {k: v.cpu() for k, v in self._stats.items()}
 
     def scores(self) -> Dict[str, torch.Tensor]:
-        """``{property: variance attributed [C]}`` for every accumulated property."""
-        return {name: self.variance_attributed(name) for name in self.bases}
+        """``{property: mean correlation [C]}`` (the CompAttribute score) for every accumulated property."""
+        return {name: self.mean_correlation(name) for name in self.bases}
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

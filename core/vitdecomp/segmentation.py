@@ -140,8 +140,9 @@ def segment(model, images: torch.Tensor, classes=None, *, adapter=None, mode: st
     device the decomposition ran on; ``device`` as in :func:`vitdecomp.decompose`).
     """
     from .ablation import predict, prediction_head
-    from .api import decompose
+    from .api import decompose, unwrap_loaded
 
+    model = unwrap_loaded(model)
     dec = decompose(model, images, tokens="source", adapter=adapter, device=device)
     head = prediction_head(model, adapter) if head is None else head
     logits = predict(head, dec.representation)
@@ -281,8 +282,9 @@ def _norm_stats(model, preprocess=None):
 
 def input_size(model, adapter=None) -> Tuple[int, int]:
     """The (H, W) a model takes (timm ``patch_embed.img_size`` / ``img_size``, open_clip ``image_size``)."""
-    from .api import find_adapter
+    from .api import find_adapter, unwrap_loaded
 
+    model = unwrap_loaded(model)
     m = find_adapter(model, adapter).unwrap(model)
     for get in (lambda: m.patch_embed.img_size, lambda: m.img_size, lambda: m.image_size,
                 lambda: m.pretrained_cfg["input_size"][1:]):
@@ -341,9 +343,12 @@ def evaluate_segmentation(model, root, *, adapter=None, preprocess=None, image_s
     from tqdm.auto import tqdm
 
     from .ablation import predict, prediction_head
-    from .api import decompose
+    from .api import LoadedModel, decompose
     from .engine import to_device
 
+    if isinstance(model, LoadedModel):  # its own preprocessing's mean/std unless preprocess= says otherwise
+        preprocess = preprocess if preprocess is not None else model.preprocess
+        model = model.model
     images, masks, labels = read_segmentation_folder(root)
     if limit is not None:
         images, masks = images[:limit], masks[:limit]

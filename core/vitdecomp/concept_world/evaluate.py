@@ -17,7 +17,7 @@ m_i(v) = E[c_i | F = v] − E[c_i]:
 into the small CLIP's image space (:func:`vitdecomp.fit_aligner`, fitted on separate images), a property's texts are
 the factor's phrases (``"a red shape"``, ``"a green shape"``, ...; :func:`vitdecomp.datasets.factor_phrase`) encoded
 by the small CLIP's text tower (:class:`vitdecomp.TextEncoder`, raw texts: the concept world's vocabulary has no
-ImageNet templates), and CompAttribute scores the components (:func:`vitdecomp.variance_attributed`; also
+ImageNet templates), and CompAttribute scores the components (:func:`vitdecomp.mean_correlation`; also
 :func:`vitdecomp.variance_explained` against ``r2``).
 
 **Metrics** per model and property:
@@ -203,7 +203,7 @@ def prepare_run(name: str, *, clip=None, encoder=None, n_fit: int = 2000, n_eval
     """Decompose, align, score and measure the ground truth for model ``name`` (a factor classifier or ``clip``,
     whose aligner is the identity)."""
     from ..compalign import Aligner, fit_aligner
-    from ..scores import variance_attributed, variance_explained
+    from ..scores import mean_correlation, variance_explained
 
     timings = {}
     clip = clip if clip is not None else M.load("clip")
@@ -234,7 +234,7 @@ def prepare_run(name: str, *, clip=None, encoder=None, n_fit: int = 2000, n_eval
     with torch.no_grad():
         aligned = aligner(C_eval)
     bases = {f: encoder.encode(property_texts(f), templates=None, progress=False) for f in properties}
-    scores = {f: variance_attributed(aligned, b) for f, b in bases.items()}
+    scores = {f: mean_correlation(aligned, b) for f, b in bases.items()}
     ve = {f: variance_explained(aligned, b) for f, b in bases.items()}
     truth = {f: ground_truth(C_eval, table[:, D.FACTOR_NAMES.index(f)]) for f in properties}
     timings["score"] = time.perf_counter() - t0
@@ -311,7 +311,7 @@ def evaluate_spurious(arch: str, *, clip=None, encoder=None, n_val: int = 2000, 
     ground-truth ranking, worst-group accuracy before / after mean ablation of the top k."""
     from ..ablation import prediction_head, repair_spurious
     from ..compalign import fit_aligner
-    from ..scores import variance_attributed
+    from ..scores import mean_correlation
 
     name = f"{arch}_spurious"
     clip = clip if clip is not None else M.load("clip")
@@ -326,8 +326,8 @@ def evaluate_spurious(arch: str, *, clip=None, encoder=None, n_val: int = 2000, 
                           clip_model="concept_world:clip", max_epochs=max_epochs, progress=progress)
     with torch.no_grad():
         av = aligner(Cv)
-    s_sp = variance_attributed(av, encoder.encode(property_texts("background"), templates=None, progress=False))
-    s_core = variance_attributed(av, encoder.encode(property_texts(D.SPURIOUS_FACTOR), templates=None, progress=False))
+    s_sp = mean_correlation(av, encoder.encode(property_texts("background"), templates=None, progress=False))
+    s_core = mean_correlation(av, encoder.encode(property_texts(D.SPURIOUS_FACTOR), templates=None, progress=False))
     gt_sp = ground_truth(Cv, val.labels("background"))["attribution"]
     gt_core = ground_truth(Cv, val.labels("label"))["attribution"]
     head = prediction_head(model)
