@@ -406,13 +406,14 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
     t0 = time.perf_counter()
     draw = _image_source(source, images, mean, std)
     heat: Dict[int, List[tuple]] = {}  # component → [(image, file, value range)]
+    heat_notes: Dict[int, str] = {}
     heat_note = "no model was given: heat maps need the model (vitdecomp atlas --model ...)"
     if model is not None and heatmap_components > 0 and heatmap_images > 0:
         heat_note = f"heat maps are drawn for the {heatmap_components} components with the largest variance only"
         if draw is None:
             heat_note = "no images are known for this source: heat maps need images to draw on"
         else:
-            heat = _heatmaps(model, inputs, aligner, all_names, layout, share, extremes, dirs, draw, out,
+            heat, heat_notes = _heatmaps(model, inputs, aligner, all_names, layout, share, extremes, dirs, draw, out,
                              heatmap_components, heatmap_images, mean, std, device, token_heatmap, overlay, say)
     seconds["heatmaps"] = time.perf_counter() - t0
 
@@ -461,6 +462,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
             "directions": [None if r is None else {"text": dir_text[i][j], "most": r[0], "least": r[1]}
                            for j, r in enumerate(extremes[i])],
             "heatmaps": [{"image": x, "file": f, "min": lo, "max": hi} for x, f, lo, hi in heat.get(i, [])],
+            "heatmap_note": None if heat.get(i) else heat_notes.get(i, heat_note),
         })
     for p, v in props.items():
         info["properties"][p] = {"descriptions": v["descriptions"], "page": _ppage(p), **retrieval[p]}
@@ -527,18 +529,33 @@ def _heatmaps(model, inputs, aligner, names, layout, share, extremes, dirs, draw
 
     order = [i for i in torch.argsort(share, descending=True, stable=True).tolist()
              if layout[i]["kind"] not in ("const", "embed", "residual") and extremes[i] and extremes[i][0] is not None]
+    if not order:
+        return {}, {}
+    get = inputs if callable(inputs) else (lambda ix: inputs[ix])
+    res: Dict[int, List[tuple]] = {}
+    notes: Dict[int, str] = {}
+    # which components have a map on the image grid at all: one probe decomposition of one image
+    probe = decompose(model, get([extremes[order[0]][0][0][0][0]]), tokens="source", device=device)
+    if tuple(probe.names) != tuple(names):
+        from .compalign import _first_difference
+
+        raise MismatchError(f"atlas: the model's components differ from the source's "
+                            f"({_first_difference(probe.names, names)}); pass the model the cache was made with")
     want: Dict[int, List[int]] = {}
     for i in order:
-        if len(want) >= n_comp:
-            break
-        want[i] = [x for x, _ in extremes[i][0][0][:n_img]]
+        if names[i] not in probe.token_details:
+            notes[i] = "the decomposition has no token detail for it"
+        elif not bool(probe.spatial_map(names[i]).abs().amax() > 0):
+            notes[i] = ("its token map is zero on the image grid (it writes only to prefix tokens such as CLS, "
+                        "not to image positions)")
+        elif len(want) < n_comp:
+            want[i] = [x for x, _ in extremes[i][0][0][:n_img]]
+    del probe
     if not want:
-        return {}
+        return res, notes
     imgs = sorted({x for v in want.values() for x in v})
     say(f"atlas: token heat maps for {len(want)} components on {len(imgs)} images")
-    get = inputs if callable(inputs) else (lambda ix: inputs[ix])
     (out / "hm").mkdir(exist_ok=True)
-    res: Dict[int, List[tuple]] = {}
     step = 8
     for s in range(0, len(imgs), step):
         part = imgs[s:s + step]
@@ -551,9 +568,16 @@ def _heatmaps(model, inputs, aligner, names, layout, share, extremes, dirs, draw
                                 f"({_first_difference(dec.names, names)}); pass the model the cache was made with")
         for i, xs in want.items():
             sel = [part.index(v) for v in xs if v in part]
-            if not sel or names[i] not in dec.token_details:
+            if not sel:
+                continue
+            if names[i] not in dec.token_details:
+                notes[i] = "the decomposition has no token detail for it"
                 continue
             hm = token_heatmap(dec, aligner, text=dirs[i, 0], components=[names[i]], query=names[i])
+            if not bool(hm.maps[sel].abs().amax() > 0):
+                notes[i] = ("its token map is zero on the patch grid (it writes only to prefix tokens such as CLS, "
+                            "not to image positions)")
+                continue
             for b in sel:
                 v = part[b]
                 rel = f"hm/{i:04d}_{v}.png"
@@ -562,7 +586,8 @@ def _heatmaps(model, inputs, aligner, names, layout, share, extremes, dirs, draw
                 res.setdefault(i, []).append((v, rel, float(heat.min()), float(heat.max())))
     for i in res:
         res[i].sort(key=lambda t: want[i].index(t[0]))
-    return res
+        notes.pop(i, None)
+    return res, notes
 
 
 # ---------------------------------------------------------------------------------------------------- pages
@@ -752,8 +777,7 @@ def _component_page(ctx: _Ctx, i: int) -> str:
                                size=2 * ctx.size))
         body.append("</div>")
     else:
-        body.append(f"<p class='note'>No heat map for this component: {_e(ctx.heat_note)} "
-                    "(and only for components with token detail).</p>")
+        body.append(f"<p class='note'>No heat map for this component: {_e(c['heatmap_note'])}.</p>")
     return _page(c["name"], "\n".join(body), depth=1)
 
 
