@@ -26,6 +26,7 @@ written once per image and lazy-loaded, and the index table is paginated in the 
 from __future__ import annotations
 
 import html
+import html.parser
 import json
 import math
 import re
@@ -39,7 +40,7 @@ import torch
 
 from .errors import InputError, MismatchError
 
-__all__ = ["atlas", "AtlasResult", "component_layout", "FORMAT"]
+__all__ = ["atlas", "AtlasResult", "component_layout", "check_site", "FORMAT"]
 
 FORMAT = "vitdecomp.atlas/1"
 _ASSETS = Path(__file__).parent / "data" / "atlas"
@@ -332,8 +333,9 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
     from tqdm.auto import tqdm
 
     pool_index = {t: j for j, t in enumerate(pool)}
+    floor = 1e-10 * float(var.max().clamp_min(0))  # constants (biases): any variance left is round-off
     for i in tqdm(range(C), desc="TextSpan", unit="component", disable=not progress):
-        if float(var[i]) <= 0:
+        if float(var[i]) <= floor:
             spans.append([])
             continue
         spans.append(textspan(buf[:, i].contiguous(), T, pool, iters=iters, rank=rank, device=device))
@@ -806,3 +808,69 @@ def _property_page(ctx: _Ctx, p: str) -> str:
                     f"<td>{_fmt(d['specificity'][p])}</td><td>{_e(first)}</td></tr>")
     body.append("</table>")
     return _page(f"{p} — {info['title']}", "\n".join(body), depth=1)
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+
+
+class _Refs(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.ids, self.dup, self.refs, self.imgs = set(), [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            if a["id"] in self.ids:
+                self.dup.append(a["id"])
+            self.ids.add(a["id"])
+        for key in ("href", "src"):
+            if a.get(key) is not None:
+                self.refs.append((tag, a[key]))
+        if tag == "img":
+            self.imgs.append(a.get("src"))
+
+
+def check_site(folder) -> Dict[str, List[str]]:
+    """Check every HTML page under ``folder`` without a browser: ``{"broken_links": [...], "missing_images":
+    [...], "duplicate_ids": [...], "external": [...]}`` (all empty for a sound site). Relative links must name
+    existing files (and, with ``#id``, an element of that page), images must be readable image files, ids unique
+    per page, and nothing may point to the network."""
+    import urllib.parse
+
+    from PIL import Image
+
+    folder = Path(folder)
+    problems: Dict[str, List[str]] = {"broken_links": [], "missing_images": [], "duplicate_ids": [], "external": []}
+    parsed = {}
+
+    def parse(p: Path) -> _Refs:
+        if p not in parsed:
+            r = _Refs()
+            r.feed(p.read_text(encoding="utf-8"))
+            parsed[p] = r
+        return parsed[p]
+
+    for page in sorted(folder.rglob("*.html")):
+        r = parse(page)
+        problems["duplicate_ids"] += [f"{page.relative_to(folder)}: #{d}" for d in r.dup]
+        for tag, ref in r.refs:
+            u = urllib.parse.urlparse(ref)
+            where = f"{page.relative_to(folder)}: {ref}"
+            if u.scheme or ref.startswith("//"):
+                if u.scheme not in ("data", "javascript", "mailto"):
+                    problems["external"].append(where)
+                continue
+            target = (page.parent / urllib.parse.unquote(u.path)).resolve() if u.path else page.resolve()
+            if not target.is_file():
+                (problems["missing_images"] if tag == "img" else problems["broken_links"]).append(where)
+                continue
+            if u.fragment and target.suffix == ".html" and u.fragment not in parse(target).ids:
+                problems["broken_links"].append(where)
+            if tag == "img":
+                try:
+                    with Image.open(target) as im:
+                        im.verify()
+                except Exception:  # noqa: BLE001 - any decoding failure is a missing image
+                    problems["missing_images"].append(where)
+    return problems
