@@ -644,30 +644,22 @@ def _index_page(ctx: _Ctx) -> str:
             if c is None:
                 tds.append("<td></td>")
                 continue
-            data = _e(json.dumps({"variance": round(c["variance_share"], 6),
-                                  **{p: round(v, 6) for p, v in c["scores"].items()}}))
             tip = _e(f"{c['name']}: " + ", ".join(f"{p} {v:.2f}" for p, v in c["scores"].items()))
-            tds.append(f'<td><a class="cell" href="{c["page"]}" title="{tip}" data-s="{data}">&#8203;</a></td>')
+            tds.append(f'<td><a class="cell" href="{c["page"]}" title="{tip}" data-i="{c["index"]}">&#8203;</a></td>')
         grid.append(f"<tr><th>{_e(r)}</th>{''.join(tds)}</tr>")
     grid.append("</tbody></table>")
     others = [c for c in comps if c["row"] is None or c["kind"] == "const"]
-    head = ("<tr><th data-k='s'>#</th><th data-k='s'>component</th><th data-k='s'>kind</th><th data-k='n'>stage</th>"
-            "<th data-k='n'>block</th><th data-k='n'>head</th><th data-k='n'>variance</th>"
-            + "".join(f"<th data-k='n'>{_e(p)}</th>" for p in props) + "<th data-k='s'>first TextSpan text</th></tr>")
-    trs = []
-    for c in comps:
-        first = c["textspan"][0]["text"] if c["textspan"] else ""
-        num = lambda v: "" if v is None else str(v)  # noqa: E731
-        tds = [f"<td data-v='{c['index']}'>{c['index']}</td>",
-               f"<td data-v='{_e(c['name'])}'><a href='{c['page']}'>{_e(c['name'])}</a></td>",
-               f"<td data-v='{c['kind']}'>{c['kind']}</td>",
-               f"<td data-v='{num(c['stage'])}'>{num(c['stage'])}</td>",
-               f"<td data-v='{num(c['block'])}'>{num(c['block'])}</td>",
-               f"<td data-v='{num(c['head'])}'>{num(c['head'])}</td>",
-               f"<td data-v='{c['variance_share']:.6g}'>{100 * c['variance_share']:.2f}%</td>"]
-        tds += [f"<td data-v='{c['scores'][p]:.6g}' class='sc'>{c['scores'][p]:.3f}</td>" for p in props]
-        tds.append(f"<td data-v='{_e(first)}'>{_e(first)}</td>")
-        trs.append(f"<tr data-kind='{c['kind']}'>{''.join(tds)}</tr>")
+    head = ("<tr><th data-k='s' data-c='i'>#</th><th data-k='s' data-c='n'>component</th>"
+            "<th data-k='s' data-c='k'>kind</th><th data-k='n' data-c='st'>stage</th><th data-k='n' data-c='b'>block</th>"
+            "<th data-k='n' data-c='h'>head</th><th data-k='n' data-c='v'>variance</th>"
+            + "".join(f"<th data-k='n' data-c='s{j}'>{_e(p)}</th>" for j, p in enumerate(props))
+            + "<th data-k='s' data-c='t'>first TextSpan text</th></tr>")
+    # the table's rows as data: the browser renders one page of them at a time (sorting, filtering, paging)
+    rows_data = [{"i": c["index"], "n": c["name"], "k": c["kind"], "st": c["stage"], "b": c["block"], "h": c["head"],
+                  "v": round(c["variance_share"], 8), "p": c["page"],
+                  "t": c["textspan"][0]["text"] if c["textspan"] else "",
+                  **{f"s{j}": round(c["scores"][p], 6) for j, p in enumerate(props)}} for c in comps]
+    data = json.dumps({"props": props, "rows": rows_data}, separators=(",", ":")).replace("</", "<\\/")
     kinds = sorted({c["kind"] for c in comps})
     opts_p = "".join(f"<option value='{_e(p)}'>{_e(p)}</option>" for p in props)
     plinks = " · ".join(f"<a href='{info['properties'][p]['page']}'>{_e(p)}</a>" for p in props)
@@ -693,7 +685,10 @@ def _index_page(ctx: _Ctx) -> str:
         "<select id='kind'><option value=''>all kinds</option>"
         + "".join(f"<option>{_e(k)}</option>" for k in kinds) + "</select> "
         "<span id='pager'></span></div>",
-        f"<table class='list' id='list'><thead>{head}</thead><tbody>{''.join(trs)}</tbody></table>",
+        f"<table class='list' id='list'><thead>{head}</thead><tbody></tbody></table>",
+        "<noscript><p>JavaScript is off: the table needs it; the grid and the list above link every component.</p>"
+        "</noscript>",
+        f"<script type='application/json' id='atlas-data'>{data}</script>",
         "<p class='note'>Click a column header to sort. Scores: variance attributed (mean Pearson correlation of the "
         "component's projections with the representation's on the property's text directions). Variance: the "
         "component's share of Σ_i tr Cov(a_i) in CLIP space.</p></section>",
