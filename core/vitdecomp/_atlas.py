@@ -303,18 +303,22 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
     where[sub] = torch.arange(n_ts)
     acc = StreamingScores({p: v["basis"] for p, v in props.items()})
     buf = None
-    s1 = s2 = None
+    n_seen, mu, m2 = 0, None, None  # per-component mean [C, d] and Σ‖a − mean‖² [C], merged batch by batch
     say(f"atlas: pass 1 over {N} images × {C} components (scores, variance, TextSpan subsample of {n_ts})")
     for idx, a in aligner.iter_aligned(source, batch_size=batch_size):
         acc.update(a)
-        a64 = a.to(torch.float64)
-        if s1 is None:
-            s1 = a64.sum(0)
-            s2 = a64.pow(2).sum((0, 2))
+        nb = a.shape[0]
+        mb = a.mean(0)
+        m2b = (a - mb).pow(2).sum((0, 2)).to(torch.float64)
+        mb = mb.to(torch.float64)
+        if mu is None:
+            mu, m2 = mb, m2b
             buf = torch.empty(n_ts, C, a.shape[2], dtype=torch.float32)
-        else:
-            s1 += a64.sum(0)
-            s2 += a64.pow(2).sum((0, 2))
+        else:  # Chan et al.'s pairwise update: no cancellation for components with a large mean
+            delta = mb - mu
+            m2 = m2 + m2b + delta.pow(2).sum(1) * (n_seen * nb / (n_seen + nb))
+            mu = mu + delta * (nb / (n_seen + nb))
+        n_seen += nb
         w = where[idx.cpu()]
         keep = w >= 0
         if bool(keep.any()):
@@ -322,7 +326,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
     scores = {p: v.cpu().to(torch.float64) for p, v in acc.scores().items()}
     ve = {p: acc.variance_explained(p).cpu().to(torch.float64) for p in props}
     spec = {p: specificity(scores, p).cpu().to(torch.float64) for p in props}
-    var = (s2.cpu() - s1.cpu().pow(2).sum(1) / N) / (N - 1)  # tr Cov(a_i), unbiased
+    var = m2.cpu() / (N - 1)  # tr Cov(a_i), unbiased
     share = var / var.sum().clamp_min(1e-300)
     seconds["pass1"] = time.perf_counter() - t0
 
