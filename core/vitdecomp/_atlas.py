@@ -472,8 +472,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
         })
     for p, v in props.items():
         info["properties"][p] = {"descriptions": v["descriptions"], "page": _ppage(p), **retrieval[p]}
-    ctx = _Ctx(info, thumbs, ids, heat_note, thumb_size, k)
-    written = [out / "index.html", out / "atlas.json"]
+    ctx = _Ctx(info, thumbs, ids, thumb_size)
     (out / "c").mkdir(exist_ok=True)
     (out / "p").mkdir(exist_ok=True)
     for i in range(C):
@@ -492,7 +491,6 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
              + ["index.html", "atlas.json"])
     info["files"] = files
     (out / "atlas.json").write_text(json.dumps(info, indent=1, default=float), encoding="utf-8")
-    del written
     say(f"atlas: wrote {out / 'index.html'} ({C} components, {len(props)} properties, {len(thumbs)} thumbnails, "
         f"{sum(len(h) for h in heat.values())} heat maps) in {seconds['total']:.1f} s")
     return AtlasResult(path=out / "index.html", out=out, components=C, properties=tuple(props), images=N,
@@ -604,9 +602,7 @@ class _Ctx:
     info: dict
     thumbs: dict
     ids: Callable
-    heat_note: str
     size: int
-    k: int
 
     def img(self, x, value=None, depth=1):
         cap = self.ids(x) if value is None else f"{self.ids(x)} · {value:.3g}"
