@@ -338,11 +338,20 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
 
     pool_index = {t: j for j, t in enumerate(pool)}
     floor = 1e-10 * float(var.max().clamp_min(0))  # constants (biases): any variance left is round-off
-    for i in tqdm(range(C), desc="TextSpan", unit="component", disable=not progress):
-        if float(var[i]) <= floor:
-            spans.append([])
-            continue
-        spans.append(textspan(buf[:, i].contiguous(), T, pool, iters=iters, rank=rank, device=device))
+    # One component's TextSpan is a chain of small dependent products; below ~1e8 multiply-adds per round, intra-op
+    # threads cost more than they gain (measured 13x slower with 2 threads on a busy 2-core machine): run on one.
+    small = (device is None or torch.device(device).type == "cpu") and n_ts * len(pool) * T.shape[1] <= 1e8
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        for i in tqdm(range(C), desc="TextSpan", unit="component", disable=not progress):
+            if float(var[i]) <= floor:
+                spans.append([])
+                continue
+            spans.append(textspan(buf[:, i].contiguous(), T, pool, iters=iters, rank=rank, device=device))
+    finally:
+        torch.set_num_threads(threads)
     del buf
     seconds["textspan"] = time.perf_counter() - t0
 

@@ -79,7 +79,7 @@ def write_atlas(run, out, *, dataset, images, encoder, pool, **kwargs):
     from .concept_world import evaluate as E
     from .concept_world import models as M
 
-    settings = dict(templates=None, heatmap_components=16, progress=False, log=lambda m: None,
+    settings = dict(templates=None, heatmap_components=12, textspan_images=500, progress=False, log=lambda m: None,
                     title=f"concept-world {run.name}: component atlas")
     settings.update(kwargs)
     return atlas(run.contributions, run.aligner, out, encoder=encoder,
