@@ -35,7 +35,8 @@ def built(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("atlas") / "atlas"
     res = write_atlas(world["run"], out, dataset=world["ds"], images=world["X"], encoder=world["enc"],
-                      pool=world["pool"], iters=3, textspan_images=50, heatmap_components=4, heatmap_images=2)
+                      pool=world["pool"], iters=3, textspan_images=50, heatmap_components=4, heatmap_images=2,
+                      page_size=10)
     return res, json.loads((out / "atlas.json").read_text())
 
 
@@ -302,8 +303,13 @@ def test_atlas_in_headless_chromium(built, tmp_path):
         assert index.load_ms is not None and index.load_ms < 5000
         b.screenshot(shots / "index.png")
         # the table: sorted by clicking a score column, filtered by typing
-        rows = b.evaluate("document.querySelectorAll('#list tbody tr').length")
-        assert rows == len(info["components"])
+        C = len(info["components"])
+        rows = lambda: b.evaluate("Array.from(document.querySelectorAll('#list tbody tr'))"  # noqa: E731
+                                  ".map(r => r.cells[1].textContent)")
+        assert rows() == [c["name"] for c in info["components"][:10]]  # pages of 10 rows (page_size=10)
+        b.evaluate("document.getElementById('page-next').click()")
+        assert rows() == [c["name"] for c in info["components"][10:20]]
+        assert f"{C} of {C} components · page 2 / {-(-C // 10)}" in b.evaluate("document.getElementById('pager').textContent")
         prop = next(iter(info["properties"]))
         col = 7 + list(info["properties"]).index(prop)
         b.evaluate(f"document.querySelectorAll('#list thead th')[{col}].click()")
@@ -311,9 +317,7 @@ def test_atlas_in_headless_chromium(built, tmp_path):
         assert top == max(info["components"], key=lambda c: c["scores"][prop])["name"]
         b.evaluate("(() => { const f = document.getElementById('filter'); f.value = 'mlp';"
                    " f.dispatchEvent(new Event('input')); })()")
-        shown = b.evaluate("Array.from(document.querySelectorAll('#list tbody tr'))"
-                           ".filter(r => r.style.display !== 'none').length")
-        assert shown == sum(1 for c in info["components"] if "mlp" in c["name"])
+        assert rows() == [c["name"] for c in info["components"] if "mlp" in c["name"]]
         colours = b.evaluate("Array.from(document.querySelectorAll('#grid a.cell')).map(a => a.style.background)")
         assert colours and all(colours) and len(set(colours)) > 3
         b.evaluate(f"(() => {{ const s = document.getElementById('gridprop'); s.value = '{prop}';"

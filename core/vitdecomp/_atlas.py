@@ -228,7 +228,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
           images: Union[None, torch.Tensor, Sequence, Callable] = None, mean=None, std=None, image_ids=None,
           model=None, inputs: Union[None, torch.Tensor, Callable] = None, iters: int = 5, rank: int = 80,
           textspan_images: int = 1000, top_images: int = 6, directions: int = 2, heatmap_components: int = 32,
-          heatmap_images: int = 3, retrieval_texts: int = 4, k: int = 10, thumb_size: int = 96,
+          heatmap_images: int = 3, retrieval_texts: int = 4, k: int = 10, thumb_size: int = 96, page_size: int = 100,
           batch_size: int = 256, title: Optional[str] = None, device=None, progress: bool = True,
           log: Optional[Callable[[str], None]] = None) -> AtlasResult:
     """Write a browsable atlas of every component to the folder ``out``; returns an :class:`AtlasResult`.
@@ -252,6 +252,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
     :param heatmap_components: heat maps for this many components (largest variance first, those with token
         detail), each on its ``heatmap_images`` top images.
     :param retrieval_texts: texts per property retrieved by on its page; ``k`` components kept for retrieval.
+    :param page_size: rows of the index table shown at a time.
     """
     from .heatmap import token_heatmap
     from .plotting import overlay, to_rgb
@@ -266,7 +267,8 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
         raise InputError("atlas: give encoder= (a vitdecomp.TextEncoder of the aligner's CLIP model) to embed the "
                          "property descriptions and the TextSpan pool")
     for nm, v in (("iters", iters), ("rank", rank), ("textspan_images", textspan_images), ("top_images", top_images),
-                  ("directions", directions), ("k", k), ("batch_size", batch_size), ("thumb_size", thumb_size)):
+                  ("directions", directions), ("k", k), ("batch_size", batch_size), ("thumb_size", thumb_size),
+                  ("page_size", page_size)):
         if int(v) < 1:
             raise InputError(f"atlas: {nm} must be ≥ 1, got {v}")
     if heatmap_components < 0 or heatmap_images < 0 or retrieval_texts < 0:
@@ -481,7 +483,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
         })
     for p, v in props.items():
         info["properties"][p] = {"descriptions": v["descriptions"], "page": _ppage(p), **retrieval[p]}
-    ctx = _Ctx(info, thumbs, ids, thumb_size)
+    ctx = _Ctx(info, thumbs, ids, thumb_size, int(page_size))
     (out / "c").mkdir(exist_ok=True)
     (out / "p").mkdir(exist_ok=True)
     for i in range(C):
@@ -612,6 +614,7 @@ class _Ctx:
     thumbs: dict
     ids: Callable
     size: int
+    page_size: int = 100
 
     def img(self, x, value=None, depth=1):
         cap = self.ids(x) if value is None else f"{self.ids(x)} · {value:.3g}"
@@ -694,7 +697,7 @@ def _index_page(ctx: _Ctx) -> str:
         "<select id='kind'><option value=''>all kinds</option>"
         + "".join(f"<option>{_e(k)}</option>" for k in kinds) + "</select> "
         "<span id='pager'></span></div>",
-        f"<table class='list' id='list'><thead>{head}</thead><tbody></tbody></table>",
+        f"<table class='list' id='list' data-page-size='{ctx.page_size}'><thead>{head}</thead><tbody></tbody></table>",
         "<noscript><p>JavaScript is off: the table needs it; the grid and the list above link every component.</p>"
         "</noscript>",
         f"<script type='application/json' id='atlas-data'>{data}</script>",
@@ -737,10 +740,12 @@ def _component_page(ctx: _Ctx, i: int) -> str:
     body = [_nav(1), f"<h1>{_e(c['name'])}</h1>",
             f"<p class='meta'>kind {_e(c['kind'])} · {_e(where)} · variance share {100 * c['variance_share']:.2f}% "
             f"(tr Cov {c['variance']:.4g})</p>"]
-    nb = _neighbours(info, i)
+    nb: Dict[str, list] = {}
+    for lab, d in _neighbours(info, i):
+        nb.setdefault(lab, []).append(f"<a href='../{d['page']}'>{_e(d['name'])}</a>")
     if nb:
-        body.append("<p class='nb'>" + " · ".join(f"{_e(lab)}: <a href='../{d['page']}'>{_e(d['name'])}</a>"
-                                                  for lab, d in nb) + "</p>")
+        body.append("<p class='nb'>" + " &nbsp;|&nbsp; ".join(f"{_e(lab)}: {', '.join(v)}" for lab, v in nb.items())
+                    + "</p>")
     body.append("<h2>TextSpan</h2>")
     if c["textspan"]:
         body.append("<table><tr><th>#</th><th>text</th><th>share of variance</th></tr>" + "".join(

@@ -2,7 +2,6 @@
 // layer x head grid. Plain JavaScript, no libraries, works from file://.
 (function () {
   "use strict";
-  var PAGE = 100;
 
   function colour(v, lo, hi) {
     // diverging blue-white-red scale centred on 0 when the range spans 0, else white to red
@@ -70,6 +69,7 @@
     var kind = document.getElementById("kind");
     var pager = document.getElementById("pager");
     var page = 0, visible = rows;
+    var PAGE = parseInt(table.getAttribute("data-page-size"), 10) || 100;
     var num = function (v) { return v === null || v === undefined ? "" : String(v); };
 
     function rowHtml(r) {
