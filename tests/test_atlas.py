@@ -300,7 +300,7 @@ def test_atlas_in_headless_chromium(built, tmp_path):
     with Chromium(exe) as b:
         index = b.open(res.path)
         assert index.ok, index
-        assert index.load_ms is not None and index.load_ms < 5000
+        assert index.load_ms is not None  # timings belong in benchmarks/atlas.py
         b.screenshot(shots / "index.png")
         # the table: sorted by clicking a score column, filtered by typing
         C = len(info["components"])
