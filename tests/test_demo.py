@@ -22,6 +22,10 @@ def test_demo_quick_writes_a_report(tmp_path, capsys):
     for png in ("images.png", "heatmaps.png", "retrieval_color.png", "retrieval_shape.png"):
         assert (out / png).stat().st_size > 1000, png
         assert f"({png})" in report
+    assert "(atlas/index.html)" in report  # the demo's component atlas, linked from the report
+    from vitdecomp._atlas import check_site
+
+    assert (out / "atlas" / "index.html").is_file() and not any(check_site(out / "atlas").values())
     res = json.loads((out / "results.json").read_text())
     deit = res["models"]["deit"]
     assert deit["reconstruction_error"] <= 1e-5

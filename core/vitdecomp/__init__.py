@@ -56,6 +56,7 @@ _LAZY = {
     "repair_spurious": "ablation", "SpuriousRepair": "ablation", "group_accuracies": "ablation",
     "read_waterbirds": "ablation", "read_group_folders": "ablation",
     "contact_sheet": "plotting", "overlay": "plotting", "plot_curves": "plotting",
+    "atlas": "_atlas", "AtlasResult": "_atlas", "component_layout": "_atlas",
 }
 
 __all__ = [

@@ -4,8 +4,9 @@ Loads the small CLIP and the factor classifiers trained by :mod:`vitdecomp.conce
 concept-world images, decomposes them exactly, aligns every component to the small CLIP (CompAlign), scores the
 components for each property (CompAttribute), describes the top ones with text (TextSpan over concept-world
 captions), checks all of it against the world's ground truth (:mod:`vitdecomp.concept_world.evaluate`), retrieves
-by reference image, draws token heat maps and repairs a spurious correlation. Writes ``report.md`` (with PNGs) and
-``results.json`` to ``--out``.
+by reference image, draws token heat maps, writes a browsable component atlas of the first model
+(``atlas/index.html``, :func:`vitdecomp.atlas`) and repairs a spurious correlation. Writes ``report.md`` (with PNGs)
+and ``results.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["add_commands", "run_demo"]
+__all__ = ["add_commands", "run_demo", "write_atlas"]
 
 _EPILOG = """examples:
   vitdecomp demo                          # full report in ./vitdecomp-demo/ (a few minutes on 2 CPU cores)
@@ -69,6 +70,24 @@ def _known(man: dict, name: str, factor: str) -> str:
     zs = man.get("clip", {}).get("metrics", {}).get("zero_shot_accuracy", {})
     own = own.get(factor) if isinstance(own, dict) else None
     return f"{_fmt(own)} / {_fmt(zs.get(factor))}"
+
+
+def write_atlas(run, out, *, dataset, images, encoder, pool, **kwargs):
+    """The demo's component atlas of a concept-world model run (:func:`vitdecomp.concept_world.evaluate.prepare_run`
+    on ``images`` drawn from ``dataset``): :func:`vitdecomp.atlas` with the small CLIP's raw texts, the property
+    phrases, the images' captions and token heat maps. ``kwargs`` override the atlas settings."""
+    from . import datasets as D
+    from ._atlas import atlas
+    from .concept_world import evaluate as E
+    from .concept_world import models as M
+
+    settings = dict(templates=None, heatmap_components=12, textspan_images=500, progress=False, log=lambda m: None,
+                    title=f"concept-world {run.name}: component atlas")
+    settings.update(kwargs)
+    return atlas(run.contributions, run.aligner, out, encoder=encoder,
+                 properties={f: E.property_texts(f) for f in run.bases}, pool=pool, images=images, mean=D.MEAN,
+                 std=D.STD, image_ids=[dataset.caption(i) for i in range(len(images))], model=run.model,
+                 inputs=lambda ix: M.prepare(run.name, images[ix]), **settings)
 
 
 def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious: bool = True, quick: bool = False,
@@ -224,6 +243,19 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
     md += ["## Token heat maps", "",
            f"{main}: where the 3 heads with the highest variance explained for the property write the direction of "
            "the image's own phrase.", "", "![heat maps](heatmaps.png)", ""]
+
+    # ---------------------------------------------------------------- component atlas
+    step(f"{main}: component atlas")
+    at = write_atlas(run, out / "atlas", dataset=eval_ds, images=X_eval, encoder=enc, pool=pool)
+    results["atlas"] = {"path": "atlas/index.html", "components": at.components, "thumbnails": at.thumbnails,
+                        "heatmaps": at.heatmaps, "seconds": at.seconds}
+    md += ["## Component atlas", "",
+           f"Every component of {main} on one browsable page, offline: **[atlas/index.html](atlas/index.html)** "
+           "(a sortable table and a layer × head grid coloured by any property's score; one page per component with "
+           "its TextSpan texts, its scores, the images that push it most and least along its top directions and "
+           "token heat maps; one page per property with retrieval examples). Written by `vitdecomp.atlas` "
+           f"in {at.seconds['total']:.1f} s; `vitdecomp atlas CACHE --aligner A --out DIR` does the same for any "
+           "extraction cache.", ""]
 
     # ---------------------------------------------------------------- spurious repair
     if spurious:

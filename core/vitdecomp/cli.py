@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="biases as components of their own, or split evenly (the papers')")
     p.set_defaults(func=cmd_decompose)
 
-    for modname in ("_cli_interpret", "_cli_apps", "_cli_demo"):
+    for modname in ("_cli_interpret", "_cli_apps", "_cli_demo", "_cli_atlas"):
         try:
             mod = __import__(f"vitdecomp.{modname}", fromlist=["add_commands"])
         except ModuleNotFoundError as exc:
