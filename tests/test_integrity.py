@@ -456,11 +456,11 @@ def _cli(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["check", "timm:deit_tiny_patch16_224", "--random-init", "--batch", "-3"], "--batch -3: must be an integer ≥ 1"),
+    (["check", "timm:deit_tiny_patch16_224", "--random-init", "--batch-size", "-3"], "--batch-size -3: must be an integer ≥ 1"),
     (["extract", "timm:x", "{d}/imgs", "--out", "{d}/o1", "--random-init", "--workers", "-1"],
      "--workers -1: must be an integer ≥ 0"),
-    (["extract", "timm:x", "{d}/imgs", "--out", "{d}/o2", "--random-init", "--img-size", "0"],
-     "--img-size 0: must be an integer ≥ 1"),
+    (["extract", "timm:x", "{d}/imgs", "--out", "{d}/o2", "--random-init", "--image-size", "0"],
+     "--image-size 0: height and width must be ≥ 1"),
     (["retrieve", "{d}/cache", "--aligner", "{d}/id.safetensors", "--property", "color", "--text", "red",
       "--out", "{d}/r", "--top", "0"], "--top 0: must be an integer ≥ 1"),
     (["retrieve", "{d}/cache", "--aligner", "{d}/id.safetensors", "--property", "color", "--reference", "99",
@@ -638,7 +638,7 @@ def test_plugins_check_shows_which_adapters_claim_a_model(capsys):
 def test_cli_extract_skips_bad_images_on_request(tmp_path, capsys):
     root = _folder(tmp_path / "imgs", 3)
     (root / "img1.png").write_bytes(b"broken")
-    args = ["extract", "timm:deit_tiny_patch16_224", root, "--random-init", "--img-size", "32", "--quiet",
+    args = ["extract", "timm:deit_tiny_patch16_224", root, "--random-init", "--image-size", "32", "--quiet",
             "--shard-size", "2"]
     rc, err = _cli([*args, "--out", tmp_path / "a"], capsys)
     assert rc == 2 and "img1.png (index 1) cannot be read" in err and "--skip-bad-images" in err
@@ -655,10 +655,10 @@ def test_saved_decompositions_carry_the_fingerprint_aligners_check(tmp_path, cap
     from vitdecomp.compalign import Aligner
 
     img = _folder(tmp_path / "imgs", 1) / "img0.png"
-    rc, err = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--img-size", "32", img,
+    rc, err = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--image-size", "32", img,
                     tmp_path / "imgs" / "missing.png", "--out", tmp_path / "d.safetensors"], capsys)
     assert rc == 2 and "missing.png' (index 1)" in err
-    rc, _ = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--img-size", "32", img,
+    rc, _ = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--image-size", "32", img,
                   "--out", tmp_path / "d.safetensors"], capsys)
     dec = Decomposition.load(tmp_path / "d.safetensors")
     assert rc == 0 and len(dec.meta["model_fingerprint"]) == 32

@@ -256,6 +256,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
     """
     from .heatmap import token_heatmap
     from .plotting import overlay, to_rgb
+    from .retrieval import constant_components
     from .scores import StreamingScores, specificity
     from .spans import textspan
     from .text import load_text_pool
@@ -372,8 +373,11 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
                 row.append(None)
         dir_text.append(row)
     probes = {}
+    # as retrieve_by_text chooses: never a constant or a component without variance over the images
+    eligible = ~(constant_components(all_names) | (var <= floor))
     for p, v in props.items():
-        top = torch.argsort(scores[p], descending=True, stable=True)[: min(k, C)]
+        order = torch.argsort(scores[p], descending=True, stable=True)
+        top = order[eligible[order]][: min(k, C)]
         probes[p] = {"texts": v["descriptions"][:retrieval_texts], "components": top,
                      "emb": v["basis"][:retrieval_texts].to(torch.float32)}
     proj = torch.empty(N, C, J)

@@ -234,12 +234,12 @@ def _check_aligner(aligner, path, names, dim, model_name=None, what="the model")
 
 def _check_cache(cache, path, loaded, names, dim) -> None:
     """Refuse an extraction cache made with another model than ``loaded`` (names, D, model string, weights)."""
-    from .text import model_fingerprint
+    from ._fingerprint import weights_fingerprint
 
     refuse_other_model("cache", path, names=cache.names, model_name=cache.model_name, dim=cache.dim,
                        fingerprint=cache.meta.get("model_fingerprint"), expected_names=names,
                        expected_model=loaded.name, expected_dim=dim,
-                       expected_fingerprint=model_fingerprint(loaded.model, exclude_prefix=""),
+                       expected_fingerprint=weights_fingerprint(loaded.model),
                        expected_what=f"the model {loaded.name}")
 
 

@@ -73,9 +73,8 @@ def refuse_other_model(what: str, path, *, names: Sequence[str], model_name: Opt
                        expected_what: str = "the model") -> None:
     """Raise :class:`MismatchError` when a cache or aligner (``what`` at ``path``) was made for another model than
     the one in use: different component names, representation dimension D, model string or weights fingerprint
-    (:func:`vitdecomp.text.model_fingerprint`; the last two compared only when both sides record them: caches
-    record a fingerprint, aligners do not, so an aligner of another copy of the same architecture with the same
-    names and D is not told apart)."""
+    (:func:`vitdecomp.weights_fingerprint`; the last two compared only when both sides record them). Aligners'
+    weight fingerprints are checked by :meth:`vitdecomp.Aligner.check_source` against the cache they are applied to."""
     from .errors import MismatchError
 
     problems = []
