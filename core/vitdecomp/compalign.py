@@ -17,15 +17,28 @@ paper.
 Training differs from the paper's script in ways that make the defaults converge without tuning:
 
 - it runs on cached contributions (a tensor or an :class:`vitdecomp.ExtractionCache`), never materialising
-  ``[N, C, d]``: each batch computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product;
+  ``[N, C, d]``;
 - every W_i starts from the closed-form ridge least-squares map of s(x) = Σ_i c_i(x) to t(x) (so training starts
-  at the best shared linear map), rescaled to the isometry scale that minimises the penalty (the cosine loss is
-  scale invariant);
-- Adam refines the maps while λ ramps up from 0 over ``penalty_warmup`` epochs (a continuation that lets every
-  map reach the right basin before the isometry penalty pins it down; see :class:`AlignConfig`);
-- a held-out split (``val_fraction``) decides early stopping (``patience`` epochs without a new minimum of the
-  held-out objective; the step is halved every second such epoch) and the best state is kept; the held-out cosine
-  is reported and saved.
+  at the best shared linear map, whose held-out cosine is reported as the baseline ``init_cosine``), rescaled to
+  the isometry scale that minimises the penalty (the cosine loss is scale invariant);
+- ``method="bcd"`` (default): block-coordinate sweeps. f(x) is held for every training image ([n, d]); a sweep
+  visits each map W_i in turn with the others fixed. The block's problem is small (D·d unknowns) and its
+  statistics come from c_i and f alone: a Gauss–Newton step of the reweighted least-squares form of the cosine
+  (weights 1/‖f(x)‖², the shared bias eliminated) with the penalty's Gauss–Newton term, solved by a few
+  conjugate-gradient steps preconditioned with the Cholesky factor of the block's weighted Gram matrix; the
+  orthogonal-Procrustes map (polar factor of the block's least-squares map) as a second candidate, which can
+  cross the singular matrices between the det ±1 sets of isometries that gradient steps under the penalty cannot
+  cross (D = d); an exact line search on the true objective (the data term from five per-image scalars, the
+  penalty a quartic in the step), so every block step decreases the objective. A sweep costs about three
+  [n, D] × [D, d] products per component, i.e. about one pass of gradients over the data; components are read
+  from the source in groups of at most ``memory_gb`` (one pass over the cache per group and sweep);
+- ``method="adam"``: the stochastic-gradient reference. Each batch computes Σ_i c_i W_i as one [B, C·D] × [C·D, d]
+  matrix product; λ ramps up from 0 over ``penalty_warmup`` epochs (a continuation that lets every map reach the
+  right basin before the isometry penalty pins it down; see :class:`AlignConfig`); the step is halved every
+  second epoch without improvement;
+- a held-out split (``val_fraction``) decides early stopping (``patience`` sweeps/epochs in which the held-out
+  objective fell by less than ``tol``) and the best state is kept; the held-out cosine is reported and saved.
+  Fewer than 50 held-out images are warned about: their mean cosine says little.
 
 The result is an :class:`Aligner`; :meth:`Aligner.save` writes safetensors plus JSON metadata (analysed model,
 component names, CLIP model, configuration, held-out cosine), :meth:`Aligner.load` reads it back. When the analysed
@@ -93,10 +106,18 @@ class AlignConfig:
     ‖G − I‖²_F ≈ (1/m) Σ_z ‖(G − I) z‖², z ~ N(0, I), which costs C·D·d·m (useful for large D = d).
     ``penalty_warmup``: λ ramps linearly from 0 to ``lam`` over this many epochs (early stopping waits for the
     ramp to end). Without it, a map that starts in the wrong connected component of the orthogonal group
-    (det −1 instead of +1, only possible when D = d) cannot cross to the right one without passing through
-    singular matrices, which the penalty forbids. On planted data with N=2000, C=16, D=d=16 the held-out cosine
-    stalls at 0.969 without the ramp, reaches 0.999 with 20 epochs of ramp and 1.000 with 40; with D > d (a
-    connected set of isometries) the ramp makes no difference.
+    (det −1 instead of +1, only possible when D = d) cannot cross to the right one by Adam's small steps without
+    passing through singular matrices, which the penalty forbids. On planted data with N=2000, C=16, D=d=16 the
+    held-out cosine stalls at 0.969 without the ramp, reaches 0.999 with 20 epochs of ramp and 1.000 with 40;
+    with D > d (a connected set of isometries) the ramp makes no difference. ``bcd`` needs no ramp (default 1:
+    none): its Procrustes candidate jumps across.
+
+    ``method``: ``"bcd"`` (block-coordinate sweeps, default) or ``"adam"``; ``max_epochs``, ``patience`` and
+    ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1) and epochs for ``adam`` (200, 5, 20).
+    ``lr``, ``weight_decay``, ``batch_size`` and ``penalty_probes`` are Adam's (``bcd`` uses ``batch_size`` only
+    for its evaluation passes). ``tol``: a sweep/epoch counts as an improvement when the held-out objective falls
+    by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training decrease is below
+    it). ``memory_gb``: ``bcd``'s budget for the contributions it holds at once.
     """
 
     lam: float = attrs.field(default=1.0, validator=_non_negative)
