@@ -12,6 +12,7 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
     python benchmarks/aligner_training.py write /tmp/planted --n 10000 --c 150 --dim 768 --target-dim 768
     python benchmarks/aligner_training.py fit /tmp/planted --method bcd
     python benchmarks/aligner_training.py adam-steps /tmp/planted --steps 3   # Adam's per-step time, extrapolated
+    python benchmarks/aligner_training.py bcd-blocks /tmp/planted --blocks 2  # bcd's per-block time, extrapolated
     python benchmarks/aligner_training.py compare --n 4000 --c 24 --dim 64 --target-dim 64   # both, to convergence
 """
 
@@ -134,6 +135,47 @@ def adam_steps(path, steps, batch=256):
             "epoch_s_extrapolated": round(per_epoch, 1)}
 
 
+def bcd_blocks(path, blocks=2):
+    """Seconds per block step of the bcd sweep on the cache's data (first-sweep kind: curvature computed and the
+    Procrustes candidate tried; later kind: curvature reused, no Procrustes), for extrapolating a sweep."""
+    from vitdecomp.compalign import _CG_STEPS, _Data, _bcd_block, _closed_form, _component_group
+
+    import vitdecomp
+
+    cache = vitdecomp.ExtractionCache.open(path)
+    data = _Data.of(cache)
+    t = torch.nn.functional.normalize(data.targets.float(), dim=-1)
+    N, C, D, d = data.N, data.C, data.D, t.shape[1]
+    g = torch.Generator().manual_seed(0)
+    train = torch.ones(N, dtype=torch.bool)
+    train[torch.randperm(N, generator=g)[: round(0.1 * N)]] = False
+    W0, b0 = _closed_form(data, t, train, 1e-3, 1024, torch.device("cpu"))
+    W = W0.unsqueeze(0).repeat(blocks, 1, 1).contiguous()
+    b = b0.clone()
+    t0 = time.perf_counter()
+    grp = _component_group(data, train, 0, blocks)
+    t_read = time.perf_counter() - t0
+    idx = torch.nonzero(train).flatten()
+    T = t[idx]
+    F = torch.zeros(len(idx), d)
+    for k in range(0, len(idx), 1000):  # f(x) of the shared start: (Σ_i c_i) W_0 + b_0
+        F[k:k + 1000] = cache.contributions(idx[k:k + 1000]).float().sum(1) @ W0 + b0
+    res = {"read_group_s_per_component": round(t_read / blocks, 2)}
+    factors = []
+    for kind, kw in (("first", {"procrustes": True}), ("later", {"procrustes": False})):
+        times = []
+        for i in range(blocks):
+            t0 = time.perf_counter()
+            _, fac = _bcd_block(grp[:, i].float(), F, T, W[i], b, 1.0 / (C * d), float(len(idx)), _CG_STEPS,
+                                lambda x: x, factor=factors[i] if kind == "later" else None, **kw)
+            times.append(time.perf_counter() - t0)
+            if kind == "first":
+                factors.append(fac)
+        res[f"block_s_{kind}"] = round(sum(times) / blocks, 2)
+        res[f"sweep_s_{kind}_extrapolated"] = round(C * (sum(times) / blocks + t_read / blocks), 1)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,6 +196,9 @@ def main(argv=None):
     p = sub.add_parser("adam-steps")
     p.add_argument("cache")
     p.add_argument("--steps", type=int, default=3)
+    p = sub.add_parser("bcd-blocks")
+    p.add_argument("cache")
+    p.add_argument("--blocks", type=int, default=2)
     sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
@@ -170,6 +215,8 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(res))
     elif args.cmd == "adam-steps":
         print(json.dumps(adam_steps(args.cache, args.steps)))
+    elif args.cmd == "bcd-blocks":
+        print(json.dumps(bcd_blocks(args.cache, args.blocks)))
     else:  # compare: both methods on one planted cache in a temporary folder
         tmp = Path(tempfile.mkdtemp(prefix="align_bench_"))
         try:

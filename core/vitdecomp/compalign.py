@@ -721,11 +721,12 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
     """Block-coordinate Gauss–Newton sweeps (the ``method="bcd"`` path of :func:`fit_aligner`).
 
     f(x) is held for every training image ([n, d], the only per-image state); a sweep visits the bias, then every
-    map W_i in turn: with the others fixed, a Gauss–Newton step of the true objective in W_i (from the block's
-    statistics c_iᵀg and c_iᵀc_i/‖f‖², computed from c_i and f alone), an exact line search on the true
-    objective along it, and f updated by c_i·ΔW_i. Components are read from the source in groups whose
-    contributions fit in ``cfg.memory_gb``; a sweep costs about three [n, D] × [D, d] products per component.
-    Returns (best_state, best_epoch, best_cos, stop_reason)."""
+    map W_i in turn (:func:`_bcd_block`: with the others fixed, a step in W_i and the bias from the block's
+    statistics, computed from c_i and f alone, with an exact line search on the true objective) and updates f by
+    the block's change. Components are read from the source in groups whose contributions fit in
+    ``cfg.memory_gb``; a sweep costs about three [n, D] × [D, d] products per component. The block curvature is
+    recomputed in the first two sweeps and every ``_REFRESH``-th, and reused in between. Returns (best_state,
+    best_epoch, best_cos, stop_reason)."""
     from tqdm.auto import tqdm
 
     from . import distributed as dist
@@ -737,8 +738,8 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
     T = to_device(targets[idx], device)
     n_local = idx.numel()
     n_total = float(reduce(torch.tensor([float(n_local)], dtype=torch.float64)).item()) if di.active else float(n_local)
-    with torch.no_grad():
-        Fs = [_combine(to_device(c, device, torch.float32), W) + b
+    with torch.no_grad():  # every map starts as the shared W_0: f = (Σ_i c_i) W_0 + b, no [B, C·D] product
+        Fs = [to_device(c, device).sum(1, dtype=torch.float32) @ W[0] + b
               for _, c in _batches(data, local_train, max(cfg.batch_size, 1024), None)]
     F = torch.cat(Fs) if Fs else torch.zeros(0, d, device=device)
     del Fs
