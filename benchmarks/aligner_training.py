@@ -13,6 +13,8 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
     python benchmarks/aligner_training.py fit /tmp/planted --method bcd
     python benchmarks/aligner_training.py adam-steps /tmp/planted --steps 3   # Adam's per-step time, extrapolated
     python benchmarks/aligner_training.py bcd-blocks /tmp/planted --blocks 2  # bcd's per-block time, extrapolated
+    python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768   # the same on random data
+    python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768 --adam   # Adam's step there
     python benchmarks/aligner_training.py compare --n 4000 --c 24 --dim 64 --target-dim 64   # both, to convergence
 """
 
@@ -176,6 +178,60 @@ def bcd_blocks(path, blocks=2):
     return res
 
 
+def block_times(n, C, D, d, blocks=2):
+    """bcd's per-block seconds on random data of one shape (timings do not depend on the values): the D ≠ d
+    shapes without writing a cache. Extrapolated to a sweep over C components (reading not included)."""
+    from vitdecomp.compalign import _CG_STEPS, _bcd_block
+
+    g = torch.Generator().manual_seed(0)
+    k = max(D, d)
+    W = torch.stack([torch.linalg.qr(torch.randn(k, k, generator=g))[0][:D, :d] for _ in range(blocks)])
+    b = torch.zeros(d)
+    T = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    F = torch.randn(n, d, generator=g) * 20
+    c = [torch.randn(n, D, generator=g).half() for _ in range(blocks)]
+    res, factors = {"n": n, "C": C, "D": D, "d": d}, []
+    _bcd_block(c[0].float(), F.clone(), T, W[0].clone(), b.clone(), 1.0 / (C * d), float(n), _CG_STEPS,
+               lambda x: x, procrustes=True)  # warm-up (first-call costs of the linear-algebra kernels)
+    for kind in ("first", "later"):
+        times = []
+        for i in range(blocks):
+            t0 = time.perf_counter()
+            _, fac = _bcd_block(c[i].float(), F, T, W[i], b, 1.0 / (C * d), float(n), _CG_STEPS, lambda x: x,
+                                factor=factors[i] if kind == "later" else None, procrustes=kind == "first")
+            times.append(time.perf_counter() - t0)
+            if kind == "first":
+                factors.append(fac)
+        res[f"block_s_{kind}"] = round(sum(times) / blocks, 2)
+        res[f"sweep_s_{kind}_extrapolated"] = round(C * sum(times) / blocks, 1)
+    return res
+
+
+def adam_step_times(n, C, D, d, steps=1, batch=256):
+    """Seconds per Adam step (exact penalty) on random data of one shape, and the epoch it extrapolates to
+    (n training images, held-out evaluation not included)."""
+    from vitdecomp.compalign import _combine, _penalty
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(batch, C, D, generator=g).half()
+    t = torch.nn.functional.normalize(torch.randn(batch, d, generator=g), dim=-1)
+    W = (torch.randn(C, D, d, generator=g) / math.sqrt(max(D, d))).requires_grad_(True)
+    b = torch.zeros(d, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=1e-3, fused=True)
+    times = []
+    for _ in range(steps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        f = _combine(c.float(), W) + b
+        loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean() + _penalty(W)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    step = sum(times[1:]) / steps
+    return {"n": n, "C": C, "D": D, "d": d, "adam_step_s": round(step, 2),
+            "adam_epoch_s_extrapolated": round(math.ceil(n / batch) * step, 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -199,6 +255,12 @@ def main(argv=None):
     p = sub.add_parser("bcd-blocks")
     p.add_argument("cache")
     p.add_argument("--blocks", type=int, default=2)
+    p = sub.add_parser("block-times")
+    p.add_argument("--n", type=int, default=9000)
+    p.add_argument("--c", type=int, default=150)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--target-dim", type=int, default=768)
+    p.add_argument("--adam", action="store_true", help="time Adam steps instead")
     sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
@@ -215,6 +277,9 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(res))
     elif args.cmd == "adam-steps":
         print(json.dumps(adam_steps(args.cache, args.steps)))
+    elif args.cmd == "block-times":
+        fn = adam_step_times if args.adam else block_times
+        print(json.dumps(fn(args.n, args.c, args.dim, args.target_dim)))
     elif args.cmd == "bcd-blocks":
         print(json.dumps(bcd_blocks(args.cache, args.blocks)))
     else:  # compare: both methods on one planted cache in a temporary folder

@@ -370,8 +370,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")
     p.add_argument("--identity", action="store_true", help="the analysed model is the CLIP model: a_i = c_i")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the isometry penalty (paper: 1)")
-    p.add_argument("--method", choices=("bcd", "adam"), default="bcd",
-                   help="bcd: block-coordinate Gauss–Newton sweeps (default); adam: stochastic gradient reference")
+    p.add_argument("--method", choices=("auto", "bcd", "adam"), default="auto",
+                   help="bcd: block-coordinate Gauss–Newton sweeps; adam: stochastic gradients; auto (default): "
+                        "bcd with at least 2·C·D training images, else adam")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,
