@@ -33,10 +33,10 @@ Training differs from the paper's script in ways that make the defaults converge
   penalty a quartic in the step), so every block step decreases the objective. A sweep costs about three
   [n, D] × [D, d] products per component, i.e. about one pass of gradients over the data; components are read
   from the source in groups of at most ``memory_gb`` (one pass over the cache per group and sweep);
-- ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch computes Σ_i c_i W_i as one [B, C·D] × [C·D, d]
-  matrix product; λ ramps up from 0 over ``penalty_warmup`` epochs (a continuation that lets every map reach the
-  right basin before the isometry penalty pins it down; see :class:`AlignConfig`); the step is halved every
-  second epoch without improvement;
+- ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
+  computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
+  epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
+  :class:`AlignConfig`); the step is halved every second epoch without improvement;
 - a held-out split (``val_fraction``) decides early stopping (``patience`` sweeps/epochs in which the held-out
   objective fell by less than ``tol``) and the best state is kept; the held-out cosine is reported and saved.
   Fewer than 50 held-out images are warned about: their mean cosine says little.
@@ -536,7 +536,7 @@ def _data_parallel_epoch(data, targets, local_train, batch_size, gen, W, b, opt,
 
 
 
-# ---------------------------------------------------------------------------------------------------- block-coordinate fit
+# ------------------------------------------------------------------------------------------- block-coordinate fit
 
 
 def _pen_parts(W: torch.Tensor, P: torch.Tensor):
