@@ -153,7 +153,8 @@ class Aligner:
     ``weight`` ``[C, D, d]`` (None for the identity), ``bias`` ``[d]`` (apportioned b/C per component),
     ``names`` the C component names, ``model_name`` the analysed model, ``clip_model`` the target CLIP model,
     ``held_out_cosine`` the mean cos(f(x), t(x)) on held-out images, ``init_cosine`` the same for the
-    closed-form initialisation, ``config`` the training settings and ``history`` one dict per epoch.
+    closed-form initialisation (one shared linear map of Σ_i c_i: the baseline to compare with), ``config`` the
+    training settings (``config["method"]``: ``"bcd"`` or ``"adam"``) and ``history`` one dict per sweep/epoch.
     """
 
     weight: Optional[torch.Tensor]
