@@ -1,113 +1,298 @@
-"""CompAlign training cost: N images, C components, D = d (defaults: the brief's N=10k, C=150, D=d=768).
+"""CompAlign training: block-coordinate sweeps (``method="bcd"``, the default) against Adam (``method="adam"``).
 
-Two parts:
+Data: planted targets written as a real extraction cache (float16 shards, exactly what :func:`vitdecomp.extract`
+writes), so ``fit_aligner`` streams it as it would a real one. Component i contributes c_i(x) = s_i·g + o_i
+(g ~ N(0, I_D), scales s_i from 0.5 to 2, offsets o_i); the targets are t(x) = Σ_i c_i(x) Q_i + q + ε(x) with
+known maps Q_i (orthonormal columns, or rows when D < d), a bias q and isotropic noise ε with ‖ε‖ ≈ ``--noise``·
+‖Σ c_i Q_i‖, so the best achievable held-out cosine is below 1. Reported per fit: wall time, sweeps/epochs,
+held-out cosine, the baseline (one shared ridge map of Σ_i c_i), the isometry deviation (1/(C·d))·Σ‖G_i − I‖²_F
+and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k its size), and the relative map error.
 
-1. *Full size, timed pieces.* A complete fit at N=10k, C=150, D=d=768 takes hours on a 2-core CPU, so this part
-   times the pieces of :func:`vitdecomp.fit_aligner` on data of the full size: the closed-form ridge start (one
-   pass over all N images), single Adam steps (batch 256) with the exact isometry penalty and with the
-   Hutchinson estimate (``penalty_probes=64``), and the held-out evaluation pass; it extrapolates one epoch from
-   them (labelled as such). Contributions are random float16 (the timings do not depend on the values).
-2. *Complete fit, reduced width.* ``fit_aligner`` end to end with default settings on planted data (targets made
-   by known orthonormal maps) at N=10k, C=150 and D=d=``--fit-dim`` (64): wall time, epochs, held-out cosine,
-   and how close the recovered maps are to the planted ones.
-
-    python benchmarks/aligner_training.py
-    python benchmarks/aligner_training.py --n 10000 --c 150 --dim 768 --steps 2 --fit-dim 64
+    # a cache (≈ N·C·D·2 bytes) under /tmp, then fits on it; delete it afterwards
+    python benchmarks/aligner_training.py write /tmp/planted --n 10000 --c 150 --dim 768 --target-dim 768
+    python benchmarks/aligner_training.py fit /tmp/planted --method bcd
+    python benchmarks/aligner_training.py adam-steps /tmp/planted --steps 3   # Adam's per-step time, extrapolated
+    python benchmarks/aligner_training.py bcd-blocks /tmp/planted --blocks 2  # bcd's per-block time, extrapolated
+    python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768   # the same on random data
+    python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768 --adam   # Adam's step there
+    python benchmarks/aligner_training.py compare --n 4000 --c 24 --dim 64 --target-dim 64   # both, to convergence
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
-def _timed_pieces(N, C, D, steps, batch):
-    from vitdecomp.compalign import _closed_form, _combine, _Data, _penalty
+def _maps(C, D, d, g):
+    k = max(D, d)
+    return torch.stack([torch.linalg.qr(torch.randn(k, k, generator=g))[0][:D, :d] for _ in range(C)])
 
+
+def write_cache(out, N, C, D, d, noise=0.1, shard=500, seed=0):
+    """Write a planted extraction cache to ``out`` (must not exist) and the planted maps beside it."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=False)
+    g = torch.Generator().manual_seed(seed)
+    maps = _maps(C, D, d, g)
+    scale = torch.linspace(0.5, 2.0, C)[None, :, None]
+    offset = 0.3 * torch.randn(C, D, generator=g)
+    bias = 0.2 * torch.randn(d, generator=g)
+    names = [f"planted.{i}" for i in range(C)]
+    num = math.ceil(N / shard)
+    for j in range(num):
+        a, b = j * shard, min(N, (j + 1) * shard)
+        c = (torch.randn(b - a, C, D, generator=g) * scale + offset).half()
+        clean = c.float().reshape(b - a, C * D) @ maps.reshape(C * D, d)
+        eps = torch.randn(b - a, d, generator=g)
+        eps = eps * (noise * clean.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True))
+        t = torch.nn.functional.normalize(clean + bias + eps, dim=-1)
+        meta = {"start": a, "stop": b, "labels": [None] * (b - a), "max_error": 0.0}
+        save_file({"contributions": c.contiguous(), "representation": c.float().sum(1).contiguous(),
+                   "targets": t.contiguous()}, str(out / f"shard-{j:05d}.safetensors"),
+                  metadata={"vitdecomp": json.dumps(meta)})
+    meta = {"format": "vitdecomp.extraction/1", "model": f"planted:C{C}-D{D}", "clip_model": f"planted-clip:d{d}",
+            "names": names, "dim": D, "target_dim": d, "dtype": "float16", "num_shards": num, "complete": True,
+            "index": [{"file": f"shard-{j:05d}.safetensors", "start": j * shard, "stop": min(N, (j + 1) * shard),
+                       "rank": 0} for j in range(num)], "world_size": 1}
+    (out / "meta.json").write_text(json.dumps(meta))
+    save_file({"maps": maps.contiguous()}, str(out / "planted_maps.safetensors"))
+    return out
+
+
+def _isometry(W):
+    C, D, d = W.shape
+    G = W.transpose(1, 2) @ W if D >= d else W @ W.transpose(1, 2)
+    E = G - torch.eye(G.shape[1])
+    per = E.pow(2).sum((1, 2))
+    return float(per.sum() / (C * d)), float((per.sqrt() / math.sqrt(G.shape[1])).max())
+
+
+def fit(path, method, **kw):
+    from safetensors.torch import load_file
+
+    import vitdecomp
+
+    cache = vitdecomp.ExtractionCache.open(path)
+    maps = load_file(str(Path(path) / "planted_maps.safetensors"))["maps"]
+    t0 = time.perf_counter()
+    al = vitdecomp.fit_aligner(cache, method=method, **kw)
+    wall = time.perf_counter() - t0
+    pen, worst = _isometry(al.weight)
+    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    return {"method": method, "wall_s": round(wall, 1), "steps": len(al.history) - 1,
+            "best": al.config["best_epoch"], "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
+            "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
+            "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
+            "curve": [h.get("val_cosine") for h in al.history]}
+
+
+def adam_steps(path, steps, batch=256):
+    """Seconds per Adam step (exact penalty) of fit_aligner's training loop on the cache's data, and the held-out
+    evaluation pass: timed pieces, for extrapolating an epoch where a full Adam fit does not fit the time."""
+    from vitdecomp.compalign import _Data, _closed_form, _combine, _evaluate, _penalty
+
+    import vitdecomp
+
+    cache = vitdecomp.ExtractionCache.open(path)
+    data = _Data.of(cache)
+    t = torch.nn.functional.normalize(data.targets.float(), dim=-1)
+    N = data.N
     g = torch.Generator().manual_seed(0)
+    val = torch.zeros(N, dtype=torch.bool)
+    val[torch.randperm(N, generator=g)[: round(0.1 * N)]] = True
     t0 = time.perf_counter()
-    c = torch.empty(N, C, D, dtype=torch.float16)
-    for i in range(0, N, 500):
-        c[i:i + 500] = torch.randn(min(500, N - i), C, D, generator=g).half()
-    targets = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1)
-    print(f"  (generated {c.numel() * 2 / 2**30:.2f} GiB of float16 contributions in {time.perf_counter() - t0:.0f} s)")
-    data = _Data.of(c)
-    mask = torch.ones(N, dtype=torch.bool)
-    mask[: N // 10] = False
-    t0 = time.perf_counter()
-    W0, b0 = _closed_form(data, targets, mask, 1e-3, 1024, torch.device("cpu"))
+    W0, b0 = _closed_form(data, t, ~val, 1e-3, 1024, torch.device("cpu"))
     t_init = time.perf_counter() - t0
-    W = W0.unsqueeze(0).repeat(C, 1, 1).contiguous().requires_grad_(True)
+    W = W0.unsqueeze(0).repeat(data.C, 1, 1).contiguous().requires_grad_(True)
     b = b0.clone().requires_grad_(True)
     opt = torch.optim.Adam([W, b], lr=1e-3, fused=True)
-    res = {}
-    for probes in (None, 64):
-        times = []
-        for k in range(steps + 1):  # first step is a warm-up
-            idx = torch.randint(0, N, (batch,), generator=g)
-            t0 = time.perf_counter()
-            f = _combine(c[idx].float(), W) + b
-            loss = (1 - torch.nn.functional.cosine_similarity(f, targets[idx], dim=-1)).mean() + _penalty(W, probes, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        res[probes] = sum(times[1:]) / steps
+    shard = cache.load_shard(0)[0]
+    times = []
+    for k in range(steps + 1):  # the first is a warm-up
+        idx = torch.randint(0, shard.shape[0], (batch,), generator=g)
+        t0 = time.perf_counter()
+        f = _combine(shard[idx].float(), W) + b
+        loss = (1 - torch.nn.functional.cosine_similarity(f, t[idx], dim=-1)).mean() + _penalty(W)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, N // 10, 1024):
-            _combine(c[i:min(i + 1024, N // 10)].float(), W)
+    _evaluate(data, t, val, W.detach(), b.detach(), 1024, torch.device("cpu"))
     t_eval = time.perf_counter() - t0
-    return t_init, res, t_eval
+    step = sum(times[1:]) / steps
+    per_epoch = math.ceil(int((~val).sum()) / batch) * step + t_eval
+    return {"closed_form_s": round(t_init, 1), "step_s": round(step, 2), "eval_s": round(t_eval, 1),
+            "epoch_s_extrapolated": round(per_epoch, 1)}
 
 
-def _complete_fit(N, C, D):
-    from vitdecomp.compalign import fit_aligner
+def bcd_blocks(path, blocks=2):
+    """Seconds per block step of the bcd sweep on the cache's data (first-sweep kind: curvature computed and the
+    Procrustes candidate tried; later kind: curvature reused, no Procrustes), for extrapolating a sweep."""
+    from vitdecomp.compalign import _CG_STEPS, _Data, _bcd_block, _closed_form, _component_group
 
-    g = torch.Generator().manual_seed(1)
-    maps = torch.stack([torch.linalg.qr(torch.randn(D, D, generator=g))[0] for _ in range(C)])
-    c = torch.randn(N, C, D, generator=g) * torch.linspace(0.5, 2.0, C)[None, :, None]
-    t = torch.einsum("ncD,cDd->nd", c, maps)
+    import vitdecomp
+
+    cache = vitdecomp.ExtractionCache.open(path)
+    data = _Data.of(cache)
+    t = torch.nn.functional.normalize(data.targets.float(), dim=-1)
+    N, C, D, d = data.N, data.C, data.D, t.shape[1]
+    g = torch.Generator().manual_seed(0)
+    train = torch.ones(N, dtype=torch.bool)
+    train[torch.randperm(N, generator=g)[: round(0.1 * N)]] = False
+    W0, b0 = _closed_form(data, t, train, 1e-3, 1024, torch.device("cpu"))
+    W = W0.unsqueeze(0).repeat(blocks, 1, 1).contiguous()
+    b = b0.clone()
     t0 = time.perf_counter()
-    al = fit_aligner(c.half(), t, progress=False)
-    wall = time.perf_counter() - t0
-    rel = ((al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2)))
-    return wall, al, rel
+    grp = _component_group(data, train, 0, blocks)
+    t_read = time.perf_counter() - t0
+    idx = torch.nonzero(train).flatten()
+    T = t[idx]
+    F = torch.zeros(len(idx), d)
+    for k in range(0, len(idx), 1000):  # f(x) of the shared start: (Σ_i c_i) W_0 + b_0
+        F[k:k + 1000] = cache.contributions(idx[k:k + 1000]).float().sum(1) @ W0 + b0
+    res = {"read_group_s_per_component": round(t_read / blocks, 2)}
+    factors = []
+    for kind, kw in (("first", {"procrustes": True}), ("later", {"procrustes": False})):
+        times = []
+        for i in range(blocks):
+            t0 = time.perf_counter()
+            _, fac = _bcd_block(grp[:, i].float(), F, T, W[i], b, 1.0 / (C * d), float(len(idx)), _CG_STEPS,
+                                lambda x: x, factor=factors[i] if kind == "later" else None, **kw)
+            times.append(time.perf_counter() - t0)
+            if kind == "first":
+                factors.append(fac)
+        res[f"block_s_{kind}"] = round(sum(times) / blocks, 2)
+        res[f"sweep_s_{kind}_extrapolated"] = round(C * (sum(times) / blocks + t_read / blocks), 1)
+    return res
+
+
+def block_times(n, C, D, d, blocks=2):
+    """bcd's per-block seconds on random data of one shape (timings do not depend on the values): the D ≠ d
+    shapes without writing a cache. Extrapolated to a sweep over C components (reading not included)."""
+    from vitdecomp.compalign import _CG_STEPS, _bcd_block
+
+    g = torch.Generator().manual_seed(0)
+    k = max(D, d)
+    W = torch.stack([torch.linalg.qr(torch.randn(k, k, generator=g))[0][:D, :d] for _ in range(blocks)])
+    b = torch.zeros(d)
+    T = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    F = torch.randn(n, d, generator=g) * 20
+    c = [torch.randn(n, D, generator=g).half() for _ in range(blocks)]
+    res, factors = {"n": n, "C": C, "D": D, "d": d}, []
+    _bcd_block(c[0].float(), F.clone(), T, W[0].clone(), b.clone(), 1.0 / (C * d), float(n), _CG_STEPS,
+               lambda x: x, procrustes=True)  # warm-up (first-call costs of the linear-algebra kernels)
+    for kind in ("first", "later"):
+        times = []
+        for i in range(blocks):
+            t0 = time.perf_counter()
+            _, fac = _bcd_block(c[i].float(), F, T, W[i], b, 1.0 / (C * d), float(n), _CG_STEPS, lambda x: x,
+                                factor=factors[i] if kind == "later" else None, procrustes=kind == "first")
+            times.append(time.perf_counter() - t0)
+            if kind == "first":
+                factors.append(fac)
+        res[f"block_s_{kind}"] = round(sum(times) / blocks, 2)
+        res[f"sweep_s_{kind}_extrapolated"] = round(C * sum(times) / blocks, 1)
+    return res
+
+
+def adam_step_times(n, C, D, d, steps=1, batch=256):
+    """Seconds per Adam step (exact penalty) on random data of one shape, and the epoch it extrapolates to
+    (n training images, held-out evaluation not included)."""
+    from vitdecomp.compalign import _combine, _penalty
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(batch, C, D, generator=g).half()
+    t = torch.nn.functional.normalize(torch.randn(batch, d, generator=g), dim=-1)
+    W = (torch.randn(C, D, d, generator=g) / math.sqrt(max(D, d))).requires_grad_(True)
+    b = torch.zeros(d, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=1e-3, fused=True)
+    times = []
+    for _ in range(steps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        f = _combine(c.float(), W) + b
+        loss = (1 - torch.nn.functional.cosine_similarity(f, t, dim=-1)).mean() + _penalty(W)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    step = sum(times[1:]) / steps
+    return {"n": n, "C": C, "D": D, "d": d, "adam_step_s": round(step, 2),
+            "adam_epoch_s_extrapolated": round(math.ceil(n / batch) * step, 1)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--c", type=int, default=150)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per penalty mode (after one warm-up)")
-    ap.add_argument("--fit-dim", type=int, default=64, help="D = d of the complete fit (0: skip it)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("write", "compare"):
+        p = sub.add_parser(name)
+        if name == "write":
+            p.add_argument("out")
+        p.add_argument("--n", type=int, default=10_000)
+        p.add_argument("--c", type=int, default=150)
+        p.add_argument("--dim", type=int, default=768)
+        p.add_argument("--target-dim", type=int, default=None, help="d (default: D)")
+        p.add_argument("--noise", type=float, default=0.1)
+    p = sub.add_parser("fit")
+    p.add_argument("cache")
+    p.add_argument("--method", default="bcd", choices=("bcd", "adam"))
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the result here")
+    p = sub.add_parser("adam-steps")
+    p.add_argument("cache")
+    p.add_argument("--steps", type=int, default=3)
+    p = sub.add_parser("bcd-blocks")
+    p.add_argument("cache")
+    p.add_argument("--blocks", type=int, default=2)
+    p = sub.add_parser("block-times")
+    p.add_argument("--n", type=int, default=9000)
+    p.add_argument("--c", type=int, default=150)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--target-dim", type=int, default=768)
+    p.add_argument("--adam", action="store_true", help="time Adam steps instead")
+    sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
 
-    N, C, D = args.n, args.c, args.dim
-    print(f"1. timed pieces at N={N}, C={C}, D=d={D} ({C * D * D / 1e6:.0f} M parameters), batch {args.batch}")
-    t_init, step, t_eval = _timed_pieces(N, C, D, args.steps, args.batch)
-    steps_per_epoch = math.ceil(0.9 * N / args.batch)
-    print(f"  closed-form ridge start (one pass over {int(0.9 * N)} images): {t_init:7.1f} s")
-    for probes, t in step.items():
-        label = "exact penalty" if probes is None else f"penalty_probes={probes}"
-        epoch = steps_per_epoch * t + t_eval
-        print(f"  Adam step, {label:20}: {t:7.2f} s  → one epoch ({steps_per_epoch} steps + eval) ≈ {epoch / 60:5.1f} min "
-              "(extrapolated)")
-    print(f"  held-out evaluation pass ({N // 10} images): {t_eval:7.1f} s")
-
-    if args.fit_dim:
-        d = args.fit_dim
-        print(f"2. complete fit_aligner (defaults) at N={N}, C={C}, D=d={d}, planted orthonormal maps")
-        wall, al, rel = _complete_fit(N, C, d)
-        print(f"  wall {wall:.1f} s, {len(al.history) - 1} epochs (best {al.config['best_epoch']}), lr {al.config['lr_used']:.4f}")
-        print(f"  held-out cosine {al.held_out_cosine:.5f} (closed-form start {al.init_cosine:.5f}); "
-              f"relative map error median {rel.median():.4f}, max {rel.max():.4f}")
+    if args.cmd == "write":
+        t0 = time.perf_counter()
+        write_cache(args.out, args.n, args.c, args.dim, args.target_dim or args.dim, args.noise)
+        print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+    elif args.cmd == "fit":
+        res = fit(args.cache, args.method, max_epochs=args.max_epochs, progress=True)
+        res["load_after"] = os.getloadavg()
+        print(json.dumps(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res))
+    elif args.cmd == "adam-steps":
+        print(json.dumps(adam_steps(args.cache, args.steps)))
+    elif args.cmd == "block-times":
+        fn = adam_step_times if args.adam else block_times
+        print(json.dumps(fn(args.n, args.c, args.dim, args.target_dim)))
+    elif args.cmd == "bcd-blocks":
+        print(json.dumps(bcd_blocks(args.cache, args.blocks)))
+    else:  # compare: both methods on one planted cache in a temporary folder
+        tmp = Path(tempfile.mkdtemp(prefix="align_bench_"))
+        try:
+            path = write_cache(tmp / "cache", args.n, args.c, args.dim, args.target_dim or args.dim, args.noise)
+            for method in ("bcd", "adam"):
+                kw = {"max_epochs": args.adam_epochs} if method == "adam" and args.adam_epochs else {}
+                res = fit(path, method, progress=False, **kw)
+                res["load_after"] = os.getloadavg()
+                print(json.dumps(res))
+        finally:
+            shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

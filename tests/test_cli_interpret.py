@@ -178,3 +178,19 @@ def test_help_has_examples(command, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and f"vitdecomp {command} " in out
+
+
+def test_align_reports_baseline_and_method(workdir, capsys, tmp_path):
+    from vitdecomp.compalign import Aligner
+
+    for method in ("bcd", "adam"):
+        out = tmp_path / f"{method}.safetensors"
+        with pytest.warns(UserWarning, match="held out"):  # 3 of 12 images: too few to mean much, and said so
+            rc = main(["align", str(workdir / "cache"), "--out", str(out), "--method", method, "--epochs", "2",
+                       "--val-fraction", "0.25", "--quiet"])
+        assert rc == 0
+        text = capsys.readouterr().out
+        al = Aligner.load(out)
+        assert al.config["method"] == method
+        assert f"held-out cosine {al.held_out_cosine:.4f} on 3 images" in text
+        assert f"baseline, one shared linear map of the summed representation: {al.init_cosine:.4f}" in text

@@ -35,7 +35,7 @@ def fitted(_one_thread):
     c, t, maps = _planted(N=1000, C=3, D=12, d=8)
     names = [f"blocks.{i}.mlp" for i in range(3)]
     al = fit_aligner(c, t, names=names, model_name="planted", clip_model="planted-clip", batch_size=64,
-                     progress=False)
+                     method="adam", progress=False)
     return c, t, maps, al
 
 
@@ -55,7 +55,7 @@ def test_recovers_planted_maps(fitted):
 
 def test_wide_target_uses_the_achievable_side():
     c, t, maps = _planted(N=800, C=3, D=6, d=10)
-    al = fit_aligner(c, t, batch_size=64, progress=False)
+    al = fit_aligner(c, t, batch_size=64, method="adam", progress=False)
     assert al.penalty_side == "WWt" and al.config["penalty_side"] == "WWt"
     assert al.held_out_cosine >= 0.98
     gram = al.weight @ al.weight.transpose(1, 2)  # rows close to orthonormal
@@ -65,7 +65,7 @@ def test_wide_target_uses_the_achievable_side():
 def test_square_maps_with_the_penalty_ramp():
     """D = d: isometries form two disconnected sets (det ±1); the λ ramp lets each map reach the right one."""
     c, t, maps = _planted(N=1000, C=4, D=8, d=8, seed=3)
-    al = fit_aligner(c, t, batch_size=64, progress=False)
+    al = fit_aligner(c, t, batch_size=64, method="adam", progress=False)
     assert al.held_out_cosine >= 0.98
     assert al.history[1]["lam"] == pytest.approx(1 / 20) and al.history[20]["lam"] == 1.0
     assert ((al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))).median() < 0.1
@@ -157,8 +157,161 @@ def test_config_validation_and_inputs():
 
 def test_no_validation_split_and_determinism():
     c, t, _ = _planted(N=300, C=2, D=6, d=6)
-    a1 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, progress=False)
-    a2 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, progress=False)
-    assert a1.held_out_cosine is None and len(a1.history) == 4
-    torch.testing.assert_close(a1.weight, a2.weight, rtol=0, atol=0)
-    assert math.isfinite(a1.history[-1]["train_loss"])
+    for method in ("adam", "bcd"):
+        a1 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
+        a2 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
+        assert a1.held_out_cosine is None and len(a1.history) == 4
+        torch.testing.assert_close(a1.weight, a2.weight, rtol=0, atol=0)
+        assert math.isfinite(a1.history[-1]["train_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------- block-coordinate fit
+
+
+def _flip_half(maps):
+    """Give every other planted map the other determinant sign (D = d): a shared start is then on the wrong side
+    of the singular matrices for half of them."""
+    maps = maps.clone()
+    maps[::2, :, 0] *= -1
+    return maps
+
+
+def _planted_with(maps, N, seed=0, noise=0.0):
+    g = torch.Generator().manual_seed(seed + 100)
+    C, D, d = maps.shape
+    c = torch.randn(N, C, D, generator=g) * torch.linspace(0.5, 2.0, C)[None, :, None] + 0.3 * torch.randn(C, D, generator=g)
+    clean = torch.einsum("ncD,cDd->nd", c, maps)
+    eps = torch.randn(N, d, generator=g)
+    t = clean + 0.2 * torch.randn(d, generator=g) + noise * eps * clean.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True)
+    return c, t
+
+
+@pytest.mark.parametrize("D,d", [(8, 8), (12, 8), (6, 10)])
+def test_bcd_recovers_planted_isometries(D, d):
+    """The default fitter recovers known maps with orthonormal columns (D ≥ d) or rows (D < d); for D = d half of
+    them have the other determinant than the shared closed-form start."""
+    _, _, maps = _planted(N=10, C=6, D=D, d=d, seed=4)
+    if D == d:
+        maps = _flip_half(maps)
+    c, t = _planted_with(maps, N=1500)
+    al = fit_aligner(c, t, progress=False)
+    assert al.config["method"] == "bcd"
+    assert al.held_out_cosine >= 0.99 and al.held_out_cosine > al.init_cosine
+    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    assert rel.max() < 0.02
+    if D == d:
+        start = torch.linalg.det(_shared_start(c, t)).sign()
+        truth = torch.linalg.det(maps).sign()
+        assert (truth != start).any() and (truth == start).any()  # the hard case is really there
+        torch.testing.assert_close(torch.linalg.det(al.weight).sign(), truth)
+    assert len(al.history) - 1 <= 20  # sweeps, not hundreds of epochs
+
+
+def _shared_start(c, t):
+    """The closed-form shared map of Σ_i c_i to the unit targets (independent brute force, all images)."""
+    s = c.sum(1).double()
+    tn = torch.nn.functional.normalize(t, dim=-1).double()
+    s1 = torch.cat([s, torch.ones(len(s), 1, dtype=s.dtype)], 1)
+    return torch.linalg.lstsq(s1, tn).solution[:-1].float()
+
+
+def test_bcd_near_isometries_and_noise():
+    """Maps that are only near-isometries, and noisy targets: the held-out cosine still reaches 0.99 and the maps
+    stay close to the planted ones (the penalty pulls them to isometries, so not exactly onto them)."""
+    g = torch.Generator().manual_seed(7)
+    _, _, maps = _planted(N=10, C=5, D=10, d=10, seed=5)
+    maps = _flip_half(maps) @ (torch.eye(10) + 0.03 * torch.randn(5, 10, 10, generator=g))
+    c, t = _planted_with(maps, N=2000, noise=0.05)
+    al = fit_aligner(c, t, progress=False)
+    ada = fit_aligner(c, t, method="adam", progress=False)
+    assert al.held_out_cosine >= 0.99
+    assert al.held_out_cosine >= ada.held_out_cosine - 1e-4  # no worse than the reference
+    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    assert rel.max() < 0.1
+
+
+class _Shards:
+    """A minimal stand-in for an ExtractionCache: contributions in shards, read only through load_shard."""
+
+    def __init__(self, c, t, size):
+        self.c, self.t, self.size = c, t, size
+        self.names = tuple(f"c{i}" for i in range(c.shape[1]))
+        self.dim, self.meta, self.dtype, self.reads = c.shape[2], {"model": "planted"}, c.dtype, 0
+
+    @property
+    def shard_ranges(self):
+        return [(a, min(a + self.size, len(self.c))) for a in range(0, len(self.c), self.size)]
+
+    def load_shard(self, j):
+        self.reads += 1
+        a, b = self.shard_ranges[j]
+        return self.c[a:b].clone(), None
+
+    def targets(self):
+        return self.t
+
+    def __len__(self):
+        return len(self.c)
+
+
+def test_bcd_streams_components_in_groups():
+    """With a memory budget below one component's share, components are read group by group from the shards
+    (one pass over them per group and sweep), with the same result as from an in-memory tensor."""
+    c, t, maps = _planted(N=600, C=4, D=6, d=6, seed=2)
+    c = c.half()
+    src = _Shards(c, t, size=128)
+    per_component = 600 * 6 * 2 / 2 ** 30
+    streamed = fit_aligner(src, memory_gb=1.5 * per_component, max_epochs=3, tol=0.0, progress=False)
+    in_memory = fit_aligner(c, t, max_epochs=3, tol=0.0, progress=False)
+    assert src.reads >= 3 * 4 * 5  # 3 sweeps × 4 groups of one component × 5 shards
+    torch.testing.assert_close(streamed.weight, in_memory.weight, rtol=1e-5, atol=1e-6)
+    assert streamed.held_out_cosine == pytest.approx(in_memory.held_out_cosine, abs=1e-6)
+
+
+def test_baseline_is_the_best_shared_linear_map():
+    """init_cosine, printed as the baseline, is the held-out cosine of one ridge map of Σ_i c_i (brute force)."""
+    c, t, _ = _planted(N=400, C=3, D=6, d=5, seed=1)
+    al = fit_aligner(c, t, max_epochs=1, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    val = torch.zeros(400, dtype=torch.bool)
+    val[torch.randperm(400, generator=gen)[:40]] = True
+    s, tn = c.sum(1).double(), torch.nn.functional.normalize(t, dim=-1).double()
+    st, tt = s[~val], tn[~val]
+    ms, mt = st.mean(0), tt.mean(0)
+    cxx = (st - ms).T @ (st - ms)
+    W = torch.linalg.solve(cxx + 1e-3 * torch.trace(cxx) / 6 * torch.eye(6, dtype=s.dtype), (st - ms).T @ (tt - mt))
+    cos = torch.nn.functional.cosine_similarity((s[val] - ms) @ W + mt, tn[val], dim=-1).mean()
+    assert al.init_cosine == pytest.approx(float(cos), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["bcd", "adam"])
+def test_small_held_out_split_warns_and_stops_early(method):
+    """36 images: 4 held out, which is warned about; training stops when nothing improves, not after max_epochs."""
+    c, t, _ = _planted(N=36, C=2, D=4, d=4, seed=6)
+    with pytest.warns(UserWarning, match="only 4 of 36 images are held out"):
+        al = fit_aligner(c, t, method=method, progress=False)
+    assert al.config["stopped"] == "no held-out improvement"
+    assert len(al.history) - 1 < al.config["max_epochs"]
+
+
+def test_progress_per_sweep_with_held_out_cosine(capsys):
+    c, t, _ = _planted(N=300, C=2, D=4, d=4, seed=6)
+    al = fit_aligner(c, t, max_epochs=2, tol=0.0, progress=True)
+    out = capsys.readouterr().out
+    assert "sweep 1: " in out and "sweep 2: " in out and "held-out cosine" in out
+    assert f"baseline, one shared linear map of Σ_i c_i: {al.init_cosine:.5f}" in out
+
+
+def test_method_is_checked():
+    c, t, _ = _planted(N=50, C=2, D=4, d=4)
+    with pytest.raises(InputError, match="method must be one of"):
+        fit_aligner(c, t, method="sgd", progress=False)
+
+
+def test_auto_takes_adam_when_the_data_do_not_determine_the_maps():
+    c, t, _ = _planted(N=120, C=4, D=16, d=16, seed=8)  # 108 training images < 2·C·D = 128
+    al = fit_aligner(c, t, max_epochs=2, progress=False)
+    assert al.config["method"] == "adam" and al.config["method_requested"] == "auto"
+    c, t, _ = _planted(N=160, C=4, D=16, d=16, seed=8)  # 144 ≥ 128
+    al = fit_aligner(c, t, max_epochs=2, progress=False)
+    assert al.config["method"] == "bcd"

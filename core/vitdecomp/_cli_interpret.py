@@ -29,7 +29,8 @@ command continues an interrupted extraction; a cache made with another model or 
 
 _EPILOG_ALIGN = """examples:
   vitdecomp align cache/deit --out deit_to_vitl14.safetensors
-  vitdecomp align cache/deit --out a.safetensors --lam 1 --epochs 50 --patience 5 --val-fraction 0.1
+  vitdecomp align cache/deit --out a.safetensors --lam 1 --epochs 20 --patience 2 --val-fraction 0.1
+  vitdecomp align cache/deit --out a.safetensors --method adam --epochs 200   # the stochastic-gradient reference
   vitdecomp align cache/clip --identity --out clip_identity.safetensors   # the analysed model is the CLIP model
 """
 
@@ -171,15 +172,18 @@ def cmd_align(args) -> int:
         print(f"wrote identity aligner for {cache.model_name} ({len(cache.names)} components, d={cache.dim}) to {args.out}")
         return 0
     aligner = fit_aligner(cache, lam=args.lam, seed=args.seed, val_fraction=args.val_fraction, lr=args.lr,
-                          batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience,
-                          penalty_probes=args.penalty_probes, penalty_warmup=args.penalty_warmup,
+                          method=args.method, batch_size=args.batch_size, max_epochs=args.epochs,
+                          patience=args.patience, penalty_probes=args.penalty_probes,
+                          penalty_warmup=args.penalty_warmup, tol=args.tol, memory_gb=args.memory_gb,
                           device=args.device, progress=not args.quiet)
     aligner.save(args.out)
     held = "n/a" if aligner.held_out_cosine is None else f"{aligner.held_out_cosine:.4f}"
     init = "n/a" if aligner.init_cosine is None else f"{aligner.init_cosine:.4f}"
+    unit = "sweep" if aligner.config["method"] == "bcd" else "epoch"
     print(f"wrote {args.out}: {len(aligner.names)} maps {aligner.in_dim}→{aligner.out_dim} "
-          f"({cache.model_name} → {aligner.clip_model}); held-out cosine {held} "
-          f"(closed-form start {init}, best epoch {aligner.config['best_epoch']}, penalty on {aligner.penalty_side})")
+          f"({cache.model_name} → {aligner.clip_model}); held-out cosine {held} on {aligner.config['n_val']} images "
+          f"(baseline, one shared linear map of the summed representation: {init}; best {unit} "
+          f"{aligner.config['best_epoch']}, {aligner.config['method']}, penalty on {aligner.penalty_side})")
     return 0
 
 
@@ -398,14 +402,24 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")
     p.add_argument("--identity", action="store_true", help="the analysed model is the CLIP model: a_i = c_i")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the isometry penalty (paper: 1)")
+    p.add_argument("--method", choices=("auto", "bcd", "adam"), default="auto",
+                   help="bcd: block-coordinate Gauss–Newton sweeps; adam: stochastic gradients; auto (default): "
+                        "bcd with at least 2·C·D training images, else adam")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping usually ends sooner)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without a new held-out minimum before stopping")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="maximum sweeps (bcd, default 50) or epochs (adam, default 200); early stopping usually "
+                        "ends sooner")
+    p.add_argument("--patience", type=int, default=None,
+                   help="sweeps/epochs without a held-out improvement > --tol before stopping (default 2 / 5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="smallest held-out objective decrease that counts")
+    p.add_argument("--memory-gb", type=float, default=2.0,
+                   help="bcd: GiB of contributions held at once (components are read in groups that fit)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--penalty-probes", type=int, default=None,
                    help="estimate the isometry penalty with this many random probes (faster for large D, d)")
-    p.add_argument("--penalty-warmup", type=int, default=20, help="epochs over which λ ramps up from 0")
+    p.add_argument("--penalty-warmup", type=int, default=None,
+                   help="sweeps/epochs over which λ ramps up from 0 (default 1 / 20)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_align)
 
