@@ -655,10 +655,10 @@ def test_saved_decompositions_carry_the_fingerprint_aligners_check(tmp_path, cap
     from vitdecomp.compalign import Aligner
 
     img = _folder(tmp_path / "imgs", 1) / "img0.png"
-    rc, err = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--image-size", "32", img,
-                    tmp_path / "imgs" / "missing.png", "--out", tmp_path / "d.safetensors"], capsys)
+    rc, err = _cli(["decompose", "timm:deit_tiny_patch16_224", img, tmp_path / "imgs" / "missing.png",
+                    "--random-init", "--image-size", "32", "--out", tmp_path / "d.safetensors"], capsys)
     assert rc == 2 and "missing.png' (index 1)" in err
-    rc, _ = _cli(["decompose", "timm:deit_tiny_patch16_224", "--random-init", "--image-size", "32", img,
+    rc, _ = _cli(["decompose", "timm:deit_tiny_patch16_224", img, "--random-init", "--image-size", "32",
                   "--out", tmp_path / "d.safetensors"], capsys)
     dec = Decomposition.load(tmp_path / "d.safetensors")
     assert rc == 0 and len(dec.meta["model_fingerprint"]) == 32
