@@ -11,11 +11,14 @@ from ._records import Component, TokenGrid
 from .adapter import Adapter, DecomposeOptions
 from .decomposition import Decomposition
 from .errors import (
+    AdapterError,
     AmbiguousAdapterError,
+    CorruptCacheError,
     EmptyDatasetError,
     InputError,
     MismatchError,
     NoAdapterError,
+    OutputError,
     PluginLoadError,
     ReconstructionError,
     UnknownModelError,
@@ -40,6 +43,7 @@ _LAZY = {
     "AlignConfig": "compalign", "SpanText": "spans", "CacheBatch": "extraction",
     "textspan": "spans", "textspan_all": "spans",
     "extract": "extraction", "ExtractionCache": "extraction",
+    "weights_fingerprint": "_fingerprint",
     "retrieve_by_text": "retrieval", "retrieve_by_image": "retrieval", "property_scores": "retrieval",
     "RetrievalResult": "retrieval",
     "token_heatmap": "heatmap", "Heatmap": "heatmap", "resample_to_image": "heatmap",
@@ -57,7 +61,8 @@ __all__ = [
     "Adapter", "Component", "DecomposeOptions", "Decomposition", "TokenGrid", "hookimpl",
     "VitDecompError", "NoAdapterError", "AmbiguousAdapterError", "PluginLoadError", "UnsupportedModelError",
     "InputError", "UnknownModelError", "WeightsUnavailableError", "ReconstructionError", "MismatchError",
-    "UnknownPropertyError", "EmptyDatasetError",
+    "UnknownPropertyError", "EmptyDatasetError", "CorruptCacheError", "OutputError",
+    "AdapterError",
     *_LAZY,
 ]
 

@@ -218,7 +218,10 @@ def cmd_retrieve(args) -> int:
     if (args.text is None) == (args.reference is None):
         raise InputError("give exactly one of --text or --reference")
     cache = ExtractionCache.open(args.cache)
+    if args.reference is not None and args.reference.isdigit() and int(args.reference) >= len(cache):
+        raise InputError(f"--reference {args.reference}: the cache holds images 0..{len(cache) - 1}")
     aligner = _aligner(args)
+    aligner.check_source(cache)
     enc = _encoder(args, aligner)
     prop = _property(args, args.property)
     out = Path(args.out)
@@ -297,8 +300,12 @@ def cmd_heatmap(args) -> int:
 
     if (args.text is None) == (args.property is None):
         raise InputError("give exactly one of --text or --property")
-    loaded = _load_model(args)
     aligner = _aligner(args)
+    unknown = [c for c in args.components or () if c not in aligner.names]
+    if unknown:
+        raise InputError(f"--components {' '.join(unknown)}: not components of the aligner's model; names look like "
+                         f"{list(aligner.names[:3])} ... {list(aligner.names[-2:])}")
+    loaded = _load_model(args)
     enc = _encoder(args, aligner)
     if args.text is not None:
         t = enc.encode([args.text])[0]

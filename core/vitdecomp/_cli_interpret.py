@@ -93,6 +93,7 @@ def _open(args):
 
     cache = ExtractionCache.open(args.cache)
     aligner = Aligner.load(args.aligner, device=args.device)
+    aligner.check_source(cache)  # same names and sizes but another model's weights is an error
     if aligner.names != cache.names:
         from .compalign import _first_difference
 
@@ -143,12 +144,15 @@ def cmd_extract(args) -> int:
     dk = {"heads": not args.no_heads, "start": args.start, "bias": args.bias}
     cache = extract(loaded, args.data, args.out, clip=clip, batch_size=args.batch_size, dtype=_dtype(args.dtype),
                     device=args.device, decompose_kwargs=dk, shard_size=args.shard_size, progress=not args.quiet,
-                    resume=not args.no_resume, num_workers=args.workers, autocast=args.autocast)
+                    resume=not args.no_resume, num_workers=args.workers, autocast=args.autocast,
+                    on_error="skip" if args.skip_bad_images else "raise")
     if not distributed.is_main():
         return 0
     print(f"{cache.path}: {len(cache)} images × {len(cache.names)} components × D={cache.dim} ({args.dtype})"
           + (f", CLIP targets d={cache.target_dim} from {cache.clip_model}" if cache.has_targets else "")
-          + f"; largest reconstruction error {cache.max_error:.2e}")
+          + f"; largest reconstruction error {cache.max_error:.2e}"
+          + (f"; skipped {len(cache.skipped)} unreadable image(s), indices {sorted(cache.skipped)[:10]}"
+             if cache.skipped else ""))
     return 0
 
 
@@ -159,6 +163,7 @@ def cmd_align(args) -> int:
     cache = ExtractionCache.open(args.cache)
     if args.identity:
         aligner = Aligner.identity(cache.names, cache.dim, model_name=cache.model_name)
+        aligner.model_fingerprint = cache.meta.get("model_fingerprint")
         aligner.save(args.out)
         print(f"wrote identity aligner for {cache.model_name} ({len(cache.names)} components, d={cache.dim}) to {args.out}")
         return 0
@@ -357,6 +362,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="run the model in reduced precision; the error against float32 is measured per shard")
     p.add_argument("--no-resume", action="store_true", help="discard an existing cache in --out")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip and record images that cannot be read (default: stop, naming the image)")
     _common(p, cache=False)
     p.set_defaults(func=cmd_extract)
 

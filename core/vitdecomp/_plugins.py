@@ -56,12 +56,15 @@ class Registry:
     :meth:`from_plugins` (tests do this; ``Registry.from_plugins([])`` is a registry with no plugins).
     """
 
-    def __init__(self, pm: pluggy.PluginManager, dists: Optional[Dict[str, tuple]] = None):
+    def __init__(self, pm: pluggy.PluginManager, dists: Optional[Dict[str, tuple]] = None, *, lenient: bool = False):
         self.pm = pm
         self._dists = dists or {}
+        self.lenient = lenient
         self.adapters: List[_Registered] = []
         self.loaders: Dict[str, _Registered] = {}
         self.properties: Dict[str, _Registered] = {}
+        #: plugins dropped in lenient mode, with the reason: ``{entry-point name: message}``
+        self.dropped: Dict[str, str] = {}
         self._collect()
 
     # ---------------------------------------------------------------- construction
@@ -72,12 +75,15 @@ class Registry:
         return pm
 
     @classmethod
-    def from_plugins(cls, plugins: Iterable[object] = ()) -> "Registry":
+    def from_plugins(cls, plugins: Iterable[object] = (), *, lenient: bool = False,
+                     dists: Optional[Dict[str, tuple]] = None) -> "Registry":
+        """A registry of explicit plugin objects (``dists``: ``{plugin name: (distribution, version)}`` for
+        messages and for telling built-ins apart)."""
         pm = cls._new_pm()
         for p in plugins:
             pm.register(p, name=getattr(p, "__name__", None))
         pm.check_pending()
-        return cls(pm)
+        return cls(pm, dists, lenient=lenient)
 
     @classmethod
     def from_entry_points(cls, *, lenient: bool = False, disabled: Optional[Iterable[str]] = None) -> "Registry":
@@ -90,10 +96,16 @@ class Registry:
         pm = cls._new_pm()
         skip = set(disabled or ()) | _disabled_from_env()
         dists: Dict[str, tuple] = {}
-        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+
+        def origin(ep):
             dist = getattr(ep, "dist", None)
-            dname = dist.metadata["Name"] if dist is not None else "?"
-            dver = dist.version if dist is not None else "?"
+            return (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
+
+        # built-ins first: in a name clash the newcomer (a third-party pack) is the one blamed and dropped
+        eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (origin(e)[0] != BUILTIN_DISTRIBUTION,
+                                                                              e.name))
+        for ep in eps:
+            dname, dver = origin(ep)
             if ep.name in skip or dname in skip:
                 log.info("plugin %s (%s %s) disabled", ep.name, dname, dver)
                 continue
@@ -125,38 +137,107 @@ class Registry:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(f"A plugin implements a hook that does not exist: {exc}") from exc
-        return cls(pm, dists)
+        return cls(pm, dists, lenient=lenient)
+
+    def _is_builtin(self, plugin: str) -> bool:
+        return self._dists.get(plugin, ("",))[0] == BUILTIN_DISTRIBUTION
+
+    def origin(self, plugin: str) -> str:
+        """``plugin 'name' (distribution version)``, marked built-in where it is one."""
+        d = self._dists.get(plugin)
+        where = f" ({d[0]} {d[1]}{', built-in' if d[0] == BUILTIN_DISTRIBUTION else ''})" if d else ""
+        return f"plugin {plugin!r}{where}"
 
     def _collect(self) -> None:
-        for impl in self.pm.hook.register_adapters.get_hookimpls():
-            impl.function(register=self._adder(impl.plugin_name, "adapter"))
-        for impl in self.pm.hook.register_model_loaders.get_hookimpls():
-            impl.function(register=self._adder(impl.plugin_name, "loader"))
-        for impl in self.pm.hook.register_properties.get_hookimpls():
-            impl.function(register=self._adder(impl.plugin_name, "property"))
+        """Run every plugin's hooks, one plugin at a time and built-ins first. A plugin whose hook raises or whose
+        registrations clash with earlier ones is a :class:`PluginLoadError` naming it; in lenient mode it is
+        dropped as a whole (with a warning) and the others stay."""
+        names = [n for n, _ in self.pm.list_name_plugin()]
+        order = sorted(names, key=lambda n: not self._is_builtin(n))  # stable: otherwise in loading order
+        hooks = (("register_adapters", "adapter"), ("register_model_loaders", "loader"),
+                 ("register_properties", "property"))
+        impls: Dict[str, list] = {n: [] for n in names}
+        for hook, what in hooks:
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                impls.setdefault(impl.plugin_name, []).append((hook, what, impl))
+        for name in order:
+            staged = {"adapter": [], "loader": {}, "property": {}}
+            try:
+                for hook, what, impl in impls.get(name, ()):
+                    try:
+                        impl.function(register=self._adder(name, what, staged))
+                    except PluginLoadError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - third-party code: named, then raised or dropped
+                        raise PluginLoadError(
+                            f"{self.origin(name)}: its hook {hook} raised {type(exc).__name__}: {exc}"
+                        ) from exc
+            except PluginLoadError as err:
+                if not self.lenient:
+                    raise
+                warnings.warn(f"{err} — skipping this plugin (lenient mode)", RuntimeWarning, stacklevel=3)
+                self.dropped[name] = str(err)
+                self.pm.unregister(name=name)
+                continue
+            self.adapters.extend(staged["adapter"])
+            self.loaders.update(staged["loader"])
+            self.properties.update(staged["property"])
 
-    def _adder(self, plugin: str, what: str) -> Callable:
+    def _adder(self, plugin: str, what: str, staged: dict) -> Callable:
+        me = self.origin(plugin)
+
+        def taken(other: str) -> str:
+            return "itself" if other == plugin else self.origin(other)
+
         def register_adapter(adapter):
             for attr in ("name", "supports", "decompose", "representation"):
                 if not hasattr(adapter, attr):
-                    raise PluginLoadError(f"Plugin {plugin!r} registered an adapter without {attr!r}: {adapter!r}")
-            if any(r.obj.name == adapter.name for r in self.adapters):
-                raise PluginLoadError(f"Plugin {plugin!r} registered adapter name {adapter.name!r} twice")
-            self.adapters.append(_Registered(adapter, plugin))
+                    raise PluginLoadError(f"{me} registered an adapter without {attr!r}: {adapter!r}")
+            for r in self.adapters + staged["adapter"]:
+                if r.obj.name == adapter.name:
+                    raise PluginLoadError(f"{me} registered adapter name {adapter.name!r}, already taken by "
+                                          f"{taken(r.plugin)}; adapter names must be unique")
+            staged["adapter"].append(_Registered(adapter, plugin))
 
         def register_loader(prefix, loader):
-            if prefix in self.loaders:
-                raise PluginLoadError(
-                    f"Plugin {plugin!r} registered loader prefix {prefix!r}, already taken by {self.loaders[prefix].plugin!r}"
-                )
-            self.loaders[prefix] = _Registered(loader, plugin)
+            other = self.loaders.get(prefix) or staged["loader"].get(prefix)
+            if other is not None:
+                raise PluginLoadError(f"{me} registered loader prefix {prefix!r}, already taken by "
+                                      f"{taken(other.plugin)}; choose another prefix")
+            staged["loader"][prefix] = _Registered(loader, plugin)
 
         def register_property(name, descriptions):
-            if name in self.properties:
-                raise PluginLoadError(f"Plugin {plugin!r} registered property {name!r}, already taken by {self.properties[name].plugin!r}")
-            self.properties[name] = _Registered(tuple(descriptions), plugin)
+            from .properties import BUILTIN_PROPERTIES
+
+            if name in BUILTIN_PROPERTIES:
+                raise PluginLoadError(f"{me} registered property {name!r}, which is a built-in property; choose "
+                                      f"another name (built-ins: {sorted(BUILTIN_PROPERTIES)})")
+            other = self.properties.get(name) or staged["property"].get(name)
+            if other is not None:
+                raise PluginLoadError(f"{me} registered property {name!r}, already taken by {taken(other.plugin)}")
+            staged["property"][name] = _Registered(tuple(descriptions), plugin)
 
         return {"adapter": register_adapter, "loader": register_loader, "property": register_property}[what]
+
+    def plugin_of(self, adapter) -> Optional[str]:
+        """The origin (:meth:`origin`) of the plugin that registered ``adapter``, or None."""
+        for r in self.adapters:
+            if r.obj is adapter:
+                return self.origin(r.plugin)
+        return None
+
+    def claims(self, model) -> List[tuple]:
+        """``[(adapter name, plugin origin, claims?, explanation)]`` for every registered adapter and ``model``
+        (what ``vitdecomp plugins --check MODEL`` prints)."""
+        out = []
+        for r in self.adapters:
+            try:
+                ok = bool(r.obj.supports(model))
+                why = r.obj.explain(model) if hasattr(r.obj, "explain") else f"supports={ok}"
+            except Exception as exc:  # noqa: BLE001 - a buggy supports() is reported, not raised
+                ok, why = False, f"supports() raised {type(exc).__name__}: {exc}"
+            out.append((r.obj.name, self.origin(r.plugin), ok, why))
+        return out
 
     # ---------------------------------------------------------------- queries
     def plugins(self) -> List[PluginInfo]:

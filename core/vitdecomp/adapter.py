@@ -24,6 +24,23 @@ def _check_start(instance, attribute, value):
         raise InputError(f"start must be a block index (int), a (stage, block) pair or a name; got {value!r}")
 
 
+def _check_heads(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise InputError(f"heads must be True (split attention into heads) or False (whole attention branches); "
+                         f"got {value!r}")
+
+
+def _check_tokens(instance, attribute, value):
+    if value not in TOKEN_MODES or isinstance(value, bool):
+        raise InputError(f"tokens must be None or 'source' (split heads by the token they read from); got {value!r}")
+
+
+def _check_bias(instance, attribute, value):
+    if not isinstance(value, str) or value not in BIAS_POLICIES:
+        raise InputError(f"bias must be one of {BIAS_POLICIES} ('explicit': biases and norm offsets are "
+                         f"components; 'even': the papers' even split); got {value!r}")
+
+
 @attrs.frozen
 class DecomposeOptions:
     """What granularity to decompose at.
@@ -34,10 +51,10 @@ class DecomposeOptions:
     the token they read from (other components sit where they write). ``bias``: one of :data:`BIAS_POLICIES`.
     """
 
-    heads: bool = True
+    heads: bool = attrs.field(default=True, validator=_check_heads)
     start: Optional[Union[int, Tuple[int, int]]] = attrs.field(default=None, validator=_check_start)
-    tokens: Optional[str] = attrs.field(default=None, validator=attrs.validators.in_(TOKEN_MODES))
-    bias: str = attrs.field(default="explicit", validator=attrs.validators.in_(BIAS_POLICIES))
+    tokens: Optional[str] = attrs.field(default=None, validator=_check_tokens)
+    bias: str = attrs.field(default="explicit", validator=_check_bias)
 
 
 class Adapter:

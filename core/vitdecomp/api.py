@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import attrs
@@ -26,6 +27,29 @@ class LoadedModel:
 
     def __iter__(self):  # allows ``model, preprocess = load_model(...)``
         return iter((self.model, self.preprocess))
+
+
+@contextlib.contextmanager
+def _blame(ad, model, registry: Optional[Registry], what: str):
+    """Turn an adapter's own crash (not a VitDecompError, not out-of-memory) into :class:`AdapterError` naming the
+    adapter, its plugin and the model class: a pack that claims models it then fails on is named."""
+    from .errors import AdapterError, VitDecompError
+
+    try:
+        yield
+    except (VitDecompError, MemoryError, torch.OutOfMemoryError, AssertionError):  # assertions: test tooling
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised, named and chained
+        try:
+            plugin = (registry or default_registry()).plugin_of(ad)
+        except Exception:  # noqa: BLE001 - the message must not fail
+            plugin = None
+        cls = type(model)
+        raise AdapterError(
+            f"adapter {getattr(ad, 'name', ad)!r}" + (f" of {plugin}" if plugin else "")
+            + f" claimed model class {cls.__module__}.{cls.__qualname__} but failed on its {what}: "
+            f"{type(exc).__name__}: {exc}. Report it to the pack's authors; pass adapter=... to use another one"
+        ) from exc
 
 
 def find_adapter(model, adapter=None, *, registry: Optional[Registry] = None):
@@ -56,11 +80,7 @@ def _validate(model, images, adapter) -> None:
     expected = getattr(adapter, "in_channels", lambda m: 3)(model)
     if images.shape[1] != expected:
         raise InputError(f"images have {images.shape[1]} channels; this model takes {expected} (shape [B, {expected}, H, W])")
-    if getattr(model, "training", False):
-        raise InputError(
-            f"{type(model).__name__} is in training mode; vitdecomp refuses to decompose it (dropout, drop-path and "
-            "BatchNorm batch statistics make the forward stochastic). Call model.eval() first."
-        )
+    _check_eval(model)
     p = _param_like(model)
     if p is not None:
         if p.dtype != images.dtype:
@@ -70,6 +90,34 @@ def _validate(model, images, adapter) -> None:
             )
         if p.device != images.device:
             raise InputError(f"images are on {images.device} but the model is on {p.device}")
+
+
+def _check_eval(model) -> None:
+    """Raise when the model or any of its submodules is in training mode."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    training = [n for n, m in model.named_modules() if m.training]
+    if training:
+        which = "the model itself" if training[0] == "" else f"submodule {training[0]!r}"
+        more = f" and {len(training) - 1} more" if len(training) > 1 else ""
+        raise InputError(
+            f"{type(model).__name__} is in training mode ({which}{more}); vitdecomp refuses to decompose it "
+            "(dropout, drop-path and BatchNorm batch statistics make the forward stochastic). Call model.eval() first."
+        )
+
+
+def _check_finite(images: torch.Tensor, what: str = "images") -> None:
+    """Raise naming the first image that holds NaN or Inf. Synchronises, so decompose calls it on the CPU (or when
+    it synchronises anyway for ``check=True``); on an accelerator the extraction loop checks once per shard."""
+    bad = ~torch.isfinite(images).flatten(1).all(1)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        kind = "NaN" if bool(torch.isnan(images[i]).any()) else "Inf"
+        n = int(bad.sum())
+        err = InputError(f"{what}[{i}] contains {kind}" + (f" ({n} images of the batch are not finite)" if n > 1 else "")
+                         + "; every value must be finite")
+        err.index = i  # the image's position in the batch, for callers that know its name (extract)
+        raise err
 
 
 def _autocast_dtype(value):
@@ -149,7 +197,9 @@ def decompose(
         :meth:`Decomposition.token_contributions`.
     :param bias: ``"explicit"`` (biases and norm offsets are components) or ``"even"`` (the papers' even split).
     :param check: raise :class:`ReconstructionError` when the relative error exceeds ``tol`` (default by dtype:
-        1e-5 for float32, 1e-10 for float64).
+        1e-5 for float32, 1e-10 for float64). NaN or Inf in the images or the contributions raises
+        :class:`InputError` naming the image, also with ``check=False`` on the CPU; on an accelerator that check
+        needs a synchronisation, so it runs with ``check=True`` (:func:`vitdecomp.extract` checks once per shard).
     :param adapter: an adapter name or object, to override dispatch.
     :param autocast: ``torch.bfloat16`` / ``torch.float16`` (or ``"bf16"`` / ``"fp16"``): run the model's forward
         under ``torch.autocast`` (float32 images and model); the decomposition's own algebra stays in float32.
@@ -169,9 +219,14 @@ def decompose(
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
     model, images = _place(model, images, device)
     ad = find_adapter(model, adapter, registry=registry)
-    model = ad.unwrap(model)
-    _validate(model, images, ad)
-    ad.validate(model, images)
+    outer = model
+    with _blame(ad, outer, registry, "unwrap/validate"):
+        model = ad.unwrap(model)
+        _validate(model, images, ad)
+        ad.validate(model, images)
+    sync_ok = check or images.device.type == "cpu"  # never make the host wait for an accelerator unasked
+    if sync_ok:
+        _check_finite(images)
     ac = _autocast_dtype(autocast)
     if ac is not None and images.dtype != torch.float32:
         raise InputError(f"autocast={autocast!r} needs float32 images and model; got {images.dtype}")
@@ -180,7 +235,7 @@ def decompose(
     if run_ac is None and images.dtype == torch.float32 and torch.is_autocast_enabled(dt):
         run_ac = torch.get_autocast_dtype(dt)  # the caller's own torch.autocast context
     # the caller's autocast never reaches the readout algebra; only the model's forward runs reduced
-    with torch.no_grad(), torch.autocast(dt, enabled=False):
+    with torch.no_grad(), torch.autocast(dt, enabled=False), _blame(ad, outer, registry, "decomposition"):
         if run_ac is None:
             dec = ad.decompose(model, images, options)
         else:
@@ -204,6 +259,8 @@ def decompose(
         dec = _apply_even_bias(dec)
     dec.meta.setdefault("adapter", ad.name)
     dec.meta.update({"heads": heads, "start": start, "tokens": tokens, "bias": bias, "dtype": str(images.dtype).replace("torch.", "")})
+    if sync_ok:
+        _check_finite(dec.contributions.detach(), "the contributions of images")
     if check:
         dec.check(tol if tol is not None else (tolerance_for(ac) if ac is not None else None))
     return dec
@@ -216,11 +273,12 @@ def representation(model, images: torch.Tensor, *, adapter=None, registry: Optio
     :func:`decompose`."""
     model, images = _place(model, images, device)
     ad = find_adapter(model, adapter, registry=registry)
-    model = ad.unwrap(model)
-    _validate(model, images, ad)
-    ad.validate(model, images)
-    with torch.no_grad():
-        return ad.representation(model, images)
+    with _blame(ad, model, registry, "representation"):
+        inner = ad.unwrap(model)
+        _validate(inner, images, ad)
+        ad.validate(inner, images)
+        with torch.no_grad():
+            return ad.representation(inner, images)
 
 
 def load_model(

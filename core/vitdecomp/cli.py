@@ -64,14 +64,30 @@ def _image_size(model, adapter) -> tuple:
 
 def cmd_plugins(args) -> int:
     from ._plugins import Registry, default_registry
+    from .errors import PluginLoadError
 
-    reg = Registry.from_entry_points(lenient=True) if args.lenient else default_registry()
+    rc = 0
+    try:
+        reg = Registry.from_entry_points(lenient=True) if args.lenient else default_registry()
+    except PluginLoadError as exc:  # a broken pack never breaks the listing: say what failed, list what loads
+        print(f"vitdecomp: error: {exc}", file=sys.stderr)
+        print("vitdecomp: listing the plugins that load (as with --lenient):", file=sys.stderr)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            reg = Registry.from_entry_points(lenient=True)
+        rc = 1
+    for name, why in reg.dropped.items():
+        print(f"vitdecomp: skipped {name}: {why}", file=sys.stderr)
+    if args.check:
+        return _plugins_check(reg, args.check) or rc
     infos = reg.plugins()
     if args.json:
         import attrs
 
         print(json.dumps([attrs.asdict(i) for i in infos], indent=2))
-        return 0
+        return rc
     rows = [("plugin", "origin", "distribution", "version", "loaders", "families")]
     for i in infos:
         rows.append((i.name, "built-in" if i.builtin else "third-party", i.distribution, i.version,
@@ -79,7 +95,29 @@ def cmd_plugins(args) -> int:
     widths = [max(len(r[k]) for r in rows) for k in range(5)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r[:5], widths)) + "  " + r[5])
-    return 0
+    return rc
+
+
+def _plugins_check(reg, spec: str) -> int:
+    """Which adapters claim MODEL (built with random weights: only its structure matters)."""
+    from . import api
+
+    loaded = api.load_model(spec, random_init=True, registry=reg)
+    model = loaded.model
+    claims = reg.claims(model)
+    cls = type(model)
+    print(f"{spec}: model class {cls.__module__}.{cls.__qualname__}")
+    for name, origin, ok, why in claims:
+        print(f"  {'CLAIMS' if ok else 'no    '}  {name}  [{origin}]  {why}")
+    winners = [c for c in claims if c[2]]
+    if len(winners) == 1:
+        print(f"decompose uses adapter {winners[0][0]!r}")
+        return 0
+    if not winners:
+        print("no adapter claims it: decompose raises NoAdapterError")
+    else:
+        print(f"{len(winners)} adapters claim it: decompose raises AmbiguousAdapterError; pass adapter=<name>")
+    return 1
 
 
 def cmd_check(args) -> int:
@@ -137,17 +175,21 @@ def cmd_decompose(args) -> int:
 
     loaded = _load(args)
     model = loaded.model.to(_dtype(args.dtype))
+    from ._fingerprint import weights_fingerprint
+    from .errors import InputError
+
     batch = []
-    for path in args.images:
+    for i, path in enumerate(args.images):
         try:
             img = Image.open(path).convert("RGB")
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot read image {path!r}: {exc}")
+            raise InputError(f"cannot read image {path!r} (index {i}): {exc}") from exc
         batch.append(loaded.preprocess(img))
     images = torch.stack(batch).to(_dtype(args.dtype))
     dec = api.decompose(model, images, device=args.device, heads=not args.no_heads, tokens="source" if args.tokens else None,
                         start=args.start, bias=args.bias, check=True)
-    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images]})
+    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images],
+                     "model_fingerprint": weights_fingerprint(model)})  # checked by aligners applied to it
     dec.save(args.out, tokens=args.tokens)
     print(f"wrote {args.out}: {len(args.images)} images × {len(dec)} components × {dec.contributions.shape[-1]} dims "
           f"(reconstruction error {dec.error:.2e})")
@@ -182,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list loaded model-family plugins")
     p.add_argument("--json", action="store_true")
     p.add_argument("--lenient", action="store_true", help="skip plugins that fail to load (with a warning)")
+    p.add_argument("--check", metavar="MODEL", default=None,
+                   help="show which adapters claim MODEL (a model string, built with random weights)")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("check", help="decompose a random batch and report the reconstruction error and timing",
@@ -221,6 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        from ._cli_checks import check_args
+
+        check_args(args)  # argument values, devices and output paths, before any work
         return int(args.func(args) or 0)
     except VitDecompError as exc:
         print(f"vitdecomp: error: {exc}", file=sys.stderr)

@@ -129,6 +129,11 @@ class Aligner:
     held_out_cosine: Optional[float] = None
     init_cosine: Optional[float] = None
     history: list = attrs.field(factory=list)
+    #: the full weight fingerprint of the model the aligner was fitted on (None: unknown, not checked)
+    model_fingerprint: Optional[str] = None
+    #: ``False`` accepts caches and decompositions of other weights (same component names and sizes): an explicit
+    #: override for, say, a fine-tuned copy
+    check_model: bool = True
 
     def __attrs_post_init__(self):
         if self.weight is not None:
@@ -180,10 +185,27 @@ class Aligner:
         return torch.eye(self.in_dim) if self.weight is None else self.weight[i]
 
     # ------------------------------------------------------------------ application
+    def check_source(self, source) -> None:
+        """Raise :class:`MismatchError` when ``source`` (an :class:`ExtractionCache`, a :class:`Decomposition` or
+        their ``meta`` dict) records a model fingerprint other than the one this aligner was fitted on: the same
+        component names and sizes with other weights. ``check_model=False`` turns the check off; sources or
+        aligners without a fingerprint are not checked."""
+        meta = source if isinstance(source, dict) else getattr(source, "meta", None)
+        theirs = meta.get("model_fingerprint") if isinstance(meta, dict) else None
+        if self.check_model and self.model_fingerprint and theirs and theirs != self.model_fingerprint:
+            where = getattr(source, "path", None) or type(source).__name__
+            raise MismatchError(
+                f"the aligner was fitted on model {self.model_name!r} with weights {self.model_fingerprint}, but "
+                f"{where} comes from weights {theirs} (same component names and sizes, other weights). Fit an aligner "
+                "for this model, or set aligner.check_model = False (Aligner.load(..., check_model=False)) to apply "
+                "it anyway"
+            )
+
     def _contributions(self, x) -> torch.Tensor:
         from .decomposition import Decomposition
 
         if isinstance(x, Decomposition):
+            self.check_source(x)
             if tuple(x.names) != self.names:
                 raise MismatchError(
                     f"Decomposition components do not match the aligner's ({_first_difference(x.names, self.names)}). "
@@ -222,6 +244,7 @@ class Aligner:
     def iter_aligned(self, source, *, batch_size: int = 256) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """``(indices, aligned [B, C, d])`` over a contributions tensor or an :class:`ExtractionCache`."""
         data = _Data.of(source)
+        self.check_source(data.meta)
         if data.names is not None and tuple(data.names) != self.names:
             raise MismatchError(f"cache components do not match the aligner's ({_first_difference(data.names, self.names)})")
         for k in range(data.num_chunks):
@@ -236,6 +259,7 @@ class Aligner:
         """Aligned outputs ``[N, k, d]`` of the ``components`` (names; default all) over a contributions tensor or an
         :class:`ExtractionCache`, read chunk by chunk: memory N·k·d, never N·C·d. Input for :func:`textspan`."""
         data = _Data.of(source)
+        self.check_source(data.meta)
         if data.names is not None and tuple(data.names) != self.names:
             raise MismatchError(f"source components do not match the aligner's ({_first_difference(data.names, self.names)})")
         if data.C != len(self.names) or data.D != self.in_dim:
@@ -269,12 +293,18 @@ class Aligner:
             "clip_model": self.clip_model, "config": self.config, "held_out_cosine": self.held_out_cosine,
             "init_cosine": self.init_cosine, "history": self.history, "identity": self.weight is None,
             "in_dim": self.in_dim, "out_dim": self.out_dim, "penalty_side": self.penalty_side,
+            "model_fingerprint": self.model_fingerprint,
         }
-        save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
+        try:
+            save_file(tensors, str(path), metadata={"vitdecomp": json.dumps(meta)})
+        except Exception as exc:  # noqa: BLE001 - safetensors wraps OS errors in its own type
+            from .errors import OutputError
+
+            raise OutputError(f"cannot write the aligner to {path}: {type(exc).__name__}: {exc}") from exc
 
     @classmethod
-    def load(cls, path, *, device="cpu") -> "Aligner":
-        """Read an aligner written by :meth:`save`."""
+    def load(cls, path, *, device="cpu", check_model: bool = True) -> "Aligner":
+        """Read an aligner written by :meth:`save` (``check_model``: see :meth:`check_source`)."""
         from safetensors import safe_open
 
         try:
@@ -290,7 +320,8 @@ class Aligner:
             raise InputError(f"Could not read aligner file {path}: {exc}") from exc
         return cls(weight, bias, meta["names"], model_name=meta.get("model_name"), clip_model=meta.get("clip_model"),
                    config=meta.get("config", {}), held_out_cosine=meta.get("held_out_cosine"),
-                   init_cosine=meta.get("init_cosine"), history=meta.get("history", []))
+                   init_cosine=meta.get("init_cosine"), history=meta.get("history", []),
+                   model_fingerprint=meta.get("model_fingerprint"), check_model=check_model)
 
 
 # ---------------------------------------------------------------------------------------------------- data access
@@ -302,13 +333,22 @@ class _Data:
     def __init__(self, chunks, loader, N, C, D, names=None, meta=None, targets=None):
         self.chunks, self._loader = chunks, loader
         self.N, self.C, self.D, self.names, self.meta, self.targets = N, C, D, names, meta or {}, targets
+        self._checked = set()
 
     @property
     def num_chunks(self) -> int:
         return len(self.chunks)
 
     def load(self, k: int) -> torch.Tensor:
-        return self._loader(k)
+        x = self._loader(k)
+        if k not in self._checked:  # once per chunk: NaN or Inf never pass silently (on the CPU, without a sync)
+            if x.device.type == "cpu":
+                bad = ~torch.isfinite(x).flatten(1).all(1)
+                if bool(bad.any()):
+                    i = self.chunks[k][0] + int(torch.nonzero(bad)[0])
+                    raise InputError(f"image {i} has NaN or Inf in its contributions; every value must be finite")
+            self._checked.add(k)
+        return x
 
     @classmethod
     def of(cls, source) -> "_Data":
@@ -530,6 +570,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     clip_model = clip_model or data.meta.get("clip_model")
     if targets.ndim != 2 or targets.shape[0] != data.N:
         raise MismatchError(f"targets must be [N, d] with N = {data.N} (the number of images), got {tuple(targets.shape)}")
+    bad = ~torch.isfinite(targets.detach().cpu()).all(1)
+    if bool(bad.any()):
+        raise InputError(f"fit_aligner: the target of image {int(torch.nonzero(bad)[0])} has NaN or Inf")
     targets = torch.nn.functional.normalize(targets.detach().to(torch.float32), dim=-1).cpu()
     N, C, D, d = data.N, data.C, data.D, targets.shape[1]
     device = torch.device(device)
@@ -628,4 +671,5 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     config.update(lr_used=lr_used, best_epoch=best_epoch, n_train=int(train_mask.sum()), n_val=n_val,
                   penalty_side="WtW" if D >= d else "WWt")
     return Aligner(Wb.cpu(), bb.cpu(), names, model_name=model_name, clip_model=clip_model, config=config,
-                   held_out_cosine=best_cos if n_val else None, init_cosine=init_cos, history=history)
+                   held_out_cosine=best_cos if n_val else None, init_cosine=init_cos, history=history,
+                   model_fingerprint=data.meta.get("model_fingerprint"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import attrs
@@ -197,6 +198,8 @@ class Decomposition:
         """Component ``name`` split over tokens: ``[B, T, D]`` summing over T to ``self[name]``.
 
         Attention heads are split by the token they read from; other components sit at the positions they write.
+        A family that places heads at the rows they write instead says so with ``meta["head_tokens"] = "query"``
+        (Swin, MaxViT; the conformance kit checks whichever is declared).
         Token order follows ``self.grid``: prefix tokens first, then the h × w patches row-major.
         """
         if not self.token_details:
@@ -235,7 +238,9 @@ class Decomposition:
                 comp = first
             else:
                 kinds = {self.components[i].kind for i in idx}
-                if len(kinds) == 1:
+                if kinds == {"head"} and level != "kind":
+                    kind = "attn"  # heads summed into their branch (an attention without an output bias)
+                elif len(kinds) == 1:
                     kind = first.kind
                 else:
                     kind = {"branch": "attn", "attn": "attn", "block": "block", "stage": "stage"}.get(level, "attn")
@@ -304,17 +309,34 @@ class Decomposition:
 
     @classmethod
     def load(cls, path) -> "Decomposition":
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`. A missing, truncated or foreign file (another safetensors file, one
+        without vitdecomp metadata) raises :class:`InputError` naming it."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["vitdecomp"])
-            contributions = f.get_tensor("contributions")
-            representation = f.get_tensor("representation")
-            tokens = {k[len("tokens/"):]: DenseTokens(f.get_tensor(k)) for k in f.keys() if k.startswith("tokens/")}
-        grid = TokenGrid(**meta["grid"]) if meta.get("grid") else None
-        comps = tuple(Component(**c) for c in meta["components"])
-        grids = {k: TokenGrid(**v) for k, v in meta.get("token_grids", {}).items()}
+        from .errors import InputError
+
+        what = "a safetensors file written by Decomposition.save (vitdecomp decompose --out)"
+        if not Path(path).is_file():
+            raise InputError(f"{path} is not a file; Decomposition.load reads {what}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("vitdecomp")
+                keys = set(f.keys())
+                if raw is None or not {"contributions", "representation"} <= keys:
+                    raise InputError(f"{path} has no vitdecomp metadata or tensors (it holds {sorted(keys)[:5]}); "
+                                     f"Decomposition.load reads {what}")
+                meta = json.loads(raw)
+                contributions = f.get_tensor("contributions")
+                representation = f.get_tensor("representation")
+                tokens = {k[len("tokens/"):]: DenseTokens(f.get_tensor(k)) for k in keys if k.startswith("tokens/")}
+            grid = TokenGrid(**meta["grid"]) if meta.get("grid") else None
+            comps = tuple(Component(**c) for c in meta["components"])
+            grids = {k: TokenGrid(**v) for k, v in meta.get("token_grids", {}).items()}
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors, json and attrs raise their own types
+            raise InputError(f"{path}: cannot read it ({type(exc).__name__}: {exc}); Decomposition.load reads "
+                             f"{what}") from exc
         return cls(contributions=contributions, components=comps, representation=representation, grid=grid,
                    token_details=tokens, token_grids=grids, meta=meta.get("meta", {}))
 

@@ -15,6 +15,9 @@ __all__ = [
     "MismatchError",
     "UnknownPropertyError",
     "EmptyDatasetError",
+    "CorruptCacheError",
+    "OutputError",
+    "AdapterError",
 ]
 
 
@@ -67,3 +70,15 @@ class UnknownPropertyError(VitDecompError, KeyError):
 
 class EmptyDatasetError(VitDecompError, ValueError):
     """A dataset, folder or cache with no images in it."""
+
+
+class CorruptCacheError(VitDecompError, ValueError):
+    """A cache file that is truncated, altered or misplaced (its checksum or its header does not match)."""
+
+
+class OutputError(VitDecompError, OSError):
+    """An output path that cannot be written (missing, read-only, not empty and not ours, disk full)."""
+
+
+class AdapterError(VitDecompError, RuntimeError):
+    """An adapter that claimed a model failed on it with an error of its own; names the adapter and its plugin."""

@@ -171,8 +171,10 @@ def load_properties(path) -> Dict[str, Property]:
     ``[name]`` tables with a ``descriptions`` list. Returns ``{name: Property}`` in file order.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"Property file {path} is a folder; give a .toml or .json file")
     if not path.is_file():
-        raise InputError(f"Property file {path} does not exist")
+        raise InputError(f"Property file {path} does not exist (give a .toml or .json file)")
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":

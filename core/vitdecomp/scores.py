@@ -59,6 +59,9 @@ def orthonormal_basis(texts: torch.Tensor, *, tol: float = 1e-8) -> torch.Tensor
         raise InputError("basis is empty (k = 0 text embeddings)")
     if k > d:
         raise InputError(f"basis has {k} directions in d = {d} dimensions; at most d are independent")
+    finite = torch.isfinite(texts.detach().cpu()).all(1)
+    if not bool(finite.all()):
+        raise InputError(f"basis row {int(torch.nonzero(~finite)[0])} (a text embedding) has NaN or Inf")
     q, r = torch.linalg.qr(texts.detach().cpu().to(torch.float64).T)  # q [d, k]
     sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
     q = q * sign  # the unique QR with a positive diagonal: orthonormal_basis(orthonormal_basis(x)) == it
@@ -74,6 +77,10 @@ def _prepare(aligned: torch.Tensor, basis: torch.Tensor, fn: str):
     n = aligned.shape[0]
     if n < 2:
         raise EmptyDatasetError(f"{fn} needs at least 2 images, got {n}")
+    if aligned.device.type == "cpu":  # elsewhere the check would make the host wait
+        bad = ~torch.isfinite(aligned).flatten(1).all(1)
+        if bool(bad.any()):
+            raise InputError(f"{fn}: image {int(torch.nonzero(bad)[0])} has NaN or Inf in its aligned contributions")
     return q, aligned.to(torch.float64)
 
 
@@ -212,6 +219,8 @@ class StreamingScores:
     _q: torch.Tensor = attrs.field(init=False)  # [d, K]: all bases side by side
     _slices: Dict[str, slice] = attrs.field(init=False, factory=dict)
     _stats: Dict[str, torch.Tensor] = attrs.field(init=False, factory=dict)
+    _updates: int = attrs.field(init=False, default=0)  # batches fed so far (for naming a bad one)
+    _bad: Optional[torch.Tensor] = attrs.field(init=False, default=None)  # device-side: first non-finite batch/row
 
     def __attrs_post_init__(self):
         self._q = torch.cat(list(self.bases.values()), 0).T.contiguous()
@@ -278,8 +287,44 @@ class StreamingScores:
             raise InputError(f"total must be [B, d] = {(aligned.shape[0], aligned.shape[2])}, got {tuple(total.shape)}")
         if aligned.shape[0] == 0:
             return self
+        self._check_finite(aligned, total)
         self._combine(aligned.shape[0], self._batch_stats(aligned, total))
+        self._updates += 1
         return self
+
+    _NO_BAD = 2 ** 62
+
+    def _check_finite(self, aligned: torch.Tensor, total: Optional[torch.Tensor]) -> None:
+        """NaN or Inf in a batch would turn every score into nonsense: on the CPU raise now, naming the batch and
+        the image; on an accelerator record the first bad one on the device (no synchronisation) and raise when
+        results are read."""
+        bad = ~torch.isfinite(aligned).flatten(1).all(1)
+        if total is not None:
+            bad = bad | ~torch.isfinite(total).flatten(1).all(1)
+        if aligned.device.type == "cpu":
+            if bool(bad.any()):
+                self._raise_bad(self._updates, int(torch.nonzero(bad)[0]), self.n)
+            return
+        row = torch.argmax(bad.to(torch.int64))
+        code = torch.where(bad.any(), self._updates * 2 ** 31 + row, torch.full_like(row, self._NO_BAD))
+        first_image = torch.full_like(row, self.n) + row
+        packed = torch.stack([code, first_image])
+        self._bad = packed if self._bad is None else torch.where(self._bad[0] <= code, self._bad, packed)
+
+    @staticmethod
+    def _raise_bad(batch: int, row: int, before: int) -> None:
+        raise InputError(
+            f"StreamingScores.update: batch {batch} (counting from 0), image {row} of that batch (image {before + row} "
+            "overall) has NaN or Inf in its aligned contributions (or total); every value must be finite. Check the "
+            "cache (ExtractionCache.verify) and the aligner"
+        )
+
+    def _raise_if_bad(self) -> None:
+        if self._bad is not None:
+            code, image = (int(v) for v in self._bad.cpu())
+            if code != self._NO_BAD:
+                batch, row = divmod(code, 2 ** 31)
+                self._raise_bad(batch, row, image - row)
 
     def merge(self, other: "StreamingScores") -> "StreamingScores":
         """Fold ``other`` (built with the same bases) into this accumulator; returns self."""
@@ -290,6 +335,7 @@ class StreamingScores:
             raise MismatchError(
                 f"cannot merge accumulators built on different property bases ({list(self.bases)} vs {list(other.bases)})"
             )
+        other._raise_if_bad()
         if other.n == 0:
             return self
         if self._C is not None and other._C != self._C:
@@ -306,9 +352,16 @@ class StreamingScores:
 
         if not dist.info().active:
             return self
+        bad = None if self._bad is None else self._bad.cpu().tolist()
         parts = dist.all_gather_objects(
-            (self.n, self._C, {k: v.cpu() for k, v in self._stats.items()} if self.n else None)
+            (self.n, self._C, {k: v.cpu() for k, v in self._stats.items()} if self.n else None, bad)
         )
+        for rank, (*_, b) in enumerate(parts):  # every rank raises together, naming the rank
+            if b is not None and b[0] != self._NO_BAD:
+                batch, row = divmod(b[0], 2 ** 31)
+                raise InputError(f"rank {rank}: batch {batch}, image {row} of that batch (image {b[1]} of that "
+                                 "rank) has NaN or Inf in its aligned contributions; every value must be finite")
+        parts = [p[:3] for p in parts]
         self.n, self._stats = 0, None
         for n, C, stats in parts:
             if not n:
@@ -320,6 +373,7 @@ class StreamingScores:
         return self
 
     def _need(self) -> None:
+        self._raise_if_bad()
         if self.n < 2:
             raise EmptyDatasetError(f"StreamingScores has seen {self.n} images; at least 2 are needed")
 
@@ -360,6 +414,7 @@ class StreamingScores:
         """Write the accumulator (safetensors; bases and statistics) so another process can :meth:`merge` it."""
         from safetensors.torch import save_file
 
+        self._raise_if_bad()
         tensors = {f"basis/{k}": v.contiguous() for k, v in self.bases.items()}
         tensors.update({f"stat/{k}": v.contiguous() for k, v in self._host_stats().items()})
         meta = {"format": "vitdecomp.streaming_scores/1", "n": self.n, "C": self._C, "order": list(self.bases)}

@@ -6,10 +6,15 @@ Use it from a pack's tests::
 
     def test_conformance():
         model = build_small_model()                       # real architecture, random weights
-        testing.perturb_parameters(model)                 # move norms / LayerScale away from identity init
+        testing.perturb_parameters(model)                 # move norms / LayerScale / biases off their init
         testing.run_conformance(model, image_size=(32, 32), reference=lambda m, x: m.forward_own(x))
 
 Every check raises ``AssertionError`` with a message naming the model, dtype and granularity that failed.
+
+:func:`check_attributions` checks each component (and token split), not only the sum, against
+:func:`attribution_oracle`: the model's own forward with norms at their forward statistics, attention outputs
+and branch writes cut into leaves, differentiated (``⟨∂z/∂write, write⟩`` is that write's exact share with
+everything else frozen). It never calls the adapter's algebra, only its names, ``unwrap`` and ``representation``.
 
 :func:`check_cuda_placement` runs the decomposition on a *simulated* CUDA device (PyTorch's fake tensors carry
 shapes, dtypes and devices but no data), so a machine without a GPU still proves that an adapter keeps every
@@ -25,10 +30,11 @@ import re
 import traceback
 from typing import Callable, Iterable, Optional, Sequence
 
+import attrs
 import torch
 
 from . import api
-from ._records import KINDS
+from ._records import KINDS, group_key
 from .decomposition import relative_error, tolerance_for
 from .errors import InputError
 
@@ -43,6 +49,11 @@ __all__ = [
     "HostSyncError",
     "run_conformance",
     "GRANULARITIES",
+    "attribution_oracle",
+    "check_attributions",
+    "OracleResult",
+    "OracleError",
+    "ATTRIBUTION_TOLERANCE",
 ]
 
 #: The option sets every adapter must reconstruct exactly (``start`` is filled in per model).
@@ -59,13 +70,17 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 def perturb_parameters(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Move norm weights/biases, LayerScale gammas and BatchNorm running statistics away from their identity
-    initialisation (in place), so that exactness tests cannot pass by accident."""
+    initialisation, and every bias (Linear, convolution, attention projections: timm initialises them to zero)
+    and prefix token away from zero (in place), so that exactness and attribution tests cannot pass by accident
+    — a component that drops a bias, or a norm's β, shows."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             low = name.lower()
             if any(k in low for k in ("norm", "ln_", "ln.", "gamma", "ls1", "ls2", "ls_1", "ls_2", "scale", ".bn", "bn.")) \
                     or re.search(r"(^|\.)ln\d?(\.|$)", low):
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p))
+            elif _BIAS.search(low) or re.search(r"(cls|reg|dist)_token$|class_embedding$", low):
                 p.add_(scale * torch.randn(p.shape, generator=g).to(p))
         for name, b in model.named_buffers():
             if name.endswith("running_mean"):
@@ -320,18 +335,592 @@ def check_cuda_placement(model, image_size, *, batch: int = 2, granularities: It
     return results
 
 
+# ---------------------------------------------------------------------------------------------- attribution oracle
+#
+# Independent of the engine under test: the model's own forward runs once with every norm's statistics detached
+# (its own eps, biased variance), every attention's output cut into a leaf right after ``A @ V`` (softmax weights
+# and values of the forward), and every branch named by a component cut into a leaf at the module that writes it.
+# What remains between the leaves and z is the frozen linear map, so ⟨∂z_d/∂leaf, leaf⟩ is exactly the change in
+# z_d when that one write is removed with everything else held at its forward value. One backward per output
+# dimension gives every component at once; attention heads are split by the head axis of ``A @ V`` and by source
+# token with the attention weights of the forward, ``Σ_q A_qj ⟨∂z/∂o_q, v_j⟩``.
+
+_ATTN_SYNONYMS = ("attn", "attention", "self_attn")
+_MLP_SYNONYMS = ("mlp", "output.dense")
+_BIAS = re.compile(r"(^|\.|_)bias$")
+
+
+class OracleError(AssertionError):
+    """The attribution oracle could not build its frozen model (it names the component or module)."""
+
+
+def _int_path(path: str) -> tuple:
+    return tuple(int(p) for p in path.split(".") if p.isdigit())
+
+
+def _resolve(root, mods: dict, path: str, *, synonyms: Sequence[str] = (), want=None):
+    """The module of ``root`` that component path ``path`` names: the path itself, or the shallowest module with
+    the same block indices whose path ends in the same suffix (``stages.1.blocks.0.mlp`` → ``layers.1.blocks.0.mlp``;
+    ``blocks.2.attn`` → ``encoder.layer.2.attention``); ``synonyms`` are alternative last segments."""
+    parts = path.split(".")
+    last_int = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    ints = _int_path(path)
+    suffix = ".".join(parts[last_int + 1:])
+    tails = [suffix] if suffix else [""]
+    if suffix and suffix.rsplit(".", 1)[-1] in synonyms:
+        head = suffix.rsplit(".", 1)[0] + "." if "." in suffix else ""
+        tails += [head + s for s in synonyms if head + s != suffix]
+    for tail in tails:
+        if path in mods and tail == suffix and (want is None or want(mods[path])):
+            return path, mods[path]
+        cands = []
+        for name, mod in mods.items():
+            if _int_path(name) != ints:
+                continue
+            npart = name.split(".")
+            nl = max((i for i, p in enumerate(npart) if p.isdigit()), default=-1)
+            rest = ".".join(npart[nl + 1:])
+            if (rest == tail or (not ints and tail and rest.endswith("." + tail))) and (nl >= 0 or not ints) \
+                    and (want is None or want(mod)):
+                cands.append(name)
+        if cands:
+            cands.sort(key=lambda n: (n.count("."), n))
+            return cands[0], mods[cands[0]]
+    return None, None
+
+
+def _block_path(name: str) -> str:
+    parts = name.split(".")
+    last_int = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    if parts[-2:-1] == ["head"]:  # blocks.3.attn.head.7: the head index is not the block's
+        parts = parts[:-2]
+        last_int = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[: last_int + 1])
+
+
+def _positions(x: torch.Tensor, grid) -> Optional[torch.Tensor]:
+    """``x`` (one image's stream tensor) as ``[T, C]`` rows in ``grid`` order, or None if its layout does not match."""
+    if grid is None:
+        return None
+    T, hw = grid.num_tokens, (grid.h, grid.w)
+    if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] == T:
+        return x[0]
+    if x.ndim == 3 and x.shape[1] == 1 and x.shape[0] == T:
+        return x[:, 0]
+    if x.ndim == 4 and grid.num_prefix == 0 and x.shape[0] == 1:
+        if tuple(x.shape[1:3]) == hw:
+            return x[0].reshape(T, -1)
+        if tuple(x.shape[2:4]) == hw:
+            return x[0].reshape(x.shape[1], T).T
+    return None
+
+
+@contextlib.contextmanager
+def _frozen_functions(state):
+    """Patch torch's norm and attention entry points for the oracle's pass (restored on exit)."""
+    F = torch.nn.functional
+    orig = {k: getattr(F, k) for k in ("layer_norm", "group_norm", "rms_norm", "scaled_dot_product_attention")
+            if hasattr(F, k)}
+    orig_matmul, orig_tmatmul = torch.matmul, torch.Tensor.__matmul__
+
+    def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        dims = tuple(range(-len(tuple(normalized_shape)), 0))
+        y = (input - input.mean(dims, keepdim=True)) * torch.rsqrt(
+            input.var(dims, unbiased=False, keepdim=True).detach() + eps)
+        y = y * weight if weight is not None else y
+        return y + bias if bias is not None else y
+
+    def rms_norm(input, normalized_shape, weight=None, eps=None):
+        eps = torch.finfo(input.dtype).eps if eps is None else eps
+        dims = tuple(range(-len(tuple(normalized_shape)), 0))
+        y = input * torch.rsqrt(input.pow(2).mean(dims, keepdim=True).detach() + eps)
+        return y * weight if weight is not None else y
+
+    def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+        B, C = input.shape[:2]
+        g = input.reshape(B, num_groups, -1)
+        y = ((g - g.mean(-1, keepdim=True)) * torch.rsqrt(g.var(-1, unbiased=False, keepdim=True).detach() + eps))
+        y = y.reshape(input.shape)
+        shape = (1, C) + (1,) * (input.ndim - 2)
+        y = y * weight.reshape(shape) if weight is not None else y
+        return y + bias.reshape(shape) if bias is not None else y
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        out = orig["scaled_dot_product_attention"](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   is_causal=is_causal, scale=scale, **kw)
+        if not state.owners:
+            return out
+        s = scale if scale is not None else query.shape[-1] ** -0.5
+        logits = torch.einsum("...qc,...kc->...qk", query, key) * s
+        L, S = logits.shape[-2:]
+        if is_causal:
+            logits = logits.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+        return state.attention(torch.softmax(logits, -1).detach(), value, out)
+
+    def is_probs(a):
+        return (isinstance(a, torch.Tensor) and a.is_floating_point() and a.ndim >= 3 and bool((a >= 0).all())
+                and bool(torch.allclose(a.sum(-1), torch.ones((), dtype=a.dtype), atol=1e-4)))
+
+    def matmul(a, b, *args, **kw):
+        out = orig_matmul(a, b, *args, **kw)
+        if state.owners and not args and not kw and is_probs(a):
+            return state.attention(a.detach(), b, out)
+        return out
+
+    def tmatmul(a, b):
+        out = orig_tmatmul(a, b)
+        if state.owners and is_probs(a):
+            return state.attention(a.detach(), b, out)
+        return out
+
+    repl = {"layer_norm": layer_norm, "group_norm": group_norm, "rms_norm": rms_norm,
+            "scaled_dot_product_attention": sdpa}
+    try:
+        for k in orig:
+            setattr(F, k, repl[k])
+        torch.matmul, torch.Tensor.__matmul__ = matmul, tmatmul
+        yield
+    finally:
+        for k, v in orig.items():
+            setattr(F, k, v)
+        torch.matmul, torch.Tensor.__matmul__ = orig_matmul, orig_tmatmul
+
+
+@attrs.define(eq=False)
+class OracleResult:
+    """What :func:`attribution_oracle` computed for one image: ``contributions[name]`` ``[D]`` for every component;
+    ``tokens[name]`` ``[T, D]`` on ``grid_of(name)``, each component at the positions it writes (heads: their query
+    rows); ``sources[name]`` ``[T, D]`` each head split by the token it reads; ``z`` the representation; ``notes``
+    what could not be checked and why."""
+
+    contributions: dict
+    tokens: dict
+    sources: dict
+    z: torch.Tensor
+    notes: list
+
+
+class _State:
+    def __init__(self):
+        self.owners: list = []
+        self.calls: dict = {}
+
+    def attention(self, probs, value, out):
+        owner = self.owners[-1]
+        if owner in self.calls:
+            raise OracleError(f"attention module {owner!r} computed A·V twice in one forward; the oracle needs one "
+                              f"attention product per head group")
+        err = float((torch.einsum("...qk,...kc->...qc", probs, value.detach()) - out.detach()).abs().max())
+        scale = float(out.detach().abs().max()) or 1.0
+        if err > 1e-6 * scale:
+            raise OracleError(f"{owner!r}: recomputed attention weights do not reproduce the attention output "
+                              f"(max deviation {err:.2e}); unsupported attention arguments")
+        leaf = out.detach().requires_grad_()
+        self.calls[owner] = (probs, value, leaf)
+        return leaf
+
+
+def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registry=None, writes=None) -> OracleResult:
+    """Each component's contribution to z for one image ``[1, 3, H, W]``, computed from the model's own forward
+    with hooks and autograd only — never from the adapter's algebra.
+
+    ``dec`` (a ``heads=True`` decomposition of ``image``) supplies only the component names and grids. Every
+    component is located in ``adapter.unwrap(model)`` by its name (the path itself, or the module with the same
+    block indices and suffix; ``attn`` also matches ``attention`` / ``self_attn``, ``mlp`` also ``output.dense``);
+    ``writes`` (or the adapter's optional ``oracle_writes(model)``) overrides that: ``{name: module path}`` for a
+    branch (the module whose output is the write), ``{name: [parameter paths]}`` for a constant. Heads are the
+    head axis of the attention product ``A @ V`` inside the attention module; ``embed`` / ``init`` are the stream
+    entering the first decomposed block, less the constants the decomposition lists before it.
+    """
+    ad = api.find_adapter(model, adapter, registry=registry)
+    root = ad.unwrap(model)
+    overrides = dict(getattr(ad, "oracle_writes", lambda m: {})(root) or {})
+    overrides.update(writes or {})
+    ran: set = set()  # names resolve only to modules the representation's forward runs (not a CLIP text tower)
+    hk = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, a: ran.add(id(mod)))
+    try:
+        with torch.no_grad():
+            ad.representation(root, image)
+    finally:
+        hk.remove()
+    mods = {n: mod for n, mod in root.named_modules() if id(mod) in ran}
+    params = dict(root.named_parameters())
+    comps = list(dec.components)
+    head_groups: dict = {}
+    branches: dict = {}
+    consts: dict = {}
+    starts = []
+    for c in comps:
+        if c.kind == "head":
+            head_groups.setdefault(c.name.rsplit(".head.", 1)[0], []).append(c)
+        elif c.kind in ("embed", "residual"):
+            starts.append(c)
+        elif c.kind == "const":
+            ov = overrides.get(c.name)
+            if ov is not None:
+                consts[c.name] = [params[p] for p in ([ov] if isinstance(ov, str) else ov)]
+                continue
+            owner = c.name[: -len(".bias")] if c.name.endswith(".bias") else c.name
+            path, mod = _resolve(root, mods, owner, synonyms=_ATTN_SYNONYMS)
+            if mod is None:
+                raise OracleError(f"{ad.name}: cannot locate the module of constant {c.name!r} in "
+                                  f"{type(root).__name__}; pass writes={{{c.name!r}: [parameter paths]}}")
+            direct = [p for n, p in mod.named_parameters(recurse=False) if n == "bias"]  # a norm's β, a Linear's b
+            consts[c.name] = direct or [p for n, p in mod.named_parameters() if _BIAS.search(n)]
+            if not consts[c.name]:
+                raise OracleError(f"{ad.name}: module {path!r} of constant {c.name!r} has no bias parameter; "
+                                  f"pass writes={{{c.name!r}: [parameter paths]}}")
+        else:
+            ov = overrides.get(c.name)
+            path, mod = (ov, mods.get(ov)) if ov is not None else _resolve(
+                root, mods, c.name, synonyms=_MLP_SYNONYMS if c.kind == "mlp" else _ATTN_SYNONYMS)
+            if mod is None:
+                raise OracleError(f"{ad.name}: cannot locate the module that writes component {c.name!r} "
+                                  f"(kind {c.kind}) in {type(root).__name__}; pass writes={{{c.name!r}: 'module.path'}}")
+            if hasattr(mod, "shortcut") and isinstance(getattr(mod, "drop_path", None), torch.nn.Module):
+                # a module that adds its own shortcut (timm's MBConv): its write is the branch part, the
+                # output of its drop_path, not the sum with the stream
+                path, mod = f"{path}.drop_path", mod.drop_path
+            branches[c.name] = (path, mod)
+    owners = {}
+    for g in head_groups:
+        ov = overrides.get(g)
+        path, mod = (ov, mods.get(ov)) if ov is not None else _resolve(root, mods, g, synonyms=_ATTN_SYNONYMS)
+        if mod is None:
+            raise OracleError(f"{ad.name}: cannot locate the attention module of heads {g!r}.head.* in "
+                              f"{type(root).__name__}; pass writes={{{g!r}: 'module.path'}}")
+        owners[g] = path
+    first = next((c for c in comps if c.kind not in ("embed", "residual", "const")), None)
+    if starts and first is not None:
+        bpath, bmod = _resolve(root, mods, _block_path(first.name))
+        if bmod is None:
+            raise OracleError(f"{ad.name}: cannot locate block {_block_path(first.name)!r} (the stream entering it "
+                              f"is {starts[0].name!r})")
+    state = _State()
+    captured: dict = {}
+    leaves: dict = {}
+    handles = []
+
+    def capture_input(key):
+        def pre(mod, args, kwargs):
+            if args and isinstance(args[0], torch.Tensor):
+                t, put = args[0], lambda v: ((v,) + tuple(args[1:]), kwargs)
+            else:
+                k = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+                if k is None:
+                    return None
+                t, put = kwargs[k], lambda v: (args, {**kwargs, k: v})
+            if not t.is_floating_point():
+                return None
+            if not t.requires_grad:
+                t = t.detach().requires_grad_()
+                captured.setdefault(key, t)
+                return put(t)
+            t.retain_grad()
+            captured.setdefault(key, t)
+            return None
+        return pre
+
+    def leaf_output(key):
+        def post(mod, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            leaf = t.detach().requires_grad_()
+            leaves[key] = leaf
+            return (leaf,) + tuple(out[1:]) if isinstance(out, tuple) else leaf
+        return post
+
+    try:
+        for g, path in owners.items():
+            mod = mods[path]
+            handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: state.owners.append(p)))
+            handles.append(mod.register_forward_hook(lambda m, a, o: state.owners.pop() and None))
+            # candidates for the token layout of this attention: the module and its ancestors' inputs
+            parts = path.split(".")
+            for k in range(len(parts), 0, -1):
+                anc = ".".join(parts[:k])
+                if anc in mods:
+                    handles.append(mods[anc].register_forward_pre_hook(capture_input(("pos", g, anc)), with_kwargs=True))
+        for name, (path, mod) in branches.items():
+            handles.append(mod.register_forward_hook(leaf_output(name)))
+        if starts and first is not None:
+            handles.append(bmod.register_forward_pre_hook(capture_input(("start",)), with_kwargs=True))
+        with torch.enable_grad(), _frozen_functions(state):
+            z = ad.representation(root, image)
+    finally:
+        for h in handles:
+            h.remove()
+    if z.ndim != 2 or z.shape[0] != 1:
+        raise OracleError(f"{ad.name}: representation has shape {tuple(z.shape)}, expected [1, D]")
+    if not z.requires_grad:
+        raise OracleError(f"{ad.name}: representation() does not let gradients through (no_grad inside?)")
+    for g, path in owners.items():
+        if path not in state.calls:
+            raise OracleError(f"{ad.name}: no attention product (F.scaled_dot_product_attention or softmax @ V) "
+                              f"seen inside {path!r} for heads {g!r}.head.*")
+    missing = [n for n in branches if n not in leaves]
+    if missing:
+        raise OracleError(f"{ad.name}: modules of components {missing[:3]} never ran")
+    D = z.shape[-1]
+    inputs, index = [], {}
+
+    def add(key, t):
+        index[key] = len(inputs)
+        inputs.append(t)
+
+    for g, path in owners.items():
+        add(("attn", g), state.calls[path][2])
+    for name in branches:
+        add(("branch", name), leaves[name])
+    for name, ps in consts.items():
+        for i, p in enumerate(ps):
+            add(("const", name, i), p)
+    if ("start",) in captured:
+        add(("start",), captured[("start",)])
+    grads = [[] for _ in inputs]
+    for d in range(D):
+        gs = torch.autograd.grad(z[0, d], inputs, retain_graph=True, allow_unused=True)
+        for i, gv in enumerate(gs):
+            grads[i].append(torch.zeros_like(inputs[i]) if gv is None else gv)
+    G = {k: torch.stack(grads[i]).detach() for k, i in index.items()}  # [D, *shape]
+    contrib, tokens, sources, notes = {}, {}, {}, []
+
+    def dot(key, value):
+        g = G[key]
+        return (g * value.detach()).reshape(D, -1).sum(-1)
+
+    for g, comps_g in head_groups.items():
+        probs, value, leaf = state.calls[owners[g]]
+        Gd = G[("attn", g)]  # [D, R, H, Nq, dh]
+        H = leaf.shape[-3]
+        if sorted(c.head for c in comps_g) != list(range(H)):
+            raise AssertionError(f"{ad.name}: the attention product in {owners[g]!r} has {H} heads; the decomposition "
+                                 f"lists heads {[c.head for c in comps_g]} for {g!r}")
+        per_head = torch.einsum("d...hqc,...hqc->dh", Gd.reshape(D, -1, *leaf.shape[-3:]),
+                                leaf.detach().reshape(-1, *leaf.shape[-3:]))
+        for c in comps_g:
+            if c.head is not None and c.head < H:
+                contrib[c.name] = per_head[:, c.head]
+        # token split: by source (A_qj ⟨∂z/∂o_q, v_j⟩) or by query row (⟨∂z/∂o_q, o_q⟩) mapped to grid positions
+        grid = dec.grid_of(comps_g[0].name)
+        rows = _row_positions(g, captured, value, grid, notes)
+        if rows is None:
+            continue
+        R = leaf.reshape(-1, *leaf.shape[-3:]).shape[0]
+        Gr = Gd.reshape(D, R, *leaf.shape[-3:])
+        vv = value.detach().reshape(R, *value.shape[-3:])
+        A = probs.reshape(R, *probs.shape[-3:])
+        splits = {"query": torch.einsum("drhqc,rhqc->dhrq", Gr, leaf.detach().reshape(R, *leaf.shape[-3:])),
+                  "source": torch.einsum("rhqj,drhqc,rhjc->dhrj", A, Gr, vv)}
+        valid = rows >= 0
+        for mode, per_row in splits.items():
+            per_row = per_row.reshape(D, H, -1)
+            out = per_row.new_zeros(H, grid.num_tokens, D)
+            out.index_add_(1, rows[valid], per_row[:, :, valid].permute(1, 2, 0))
+            lost = per_row[:, :, ~valid].sum(-1)  # [D, H]: rows outside the grid (padding)
+            for c in comps_g:
+                if c.head is None or c.head >= H:
+                    continue
+                if float(lost[:, c.head].detach().norm()) > 1e-9 * float(z.detach().norm()):
+                    notes.append(f"{c.name}: padding rows carry {float(lost[:, c.head].detach().norm()):.2e} of its {mode} "
+                                 f"split; not checked")
+                    continue
+                (tokens if mode == "query" else sources)[c.name] = out[c.head]
+    for name, (path, mod) in branches.items():
+        contrib[name] = dot(("branch", name), leaves[name])
+        pos = _positions(leaves[name], dec.grid_of(name))
+        if pos is not None:
+            gp = _positions_d(G[("branch", name)], dec.grid_of(name))
+            tokens[name] = (gp * pos.detach()).sum(-1).T
+    for name, ps in consts.items():
+        contrib[name] = sum(dot(("const", name, i), p) for i, p in enumerate(ps))
+    if starts:
+        c0 = starts[0]
+        inside = {id(p) for p in bmod.parameters()} if first is not None else set()
+        before = [c.name for c in comps[: comps.index(first)] if c.kind == "const"
+                  and not all(id(p) in inside for p in consts[c.name])] if first is not None else []
+        if ("start",) in captured:
+            x0 = captured[("start",)]
+            contrib[c0.name] = dot(("start",), x0) - sum((contrib[n] for n in before), torch.zeros(D, dtype=z.dtype))
+            pos = _positions(x0, dec.grid_of(c0.name))
+            if pos is not None and not before:
+                gp = _positions_d(G[("start",)], dec.grid_of(c0.name))
+                tokens[c0.name] = (gp * pos.detach()).sum(-1).T
+        else:  # nothing but the stream: it is all of z
+            contrib[c0.name] = z[0].detach().clone()
+    return OracleResult(contributions=contrib, tokens=tokens, sources=sources, z=z[0].detach(), notes=notes)
+
+
+def _positions_d(g: torch.Tensor, grid) -> torch.Tensor:
+    """``[D, *shape]`` gradients as ``[D, T, C]`` rows in grid order."""
+    return torch.stack([_positions(gi, grid) for gi in g])
+
+
+def _row_positions(g, captured, value, grid, notes) -> Optional[torch.Tensor]:
+    """For each (window row, token) of the attention's value tensor, its position on ``grid`` (−1: none), read off
+    the model's own partition / shift / padding by autograd: the probe ``Σ (s+1)·⟨v_s, u⟩`` differentiated with
+    respect to the stream tensor at the grid, divided by the plain probe's gradient, gives each position's s."""
+    cands = [(k[2], t) for k, t in captured.items() if k[0] == "pos" and k[1] == g]
+    cands.sort(key=lambda kt: -kt[0].count("."))  # innermost first
+    for anc, x in cands:
+        if _positions(x, grid) is None or not x.requires_grad or value.grad_fn is None:
+            continue
+        v = value.reshape(-1, *value.shape[-3:])  # [R, H, N, dh]
+        R, H, N, dh = v.shape
+        u = torch.randn(H, 1, dh, generator=torch.Generator().manual_seed(7), dtype=v.dtype)
+        w = (torch.arange(R * N, dtype=v.dtype) + 1).reshape(R, 1, N, 1)
+        g1 = torch.autograd.grad((v * u).sum(), x, retain_graph=True, allow_unused=True)[0]
+        gw = torch.autograd.grad((v * u * w).sum(), x, retain_graph=True, allow_unused=True)[0]
+        if g1 is None:
+            continue
+        p1, pw = _positions(g1, grid), _positions(gw, grid)
+        nn_ = (p1 * p1).sum(-1)
+        read = nn_ > 1e-20 * float(nn_.max())
+        s = torch.where(read, (pw * p1).sum(-1) / nn_.clamp_min(1e-300), torch.zeros_like(nn_))
+        si = s.round().long() - 1
+        resid = (pw - (si + 1).to(pw.dtype).unsqueeze(-1) * p1).norm(dim=-1)
+        if bool((resid > 1e-6 * pw.norm(dim=-1).clamp_min(1e-300))[read].any()) or bool((~read).any()):
+            notes.append(f"{g}: grid positions are not read by exactly one attention row (at {anc!r}); "
+                         f"token split not checked")
+            return None
+        rows = torch.full((R * N,), -1, dtype=torch.long)
+        rows[si] = torch.arange(grid.num_tokens)
+        if len(set(si.tolist())) != grid.num_tokens:
+            notes.append(f"{g}: two grid positions map to one attention row; token split not checked")
+            return None
+        return rows
+    notes.append(f"{g}: no module input around the attention has the layout of grid {grid}; token split not checked")
+    return None
+
+
+#: Per-component tolerance of :func:`check_attributions`: ``‖c − c_oracle‖ ≤ rtol·‖c_oracle‖ + floor·‖z‖``.
+ATTRIBUTION_TOLERANCE = {torch.float64: (1e-7, 1e-11), torch.float32: (2e-3, 1e-6)}
+
+
+def _compare(failures, name, got, want, z_norm, rtol, floor, what="contribution"):
+    err = float((got - want).norm())
+    scale = float(want.norm())
+    tol = rtol * scale + floor * z_norm
+    if not err <= tol:
+        ratio = float(got.norm()) / scale if scale > 0 else float("inf")
+        failures.append((err / max(tol, 1e-300), f"{what} of {name!r} differs from the attribution oracle by "
+                                                 f"{err:.2e} (its own size {scale:.2e}, tolerance {tol:.1e}, "
+                                                 f"size ratio {ratio:.3g})"))
+
+
+def _raise_failures(where, failures):
+    if failures:
+        failures.sort(key=lambda f: -f[0])
+        more = f"; and {len(failures) - 6} more" if len(failures) > 6 else ""
+        raise AssertionError(f"{where}: the decomposition credits components with what is not their write: "
+                             + "; ".join(m for _, m in failures[:6]) + more)
+
+
+def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torch.float64, start="middle",
+                       tokens: bool = True, adapter=None, registry=None, writes=None,
+                       rtol: Optional[float] = None, floor: Optional[float] = None) -> list:
+    """Every component's contribution, and its token split, against :func:`attribution_oracle` (one image at a
+    time), at ``heads=True`` (with ``tokens="source"``), ``heads=False`` (each branch the sum of its oracle leaves)
+    and ``start`` (``"middle"``: the adapter's :func:`middle_start`; None skips it).
+
+    Components are judged on their own scale: ``‖c − c_oracle‖ ≤ rtol·‖c_oracle‖ + floor·‖z‖`` (defaults in
+    :data:`ATTRIBUTION_TOLERANCE`), so a small component (LayerScale 1e-4) cannot hide behind the size of z.
+    Token splits are compared position by position where the oracle can place them: every component at the
+    positions it writes, heads by the token they read (or, when the family declares
+    ``dec.meta["head_tokens"] = "query"``, at the rows they write, with ``dec.meta["source_tokens"]`` then checked
+    by source). Returns ``[(options, worst relative error, number of checked token splits), ...]``."""
+    rt, fl = ATTRIBUTION_TOLERANCE.get(dtype, ATTRIBUTION_TOLERANCE[torch.float32])
+    rtol = rt if rtol is None else rtol
+    floor = fl if floor is None else floor
+    m = copy.deepcopy(model).to(dtype).eval()
+    ad = api.find_adapter(m, adapter, registry=registry)
+    kw = dict(adapter=ad, registry=registry)
+    results = []
+    for b in range(images.shape[0]):
+        x = images[b:b + 1].to(dtype)
+        runs = [{"heads": True, "tokens": "source" if tokens else None}, {"heads": False}]
+        if start is not None:
+            st = _start_for(ad.unwrap(m), ad) if start == "middle" else start
+            if st is not None:
+                runs.append({"heads": True, "start": st, "tokens": "source" if tokens else None})
+        for opts in runs:
+            dec = api.decompose(m, x, **kw, **{**opts, "heads": True})
+            where = f"{ad.name} {dtype} image {b} {opts}"
+            orc = attribution_oracle(m, x, dec, adapter=ad, registry=registry, writes=writes)
+            zn = float(orc.z.norm())
+            missing = [n for n in dec.names if n not in orc.contributions]
+            if missing:
+                raise OracleError(f"{where}: the oracle produced no value for {missing[:5]}")
+            total = sum(orc.contributions.values())
+            oerr = float((total - orc.z).norm()) / zn
+            if not oerr <= (1e-9 if dtype == torch.float64 else 1e-4):
+                raise AssertionError(
+                    f"{where}: the writes located for the components do not add up to z (oracle error {oerr:.2e}): "
+                    f"a constant or branch the model adds is not any component (or the oracle located a name wrong, "
+                    f"or a norm outside torch.nn.functional is not frozen); oracle notes: {orc.notes[:3]}")
+            worst, checked, failures, unchecked = 0.0, 0, [], []
+            if opts["heads"]:
+                for name in dec.names:
+                    _compare(failures, name, dec[name][0], orc.contributions[name], zn, rtol, floor)
+                    worst = max(worst, float((dec[name][0] - orc.contributions[name]).norm()) /
+                                max(float(orc.contributions[name].norm()), 1e-300))
+            else:
+                got_dec = api.decompose(m, x, **kw, **opts)
+                want: dict = {}
+                for c in dec.components:
+                    key = group_key(c, "branch")
+                    want[key] = want.get(key, 0) + orc.contributions[c.name]
+                assert set(want) == set(got_dec.names), \
+                    f"{where}: heads=False names {sorted(set(got_dec.names) ^ set(want))[:5]} are not the branches"
+                for name in got_dec.names:
+                    _compare(failures, name, got_dec[name][0], want[name], zn, rtol, floor)
+                    worst = max(worst, float((got_dec[name][0] - want[name]).norm()) /
+                                max(float(want[name].norm()), 1e-300))
+            if opts.get("tokens"):
+                head_mode = dec.meta.get("head_tokens", "source")
+                src_meta = dec.meta.get("source_tokens") or {}
+                for c in dec.components:
+                    if c.name not in dec.token_details:
+                        continue
+                    T = dec.grid_of(c.name).num_tokens
+                    ref = (orc.sources if head_mode == "source" else orc.tokens) if c.kind == "head" else orc.tokens
+                    if c.name not in ref and c.kind != "const":
+                        unchecked.append(c.name)
+                    if c.name in ref:
+                        tok = dec.token_contributions(c.name)[0]
+                        what = f"token split ({'read' if c.kind == 'head' and head_mode == 'source' else 'written'} positions)"
+                        _compare(failures, c.name, tok, ref[c.name], zn, rtol, floor, what=what)
+                        checked += 1
+                    if c.kind == "head" and c.name in src_meta and c.name in orc.sources:
+                        tok = src_meta[c.name].materialize(T)[0]
+                        _compare(failures, c.name, tok, orc.sources[c.name], zn, rtol, floor,
+                                 what="meta['source_tokens'] split (read positions)")
+                        checked += 1
+            _raise_failures(where, failures)
+            if unchecked:
+                raise OracleError(f"{where}: the oracle could not place the token splits of {unchecked[:4]} on their "
+                                  f"grids ({'; '.join(orc.notes[:3]) or 'no layout matched'}); check_attributions("
+                                  f"..., tokens=False) skips token checks")
+            results.append((opts, worst, checked))
+    return results
+
+
 def run_conformance(model, image_size, *, batch: int = 2, reference: Optional[Callable] = None,
                     fixed_size: bool = True, seed: int = 0, adapter=None, registry=None,
-                    cuda_placement: bool = True) -> list:
+                    cuda_placement: bool = True, attributions: bool = True, writes=None) -> list:
     """All checks on ``model`` with a random batch of ``image_size`` (H, W) images (including
     :func:`check_cuda_placement`, which needs no GPU; ``cuda_placement=False`` skips it, e.g. for a model whose
-    forward cannot run on fake tensors)."""
+    forward cannot run on fake tensors), and :func:`check_attributions` in float64 on the first image
+    (``attributions=False`` skips it; ``writes`` is passed on)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, *image_size, generator=g)
     model.eval()
     results = check_reconstruction(model, images, reference=reference, adapter=adapter, registry=registry)
     results += check_reconstruction(model, images[:1], granularities=({"heads": True},), reference=reference,
                                     adapter=adapter, registry=registry)
+    if attributions:
+        check_attributions(model, images[:1], adapter=adapter, registry=registry, writes=writes)
     check_bad_inputs(model, images, fixed_size=fixed_size, adapter=adapter, registry=registry)
     if cuda_placement:
         check_cuda_placement(model, image_size, batch=batch, adapter=adapter, registry=registry)

@@ -238,7 +238,8 @@ class MaxViTAdapter(Adapter):
         tokens = options.tokens == "source"
         plan = build_plan(model, tuple(images.shape[-2:]))
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        meta = {"adapter": self.name, "model": cfg.get("architecture", type(model).__name__)}
+        # heads' token details sit at the rows they write; the split by read position is meta["source_tokens"]
+        meta = {"adapter": self.name, "model": cfg.get("architecture", type(model).__name__), "head_tokens": "query"}
         return run_maxvit(model, images, plan, start=start, tokens=tokens, sources=tokens and options.heads,
                           representation=lambda x: self.representation(model, x), meta=meta)
 

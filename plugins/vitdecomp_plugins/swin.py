@@ -177,6 +177,19 @@ class TimmSwinAdapter(Adapter):
     def representation(self, model, images):
         return model.forward_head(model.forward_features(images), pre_logits=True)
 
+    def oracle_writes(self, model):
+        """Where the conformance kit's attribution oracle finds the V2 branches' writes: the res-post-norm is inside
+        the branch (``mlp`` is ``norm2``'s output; ``attn.bias`` is the projection's bias and ``norm1``'s β)."""
+        if not _is_v2(model):
+            return {}
+        out = {}
+        for S, st in enumerate(_stages(model)):
+            for b in range(len(st.blocks)):
+                p, q = f"stages.{S}.blocks.{b}", f"layers.{S}.blocks.{b}"
+                out[f"{p}.mlp"] = f"{q}.norm2"
+                out[f"{p}.attn.bias"] = [f"{q}.attn.proj.bias", f"{q}.norm1.bias"]
+        return out
+
     def readout(self, model):
         fc = getattr(getattr(model, "head", None), "fc", None)
         return fc if isinstance(fc, torch.nn.Linear) else None
@@ -208,7 +221,7 @@ class TimmSwinAdapter(Adapter):
 
     def decompose(self, model, images, options):
         start = _parse_start(model, options.start)
-        meta = {"adapter": self.name,
+        meta = {"adapter": self.name, "head_tokens": "query",  # heads sit at the rows they write (see above)
                 "model": getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
                 if hasattr(model, "default_cfg") else type(model).__name__}
         return run_hierarchical(
