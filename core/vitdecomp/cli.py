@@ -102,22 +102,24 @@ def _plugins_check(reg, spec: str) -> int:
     """Which adapters claim MODEL (built with random weights: only its structure matters)."""
     from . import api
 
+    from .errors import AmbiguousAdapterError, NoAdapterError
+
     loaded = api.load_model(spec, random_init=True, registry=reg)
     model = loaded.model
-    claims = reg.claims(model)
     cls = type(model)
     print(f"{spec}: model class {cls.__module__}.{cls.__qualname__}")
-    for name, origin, ok, why in claims:
-        print(f"  {'CLAIMS' if ok else 'no    '}  {name}  [{origin}]  {why}")
-    winners = [c for c in claims if c[2]]
-    if len(winners) == 1:
-        print(f"decompose uses adapter {winners[0][0]!r}")
-        return 0
-    if not winners:
-        print("no adapter claims it: decompose raises NoAdapterError")
-    else:
-        print(f"{len(winners)} adapters claim it: decompose raises AmbiguousAdapterError; pass adapter=<name>")
-    return 1
+    try:
+        choice = reg.choose(model)
+    except (NoAdapterError, AmbiguousAdapterError) as exc:
+        for name, origin, ok, why in reg.claims(model):
+            print(f"  {'CLAIMS' if ok else 'no    '}  {name}  [{origin}]  {why}")
+        kind = "NoAdapterError" if isinstance(exc, NoAdapterError) else "AmbiguousAdapterError; pass adapter=<name>"
+        print(f"decompose raises {kind}")
+        return 1
+    for line in choice.lines()[1:]:
+        print(line)
+    print(f"decompose uses adapter {choice.name!r} ({choice.how})")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -130,26 +132,29 @@ def cmd_check(args) -> int:
     model = loaded.model
     dtype = _dtype(args.dtype)
     model = model.to(dtype)
-    adapter = api.find_adapter(model)
+    choice = api.choose_adapter(model, args.adapter)
+    adapter = choice.adapter
     size = tuple(args.image_size) if args.image_size else _image_size(model, adapter)
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch, 3, *size, generator=g, dtype=dtype).to(args.device)
     from .engine import synchronize
 
     with torch.no_grad():
-        api.representation(model, images)  # warm-up
+        api.representation(model, images, adapter=adapter)  # warm-up
         synchronize(args.device)
         t0 = time.perf_counter()
-        api.representation(model, images)
+        api.representation(model, images, adapter=adapter)
         synchronize(args.device)
         t_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
     dec = api.decompose(model, images, heads=not args.no_heads, tokens="source" if args.tokens else None,
-                        start=args.start)
+                        start=args.start, adapter=adapter)
     synchronize(args.device)
     t_dec = time.perf_counter() - t0
     tol = tolerance_for(dtype)
     print(f"model      {loaded.name}  ({type(adapter.unwrap(model)).__name__}, adapter {adapter.name})")
+    for k, line in enumerate(choice.lines()):
+        print(("adapter    " if k == 0 else "           ") + (line[len("adapter "):] if k == 0 else line))
     print(f"input      {args.batch}×3×{size[0]}×{size[1]} {args.dtype}, random normal (seed {args.seed})")
     print(f"components {len(dec)}  representation dim {dec.contributions.shape[-1]}")
     if args.list:
@@ -235,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="print every component")
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="use this adapter instead of dispatch (e.g. 'auto'); the report says which one was used and why")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("decompose", help="decompose image files and write contributions to a safetensors file",
