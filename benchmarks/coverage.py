@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import signal
 import sys
 import time
@@ -56,7 +57,7 @@ TIMM = [
     ("mvitv2", "mvitv2_tiny", ({"img_size": 64},) + SMALL[2:]),
     ("hiera", "hiera_tiny_224", ({"img_size": 64},) + SMALL[2:]),
     ("tiny_vit", "tiny_vit_5m_224", ({"img_size": 64},) + SMALL[2:]),
-    ("levit", "levit_128s", ({"img_size": 64},) + SMALL[2:]),
+    ("levit", "levit_128s", ({},)),
     ("efficientformer", "efficientformer_l1", ({},)),
     ("efficientformer_v2", "efficientformerv2_s0", ({"img_size": 64},) + SMALL[2:]),
     ("davit", "davit_tiny", ({"depths": (1, 1, 1, 1)},) + SMALL[2:]),
@@ -150,8 +151,10 @@ def _outcome(model, images, adapter, t_fwd):
     except _Timeout:
         raise
     except VitDecompError as exc:
-        msg = " ".join(str(exc).split())
-        return f"refused: {type(exc).__name__}: {msg[:160]}", "", ""
+        msg = re.sub(r'"[^"]*/site-packages/', '"', " ".join(str(exc).split())).replace("auto adapter: ", "")
+        if isinstance(exc, vitdecomp.NoAdapterError):
+            msg = f"no adapter claims {type(model).__name__}"
+        return f"refused: {type(exc).__name__}: {msg[:220]}", "", ""
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:120]} ({where.filename.split('/')[-1]}:{where.lineno})", "", ""
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
             model, kw = built if isinstance(built, tuple) else (built, {})
             model = model.eval()
             testing.perturb_parameters(model)
-            size = size or _size(model)
+            size = size or ((kw["img_size"],) * 2 if isinstance(kw.get("img_size"), int) else _size(model))
             images = torch.randn(1, 3, *size)
             try:
                 vitdecomp.representation(model, images)

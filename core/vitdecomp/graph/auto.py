@@ -34,7 +34,7 @@ from typing import List, Optional
 import torch
 
 from .._records import TokenGrid
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from . import FusedQKV, Graph, GraphAdapter, ProjInput
 
 __all__ = ["AutoAdapter"]
@@ -187,6 +187,15 @@ def _split_heads(mod) -> bool:
             and all(hasattr(mod, n) for n in ("qkv", "proj", "num_heads", "q_norm", "k_norm")))
 
 
+def _pair(v):
+    """``(a, b)`` from an int or a pair, else None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, int) for t in v):
+        return tuple(v)
+    return None
+
+
 class AutoAdapter(GraphAdapter):
     """Derives the contribution graph of a timm residual-block model from a torch.fx trace (module docstring)."""
 
@@ -205,17 +214,15 @@ class AutoAdapter(GraphAdapter):
     def validate(self, model, images):
         """Image size against a fixed-size patch embedding (the rest: describe() refuses what it cannot follow
         and decompose() checks exactness)."""
-        from ..errors import InputError
-
         pe = getattr(model, "patch_embed", None)
         H, W = images.shape[-2:]
-        size = getattr(pe, "img_size", None)
+        size = _pair(getattr(pe, "img_size", None))
         if (size is not None and getattr(pe, "strict_img_size", False) and not getattr(model, "dynamic_img_size", False)
                 and (H, W) != tuple(size)):
             raise InputError(f"Image size {H}×{W} does not match the fixed input size {size[0]}×{size[1]} of "
                              f"{type(model).__name__}; resize the images or build the model for that size")
-        ps = getattr(pe, "patch_size", None)
-        if ps is not None and len(tuple(ps)) == 2 and (H % ps[0] or W % ps[1]):
+        ps = _pair(getattr(pe, "patch_size", None))
+        if ps is not None and (H % ps[0] or W % ps[1]):
             raise InputError(f"Image size {H}×{W} is not divisible by the patch size {ps[0]}×{ps[1]} of "
                              f"{type(model).__name__}; use a multiple of the patch size")
 
@@ -243,7 +250,8 @@ class AutoAdapter(GraphAdapter):
             h.remove()
         x = seen.get("x")
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            shape = (tuple(x.shape) if isinstance(x, torch.Tensor) else
+                     "nothing (it is never called: a list of stages, not of blocks)" if x is None else type(x).__name__)
             raise UnsupportedModelError(
                 f"auto adapter: blocks.0 of {type(model).__name__} receives {shape}; only a [B, N, D] token stream "
                 f"is supported (windowed / NHWC / multi-scale stages need a model pack)")
@@ -252,7 +260,7 @@ class AutoAdapter(GraphAdapter):
     def _grid(self, model, images, N) -> TokenGrid:
         pe = getattr(model, "patch_embed", None)
         H, W = images.shape[-2:]
-        ph, pw = tuple(getattr(pe, "patch_size", (1, 1)))[:2] if pe is not None else (1, 1)
+        ph, pw = _pair(getattr(pe, "patch_size", None)) or (1, 1)
         for get in (lambda: pe.dynamic_feat_size((H, W)), lambda: pe.grid_size, lambda: (H // ph, W // pw)):
             try:
                 gh, gw = (int(v) for v in get())
@@ -326,6 +334,25 @@ class AutoAdapter(GraphAdapter):
         return stream
 
     def describe(self, model, images) -> Graph:
+        try:
+            return self._describe(model, images)
+        except (UnsupportedModelError, InputError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a structure the derivation does not know: refused, named
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            raise UnsupportedModelError(
+                f"auto adapter: cannot derive a graph for {type(model).__name__}: {type(exc).__name__}: {exc} "
+                f"(at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}: {where.line}); write a model pack for it"
+            ) from exc
+
+    def _describe(self, model, images) -> Graph:
+        if not _is_timm_model(model):
+            raise UnsupportedModelError(
+                f"auto adapter: {type(model).__name__} is not a timm model with a non-empty `blocks` list "
+                f"(nn.Sequential / nn.ModuleList) and forward_features/forward_head; this version derives graphs "
+                f"only for those")
         N = self._probe(model, images)
         grid = self._grid(model, images, N)
         arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__) \

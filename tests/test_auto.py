@@ -1,0 +1,89 @@
+"""The auto adapter: contribution graphs derived from a torch.fx trace of timm residual-block models."""
+
+import pytest
+import timm
+import torch
+
+import vitdecomp
+from vitdecomp import UnsupportedModelError, testing
+
+SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2)
+
+
+def build(name, **extra):
+    return testing.perturb_parameters(timm.create_model(name, **{**SMALL, **extra}).eval())
+
+
+def images(dtype=torch.float64, n=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+def test_plain_vit_equals_the_builtin_plugin():
+    model = build("vit_tiny_patch16_224").double()
+    x = images()
+    for kw in ({}, {"start": 1}, {"heads": False}):
+        auto = vitdecomp.decompose(model, x, adapter="auto", **kw)
+        ref = vitdecomp.decompose(model, x, adapter="timm-vit", **kw)
+        assert auto.names == ref.names and auto.meta["adapter"] == "auto"
+        assert (auto.contributions - ref.contributions).abs().max() <= 1e-10
+    assert auto.error <= 1e-10
+    tok = vitdecomp.decompose(model, x, adapter="auto", tokens="source")
+    ref = vitdecomp.decompose(model, x, adapter="timm-vit", tokens="source")
+    for name in ("blocks.1.attn.head.2", "blocks.0.mlp"):
+        assert torch.allclose(tok.token_contributions(name), ref.token_contributions(name), atol=1e-10)
+
+
+@pytest.mark.parametrize("name,extra,split", [
+    ("deit3_small_patch16_224", {}, True),                                    # LayerScale module
+    ("beit_base_patch16_224", {"embed_dim": 48, "num_heads": 2}, False),       # gamma_1 * attn(...), rel-pos bias
+    ("eva02_tiny_patch14_224", {}, False),                                     # rotary attention, SwiGLU
+    ("vit_relpos_small_patch16_224", {}, False),                               # relative-position attention
+])
+def test_other_timm_modules_exact_with_module_path_names(name, extra, split):
+    model = build(name, **extra).double()
+    dec = vitdecomp.decompose(model, images(), adapter="auto")
+    assert dec.error <= 1e-10
+    expect = ["blocks.1.attn.head.0", "blocks.1.attn.bias"] if split else ["blocks.1.attn"]
+    assert set(expect + ["embed", "blocks.1.mlp"]) <= set(dec.names)
+    f32 = vitdecomp.decompose(build(name, **extra), images(torch.float32), adapter="auto")
+    assert f32.error <= 1e-5
+
+
+def test_fallback_dispatch_uses_auto_only_when_no_family_claims():
+    beit = build("beit_base_patch16_224", embed_dim=48, num_heads=2)
+    choice = vitdecomp.choose_adapter(beit)
+    assert (choice.name, choice.how) == ("auto", "fallback")
+    assert vitdecomp.decompose(beit, images(torch.float32)).meta["adapter"] == "auto"
+    assert vitdecomp.choose_adapter(build("vit_tiny_patch16_224")).name == "timm-vit"
+
+
+def test_refusals_name_the_operation_module_and_source_line():
+    cait = build("cait_xxs24_224")
+    with pytest.raises(UnsupportedModelError) as exc:
+        vitdecomp.decompose(cait, images(torch.float32), adapter="auto")
+    msg = str(exc.value)
+    assert "module model.blocks" in msg and "cait.py" in msg and "call_function cat" in msg
+
+    class PostNorm(torch.nn.Module):  # x = norm(x + mlp(x)): the norm sits on the stream's own path
+        def __init__(self, d):
+            super().__init__()
+            self.mlp, self.norm = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
+
+        def forward(self, x):
+            return self.norm(x + self.mlp(x))
+
+    model = build("vit_tiny_patch16_224")
+    model.blocks[1] = PostNorm(model.embed_dim).eval()
+    with pytest.raises(UnsupportedModelError) as exc:
+        vitdecomp.decompose(model, images(torch.float32), adapter="auto")
+    msg = str(exc.value)
+    assert "blocks.1" in msg and "module blocks.1.norm" in msg and "test_auto.py" in msg
+    assert "return self.norm(x + self.mlp(x))" in msg
+
+
+def test_conformance_kit_on_auto():
+    model = build("vit_tiny_patch16_224")
+    results = testing.run_conformance(model, (32, 32), adapter="auto",
+                                      reference=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))
+    worst = {dt: max(e for d, _, e in results if d == dt) for dt in (torch.float32, torch.float64)}
+    assert worst[torch.float32] <= 1e-5 and worst[torch.float64] <= 1e-10, worst
