@@ -73,7 +73,8 @@ def test_refusals_name_the_operation_module_and_source_line():
             return self.norm(x + self.mlp(x))
 
     model = build("vit_tiny_patch16_224")
-    model.blocks[1] = PostNorm(model.embed_dim).eval()
+    vitdecomp.decompose(model, images(torch.float32), adapter="auto")  # derived and cached ...
+    model.blocks[1] = PostNorm(model.embed_dim).eval()  # ... and re-derived once a block is replaced
     with pytest.raises(UnsupportedModelError) as exc:
         vitdecomp.decompose(model, images(torch.float32), adapter="auto")
     msg = str(exc.value)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import operator
 import sys
+import weakref
 from typing import List, Optional
 
 import torch
@@ -137,8 +138,34 @@ def _peel(node, block, prefix):
             f"can be components")
 
 
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(module) -> tuple:
+    """Identity of a module's structure: which module and parameter objects sit where (a cached trace is reused
+    only while nothing was replaced; traces depend on structure and attributes, never on parameter values)."""
+    return (tuple((n, id(m), type(m)) for n, m in module.named_modules())
+            + tuple((n, id(p)) for n, p in module.named_parameters()))
+
+
+def _cached(module, key, make):
+    """``make()`` cached per (module, key) while :func:`_signature` of the module is unchanged."""
+    sig = _signature(module)
+    entry = _CACHE.get(module)
+    if entry is None or entry[0] != sig:
+        entry = (sig, {})
+        _CACHE[module] = entry
+    if key not in entry[1]:
+        entry[1][key] = make()
+    return entry[1][key]
+
+
 def _block_writes(block, prefix: str):
-    """[(module path within block, module, gamma)] in forward order, or UnsupportedModelError."""
+    """[(module path within block, module, gamma)] in forward order, or UnsupportedModelError (cached per block)."""
+    return _cached(block, ("writes", prefix), lambda: _derive_block_writes(block, prefix))
+
+
+def _derive_block_writes(block, prefix: str):
     sig = inspect.signature(block.forward)
     params = list(sig.parameters.values())
     concrete = {}
@@ -237,6 +264,10 @@ class AutoAdapter(GraphAdapter):
 
     # ---------------------------------------------------------------- derivation
     def _probe(self, model, images):
+        """Rows N of the token stream entering blocks.0 for this image size (one forward of one image, cached)."""
+        return _cached(model, ("rows", tuple(images.shape[-2:])), lambda: self._probe_rows(model, images))
+
+    def _probe_rows(self, model, images):
         seen = {}
 
         def hook(mod, args):
@@ -273,7 +304,7 @@ class AutoAdapter(GraphAdapter):
 
     def _tail(self, model, g, x, N):
         """Follow forward_head(forward_features(.)) after the last block: norms, identities, row pooling."""
-        graph = _trace(model, _Readout(model), "forward_features/forward_head")
+        graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head"))
         nb = len(model.blocks)
         last = None
         for n in graph.nodes:
