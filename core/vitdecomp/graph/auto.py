@@ -36,7 +36,7 @@ import torch
 
 from .._records import TokenGrid
 from ..errors import InputError, UnsupportedModelError
-from . import FusedQKV, Graph, GraphAdapter, ProjInput
+from . import FusedQKV, Graph, GraphAdapter, ProjInput, execute
 
 __all__ = ["AutoAdapter"]
 
@@ -223,6 +223,51 @@ def _pair(v):
     return None
 
 
+def _proj_of_heads(mod):
+    """The output projection of an attention module whose output is ``proj(o)`` (through identities) with
+    ``o = transpose(attn_out, 1, 2).reshape(B, N, H·dh)`` and ``attn_out`` ``[B, H, N, dh]`` from
+    ``scaled_dot_product_attention`` or a ``matmul``: heads contiguous in proj's input, so proj's columns split
+    them. None if the trace does not show exactly that (the module is then one block-level write)."""
+    H = getattr(mod, "num_heads", None)
+    if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
+        return None
+
+    def derive():
+        params = list(inspect.signature(mod.forward).parameters.values())[1:]
+        if any(p.default is inspect.Parameter.empty for p in params):
+            return None
+        try:
+            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
+        except Exception:  # noqa: BLE001 - not traceable: no head split
+            return None
+        out = next(n for n in graph.nodes if n.op == "output").args[0]
+        node = out
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
+                n = n.args[0]
+            return n
+
+        node = peel(node)
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
+            return None
+        node = peel(node.args[0])
+        if not (node.op == "call_method" and node.target in ("reshape", "view") and len(node.args) == 4):
+            return None
+        t = node.args[0]
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "transpose"
+                and tuple(t.args[1:]) == (1, 2)):
+            return None
+        a = t.args[0]
+        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
+        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
+                                                   or (a.op == "call_method" and a.target == "matmul"))):
+            return None
+        return mod.proj
+
+    return _cached(mod, "heads", derive)
+
+
 class AutoAdapter(GraphAdapter):
     """Derives the contribution graph of a timm residual-block model from a torch.fx trace (module docstring)."""
 
@@ -364,9 +409,9 @@ class AutoAdapter(GraphAdapter):
                                         f"token stream")
         return stream
 
-    def describe(self, model, images) -> Graph:
+    def describe(self, model, images, tokens: bool = False) -> Graph:
         try:
-            return self._describe(model, images)
+            return self._describe(model, images, tokens)
         except (UnsupportedModelError, InputError):
             raise
         except Exception as exc:  # noqa: BLE001 - a structure the derivation does not know: refused, named
@@ -378,7 +423,7 @@ class AutoAdapter(GraphAdapter):
                 f"(at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}: {where.line}); write a model pack for it"
             ) from exc
 
-    def _describe(self, model, images) -> Graph:
+    def _describe(self, model, images, tokens) -> Graph:
         if not _is_timm_model(model):
             raise UnsupportedModelError(
                 f"auto adapter: {type(model).__name__} is not a timm model with a non-empty `blocks` list "
@@ -397,10 +442,13 @@ class AutoAdapter(GraphAdapter):
             writes = _block_writes(blk, prefix)
             with g.block(i, f"blocks.{i}", x, entry=blk):
                 for path, mod, gamma in writes:
+                    proj = None if (tokens or _split_heads(mod)) else _proj_of_heads(mod)
                     if _split_heads(mod):
                         att = FusedQKV(mod.qkv, mod.q_norm, mod.k_norm, getattr(mod, "scale", mod.head_dim ** -0.5))
                         g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
                                 gamma=gamma, name=path)
+                    elif proj is not None:  # heads split by proj's columns (no attention source: not in token mode)
+                        g.heads(x, ProjInput(proj, mod.num_heads), proj.weight, proj.bias, gamma=gamma, name=path)
                     else:
                         kind = "attn" if "attn" in path else "mlp"
                         g.branch(x, mod, name=path, kind=kind, gamma=gamma)
@@ -411,8 +459,16 @@ class AutoAdapter(GraphAdapter):
     def decompose(self, model, images, options):
         from ..decomposition import tolerance_for
 
-        dec = super().decompose(model, images, options)
         from torch._subclasses.fake_tensor import is_fake
+
+        tokens = options.tokens == "source"
+        graph = self.describe(model, images, tokens=tokens)
+        start = options.start
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)
+                                  or not 0 <= start < graph.num_blocks):
+            raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
+                             f"0..{graph.num_blocks - 1}")
+        dec = execute(graph, images, start=start, tokens=tokens)
 
         if is_fake(dec.contributions):  # simulated CUDA (placement checks): there are no values to check
             return dec
