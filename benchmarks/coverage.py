@@ -167,12 +167,44 @@ def _outcome(model, images, adapter, t_fwd):
             f"{dt / max(t_fwd, 1e-9):.1f}×")
 
 
+def _drop_locations(text: str) -> str:
+    """Remove `` ("file", line N, in f: code)`` source locations (balanced parentheses)."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith(' ("', i):
+            depth, j = 0, i + 1
+            while j < len(text):
+                depth += {"(": 1, ")": -1}.get(text[j], 0)
+                j += 1
+                if depth == 0:
+                    break
+            i = j
+            continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def _short(outcome, err, ratio) -> str:
+    """One short cell: ``heads 2e-07 1.5×`` / ``blocks ...`` / ``refused: <first clause>`` / ``error``."""
+    if outcome.startswith(("exact", "inexact")):
+        gran = outcome.split("(", 1)[1].split(",", 1)[0]
+        via = outcome.rsplit("; ", 1)[-1].rstrip(")")
+        return f"{'' if outcome.startswith('exact') else 'INEXACT '}{gran} ({via}) {err} {ratio}"
+    if outcome.startswith("refused"):
+        why = outcome.split(": ", 2)[-1]
+        why = _drop_locations(why)
+        return "refused: " + why[:70].rstrip() + ("…" if len(why) > 70 else "")
+    return outcome[:70]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", default=None, help="model or module name fragments to run")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
     p.add_argument("--timeout", type=int, default=90, help="seconds per model before it is reported as timed out")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--compact", default=None, help="also write a one-line-per-model summary table (for the README)")
     args = p.parse_args(argv)
 
     import vitdecomp
@@ -188,6 +220,7 @@ def main(argv=None) -> int:
         models += _hf_models()
     head = "| module | model | " + " | ".join(f"{w}: outcome | rel. error | time ÷ fwd" for w, _ in ways) + " |"
     lines = [head, "|" + "---|" * (2 + 3 * len(ways))]
+    compact = ["| module | model | " + " | ".join(w for w, _ in ways) + " |", "|---|---|" + "---|" * len(ways)]
     signal.signal(signal.SIGALRM, _alarm)
     t_all = time.perf_counter()
     for module, name, make, size in models:
@@ -224,6 +257,8 @@ def main(argv=None) -> int:
             signal.alarm(0)
         row = f"| {module} | {label} | " + " | ".join(c.replace("|", "/") for c in cells) + " |"
         lines.append(row)
+        compact.append(f"| {module.split(':', 1)[1]} | {name} | "
+                       + " | ".join(_short(*cells[3 * k:3 * k + 3]) for k in range(len(ways))) + " |")
         print(row, file=sys.stderr, flush=True)
     lines.append("")
     lines.append(f"float32, batch 1, random weights (norms/biases perturbed); {platform.processor() or platform.machine()}, "
@@ -233,6 +268,9 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
+    if args.compact:
+        with open(args.compact, "w") as f:
+            f.write("\n".join(compact + lines[-2:]) + "\n")
     return 0
 
 

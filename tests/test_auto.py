@@ -101,3 +101,13 @@ def test_conformance_kit_on_auto():
                                       reference=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))
     worst = {dt: max(e for d, _, e in results if d == dt) for dt in (torch.float32, torch.float64)}
     assert worst[torch.float32] <= 1e-5 and worst[torch.float64] <= 1e-10, worst
+
+
+def test_cli_check_with_adapter_override(capsys):
+    from vitdecomp.cli import main
+
+    rc = main(["check", "timm:vit_tiny_patch16_224", "--random-init", "--batch", "1", "--img-size", "32",
+               "--adapter", "auto"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "adapter    'auto'" in out and "(override): adapter='auto' was passed" in out
+    assert "blocks.0.attn.head.0" in out and "(tolerance 1e-05: OK)" in out
