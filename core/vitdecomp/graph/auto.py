@@ -13,13 +13,20 @@ forward):
    source line. A branch is peeled down to the module that computes it through identities (eval ``Dropout``,
    ``DropPath``, ``Identity``) and LayerScale (a ``LayerScale`` module or a multiplication by a parameter, as in
    BEiT's ``gamma_1``), giving a write named by the model's own module path (``blocks.3.mlp``,
-   ``blocks.3.attn``). A timm fused-qkv ``Attention`` (no scale-norm, no rotary embedding) is split into heads
-   (``blocks.3.attn.head.5``) by its output projection; other attention modules are one block-level write.
+   ``blocks.3.attn``). Attention is split into heads (``blocks.3.attn.head.5`` + ``blocks.3.attn.bias``) by its
+   output projection when it is timm's fused-qkv ``Attention`` (token detail through :class:`FusedQKV`), or
+   when its own trace ends ``proj(transpose(attn_out, 1, 2).reshape(B, N, C))`` with ``attn_out`` from
+   ``scaled_dot_product_attention`` or a ``matmul`` (heads contiguous in proj's input: BEiT, EVA-02, relpos
+   ViT). Those have no attention source yet, so with ``tokens="source"`` they stay one write placed where it
+   writes. Any other attention module is one block-level write.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
    the steps after the last block are followed: norms (frozen at the forward's statistics), identities, a class
    token row ``x[:, i]``, a row range ``x[:, a:b]`` and its mean over tokens. Any other step is refused the same
    way.
-3. **Check.** The decomposition is always checked: relative reconstruction error ≤ 1e-5 (float32) or ≤ 1e-10
+3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
+   is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
+   the stream's row count.
+4. **Check.** The decomposition is always checked: relative reconstruction error ≤ 1e-5 (float32) or ≤ 1e-10
    (float64), else :class:`~vitdecomp.errors.UnsupportedModelError`. A graph that traces but is not exact is
    never returned.
 """
