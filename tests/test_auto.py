@@ -94,9 +94,15 @@ def test_refusals_name_the_operation_module_and_source_line():
     assert "blocks.1" in msg and "module blocks.1.norm" in msg and "test_auto.py" in msg
     assert "return self.norm(x + self.mlp(x))" in msg
 
+    for pool, needle in (("max", "amax"), ("map", "module model.attn_pool")):  # non-linear readouts
+        with pytest.raises(UnsupportedModelError) as exc:
+            vitdecomp.decompose(build("vit_tiny_patch16_224", global_pool=pool), images(torch.float32), adapter="auto")
+        assert needle in str(exc.value) and "vision_transformer.py" in str(exc.value), str(exc.value)
 
-def test_conformance_kit_on_auto():
-    model = build("vit_tiny_patch16_224")
+
+@pytest.mark.parametrize("name,extra", [("vit_tiny_patch16_224", {}), OTHERS[1]])
+def test_conformance_kit_on_auto(name, extra):
+    model = build(name, **extra)
     results = testing.run_conformance(model, (32, 32), adapter="auto",
                                       reference=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))
     worst = {dt: max(e for d, _, e in results if d == dt) for dt in (torch.float32, torch.float64)}

@@ -28,7 +28,7 @@ forward):
    the stream's row count.
 4. **Check.** The decomposition is always checked: relative reconstruction error ≤ 1e-5 (float32) or ≤ 1e-10
    (float64), else :class:`~vitdecomp.errors.UnsupportedModelError`. A graph that traces but is not exact is
-   never returned.
+   never returned. (On a GPU, reading the error waits for the device once per call.)
 """
 
 from __future__ import annotations
