@@ -18,6 +18,13 @@ def images(dtype=torch.float64, n=2):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
 
+def test_distilled_deit_readout_equals_the_builtin_plugin():  # z = (x[:, 0] + x[:, 1]) / 2 after the norm
+    model = build("deit_tiny_distilled_patch16_224").double()
+    auto = vitdecomp.decompose(model, images(), adapter="auto")
+    ref = vitdecomp.decompose(model, images(), adapter="timm-vit")
+    assert auto.names == ref.names and (auto.contributions - ref.contributions).abs().max() <= 1e-10
+
+
 def test_plain_vit_equals_the_builtin_plugin():
     model = build("vit_tiny_patch16_224").double()
     x = images()
@@ -75,7 +82,7 @@ def test_refusals_name_the_operation_module_and_source_line():
     with pytest.raises(UnsupportedModelError) as exc:
         vitdecomp.decompose(cait, images(torch.float32), adapter="auto")
     msg = str(exc.value)
-    assert "module model.blocks" in msg and "cait.py" in msg and "call_function cat" in msg
+    assert "module model.blocks_token_only.0" in msg and "cait.py" in msg and "cls_tokens = blk(x, cls_tokens)" in msg
 
     class PostNorm(torch.nn.Module):  # x = norm(x + mlp(x)): the norm sits on the stream's own path
         def __init__(self, d):

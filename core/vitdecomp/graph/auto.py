@@ -20,9 +20,10 @@ forward):
    ViT). Those have no attention source yet, so with ``tokens="source"`` they stay one write placed where it
    writes. Any other attention module is one block-level write.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
-   the steps after the last block are followed: norms (frozen at the forward's statistics), identities, a class
-   token row ``x[:, i]``, a row range ``x[:, a:b]`` and its mean over tokens. Any other step is refused the same
-   way.
+   the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
+   linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
+   of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool. Any other step is refused
+   the same way.
 3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
    is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
    the stream's row count.
@@ -355,7 +356,11 @@ class AutoAdapter(GraphAdapter):
         return TokenGrid(num_prefix=N, h=0, w=0, patch_size=(ph, pw))  # rows not on a patch grid
 
     def _tail(self, model, g, x, N):
-        """Follow forward_head(forward_features(.)) after the last block: norms, identities, row pooling."""
+        """Follow forward_head(forward_features(.)) after the last block: norms and identities on a stream, and
+        linear combinations of its rows (``x[:, i]``, ``x[:, a:b].mean(1)``, sums and scalings of those, e.g.
+        distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``), which become a pool; norms of the pooled row after it."""
+        from ..engine import supported_norm
+
         graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head"))
         nb = len(model.blocks)
         last = None
@@ -364,57 +369,85 @@ class AutoAdapter(GraphAdapter):
                 last = n
         if last is None:
             raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never calls its blocks")
-        cur, stream, rows = last, x, None  # rows: a pending row selection [a, b) of the token stream
-        while True:
-            users = list(cur.users)
-            if len(users) != 1:
-                raise UnsupportedModelError(
-                    f"auto adapter: after {_where(cur, '')} the stream is read by {len(users)} operations "
-                    f"({', '.join(_where(u, '') for u in users)}); only a chain of linear steps to z is supported")
-            n = users[0]
+        # value of each followed node: ("stream", Stream) | ("rows", Stream, {row: weight}) | ("range", Stream, rows)
+        val = {last: ("stream", x)}
+        reads = {}  # stream node -> number of module reads (a stream may be read by one module only)
+
+        def refuse(n, why="is not a step the auto adapter follows (norms, identities, x[:, i], x[:, a:b], mean "
+                          "over tokens, sums and scalar multiples of rows)"):
+            raise UnsupportedModelError(f"auto adapter: between the last block and z of {type(model).__name__}, "
+                                        f"{_where(n, '')} {why}")
+
+        def pooled(v, n):
+            if v[0] == "stream":
+                return v[1]
+            if v[0] != "rows":
+                refuse(n, "reads a row range that is not averaged")
+            rows = sorted(v[2])
+            return g.pool(v[1], rows, [v[2][r] for r in rows])
+
+        z = None
+        for n in graph.nodes:
+            followed = [a for a in n.all_input_nodes if a in val]
+            if not followed:
+                continue
             if n.op == "output":
+                z = pooled(val[followed[0]], n)
                 break
+            if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device"):
+                continue  # metadata only
+            if len(followed) != len(n.all_input_nodes) and not (n.op == "call_function" and n.target in _MUL):
+                refuse(n, "mixes the stream with values computed elsewhere")
+            v = val[followed[0]]
             if n.op == "call_module":
                 mod = model.get_submodule(n.target[len("model."):])
-                path = n.target[len("model."):]
-                from ..engine import supported_norm
-
                 if _identity(mod):
-                    pass
-                elif supported_norm(mod) and rows is None:
-                    g.norm(stream, mod, name=path)
-                else:
-                    raise UnsupportedModelError(
-                        f"auto adapter: between the last block and z, {_where(n, '')} ({type(mod).__name__}) is "
-                        f"not a norm or identity the auto adapter can freeze")
-            elif n.op == "call_function" and n.target is operator.getitem and stream.rows > 1 and rows is None:
+                    val[n] = v
+                    continue
+                if not supported_norm(mod):
+                    refuse(n, f"({type(mod).__name__}) is not a norm or identity the auto adapter can freeze")
+                st = pooled(v, n) if v[0] != "stream" else v[1]
+                reads[followed[0]] = reads.get(followed[0], 0) + 1
+                if reads[followed[0]] > 1:
+                    refuse(n, "is a second module reading the same stream")
+                g.norm(st, mod, name=n.target[len("model."):])
+                val[n] = ("stream", st)
+            elif n.op == "call_function" and n.target is operator.getitem and v[0] == "stream" and v[1].rows > 1:
                 idx = n.args[1]
-                if (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], int)):
-                    r = idx[1] % N
-                    stream = g.pool(stream, [r], [1.0])
+                if isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], int):
+                    val[n] = ("rows", v[1], {idx[1] % N: 1.0})
                 elif (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None)
                       and isinstance(idx[1], slice) and idx[1].step in (None, 1)):
-                    rows = list(range(N))[idx[1]]
+                    val[n] = ("range", v[1], list(range(N))[idx[1]])
                 else:
-                    raise UnsupportedModelError(f"auto adapter: {_where(n, '')} indexes the token stream with {idx!r}; "
-                                                f"supported: x[:, i] and x[:, a:b]")
+                    refuse(n, f"indexes the token stream with {idx!r} (supported: x[:, i], x[:, a:b])")
             elif (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-                if dim not in (1, (1,), [1]) or n.kwargs.get("keepdim", False) or stream.rows == 1:
-                    raise UnsupportedModelError(f"auto adapter: {_where(n, '')} with dim={dim!r}; supported: the "
-                                                f"mean over tokens (dim=1)")
-                sel = rows if rows is not None else list(range(N))
-                stream = g.pool(stream, sel, [1.0 / len(sel)] * len(sel))
-                rows = None
+                if dim not in (1, (1,), [1]) or n.kwargs.get("keepdim", False) or v[0] == "rows" \
+                        or (v[0] == "stream" and v[1].rows == 1):
+                    refuse(n, f"with dim={dim!r} (supported: the mean over tokens, dim=1)")
+                rows = v[2] if v[0] == "range" else list(range(N))
+                val[n] = ("rows", v[1], {r: 1.0 / len(rows) for r in rows})
+            elif n.op == "call_function" and n.target in _ADD and len(followed) == 2 and len(n.args) == 2:
+                a, b = (val[t] for t in n.args)
+                if a[0] != "rows" or b[0] != "rows" or a[1] is not b[1]:
+                    refuse(n, "adds values that are not rows of one stream")
+                rows = dict(a[2])
+                for r, w in b[2].items():
+                    rows[r] = rows.get(r, 0.0) + w
+                val[n] = ("rows", a[1], rows)
+            elif (n.op == "call_function" and n.target in _MUL + (operator.truediv,) and len(n.args) == 2
+                  and isinstance(n.args[1 if n.args[0] in val else 0], (int, float)) and v[0] == "rows"
+                  and (n.target is not operator.truediv or n.args[0] in val)):
+                c = float(n.args[1 if n.args[0] in val else 0])
+                c = 1.0 / c if n.target is operator.truediv else c
+                val[n] = ("rows", v[1], {r: w * c for r, w in v[2].items()})
             else:
-                raise UnsupportedModelError(
-                    f"auto adapter: between the last block and z of {type(model).__name__}, {_where(n, '')} is not "
-                    f"a step the auto adapter follows (norms, identities, x[:, i], mean over tokens)")
-            cur = n
-        if stream.rows != 1 or rows is not None:
+                refuse(n)
+        if z is None or z.rows != 1:
             raise UnsupportedModelError(f"auto adapter: z of {type(model).__name__} is not one pooled row of the "
                                         f"token stream")
-        return stream
+        return z
 
     def describe(self, model, images, tokens: bool = False) -> Graph:
         try:
