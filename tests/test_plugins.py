@@ -140,3 +140,45 @@ def test_every_hook_is_documented():
 def test_every_public_name_resolves():
     for name in vitdecomp.__all__:
         assert getattr(vitdecomp, name) is not None, name
+
+
+class _Fallback(_Claimer):
+    fallback = True
+
+    def explain(self, model):
+        return "claims anything"
+
+
+class _FallbackPlugin:
+    @vitdecomp.hookimpl
+    def register_adapters(self, register):
+        register(_Fallback("fallback-any"))
+
+
+def test_choice_says_which_adapter_and_why():
+    import vitdecomp_plugins.timm_vit as timm_plugin
+
+    reg = Registry.from_plugins([_FallbackPlugin(), timm_plugin])
+    vit, other = tiny_vit(), torch.nn.Linear(2, 2)
+    choice = reg.choose(vit)  # a family adapter claims it: the fallback is asked but not used
+    assert (choice.name, choice.how) == ("timm-vit", "claimed") and choice.reason == "timm VisionTransformer"
+    claims = [(c[0], c[2]) for c in choice.claims]
+    assert claims[0] == ("timm-vit", True) and {("fallback-any", True), ("auto", True)} <= set(claims[1:])
+    assert "timm-vit" in choice.lines()[0] and "claimed" in choice.lines()[0]
+    choice = reg.choose(other)  # nobody else claims it: the fallback does
+    assert (choice.name, choice.how) == ("fallback-any", "fallback")
+    assert "no family adapter claims Linear" in choice.reason and "claims anything" in choice.reason
+    choice = reg.choose(vit, "fallback-any")  # an override asks nobody
+    assert (choice.name, choice.how, choice.claims) == ("fallback-any", "override", ())
+    assert "adapter='fallback-any' was passed" in choice.reason
+    assert vitdecomp.choose_adapter(vit, registry=reg).name == "timm-vit"
+
+
+def test_cli_check_reports_the_adapter(capsys):
+    from vitdecomp.cli import main
+
+    rc = main(["check", "timm:deit_tiny_patch16_224", "--random-init", "--batch", "1", "--img-size", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "adapter    'timm-vit' [plugin 'timm_vit' (vitdecomp 0.1.0, built-in)] (claimed): timm VisionTransformer" in out
+    assert "CLAIMS  timm-vit" in out and "no      open_clip-vit" in out

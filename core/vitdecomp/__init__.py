@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 # Names provided by submodules that import heavier dependencies; resolved lazily on first access.
 _LAZY = {
     "decompose": "api", "representation": "api", "load_model": "api", "LoadedModel": "api", "find_adapter": "api",
+    "choose_adapter": "api", "AdapterChoice": "_plugins",
     "list_plugins": "_plugins", "Registry": "_plugins", "default_registry": "_plugins",
     "TextEncoder": "text", "load_text_pool": "text",
     "Property": "properties", "get_property": "properties", "list_properties": "properties", "load_properties": "properties",

@@ -16,7 +16,7 @@ import pluggy
 from . import hookspecs
 from .errors import AmbiguousAdapterError, NoAdapterError, PluginLoadError
 
-__all__ = ["Registry", "PluginInfo", "default_registry", "list_plugins", "reset_default_registry"]
+__all__ = ["Registry", "PluginInfo", "AdapterChoice", "default_registry", "list_plugins", "reset_default_registry"]
 
 log = logging.getLogger("vitdecomp.plugins")
 ENTRY_POINT_GROUP = "vitdecomp"
@@ -36,6 +36,35 @@ class PluginInfo:
     adapters: tuple
     loaders: tuple
     builtin: bool
+
+
+@attrs.frozen
+class AdapterChoice:
+    """Which adapter decomposes a model and why (:meth:`Registry.choose`, what ``vitdecomp check`` prints).
+
+    ``adapter``: the adapter object; ``origin``: the plugin that registered it; ``how``: ``"override"`` (passed as
+    ``adapter=``), ``"claimed"`` (the one family adapter whose ``supports`` said yes) or ``"fallback"`` (no family
+    adapter claimed it and a fallback adapter such as ``auto`` did); ``reason``: one line saying why;
+    ``claims``: ``[(adapter name, plugin origin, claims?, explanation)]`` for every adapter asked (empty for an
+    override, which asks none).
+    """
+
+    adapter: object
+    origin: str
+    how: str
+    reason: str
+    claims: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def lines(self) -> List[str]:
+        """The choice as text: the adapter, how it was chosen, then one line per adapter asked."""
+        out = [f"adapter {self.name!r} [{self.origin}] ({self.how}): {self.reason}"]
+        for name, origin, ok, why in self.claims:
+            out.append(f"  {'CLAIMS' if ok else 'no    '}  {name}  [{origin}]  {why}")
+        return out
 
 
 @attrs.frozen
@@ -228,13 +257,15 @@ class Registry:
 
     def claims(self, model) -> List[tuple]:
         """``[(adapter name, plugin origin, claims?, explanation)]`` for every registered adapter and ``model``
-        (what ``vitdecomp plugins --check MODEL`` prints)."""
+        (what ``vitdecomp plugins --check MODEL`` prints). Fallback adapters (``fallback = True``, e.g.
+        ``auto``) are listed last; they are used only when no other adapter claims the model."""
         out = []
-        for r in self.adapters:
+        for r in sorted(self.adapters, key=lambda r: bool(getattr(r.obj, "fallback", False))):
             try:
                 ok = bool(r.obj.supports(model))
                 why = r.obj.explain(model) if hasattr(r.obj, "explain") else f"supports={ok}"
             except Exception as exc:  # noqa: BLE001 - a buggy supports() is reported, not raised
+                log.warning("adapter %s.supports raised %r", r.obj.name, exc)
                 ok, why = False, f"supports() raised {type(exc).__name__}: {exc}"
             out.append((r.obj.name, self.origin(r.plugin), ok, why))
         return out
@@ -261,36 +292,51 @@ class Registry:
         raise NoAdapterError(f"No adapter named {name!r}; registered: {[r.obj.name for r in self.adapters] or 'none'}")
 
     def find_adapter(self, model, adapter=None, *, trace: Optional[bool] = None):
-        """The one adapter that supports ``model``, or the one named/passed by ``adapter``."""
+        """The one adapter that supports ``model``, or the one named/passed by ``adapter``
+        (:meth:`choose` says why)."""
+        return self.choose(model, adapter, trace=trace).adapter
+
+    def choose(self, model, adapter=None, *, trace: Optional[bool] = None) -> AdapterChoice:
+        """Which adapter decomposes ``model``, how it was chosen and what every adapter said
+        (:class:`AdapterChoice`).
+
+        ``adapter`` (a name or an adapter object) overrides dispatch and asks no one. Otherwise every adapter's
+        ``supports`` is asked: exactly one family adapter claiming the model wins; if none does, a fallback
+        adapter (``fallback = True``, e.g. ``auto``) that claims it is used; no claim at all is a
+        :class:`NoAdapterError` and several family claims an :class:`AmbiguousAdapterError`.
+        """
         if adapter is not None:
-            return self.adapter_named(adapter) if isinstance(adapter, str) else adapter
+            obj = self.adapter_named(adapter) if isinstance(adapter, str) else adapter
+            origin = self.plugin_of(obj) or "passed directly"
+            return AdapterChoice(obj, origin, "override", f"adapter={getattr(obj, 'name', obj)!r} was passed; "
+                                 "no adapter was asked")
         trace = bool(os.environ.get(TRACE_ENV)) if trace is None else trace
-        claims = []
-        for r in self.adapters:
-            try:
-                ok = bool(r.obj.supports(model))
-            except Exception as exc:  # noqa: BLE001 - a buggy supports() must not hide other adapters
-                log.warning("adapter %s.supports raised %r", r.obj.name, exc)
-                ok = False
-            if trace:
-                why = r.obj.explain(model) if hasattr(r.obj, "explain") else f"supports={ok}"
-                print(f"[vitdecomp trace] {r.plugin}:{r.obj.name} -> {ok} ({why})", file=sys.stderr)
-            if ok:
-                claims.append(r)
+        claims = self.claims(model)
+        by_name = {r.obj.name: r for r in self.adapters}
+        if trace:
+            for name, origin, ok, why in claims:
+                print(f"[vitdecomp trace] {by_name[name].plugin}:{name} -> {ok} ({why})", file=sys.stderr)
+        regular = [c for c in claims if c[2] and not getattr(by_name[c[0]].obj, "fallback", False)]
+        fallback = [c for c in claims if c[2] and getattr(by_name[c[0]].obj, "fallback", False)]
         cls = type(model)
         cname = f"{cls.__module__}.{cls.__qualname__}"
-        if not claims:
-            names = [f"{r.obj.name} ({', '.join(getattr(r.obj, 'families', ())) or r.plugin})" for r in self.adapters]
-            raise NoAdapterError(
-                f"No adapter supports model class {cname}. Registered adapters: {names or 'none (no plugins loaded)'}. "
-                "Install a model pack for this family or write one (see CONTRIBUTING.md, 'Writing a model pack')."
-            )
-        if len(claims) > 1:
+        if len(regular) > 1:
             raise AmbiguousAdapterError(
-                f"Several adapters claim model class {cname}: {[r.obj.name for r in claims]}. "
+                f"Several adapters claim model class {cname}: {[c[0] for c in regular]}. "
                 f"Pass adapter=<name> to choose one."
             )
-        return claims[0].obj
+        if regular:
+            name, origin, _, why = regular[0]
+            return AdapterChoice(by_name[name].obj, origin, "claimed", why, tuple(claims))
+        if fallback:
+            name, origin, _, why = fallback[0]
+            return AdapterChoice(by_name[name].obj, origin, "fallback",
+                                 f"no family adapter claims {cls.__qualname__}; {why}", tuple(claims))
+        names = [f"{r.obj.name} ({', '.join(getattr(r.obj, 'families', ())) or r.plugin})" for r in self.adapters]
+        raise NoAdapterError(
+            f"No adapter supports model class {cname}. Registered adapters: {names or 'none (no plugins loaded)'}. "
+            "Install a model pack for this family or write one (see CONTRIBUTING.md, 'Writing a model pack')."
+        )
 
     def loader_for(self, prefix: str):
         from .errors import UnknownModelError

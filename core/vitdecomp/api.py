@@ -13,7 +13,8 @@ from .adapter import DecomposeOptions
 from .decomposition import Decomposition, _Shifted, _take, tolerance_for
 from .errors import InputError
 
-__all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter", "unwrap_loaded"]
+__all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter", "choose_adapter",
+           "unwrap_loaded"]
 
 
 @attrs.define(eq=False)
@@ -59,6 +60,12 @@ def unwrap_loaded(model):
 def find_adapter(model, adapter=None, *, registry: Optional[Registry] = None):
     """The adapter that will decompose ``model`` (see :meth:`Registry.find_adapter`)."""
     return (registry or default_registry()).find_adapter(unwrap_loaded(model), adapter)
+
+
+def choose_adapter(model, adapter=None, *, registry: Optional[Registry] = None):
+    """Which adapter will decompose ``model`` and why: a :class:`vitdecomp.AdapterChoice` (the adapter, its
+    plugin, ``how`` — override / claimed / fallback — and what every adapter asked answered)."""
+    return (registry or default_registry()).choose(model, adapter)
 
 
 def _param_like(module):

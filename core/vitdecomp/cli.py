@@ -106,22 +106,24 @@ def _plugins_check(reg, spec: str) -> int:
     """Which adapters claim MODEL (built with random weights: only its structure matters)."""
     from . import api
 
+    from .errors import AmbiguousAdapterError, NoAdapterError
+
     loaded = api.load_model(spec, random_init=True, registry=reg)
     model = loaded.model
-    claims = reg.claims(model)
     cls = type(model)
     print(f"{spec}: model class {cls.__module__}.{cls.__qualname__}")
-    for name, origin, ok, why in claims:
-        print(f"  {'CLAIMS' if ok else 'no    '}  {name}  [{origin}]  {why}")
-    winners = [c for c in claims if c[2]]
-    if len(winners) == 1:
-        print(f"decompose uses adapter {winners[0][0]!r}")
-        return 0
-    if not winners:
-        print("no adapter claims it: decompose raises NoAdapterError")
-    else:
-        print(f"{len(winners)} adapters claim it: decompose raises AmbiguousAdapterError; pass adapter=<name>")
-    return 1
+    try:
+        choice = reg.choose(model)
+    except (NoAdapterError, AmbiguousAdapterError) as exc:
+        for name, origin, ok, why in reg.claims(model):
+            print(f"  {'CLAIMS' if ok else 'no    '}  {name}  [{origin}]  {why}")
+        kind = "NoAdapterError" if isinstance(exc, NoAdapterError) else "AmbiguousAdapterError; pass adapter=<name>"
+        print(f"decompose raises {kind}")
+        return 1
+    for line in choice.lines()[1:]:
+        print(line)
+    print(f"decompose uses adapter {choice.name!r} ({choice.how})")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -134,7 +136,8 @@ def cmd_check(args) -> int:
     model = loaded.model
     dtype = _dtype(args.dtype)
     model = model.to(dtype)
-    adapter = api.find_adapter(model)
+    choice = api.choose_adapter(model, args.adapter)
+    adapter = choice.adapter
     from .errors import InputError
 
     if args.image_size and len(args.image_size) not in (1, 2):
@@ -156,17 +159,19 @@ def cmd_check(args) -> int:
 
     kw = dict(heads=not args.no_heads, tokens="source" if args.tokens else None, start=args.start)
     with torch.no_grad():
-        api.representation(model, images)  # warm-up
-        api.decompose(model, images, **kw)
+        api.representation(model, images, adapter=adapter)  # warm-up
+        api.decompose(model, images, **kw, adapter=adapter)
     t_fwd, t_dec = [], []
     for _ in range(args.repeat):  # interleaved, so both see the same machine load
         with torch.no_grad():
-            t_fwd.append(timed(lambda: api.representation(model, images))[0])
-        t, dec = timed(lambda: api.decompose(model, images, **kw))
+            t_fwd.append(timed(lambda: api.representation(model, images, adapter=adapter))[0])
+        t, dec = timed(lambda: api.decompose(model, images, **kw, adapter=adapter))
         t_dec.append(t)
     med_fwd, med_dec = statistics.median(t_fwd), statistics.median(t_dec)
     tol = tolerance_for(dtype)
     print(f"model      {loaded.name}  ({type(adapter.unwrap(model)).__name__}, adapter {adapter.name})")
+    for k, line in enumerate(choice.lines()):
+        print(("adapter    " if k == 0 else "           ") + (line[len("adapter "):] if k == 0 else line))
     print(f"input      {args.batch_size}×3×{size[0]}×{size[1]} {args.dtype}, random normal (seed {args.seed})")
     print(f"components {len(dec)}  representation dim {dec.contributions.shape[-1]}")
     if args.list:
@@ -259,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=5, help="timed runs (decompose and forward interleaved); the median is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input batch")
     p.add_argument("--list", action="store_true", help="print every component")
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="use this adapter instead of dispatch (e.g. 'auto'); the report says which one was used and why")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("decompose", help="decompose image files and write contributions to a safetensors file",

@@ -157,7 +157,10 @@ def _load_timm(spec, *, pretrained=True, weights=None, random_init=False, device
 
 @hookimpl
 def register_adapters(register):
+    from vitdecomp.graph.auto import AutoAdapter
+
     register(TimmViTAdapter())
+    register(AutoAdapter())  # fallback: used only when no family adapter claims a timm model, or as adapter="auto"
 
 
 @hookimpl

@@ -1,0 +1,529 @@
+"""The ``auto`` adapter: a contribution graph derived from a ``torch.fx`` symbolic trace.
+
+Used as ``adapter="auto"``, and by dispatch when no family adapter claims a model (it is a *fallback* adapter).
+Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
+the timm head interface; z is ``model.forward_head(model.forward_features(x), pre_logits=True)``.
+
+How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
+forward):
+
+1. **Blocks.** Each ``blocks.i`` is traced with :mod:`torch.fx`, every child module a leaf. Walking back from
+   the block's output, every step must be an ``add`` of the stream and a *branch*; anything else on the stream's
+   path (a norm after the add, a concatenation, a reshape) is refused, naming the operation, its module path and
+   source line. A branch is peeled down to the module that computes it through identities (eval ``Dropout``,
+   ``DropPath``, ``Identity``) and LayerScale (a ``LayerScale`` module or a multiplication by a parameter, as in
+   BEiT's ``gamma_1``), giving a write named by the model's own module path (``blocks.3.mlp``,
+   ``blocks.3.attn``). Attention is split into heads (``blocks.3.attn.head.5`` + ``blocks.3.attn.bias``) by its
+   output projection when it is timm's fused-qkv ``Attention`` (token detail through :class:`FusedQKV`), or
+   when its own trace ends ``proj(transpose(attn_out, 1, 2).reshape(B, N, C))`` with ``attn_out`` from
+   ``scaled_dot_product_attention`` or a ``matmul`` (heads contiguous in proj's input: BEiT, EVA-02, relpos
+   ViT). Those have no attention source yet, so with ``tokens="source"`` they stay one write placed where it
+   writes. Any other attention module is one block-level write.
+2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
+   the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
+   linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
+   of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool. Any other step is refused
+   the same way.
+3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
+   is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
+   the stream's row count.
+4. **Check.** The decomposition is always checked: relative reconstruction error ≤ 1e-5 (float32) or ≤ 1e-10
+   (float64), else :class:`~vitdecomp.errors.UnsupportedModelError`. A graph that traces but is not exact is
+   never returned. (On a GPU, reading the error waits for the device once per call.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import sys
+import weakref
+from typing import List, Optional
+
+import torch
+
+from .._records import TokenGrid
+from ..errors import InputError, UnsupportedModelError
+from . import FusedQKV, Graph, GraphAdapter, ProjInput, execute
+
+__all__ = ["AutoAdapter"]
+
+_ADD = (operator.add, operator.iadd, torch.add)
+_MUL = (operator.mul, operator.imul, torch.mul)
+
+
+def _is_timm_model(model) -> bool:
+    if "timm" not in sys.modules:
+        return False
+    blocks = getattr(model, "blocks", None)
+    return (callable(getattr(model, "forward_head", None)) and callable(getattr(model, "forward_features", None))
+            and isinstance(blocks, (torch.nn.Sequential, torch.nn.ModuleList)) and len(blocks) > 0)
+
+
+def _where(node, prefix: str = "") -> str:
+    """``op target`` of an fx node, its module path and the last source line of its stack trace."""
+    what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    desc = f"{node.op} {what!s}"
+    if node.op == "call_module":
+        desc = f"module {prefix}{node.target}"
+    line = ""
+    if node.stack_trace:  # the last frame outside torch: the model's own source line
+        lines = node.stack_trace.rstrip().splitlines()
+        for k in range(len(lines) - 1, -1, -1):
+            ln = lines[k].strip()
+            if ln.startswith("File ") and "/torch/" not in ln:
+                code = lines[k + 1].strip() if k + 1 < len(lines) else ""
+                line = f" ({ln[5:]}: {code})" if code else f" ({ln[5:]})"
+                break
+    return desc + line
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Every submodule is a leaf: the trace shows how modules are wired, not what they compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m, qualname):
+        return True
+
+
+def _trace(root: torch.nn.Module, fn_module: torch.nn.Module, what: str, concrete: Optional[dict] = None):
+    tracer = _LeafTracer()
+    try:
+        graph = tracer.trace(fn_module, concrete_args=concrete)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
+        raise UnsupportedModelError(
+            f"auto adapter: {what} of {type(root).__name__} cannot be traced with torch.fx "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); write a model pack for it "
+            f"(CONTRIBUTING.md, 'Writing a model pack')") from exc
+    return graph
+
+
+def _identity(mod) -> bool:
+    from ..engine import is_identity
+
+    if is_identity(mod) or isinstance(mod, torch.nn.Dropout):
+        return True
+    return type(mod).__name__ in ("DropPath",)  # stochastic depth: identity in eval mode
+
+
+class _Readout(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def _peel(node, block, prefix):
+    """Peel a branch node down to the module computing it: (module path, module, gamma)."""
+    gamma = None
+    while True:
+        if node.op == "call_module":
+            mod = block.get_submodule(node.target)
+            if _identity(mod):
+                node = node.args[0]
+                continue
+            if type(mod).__name__ == "LayerScale" and gamma is None and not getattr(mod, "inplace", False):
+                gamma = mod.gamma
+                node = node.args[0]
+                continue
+            return node.target, mod, gamma, node
+        if node.op == "call_function" and node.target in _MUL and gamma is None and len(node.args) == 2:
+            a, b = node.args
+            p, other = (a, b) if getattr(a, "op", None) == "get_attr" else (b, a)
+            if getattr(p, "op", None) == "get_attr" and isinstance(other, torch.fx.Node):
+                gamma = block.get_parameter(p.target) if p.target in dict(block.named_parameters()) else None
+                if gamma is not None and gamma.dim() <= 1:
+                    node = other
+                    continue
+        raise UnsupportedModelError(
+            f"auto adapter: the branch written into the residual stream of {prefix[:-1]} ends in "
+            f"{_where(node, prefix)}, which is not a module output (optionally × LayerScale); only module outputs "
+            f"can be components")
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(module) -> tuple:
+    """Identity of a module's structure: which module and parameter objects sit where (a cached trace is reused
+    only while nothing was replaced; traces depend on structure and attributes, never on parameter values)."""
+    return (tuple((n, id(m), type(m)) for n, m in module.named_modules())
+            + tuple((n, id(p)) for n, p in module.named_parameters()))
+
+
+def _cached(module, key, make):
+    """``make()`` cached per (module, key) while :func:`_signature` of the module is unchanged."""
+    sig = _signature(module)
+    entry = _CACHE.get(module)
+    if entry is None or entry[0] != sig:
+        entry = (sig, {})
+        _CACHE[module] = entry
+    if key not in entry[1]:
+        entry[1][key] = make()
+    return entry[1][key]
+
+
+def _block_writes(block, prefix: str):
+    """[(module path within block, module, gamma)] in forward order, or UnsupportedModelError (cached per block)."""
+    return _cached(block, ("writes", prefix), lambda: _derive_block_writes(block, prefix))
+
+
+def _derive_block_writes(block, prefix: str):
+    sig = inspect.signature(block.forward)
+    params = list(sig.parameters.values())
+    concrete = {}
+    for p in params[1:]:
+        if p.default is inspect.Parameter.empty:
+            raise UnsupportedModelError(
+                f"auto adapter: {prefix[:-1]} ({type(block).__name__}) takes a required argument {p.name!r} besides "
+                f"the token stream; only blocks called as block(x) are supported")
+        concrete[p.name] = p.default
+    graph = _trace(block, block, prefix[:-1], concrete or None)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    x = placeholders[0]
+    out = next(n for n in graph.nodes if n.op == "output")
+    cur = out.args[0]
+    writes = []
+    while cur is not x:
+        if not isinstance(cur, torch.fx.Node):
+            raise UnsupportedModelError(f"auto adapter: {prefix[:-1]} does not return a tensor built from its input")
+        is_add = (cur.op == "call_function" and cur.target in _ADD) or (cur.op == "call_method" and cur.target in ("add", "add_"))
+        if not is_add or len(cur.args) != 2 or cur.kwargs:
+            raise UnsupportedModelError(
+                f"auto adapter: in {prefix[:-1]} ({type(block).__name__}) the residual stream passes through "
+                f"{_where(cur, prefix)}, which is not the add of a branch; a step on the stream's own path must be "
+                f"'stream + branch' (post-norm, concatenation, reshaping or scaling of the stream is not supported)")
+        a, b = cur.args
+        chain = lambda n: n is x or (isinstance(n, torch.fx.Node) and n.op in ("call_function", "call_method")  # noqa: E731
+                                     and n.target in _ADD + ("add", "add_"))
+        stream, branch = (a, b) if chain(a) else (b, a)
+        if not chain(stream):
+            raise UnsupportedModelError(f"auto adapter: in {prefix[:-1]} neither operand of {_where(cur, prefix)} "
+                                        f"is the residual stream")
+        writes.append(_peel(branch, block, prefix)[:3])
+        cur = stream
+    return writes[::-1]
+
+
+def _split_heads(mod) -> bool:
+    """A timm fused-qkv Attention the engine's FusedQKV source reads exactly (else a block-level write)."""
+    if "timm" not in sys.modules:
+        return False
+    from timm.layers import Attention
+
+    from ..engine import is_identity
+
+    return (type(mod) is Attention and is_identity(getattr(mod, "norm", None))
+            and all(hasattr(mod, n) for n in ("qkv", "proj", "num_heads", "q_norm", "k_norm")))
+
+
+def _pair(v):
+    """``(a, b)`` from an int or a pair, else None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, int) for t in v):
+        return tuple(v)
+    return None
+
+
+def _proj_of_heads(mod):
+    """The output projection of an attention module whose output is ``proj(o)`` (through identities) with
+    ``o = transpose(attn_out, 1, 2).reshape(B, N, H·dh)`` and ``attn_out`` ``[B, H, N, dh]`` from
+    ``scaled_dot_product_attention`` or a ``matmul``: heads contiguous in proj's input, so proj's columns split
+    them. None if the trace does not show exactly that (the module is then one block-level write)."""
+    H = getattr(mod, "num_heads", None)
+    if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
+        return None
+
+    def derive():
+        params = list(inspect.signature(mod.forward).parameters.values())[1:]
+        if any(p.default is inspect.Parameter.empty for p in params):
+            return None
+        try:
+            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
+        except Exception:  # noqa: BLE001 - not traceable: no head split
+            return None
+        out = next(n for n in graph.nodes if n.op == "output").args[0]
+        node = out
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
+                n = n.args[0]
+            return n
+
+        node = peel(node)
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
+            return None
+        node = peel(node.args[0])
+        if not (node.op == "call_method" and node.target in ("reshape", "view") and len(node.args) == 4):
+            return None
+        t = node.args[0]
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "transpose"
+                and tuple(t.args[1:]) == (1, 2)):
+            return None
+        a = t.args[0]
+        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
+        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
+                                                   or (a.op == "call_method" and a.target == "matmul"))):
+            return None
+        return mod.proj
+
+    return _cached(mod, "heads", derive)
+
+
+class AutoAdapter(GraphAdapter):
+    """Derives the contribution graph of a timm residual-block model from a torch.fx trace (module docstring)."""
+
+    name = "auto"
+    families = ("auto (traced timm residual-block models)",)
+    fallback = True
+
+    def supports(self, model) -> bool:
+        return _is_timm_model(model)
+
+    def explain(self, model) -> str:
+        if not _is_timm_model(model):
+            return "not a timm model with a blocks list and forward_head"
+        return "a timm model with a blocks list: graph derived from a torch.fx trace and checked for exactness"
+
+    def validate(self, model, images):
+        """Image size against a fixed-size patch embedding (the rest: describe() refuses what it cannot follow
+        and decompose() checks exactness)."""
+        pe = getattr(model, "patch_embed", None)
+        H, W = images.shape[-2:]
+        size = _pair(getattr(pe, "img_size", None))
+        if (size is not None and getattr(pe, "strict_img_size", False) and not getattr(model, "dynamic_img_size", False)
+                and (H, W) != tuple(size)):
+            raise InputError(f"Image size {H}×{W} does not match the fixed input size {size[0]}×{size[1]} of "
+                             f"{type(model).__name__}; resize the images or build the model for that size")
+        ps = _pair(getattr(pe, "patch_size", None))
+        if ps is not None and (H % ps[0] or W % ps[1]):
+            raise InputError(f"Image size {H}×{W} is not divisible by the patch size {ps[0]}×{ps[1]} of "
+                             f"{type(model).__name__}; use a multiple of the patch size")
+
+    def representation(self, model, images):
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    def readout(self, model):
+        head = getattr(model, "head", None)
+        if getattr(model, "dist_token", None) is not None:
+            return None
+        return head if isinstance(head, torch.nn.Linear) else None
+
+    # ---------------------------------------------------------------- derivation
+    def _probe(self, model, images):
+        """Rows N of the token stream entering blocks.0 for this image size (one forward of one image, cached)."""
+        return _cached(model, ("rows", tuple(images.shape[-2:])), lambda: self._probe_rows(model, images))
+
+    def _probe_rows(self, model, images):
+        seen = {}
+
+        def hook(mod, args):
+            seen["x"] = args[0]
+
+        h = model.blocks[0].register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                self.representation(model, images[:1])
+        finally:
+            h.remove()
+        x = seen.get("x")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = (tuple(x.shape) if isinstance(x, torch.Tensor) else
+                     "nothing (it is never called: a list of stages, not of blocks)" if x is None else type(x).__name__)
+            raise UnsupportedModelError(
+                f"auto adapter: blocks.0 of {type(model).__name__} receives {shape}; only a [B, N, D] token stream "
+                f"is supported (windowed / NHWC / multi-scale stages need a model pack)")
+        return int(x.shape[1])
+
+    def _grid(self, model, images, N) -> TokenGrid:
+        pe = getattr(model, "patch_embed", None)
+        H, W = images.shape[-2:]
+        ph, pw = _pair(getattr(pe, "patch_size", None)) or (1, 1)
+        for get in (lambda: pe.dynamic_feat_size((H, W)), lambda: pe.grid_size, lambda: (H // ph, W // pw)):
+            try:
+                gh, gw = (int(v) for v in get())
+            except Exception:  # noqa: BLE001 - try the next convention
+                continue
+            npre = N - gh * gw
+            if npre >= 0 and npre == getattr(model, "num_prefix_tokens", npre):
+                return TokenGrid(num_prefix=npre, h=gh, w=gw, patch_size=(ph, pw))
+        return TokenGrid(num_prefix=N, h=0, w=0, patch_size=(ph, pw))  # rows not on a patch grid
+
+    def _tail(self, model, g, x, N):
+        """Follow forward_head(forward_features(.)) after the last block: norms and identities on a stream, and
+        linear combinations of its rows (``x[:, i]``, ``x[:, a:b].mean(1)``, sums and scalings of those, e.g.
+        distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``), which become a pool; norms of the pooled row after it."""
+        from ..engine import supported_norm
+
+        graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head"))
+        nb = len(model.blocks)
+        last = None
+        for n in graph.nodes:
+            if n.op == "call_module" and n.target in ("model.blocks", f"model.blocks.{nb - 1}"):
+                last = n
+        if last is None:
+            raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never calls its blocks")
+        # value of each followed node: ("stream", Stream) | ("rows", Stream, {row: weight}) | ("range", Stream, rows)
+        val = {last: ("stream", x)}
+        reads = {}  # stream node -> number of module reads (a stream may be read by one module only)
+
+        def refuse(n, why="is not a step the auto adapter follows (norms, identities, x[:, i], x[:, a:b], mean "
+                          "over tokens, sums and scalar multiples of rows)"):
+            raise UnsupportedModelError(f"auto adapter: between the last block and z of {type(model).__name__}, "
+                                        f"{_where(n, '')} {why}")
+
+        def pooled(v, n):
+            if v[0] == "stream":
+                return v[1]
+            if v[0] != "rows":
+                refuse(n, "reads a row range that is not averaged")
+            rows = sorted(v[2])
+            return g.pool(v[1], rows, [v[2][r] for r in rows])
+
+        z = None
+        for n in graph.nodes:
+            followed = [a for a in n.all_input_nodes if a in val]
+            if not followed:
+                continue
+            if n.op == "output":
+                z = pooled(val[followed[0]], n)
+                break
+            if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device"):
+                continue  # metadata only
+            if len(followed) != len(n.all_input_nodes) and not (n.op == "call_function" and n.target in _MUL):
+                refuse(n, "mixes the stream with values computed elsewhere")
+            v = val[followed[0]]
+            if n.op == "call_module":
+                mod = model.get_submodule(n.target[len("model."):])
+                if _identity(mod):
+                    val[n] = v
+                    continue
+                if not supported_norm(mod):
+                    refuse(n, f"({type(mod).__name__}) is not a norm or identity the auto adapter can freeze")
+                st = pooled(v, n) if v[0] != "stream" else v[1]
+                reads[followed[0]] = reads.get(followed[0], 0) + 1
+                if reads[followed[0]] > 1:
+                    refuse(n, "is a second module reading the same stream")
+                g.norm(st, mod, name=n.target[len("model."):])
+                val[n] = ("stream", st)
+            elif n.op == "call_function" and n.target is operator.getitem and v[0] == "stream" and v[1].rows > 1:
+                idx = n.args[1]
+                if isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], int):
+                    val[n] = ("rows", v[1], {idx[1] % N: 1.0})
+                elif (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None)
+                      and isinstance(idx[1], slice) and idx[1].step in (None, 1)):
+                    val[n] = ("range", v[1], list(range(N))[idx[1]])
+                else:
+                    refuse(n, f"indexes the token stream with {idx!r} (supported: x[:, i], x[:, a:b])")
+            elif (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+                if dim not in (1, (1,), [1]) or n.kwargs.get("keepdim", False) or v[0] == "rows" \
+                        or (v[0] == "stream" and v[1].rows == 1):
+                    refuse(n, f"with dim={dim!r} (supported: the mean over tokens, dim=1)")
+                rows = v[2] if v[0] == "range" else list(range(N))
+                val[n] = ("rows", v[1], {r: 1.0 / len(rows) for r in rows})
+            elif n.op == "call_function" and n.target in _ADD and len(followed) == 2 and len(n.args) == 2:
+                a, b = (val[t] for t in n.args)
+                if a[0] != "rows" or b[0] != "rows" or a[1] is not b[1]:
+                    refuse(n, "adds values that are not rows of one stream")
+                rows = dict(a[2])
+                for r, w in b[2].items():
+                    rows[r] = rows.get(r, 0.0) + w
+                val[n] = ("rows", a[1], rows)
+            elif (n.op == "call_function" and n.target in _MUL + (operator.truediv,) and len(n.args) == 2
+                  and isinstance(n.args[1 if n.args[0] in val else 0], (int, float)) and v[0] == "rows"
+                  and (n.target is not operator.truediv or n.args[0] in val)):
+                c = float(n.args[1 if n.args[0] in val else 0])
+                c = 1.0 / c if n.target is operator.truediv else c
+                val[n] = ("rows", v[1], {r: w * c for r, w in v[2].items()})
+            else:
+                refuse(n)
+        if z is None or z.rows != 1:
+            raise UnsupportedModelError(f"auto adapter: z of {type(model).__name__} is not one pooled row of the "
+                                        f"token stream")
+        return z
+
+    def describe(self, model, images, tokens: bool = False) -> Graph:
+        try:
+            return self._describe(model, images, tokens)
+        except (UnsupportedModelError, InputError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a structure the derivation does not know: refused, named
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            raise UnsupportedModelError(
+                f"auto adapter: cannot derive a graph for {type(model).__name__}: {type(exc).__name__}: {exc} "
+                f"(at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}: {where.line}); write a model pack for it"
+            ) from exc
+
+    def _describe(self, model, images, tokens) -> Graph:
+        if not _is_timm_model(model):
+            raise UnsupportedModelError(
+                f"auto adapter: {type(model).__name__} is not a timm model with a non-empty `blocks` list "
+                f"(nn.Sequential / nn.ModuleList) and forward_features/forward_head; this version derives graphs "
+                f"only for those")
+        N = self._probe(model, images)
+        grid = self._grid(model, images, N)
+        arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__) \
+            if isinstance(getattr(model, "default_cfg", None), dict) else type(model).__name__
+        g = Graph(self.name, run=lambda im: self.representation(model, im), grid=grid,
+                  meta={"adapter": self.name, "model": arch, "derived": "torch.fx"})
+        x = g.stream("tokens", N)
+        g.embed(x, model.blocks[0])
+        for i, blk in enumerate(model.blocks):
+            prefix = f"blocks.{i}."
+            writes = _block_writes(blk, prefix)
+            with g.block(i, f"blocks.{i}", x, entry=blk):
+                for path, mod, gamma in writes:
+                    proj = None if (tokens or _split_heads(mod)) else _proj_of_heads(mod)
+                    if _split_heads(mod):
+                        att = FusedQKV(mod.qkv, mod.q_norm, mod.k_norm, getattr(mod, "scale", mod.head_dim ** -0.5))
+                        g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
+                                gamma=gamma, name=path)
+                    elif proj is not None:  # heads split by proj's columns (no attention source: not in token mode)
+                        g.heads(x, ProjInput(proj, mod.num_heads), proj.weight, proj.bias, gamma=gamma, name=path)
+                    else:
+                        kind = "attn" if "attn" in path else "mlp"
+                        g.branch(x, mod, name=path, kind=kind, gamma=gamma)
+        z = self._tail(model, g, x, N)
+        g.output(z)
+        return g
+
+    def decompose(self, model, images, options):
+        from ..decomposition import tolerance_for
+
+        from torch._subclasses.fake_tensor import is_fake
+
+        tokens = options.tokens == "source"
+        graph = self.describe(model, images, tokens=tokens)
+        start = options.start
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)
+                                  or not 0 <= start < graph.num_blocks):
+            raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
+                             f"0..{graph.num_blocks - 1}")
+        dec = execute(graph, images, start=start, tokens=tokens)
+
+        if is_fake(dec.contributions):  # simulated CUDA (placement checks): there are no values to check
+            return dec
+        err, tol = float(dec.error), tolerance_for(images.dtype)
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"auto adapter: the graph derived for {type(model).__name__} reconstructs z with relative error "
+                f"{err:.2e} > {tol:.0e}; a step between the writes and z is not linear as traced "
+                f"(components {', '.join(dec.names[:6])}, ...). Write a model pack for it.")
+        return dec
+
+
+def derived_writes(model) -> List[str]:
+    """The write names the auto adapter derives for ``model``'s blocks (for inspection)."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        out += [f"blocks.{i}.{p}" for p, _, _ in _block_writes(blk, f"blocks.{i}.")]
+    return out
