@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import FactorTokens, TokenDetail
-from vitdecomp.engine import HookSet, freeze_norm, is_identity
+from vitdecomp.engine import FrozenNorm, HookSet, freeze_norm, is_identity
 
 __all__ = ["MaxViTPlan", "build_plan", "run_maxvit", "PositionTokens", "ConstTokens", "SourceTokens"]
 
@@ -239,8 +239,9 @@ def _partition(t: torch.Tensor, part: PartitionSpec) -> torch.Tensor:
 
 
 def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tokens: bool, sources: bool,
-               representation, meta: dict) -> Decomposition:
-    """Run the model's own forward once with hooks, then read every component out exactly."""
+               representation, meta: dict, final_norm: bool = True) -> Decomposition:
+    """Run the model's own forward once with hooks, then read every component out exactly. ``final_norm=False``
+    (pooled-norm models only): z is the pooled final stage itself, without ``head.norm`` (the paper's z)."""
     device, dtype = images.device, images.dtype
     B = images.shape[0]
     S = plan.num_stages
@@ -328,11 +329,18 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
 
                 hooks.post(part.module.ls2, on_mlp)
                 order.append((mkey, Component(mkey, "mlp", block=g, stage=s, branch=part.branch)))
-        hooks.pre(plan.final_norm, lambda t: captured.__setitem__("final_in", t))
+        if final_norm:
+            hooks.pre(plan.final_norm, lambda t: captured.__setitem__("final_in", t))
         z = representation(images)
 
     # ---------------------------------------------------------------- frozen final norm
-    fin = freeze_norm(plan.final_norm, captured["final_in"].permute(0, 2, 3, 1))  # inv_scale [B, h, w]
+    if not final_norm:  # the mean over the final positions is z: no norm to freeze
+        if plan.per_position_norm:
+            raise ValueError("final_norm=False applies to pooled-norm (head.norm) MaxViT models only")
+        fin = FrozenNorm(weight=None, bias=None, inv_scale=torch.ones(B, 1, 1, device=device, dtype=dtype),
+                         center=False)
+    else:
+        fin = freeze_norm(plan.final_norm, captured["final_in"].permute(0, 2, 3, 1))  # inv_scale [B, h, w]
     if plan.per_position_norm:
         v = fin.inv_scale / (Hf * Wf)             # [B, Hf, Wf]
     else:
