@@ -199,6 +199,10 @@ def _leaves_at(graph, ops) -> Dict[int, list]:
                 raise GraphError(f"{_where(graph, op)}: bias='paper' splits its constant over the writes that reach "
                                  "it, and none does")
             at[i] = list(d)
+        elif op.kind not in ("block", "project"):  # a mixer kind added later: say so rather than miscount
+            raise GraphError(f"{_where(graph, op)}: bias='paper' does not know which writes flow through a "
+                             f"{op.kind!r} node; teach graph._engine._leaves_at (known: entry, branch, param, heads, "
+                             "pool, concat, norm, cattn, project)")
     return at
 
 
