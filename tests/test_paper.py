@@ -236,8 +236,8 @@ def test_maxvit_paper_readout(name, extra, photo_batch):
         torch.testing.assert_close(dec["stages.3.blocks.0.conv"], conv_out.mean((-1, -2)), rtol=1e-10, atol=1e-12)
     else:  # forward_features ends with model.norm: the paper's z is the default
         torch.testing.assert_close(dec.contributions, default.contributions, rtol=1e-12, atol=1e-14)
-    with pytest.raises(UnsupportedModelError, match="bias='paper'"):
-        vitdecomp.decompose(m, x, adapter=ad, bias="paper")
+    with pytest.raises(UnsupportedModelError, match="bias='paper' with tokens='source'"):
+        vitdecomp.decompose(m, x, adapter=ad, bias="paper", tokens="source")
     with pytest.raises(vitdecomp.InputError, match="readout"):
         MaxViTAdapter(readout="pooled")
 
@@ -267,3 +267,91 @@ def test_paper_names_maxvit():
     assert nm["stages.1.blocks.0.attn_block.attn.head.0"] == "layer:01.head:0"  # odd: block attention
     assert nm["stages.0.blocks.0.attn_grid.mlp"] == "layer:02.mlp"
     assert nm["stages.0.blocks.0.conv"] == "layer:03.conv" and nm["stem"] == "stem"
+
+
+def maxvit_reference(m, x, paper_readout):
+    """The paper's walk on a timm MaxViT by hand: leaves (the stem, each MBConv branch, each head's
+    W_O^(h) o_h + b_O / H un-partitioned with timm's own inverse and times LayerScale, each MLP write) are carried
+    as full maps through the stride-2 shortcuts (2×2 mean pool, then a 1×1 conv whose bias is split over the
+    leaves present); z: their mean over positions (the paper's z), or the final LayerNorm2d by the paper's rule."""
+    from timm.layers import NormMlpClassifierHead
+    from timm.models.maxxvit import grid_reverse, window_reverse
+
+    cap = {}
+    hs = [m.stem.register_forward_hook(lambda mod, a, o: cap.__setitem__("stem", o))]
+    blocks = [(s, b, blk) for s, st in enumerate(m.stages) for b, blk in enumerate(st.blocks)]
+    for s, b, blk in blocks:
+        hs.append(blk.conv.conv3_1x1.register_forward_hook(lambda mod, a, o, k=(s, b): cap.__setitem__(("conv", k), o)))
+        for part in ("attn_block", "attn_grid"):
+            pm = getattr(blk, part)
+            hs.append(pm.attn.proj.register_forward_pre_hook(
+                lambda mod, a, k=(s, b, part): cap.__setitem__(("o", k), a[0])))
+            hs.append(pm.ls2.register_forward_hook(lambda mod, a, o, k=(s, b, part): cap.__setitem__(("mlp", k), o)))
+    hs.append(m.norm.register_forward_pre_hook(lambda mod, a: cap.__setitem__("fin", a[0])))
+    with torch.no_grad():
+        m.forward_features(x)
+    for h in hs:
+        h.remove()
+    names, leaves = ["stem"], [cap["stem"]]
+    for s, b, blk in blocks:
+        p = f"stages.{s}.blocks.{b}"
+        sc = blk.conv.shortcut
+        if b == 0:  # the stride-2 shortcut: every leaf present is pooled and projected, its bias split evenly
+            bias = sc.expand.bias / len(leaves) if sc.expand.bias is not None else None
+            leaves = [torch.nn.functional.conv2d(sc.pool(u), sc.expand.weight, bias) for u in leaves]
+        names.append(f"{p}.conv")
+        leaves.append(cap[("conv", (s, b))])
+        size = leaves[0].shape[-2:]
+        for part, rev in (("attn_block", window_reverse), ("attn_grid", grid_reverse)):
+            pm = getattr(blk, part)
+            at = pm.attn
+            H = at.num_heads
+            o = cap[("o", (s, b, part))].unflatten(-1, (H, -1))  # partitioned [B', wh, ww, H, dh]
+            W = at.proj.weight.unflatten(1, (H, -1))
+            g = pm.ls1.gamma if hasattr(pm.ls1, "gamma") else 1.0
+            for h in range(H):
+                head = rev(o[..., h, :] @ W[:, h].T + at.proj.bias / H, list(pm.partition_size), list(size))
+                names.append(f"{p}.{part}.attn.head.{h}")
+                leaves.append((head * g).permute(0, 3, 1, 2))
+            names.append(f"{p}.{part}.mlp")
+            leaves.append(cap[("mlp", (s, b, part))].permute(0, 3, 1, 2))
+    torch.testing.assert_close(sum(leaves), cap["fin"], rtol=1e-12, atol=1e-12)  # the leaves are the stream
+
+    def paper_ln2d(ln, us):  # over channels, per position
+        u = sum(us)
+        mu, sd = u.mean(1, keepdim=True), (u.var(1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        return [ln.weight[:, None, None] * (t - mu / len(us)) / sd + ln.bias[:, None, None] / len(us) for t in us]
+
+    if not is_id(m.norm):  # rw: LayerNorm2d per position, then the mean (also the paper's z)
+        leaves = paper_ln2d(m.norm, leaves)
+    out = [u.mean((-1, -2)) for u in leaves]
+    if isinstance(m.head, NormMlpClassifierHead) and not paper_readout:  # tf default: head.norm on the pooled map
+        out = [t[:, :, 0, 0] for t in paper_ln2d(m.head.norm, [u[:, :, None, None] for u in out])]
+    return names, out
+
+
+def is_id(mod):
+    return isinstance(mod, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name, extra, paper_readout", [
+    ("maxvit_tiny_tf_224", dict(stem_width=16, head_hidden_size=40), True),
+    ("maxvit_tiny_tf_224", dict(stem_width=16, head_hidden_size=40), False),
+    ("maxvit_rmlp_pico_rw_256", dict(stem_width=(8, 16), transformer_init_values=0.5, transformer_rel_pos_dim=16),
+     False),
+])
+def test_maxvit_paper_convention_matches_the_papers_walk(name, extra, paper_readout, photo_batch):
+    from vitdecomp_plugins.maxvit import MaxViTAdapter
+
+    torch.manual_seed(0)
+    m = testing.perturb_parameters(timm.create_model(name, **MAXVIT, **extra).eval()).double()
+    x = photo_batch(size=(64, 64), names=("astronaut", "coffee"), dtype=torch.float64)
+    names, leaves = maxvit_reference(m, x, paper_readout)
+    ad = MaxViTAdapter(readout="paper" if paper_readout else "default")
+    torch.testing.assert_close(sum(leaves), vitdecomp.representation(m, x, adapter=ad), rtol=1e-12, atol=1e-12)
+    dec = vitdecomp.decompose(m, x, adapter=ad, bias="paper", check=True)
+    assert_components(dec, names, leaves, 1e-12)
+    br = vitdecomp.decompose(m, x, adapter=ad, bias="paper", heads=False)
+    key = "stages.3.blocks.0.attn_grid.attn"
+    heads = sum(dec[n] for n in dec.names if n.startswith(key + ".head."))
+    torch.testing.assert_close(br[key], heads, rtol=1e-12, atol=1e-14)

@@ -63,7 +63,7 @@ GRANULARITIES = (
     {"heads": True, "start": "middle"},
     {"heads": True, "tokens": "source"},
     {"heads": True, "bias": "even"},
-    {"heads": True, "bias": "paper", "tokens": "source"},  # skipped for adapters without ``paper_bias``
+    {"heads": True, "bias": "paper"},  # skipped for adapters without ``paper_bias``
 )
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")

@@ -22,7 +22,9 @@ Representation z (what :func:`vitdecomp.representation` returns):
   ``adapter=MaxViTAdapter(readout="paper")`` to ``decompose`` / ``representation``. For ``NormMlpClassifierHead``
   models that is the pooled final stage *without* ``head.norm`` (no final norm, no ``head.norm.bias``
   component); for ``ClassifierHead`` models ``forward_features`` ends with ``model.norm`` and it equals the default.
-  ``bias="paper"`` is not implemented on this family's engine (``UnsupportedModelError``).
+* ``bias="paper"``: the paper's convention (the final norm centred by the stream's mean, its β, shortcut
+  biases and b_O / H split over the leaves present; no ``const`` components); not with ``tokens="source"``
+  (``UnsupportedModelError``).
 
 Components, in forward order (``S`` stage, ``B`` block within the stage; ``Component.block`` is the global block
 index, ``Component.stage`` = S, ``Component.branch`` = ``"block"`` / ``"grid"`` for the two partition branches):
@@ -147,6 +149,7 @@ class MaxViTAdapter(Adapter):
 
     name = "timm-maxvit"
     families = ("MaxViT",)
+    paper_bias = True
     READOUTS = ("default", "paper")
 
     def __init__(self, readout: str = "default"):
@@ -255,6 +258,11 @@ class MaxViTAdapter(Adapter):
 
         start = self._start_index(model, options.start)
         tokens = options.tokens == "source"
+        paper = options.bias == "paper"
+        if paper and tokens:
+            raise UnsupportedModelError(f"bias='paper' with tokens='source' is not implemented for MaxViT "
+                                        f"({type(model).__name__}); use bias='paper' without tokens, or "
+                                        f"bias='explicit' with them")
         plan = build_plan(model, tuple(images.shape[-2:]))
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         # heads' token details sit at the rows they write; the split by read position is meta["source_tokens"]
@@ -262,7 +270,7 @@ class MaxViTAdapter(Adapter):
                 "readout": self.readout_mode}
         return run_maxvit(model, images, plan, start=start, tokens=tokens, sources=tokens and options.heads,
                           representation=lambda x: self.representation(model, x), meta=meta,
-                          final_norm=self.readout_mode != "paper" or plan.per_position_norm)
+                          final_norm=self.readout_mode != "paper" or plan.per_position_norm, paper=paper)
 
 
 class _Channels(torch.nn.Module):

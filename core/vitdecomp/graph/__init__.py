@@ -209,7 +209,8 @@ def execute(graph: Graph, images: torch.Tensor, *, start=None, tokens: bool = Fa
         b_O / H to each of its heads; a norm does not centre each write but subtracts the stream's mean, and
         that −γ·μ/σ and its β are split evenly over the leaves present at the norm (the writes flowing through
         it); a class-attention branch's constants (and its norm's centring through the value paths) likewise.
-        No ``const`` components remain."""
+        No ``const`` components remain. Leaves are counted at head level, also with ``tokens`` (whose parts
+        then put each constant's share on the rows where it is written)."""
     from ._engine import run_graph
 
     return run_graph(graph, images, start=start, tokens=tokens, bias=bias)
