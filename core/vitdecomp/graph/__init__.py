@@ -23,8 +23,8 @@ Blocks (:meth:`Graph.block`) group writes under a name prefix and mark where ``s
 
 The engine hooks the model's own forward (and checks every hook fired), freezes norms and attention weights,
 composes the linear maps from each write to z (pooling before the per-head products, so component level costs
-about one forward), emits the components in forward order with explicit constants (biases, norm offsets) and
-heads split, and the token detail for ``tokens="source"`` on the model's grid. A component is a *write*: its
+about one forward), emits the components in forward order with explicit constants (biases, norm offsets; or the
+paper's even shares with ``bias="paper"``, see :func:`execute`) and heads split, and the token detail for ``tokens="source"`` on the model's grid. A component is a *write*: its
 contribution is everything that reaches z from it along linear paths. When z is not read from the stream a
 block writes (CaiT's class stream, attention pooling), the writes of that stream reach z through the
 class-attention value path at the forward's attention weights; the class-attention branch itself then

@@ -199,10 +199,11 @@ def _leaves_at(graph, ops) -> Dict[int, list]:
                 raise GraphError(f"{_where(graph, op)}: bias='paper' splits its constant over the writes that reach "
                                  "it, and none does")
             at[i] = list(d)
-        elif op.kind not in ("block", "project"):  # a mixer kind added later: say so rather than miscount
-            raise GraphError(f"{_where(graph, op)}: bias='paper' does not know which writes flow through a "
-                             f"{op.kind!r} node; teach graph._engine._leaves_at (known: entry, branch, param, heads, "
-                             "pool, concat, norm, cattn, project)")
+        elif op.kind not in ("block", "project"):  # any other linear mixer: its writes flow through it
+            if isinstance(op.extra.get("out"), Stream):  # into a new stream
+                have[id(op.extra["out"])] = dict(have.get(id(s), {}))
+            for r in op.extra.get("reads", ()):  # from other streams into this one
+                have.setdefault(id(s), {}).update(have.get(id(r), {}))
     return at
 
 
@@ -395,6 +396,10 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
                 details[comp.name] = det
     meta = dict(graph.meta)
     if paper:
+        left = [c.name for c in comps if c.kind == "const"]
+        if left:  # a mixer that adds a constant without splitting it: no silent mix of conventions
+            raise GraphError(f"pack {graph.pack!r}: bias='paper' left constants {left}: the nodes writing them do "
+                             "not implement the paper's split (see graph._engine: share())")
         meta["bias"] = "paper"
     return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,
                          grid=graph.grid, token_details=details, meta=meta)
