@@ -355,3 +355,16 @@ def test_maxvit_paper_convention_matches_the_papers_walk(name, extra, paper_read
     key = "stages.3.blocks.0.attn_grid.attn"
     heads = sum(dec[n] for n in dec.names if n.startswith(key + ".head."))
     torch.testing.assert_close(br[key], heads, rtol=1e-12, atol=1e-14)
+
+
+def test_maxvit_float32(photo_batch):
+    from vitdecomp_plugins.maxvit import MaxViTAdapter
+
+    torch.manual_seed(0)
+    m64 = testing.perturb_parameters(timm.create_model("maxvit_rmlp_pico_rw_256", **MAXVIT, stem_width=(8, 16),
+                                                       transformer_init_values=0.5, transformer_rel_pos_dim=16).eval())
+    m64 = m64.double()
+    x = photo_batch(size=(64, 64), names=("astronaut", "coffee"), dtype=torch.float64)
+    names, leaves = maxvit_reference(m64, x, False)
+    dec = vitdecomp.decompose(copy.deepcopy(m64).float(), x.float(), adapter=MaxViTAdapter(), bias="paper", check=True)
+    assert_components(dec, names, [u.float() for u in leaves], 1e-5)
