@@ -364,7 +364,7 @@ def test_a_submodule_in_training_mode_is_refused(photo_batch):
 @pytest.mark.parametrize("kw, match", [
     ({"heads": "yes"}, "heads must be True .* or False"), ({"heads": 1}, "heads must be True"),
     ({"tokens": "all"}, "tokens must be None or 'source'"), ({"tokens": True}, "tokens must be None or 'source'"),
-    ({"bias": "mean"}, "bias must be one of \\('explicit', 'even'\\)"), ({"bias": 1}, "bias must be one of"),
+    ({"bias": "mean"}, "bias must be one of \\('explicit', 'paper', 'even'\\)"), ({"bias": 1}, "bias must be one of"),
 ])
 def test_bad_option_values_are_named(vit, photo_batch, kw, match):
     with pytest.raises(InputError, match=match):

@@ -58,6 +58,7 @@ _LAZY = {
     "read_waterbirds": "ablation", "read_group_folders": "ablation",
     "contact_sheet": "plotting", "overlay": "plotting", "plot_curves": "plotting",
     "atlas": "_atlas", "AtlasResult": "_atlas", "component_layout": "_atlas",
+    "paper_names": "_paper",
 }
 
 __all__ = [

@@ -386,7 +386,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard (the unit of resumption)")
     p.add_argument("--no-heads", action="store_true", help="whole attention branches instead of heads")
     p.add_argument("--start", type=_start, default=None, help="decompose blocks from this index (or 'stage,block') on")
-    p.add_argument("--bias", choices=("explicit", "even"), default="explicit")
+    p.add_argument("--bias", choices=("explicit", "paper", "even"), default="explicit")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="run the model in reduced precision; the error against float32 is measured per shard")

@@ -12,8 +12,11 @@ from .errors import InputError
 __all__ = ["Adapter", "DecomposeOptions", "BIAS_POLICIES"]
 
 #: ``explicit``: biases and norm offsets are components of their own (default).
-#: ``even``: the papers' reproduction option; constants are split evenly over the other components.
-BIAS_POLICIES = ("explicit", "even")
+#: ``paper``: the paper's own RepDecompose convention, reproduced exactly (METHOD.md §1; adapters with
+#: ``paper_bias = True``, i.e. every family on the graph engine).
+#: ``even``: the explicit decomposition with all constants summed and split evenly over the other components
+#: at head level (a simple constant-free view; not the paper's numbers).
+BIAS_POLICIES = ("explicit", "paper", "even")
 TOKEN_MODES = (None, "source")
 
 
@@ -38,7 +41,8 @@ def _check_tokens(instance, attribute, value):
 def _check_bias(instance, attribute, value):
     if not isinstance(value, str) or value not in BIAS_POLICIES:
         raise InputError(f"bias must be one of {BIAS_POLICIES} ('explicit': biases and norm offsets are "
-                         f"components; 'even': the papers' even split); got {value!r}")
+                         f"components; 'paper': the paper's RepDecompose convention; 'even': constants split "
+                         f"evenly over the other components); got {value!r}")
 
 
 @attrs.frozen
@@ -67,6 +71,8 @@ class Adapter:
 
     name: str = "adapter"
     families: Tuple[str, ...] = ()
+    #: True if :meth:`decompose` implements ``options.bias == "paper"`` (the paper's convention).
+    paper_bias: bool = False
 
     def supports(self, model) -> bool:
         """True if this adapter can decompose ``model`` (decided by structure)."""

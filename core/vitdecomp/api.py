@@ -11,7 +11,7 @@ import torch
 from ._plugins import Registry, default_registry
 from .adapter import DecomposeOptions
 from .decomposition import Decomposition, _Shifted, _take, tolerance_for
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 
 __all__ = ["decompose", "representation", "load_model", "LoadedModel", "find_adapter", "choose_adapter",
            "unwrap_loaded"]
@@ -206,7 +206,12 @@ def decompose(
         ``init``.
     :param tokens: ``"source"``: also split attention heads by the token they read from; see
         :meth:`Decomposition.token_contributions`.
-    :param bias: ``"explicit"`` (biases and norm offsets are components) or ``"even"`` (the papers' even split).
+    :param bias: ``"explicit"`` (biases and norm offsets are components, each write centred by its own mean at
+        a norm); ``"paper"``: the paper's RepDecompose convention exactly (b_O / H to each head; at a norm the
+        stream's mean and β split evenly over the leaves present there; no ``const`` components; families on the
+        graph engine, see :attr:`Adapter.paper_bias`); ``"even"``: the explicit constants summed and split evenly
+        over the other head-level components (not the paper's numbers). In every mode ``heads=False`` is the sum
+        of the heads.
     :param check: raise :class:`ReconstructionError` when the relative error exceeds ``tol`` (default by dtype:
         1e-5 for float32, 1e-10 for float64). NaN or Inf in the images or the contributions raises
         :class:`InputError` naming the image, also with ``check=False`` on the CPU; on an accelerator that check
@@ -235,6 +240,12 @@ def decompose(
         model = ad.unwrap(model)
         _validate(model, images, ad)
         ad.validate(model, images)
+    if bias == "paper" and not getattr(ad, "paper_bias", False):
+        raise UnsupportedModelError(
+            f"bias='paper' (the paper's RepDecompose convention) is not implemented by adapter {ad.name!r} for "
+            f"{type(model).__name__}: it runs on its own engine, not the contribution-graph engine that implements "
+            f"it; use bias='explicit' or 'even' with it (families with bias='paper': those whose adapter is a "
+            f"vitdecomp.graph.GraphAdapter, e.g. timm ViT/DeiT/DINO/DINOv2, open_clip, the HF pack, CaiT)")
     sync_ok = check or images.device.type == "cpu"  # never make the host wait for an accelerator unasked
     if sync_ok:
         _check_finite(images)
@@ -263,11 +274,11 @@ def decompose(
 
                 z32 = ad.representation(model, images)
                 dec.meta["error_vs_float32"] = relative_error(dec.total(), z32)
+    if bias == "even":  # at head level, so heads=False is the sum of the heads
+        dec = _apply_even_bias(dec)
     if not heads:
         dec = dec.group("branch")
         dec.meta.pop("grouped", None)
-    if bias == "even":
-        dec = _apply_even_bias(dec)
     dec.meta.setdefault("adapter", ad.name)
     dec.meta.update({"heads": heads, "start": start, "tokens": tokens, "bias": bias, "dtype": str(images.dtype).replace("torch.", "")})
     if sync_ok:

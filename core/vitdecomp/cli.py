@@ -273,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--bias", default="explicit", choices=("explicit", "even"),
-                   help="biases as components of their own, or split evenly (the papers')")
+    p.add_argument("--bias", default="explicit", choices=("explicit", "paper", "even"),
+                   help="biases as components of their own; 'paper': the paper's RepDecompose convention; "
+                        "'even': constants split evenly over the other components")
     p.set_defaults(func=cmd_decompose)
 
     for modname in ("_cli_interpret", "_cli_apps", "_cli_demo", "_cli_atlas"):

@@ -63,6 +63,7 @@ GRANULARITIES = (
     {"heads": True, "start": "middle"},
     {"heads": True, "tokens": "source"},
     {"heads": True, "bias": "even"},
+    {"heads": True, "bias": "paper"},  # skipped for adapters without ``paper_bias``
 )
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -160,6 +161,8 @@ def check_reconstruction(
             assert err <= tol, f"{ad.name}: representation differs from the library's own forward by {err:.2e} ({dtype})"
         for opts in granularities:
             opts = dict(opts)
+            if opts.get("bias") == "paper" and not getattr(ad, "paper_bias", False):
+                continue
             if opts.get("start") == "middle":
                 opts["start"] = _start_for(m, ad)
                 if opts["start"] is None:
@@ -306,6 +309,9 @@ def check_cuda_placement(model, image_size, *, batch: int = 2, granularities: It
     for opts in granularities:
         opts = dict(opts)
         m = copy.deepcopy(model).eval()
+        if opts.get("bias") == "paper" and not getattr(api.find_adapter(m, adapter, registry=registry), "paper_bias",
+                                                       False):
+            continue
         if opts.get("start") == "middle":
             opts["start"] = _start_for(m, api.find_adapter(m, adapter, registry=registry))
             if opts["start"] is None:

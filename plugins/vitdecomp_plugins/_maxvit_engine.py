@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from vitdecomp import Component, Decomposition, TokenGrid
 from vitdecomp.decomposition import FactorTokens, TokenDetail
-from vitdecomp.engine import HookSet, freeze_norm, is_identity
+from vitdecomp.engine import FrozenNorm, HookSet, freeze_norm, is_identity
 
 __all__ = ["MaxViTPlan", "build_plan", "run_maxvit", "PositionTokens", "ConstTokens", "SourceTokens"]
 
@@ -239,8 +239,10 @@ def _partition(t: torch.Tensor, part: PartitionSpec) -> torch.Tensor:
 
 
 def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tokens: bool, sources: bool,
-               representation, meta: dict) -> Decomposition:
-    """Run the model's own forward once with hooks, then read every component out exactly."""
+               representation, meta: dict, final_norm: bool = True, paper: bool = False) -> Decomposition:
+    """Run the model's own forward once with hooks, then read every component out exactly. ``final_norm=False``
+    (pooled-norm models only): z is the pooled final stage itself, without ``head.norm`` (the paper's z).
+    ``paper`` (not with ``tokens``): the paper's convention, see :func:`_paper_shares`."""
     device, dtype = images.device, images.dtype
     B = images.shape[0]
     S = plan.num_stages
@@ -328,11 +330,18 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
 
                 hooks.post(part.module.ls2, on_mlp)
                 order.append((mkey, Component(mkey, "mlp", block=g, stage=s, branch=part.branch)))
-        hooks.pre(plan.final_norm, lambda t: captured.__setitem__("final_in", t))
+        if final_norm:
+            hooks.pre(plan.final_norm, lambda t: captured.__setitem__("final_in", t))
         z = representation(images)
 
     # ---------------------------------------------------------------- frozen final norm
-    fin = freeze_norm(plan.final_norm, captured["final_in"].permute(0, 2, 3, 1))  # inv_scale [B, h, w]
+    if not final_norm:  # the mean over the final positions is z: no norm to freeze
+        if plan.per_position_norm:
+            raise ValueError("final_norm=False applies to pooled-norm (head.norm) MaxViT models only")
+        fin = FrozenNorm(weight=None, bias=None, inv_scale=torch.ones(B, 1, 1, device=device, dtype=dtype),
+                         center=False)
+    else:
+        fin = freeze_norm(plan.final_norm, captured["final_in"].permute(0, 2, 3, 1))  # inv_scale [B, h, w]
     if plan.per_position_norm:
         v = fin.inv_scale / (Hf * Wf)             # [B, Hf, Wf]
     else:
@@ -340,7 +349,7 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
     vsum = v.sum((1, 2))                          # [B]
     D = plan.channels[S - 1]
     eye = torch.eye(D, device=device, dtype=dtype)
-    G = eye - 1.0 / D if fin.center else eye      # centring
+    G = eye - 1.0 / D if fin.center and not paper else eye  # centring (paper: the stream's mean, a constant)
     if fin.weight is not None:
         G = fin.weight.to(dtype).unsqueeze(1) * G
     M: Dict[int, torch.Tensor] = {}
@@ -445,12 +454,45 @@ def run_maxvit(model, images: torch.Tensor, plan: MaxViTPlan, *, start: int, tok
             _source_details(akey, part, blk, qkv_caps[akey], level_weight(blk.stage), caps[akey],
                             head_cache[akey + ":mats"], plan.grids[blk.stage], src_details)
 
+    if paper:
+        cen = None
+        if fin.center:  # −γ·μ_p/σ_p at each final position, through the pooling: Σ_p v_p (−μ_p) γ
+            mu = captured["final_in"].to(dtype).mean(1)  # [B, h, w]
+            g = fin.weight.to(dtype) if fin.weight is not None else torch.ones(D, device=device, dtype=dtype)
+            cen = (v * -mu).sum((1, 2))[:, None] * g
+        comps, values = _paper_shares(comps, values, cen)
     meta = dict(meta)
     meta["levels"] = {str(k): list(vv) for k, vv in sorted(plan.grids.items())}
     if sources:
         meta["source_tokens"] = SourceTokens(src_details)
     return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,
                          grid=grid_of(S - 1), token_details=details, token_grids=grids, meta=meta)
+
+
+def _paper_shares(comps, values, cen):
+    """The paper's convention from the components read out with an uncentred final norm: an attention's output
+    bias goes b_O / H to each of its heads; a shortcut bias, the final norm's β and its centring ``cen`` (−γ·μ/σ
+    pooled, or None) are split evenly over the leaves present where they enter (every earlier non-constant
+    component, heads counted one by one)."""
+    vals = list(values)
+    leaves: List[int] = []
+    keep = []
+    for i, c in enumerate(comps):
+        if c.kind != "const":
+            leaves.append(i)
+            keep.append(i)
+            continue
+        if c.name.endswith(".attn.bias"):
+            heads = [j for j in leaves if comps[j].kind == "head" and comps[j].name.startswith(c.name[:-4] + "head.")]
+            for j in heads:
+                vals[j] = vals[j] + values[i] / len(heads)
+        else:  # a shortcut bias, or the final norm's β
+            for j in leaves:
+                vals[j] = vals[j] + values[i] / len(leaves)
+    if cen is not None:
+        for j in leaves:
+            vals[j] = vals[j] + cen / len(leaves)
+    return [comps[i] for i in keep], [vals[i] for i in keep]
 
 
 def _source_details(akey, part: PartitionSpec, blk: BlockSpec, qkv: torch.Tensor, weight: torch.Tensor, cap: _Capture,

@@ -18,6 +18,13 @@ Representation z (what :func:`vitdecomp.representation` returns):
 * ``ClassifierHead`` models: ``model.forward_head(model.forward_features(x), pre_logits=True)`` — the mean over
   the final-stage positions of ``model.norm`` (LayerNorm2d per position); ``head.fc`` is linear
   (:meth:`MaxViTAdapter.readout`).
+* The paper's z (Balasubramanian et al. 2024), ``model.forward_features(x).mean((-1, -2))``: pass
+  ``adapter=MaxViTAdapter(readout="paper")`` to ``decompose`` / ``representation``. For ``NormMlpClassifierHead``
+  models that is the pooled final stage *without* ``head.norm`` (no final norm, no ``head.norm.bias``
+  component); for ``ClassifierHead`` models ``forward_features`` ends with ``model.norm`` and it equals the default.
+* ``bias="paper"``: the paper's convention (the final norm centred by the stream's mean, its β, shortcut
+  biases and b_O / H split over the leaves present; no ``const`` components); not with ``tokens="source"``
+  (``UnsupportedModelError``).
 
 Components, in forward order (``S`` stage, ``B`` block within the stage; ``Component.block`` is the global block
 index, ``Component.stage`` = S, ``Component.branch`` = ``"block"`` / ``"grid"`` for the two partition branches):
@@ -137,8 +144,18 @@ def source_map(dec, name: str) -> torch.Tensor:
 
 
 class MaxViTAdapter(Adapter):
+    """:param readout: ``"default"`` (z as timm's head reads it, see the module docstring) or ``"paper"``
+        (``forward_features(x).mean((-1, -2))``, the paper's z)."""
+
     name = "timm-maxvit"
     families = ("MaxViT",)
+    paper_bias = True
+    READOUTS = ("default", "paper")
+
+    def __init__(self, readout: str = "default"):
+        if readout not in self.READOUTS:
+            raise InputError(f"MaxViTAdapter(readout={readout!r}): expected one of {self.READOUTS}")
+        self.readout_mode = readout
 
     def supports(self, model) -> bool:
         return _is_maxxvit(model)
@@ -182,6 +199,8 @@ class MaxViTAdapter(Adapter):
         from timm.layers import NormMlpClassifierHead
 
         feats = model.forward_features(images)
+        if self.readout_mode == "paper":
+            return feats.mean((-1, -2))
         head = model.head
         if isinstance(head, NormMlpClassifierHead):
             return head.flatten(head.norm(head.global_pool(feats)))
@@ -199,11 +218,14 @@ class MaxViTAdapter(Adapter):
 
     def head_function(self, model) -> torch.nn.Module:
         """A module mapping z ``[B, D]`` to the model's logits (``pre_logits`` Linear+tanh, then ``fc``, for
-        ``NormMlpClassifierHead``; ``fc`` alone otherwise). It shares the model's parameters."""
+        ``NormMlpClassifierHead``; ``fc`` alone otherwise). It shares the model's parameters. With
+        ``readout="paper"`` on a ``NormMlpClassifierHead`` model, ``head.norm`` comes first."""
         from timm.layers import NormMlpClassifierHead
 
         head = model.head
         if isinstance(head, NormMlpClassifierHead):
+            if self.readout_mode == "paper":
+                return torch.nn.Sequential(_Channels(head.norm), head.pre_logits, head.drop, head.fc)
             return torch.nn.Sequential(head.pre_logits, head.drop, head.fc)
         return torch.nn.Sequential(head.drop, head.fc)
 
@@ -236,12 +258,30 @@ class MaxViTAdapter(Adapter):
 
         start = self._start_index(model, options.start)
         tokens = options.tokens == "source"
+        paper = options.bias == "paper"
+        if paper and tokens:
+            raise UnsupportedModelError(f"bias='paper' with tokens='source' is not implemented for MaxViT "
+                                        f"({type(model).__name__}); use bias='paper' without tokens, or "
+                                        f"bias='explicit' with them")
         plan = build_plan(model, tuple(images.shape[-2:]))
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         # heads' token details sit at the rows they write; the split by read position is meta["source_tokens"]
-        meta = {"adapter": self.name, "model": cfg.get("architecture", type(model).__name__), "head_tokens": "query"}
+        meta = {"adapter": self.name, "model": cfg.get("architecture", type(model).__name__), "head_tokens": "query",
+                "readout": self.readout_mode}
         return run_maxvit(model, images, plan, start=start, tokens=tokens, sources=tokens and options.heads,
-                          representation=lambda x: self.representation(model, x), meta=meta)
+                          representation=lambda x: self.representation(model, x), meta=meta,
+                          final_norm=self.readout_mode != "paper" or plan.per_position_norm, paper=paper)
+
+
+class _Channels(torch.nn.Module):
+    """A LayerNorm2d applied to a pooled ``[B, C]`` vector (as a 1×1 map)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, z):
+        return self.norm(z[:, :, None, None]).flatten(1)
 
 
 @hookimpl

@@ -140,3 +140,80 @@ def test_autocast_forward_keeps_the_algebra_in_float32(registry):
     dec = vitdecomp.decompose(m, x, registry=registry, autocast="bf16", tokens="source", check=True)
     assert dec.contributions.dtype == torch.float32 and dec.meta["autocast"] == "bfloat16"
     assert 0 < dec.meta["error_vs_float32"] < 5e-2  # measured and reported against a float32 forward
+
+
+def test_paper_convention_matches_a_walk_by_hand(registry):
+    """bias="paper" on CaiT, against the paper's rules applied by hand (METHOD.md §1; CaiT is not in the paper, so
+    its class attention follows the same rules): every leaf is tracked on the rows of cat(class, patches); a
+    LayerNorm turns leaf k into γ ⊙ (u_k − μ/M)/σ + β/M over the M leaves present; the value and output biases
+    of a class attention are constants split over those leaves too; a patch-block head is W_O^(h) o_h + b_O/H."""
+    m = build().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    cap = {}
+    hs = [m.blocks[0].register_forward_pre_hook(lambda mod, a: cap.__setitem__("embed", a[0]))]
+    for i, blk in enumerate(m.blocks):
+        hs.append(blk.attn.proj.register_forward_pre_hook(lambda mod, a, i=i: cap.__setitem__(("o", i), a[0])))
+        hs.append(blk.mlp.register_forward_hook(lambda mod, a, o, i=i: cap.__setitem__(("mlp", i), o)))
+    for j, blk in enumerate(m.blocks_token_only):
+        hs.append(blk.norm1.register_forward_pre_hook(lambda mod, a, j=j: cap.__setitem__(("u", j), a[0])))
+        hs.append(blk.mlp.register_forward_hook(lambda mod, a, o, j=j: cap.__setitem__(("cmlp", j), o)))
+    try:
+        dec = vitdecomp.decompose(m, x, registry=registry, bias="paper", check=True)
+        br = vitdecomp.decompose(m, x, registry=registry, bias="paper", heads=False)
+        tok = vitdecomp.decompose(m, x, registry=registry, bias="paper", tokens="source")
+    finally:
+        for h in hs:
+            h.remove()
+    z = reference(m, x)
+
+    def pad(patch=None, cls=None):  # a leaf on the rows of cat(class, patches)
+        out = torch.zeros(x.shape[0], 1 + cap["embed"].shape[1], cap["embed"].shape[2], dtype=torch.float64)
+        if patch is not None:
+            out[:, 1:] = patch
+        if cls is not None:
+            out[:, :1] = cls
+        return out
+
+    def paper_ln(ln, leaves, rows):
+        u = sum(v[:, rows] for v in leaves)
+        mu, sd = u.mean(-1, keepdim=True), (u.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        return [ln.weight * (v[:, rows] - mu / len(leaves)) / sd + ln.bias / len(leaves) for v in leaves]
+
+    names, leaves = ["embed"], [pad(patch=cap["embed"])]
+    for i, blk in enumerate(m.blocks):
+        H = blk.attn.num_heads
+        o, W = cap[("o", i)].unflatten(-1, (H, -1)), blk.attn.proj.weight.unflatten(1, (H, -1))
+        for h in range(H):
+            names.append(f"blocks.{i}.attn.head.{h}")
+            leaves.append(pad(patch=blk.gamma_1 * (o[..., h, :] @ W[:, h].T + blk.attn.proj.bias / H)))
+        names.append(f"blocks.{i}.mlp")
+        leaves.append(pad(patch=blk.gamma_2 * cap[("mlp", i)]))
+    names.append("cls_token")
+    leaves.append(pad(cls=m.cls_token.expand(x.shape[0], -1, -1)))
+    for j, blk in enumerate(m.blocks_token_only):
+        a, u = blk.attn, cap[("u", j)]
+        torch.testing.assert_close(sum(leaves), u, rtol=1e-12, atol=1e-12)  # the leaves are the stream
+        B, N, C = u.shape
+        H, M = a.num_heads, len(leaves)
+        n = blk.norm1(u)
+        q = a.q(n[:, 0]).view(B, H, 1, -1)
+        k = a.k(n).view(B, N, H, -1).transpose(1, 2)
+        A = torch.softmax((q * a.scale) @ k.transpose(-2, -1), dim=-1)  # [B, H, 1, N], frozen
+        for v_k, leaf in zip(paper_ln(blk.norm1, leaves, slice(None)), leaves):
+            val = (v_k @ a.v.weight.T + a.v.bias / M).view(B, N, H, -1).transpose(1, 2)
+            out = (A @ val).transpose(1, 2).reshape(B, 1, C)
+            leaf[:, :1] += blk.gamma_1 * (out @ a.proj.weight.T + a.proj.bias / M)
+        names.append(f"blocks_token_only.{j}.mlp")
+        leaves.append(pad(cls=blk.gamma_2 * cap[("cmlp", j)]))
+    final = [v[:, 0] for v in paper_ln(m.norm, leaves, slice(0, 1))]
+    torch.testing.assert_close(sum(final), z, rtol=1e-12, atol=1e-12)
+    assert dec.names == tuple(names)
+    for name, want in zip(names, final):
+        assert (dec[name] - want).norm() <= 1e-12 * want.norm(), name
+    for i in range(2):
+        heads = sum(dec[f"blocks.{i}.attn.head.{h}"] for h in range(4))
+        torch.testing.assert_close(br[f"blocks.{i}.attn"], heads, rtol=1e-12, atol=1e-14)
+    for name in names:
+        torch.testing.assert_close(tok[name], dec[name], rtol=1e-12, atol=1e-14)
+        parts = tok.token_details[name].materialize(tok.grid.num_tokens)
+        torch.testing.assert_close(parts.sum(1), tok[name], rtol=1e-12, atol=1e-13)

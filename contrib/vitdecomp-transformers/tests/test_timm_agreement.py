@@ -109,3 +109,41 @@ def test_hf_decomposition_matches_timm(timm_name, config_cls, hf_cls, prefix):
                 torch.testing.assert_close(dh.token_contributions(n), dt.token_contributions(n), rtol=1e-9, atol=1e-11)
             torch.testing.assert_close(dh.token_contributions("layernorm.bias"), dt.token_contributions("norm.bias"),
                                        rtol=1e-9, atol=1e-11)
+
+
+def paper_walk(tm, x):
+    """The paper's RepDecompose by hand on the timm twin (CLS readout): leaves are the embedding, each head's
+    W_O^(h) o_h + b_O / H and each MLP write; the final LayerNorm turns leaf k into γ ⊙ (u_k − μ/M)/σ + β/M."""
+    cap = {}
+    hs = [tm.blocks[0].register_forward_pre_hook(lambda m, a: cap.__setitem__("embed", a[0][:, 0]))]
+    for i, blk in enumerate(tm.blocks):
+        hs.append(blk.attn.proj.register_forward_pre_hook(lambda m, a, i=i: cap.__setitem__(("o", i), a[0][:, 0])))
+        hs.append(blk.mlp.register_forward_hook(lambda m, a, o, i=i: cap.__setitem__(("mlp", i), o[:, 0])))
+    with torch.no_grad():
+        tm(x)
+    for h in hs:
+        h.remove()
+    leaves = [cap["embed"]]
+    for i, blk in enumerate(tm.blocks):
+        H = blk.attn.num_heads
+        o, W = cap[("o", i)].unflatten(-1, (H, -1)), blk.attn.proj.weight.unflatten(1, (H, -1))
+        leaves += [o[:, h] @ W[:, h].T + blk.attn.proj.bias / H for h in range(H)] + [cap[("mlp", i)]]
+    u, M, ln = sum(leaves), len(leaves), tm.norm
+    mu, sd = u.mean(-1, keepdim=True), (u.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+    return [ln.weight * (v - mu / M) / sd + ln.bias / M for v in leaves]
+
+
+def test_hf_paper_convention_matches_the_papers_walk():
+    registry = timm_and_pack_registry()
+    torch.manual_seed(0)
+    tm = timm.create_model("vit_tiny_patch16_224", **TIMM_KW).eval()
+    testing.perturb_parameters(tm)
+    hf = transformers.ViTForImageClassification(hf_config_from_timm(tm, transformers.ViTConfig)).eval()
+    hf.load_state_dict(hf_state_dict_from_timm(tm.state_dict(), "vit."), strict=True)
+    tm, hf = tm.double(), hf.double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want = paper_walk(tm, x)
+    dh = vitdecomp.decompose(hf, x, registry=registry, bias="paper", check=True)
+    assert len(dh.names) == len(want) and not any(c.kind == "const" for c in dh.components)
+    for name, w in zip(dh.names, want):
+        assert (dh[name] - w).norm() <= 1e-12 * w.norm(), name

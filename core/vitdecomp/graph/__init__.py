@@ -23,8 +23,8 @@ Blocks (:meth:`Graph.block`) group writes under a name prefix and mark where ``s
 
 The engine hooks the model's own forward (and checks every hook fired), freezes norms and attention weights,
 composes the linear maps from each write to z (pooling before the per-head products, so component level costs
-about one forward), emits the components in forward order with explicit constants (biases, norm offsets) and
-heads split, and the token detail for ``tokens="source"`` on the model's grid. A component is a *write*: its
+about one forward), emits the components in forward order with explicit constants (biases, norm offsets; or the
+paper's even shares with ``bias="paper"``, see :func:`execute`) and heads split, and the token detail for ``tokens="source"`` on the model's grid. A component is a *write*: its
 contribution is everything that reaches z from it along linear paths. When z is not read from the stream a
 block writes (CaiT's class stream, attention pooling), the writes of that stream reach z through the
 class-attention value path at the forward's attention weights; the class-attention branch itself then
@@ -200,16 +200,27 @@ class Graph:
         return sum(1 for op in self.ops if op.kind == "block")
 
 
-def execute(graph: Graph, images: torch.Tensor, *, start=None, tokens: bool = False):
-    """Run ``graph.run(images)`` once with hooks and return the exact :class:`vitdecomp.Decomposition`
-    (explicit constants, heads split; the core applies ``bias="even"`` and ``heads=False`` afterwards)."""
+def execute(graph: Graph, images: torch.Tensor, *, start=None, tokens: bool = False, bias: str = "explicit"):
+    """Run ``graph.run(images)`` once with hooks and return the exact :class:`vitdecomp.Decomposition` (heads
+    split; the core applies ``bias="even"`` and ``heads=False`` afterwards).
+
+    :param bias: ``"explicit"``: constants are components of their own and a norm centres each write by its own
+        mean. ``"paper"``: the paper's RepDecompose convention (METHOD.md §1): an attention's output bias goes
+        b_O / H to each of its heads; a norm does not centre each write but subtracts the stream's mean, and
+        that −γ·μ/σ and its β are split evenly over the leaves present at the norm (the writes flowing through
+        it); a class-attention branch's constants (and its norm's centring through the value paths) likewise.
+        No ``const`` components remain. Leaves are counted at head level, also with ``tokens`` (whose parts
+        then put each constant's share on the rows where it is written)."""
     from ._engine import run_graph
 
-    return run_graph(graph, images, start=start, tokens=tokens)
+    return run_graph(graph, images, start=start, tokens=tokens, bias=bias)
 
 
 class GraphAdapter(Adapter):
-    """An adapter whose family is a description: implement :meth:`describe`; ``decompose`` runs the engine."""
+    """An adapter whose family is a description: implement :meth:`describe`; ``decompose`` runs the engine
+    (which implements every ``bias`` policy, ``"paper"`` included)."""
+
+    paper_bias = True
 
     def describe(self, model, images: torch.Tensor) -> Graph:
         """The contribution graph of ``model`` for ``images`` (shapes only; nothing runs yet)."""
@@ -222,4 +233,5 @@ class GraphAdapter(Adapter):
                                   or not 0 <= start < graph.num_blocks):
             raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
                              f"0..{graph.num_blocks - 1}")
-        return execute(graph, images, start=start, tokens=options.tokens == "source")
+        return execute(graph, images, start=start, tokens=options.tokens == "source",
+                       bias="paper" if options.bias == "paper" else "explicit")

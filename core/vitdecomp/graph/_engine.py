@@ -64,10 +64,11 @@ def _apply(u: torch.Tensor, M: Optional[torch.Tensor]) -> torch.Tensor:
     return u if M is None else u @ M
 
 
-def _norm_matrix(fn, D: int, device, dtype) -> torch.Tensor:
-    """The frozen norm's linear part (centring, γ) as a matrix acting on row vectors."""
+def _norm_matrix(fn, D: int, device, dtype, center: bool = True) -> torch.Tensor:
+    """The frozen norm's linear part (centring, γ) as a matrix acting on row vectors (``center=False``: γ only,
+    the paper's convention, where the stream's mean is a constant split over the leaves)."""
     A = torch.eye(D, device=device, dtype=dtype)
-    if fn.center:
+    if fn.center and center:
         A = A - 1.0 / D
     if fn.weight is not None:
         A = A * fn.weight
@@ -169,12 +170,69 @@ def _analyse(graph, ops):
     return rows, op_state
 
 
+def _leaves_at(graph, ops) -> Dict[int, list]:
+    """``bias="paper"``: per constant-entry node (norm, class attention), the leaves present there — the keys
+    ``(op index, head or None)`` of the writes whose value flows through it (its stream's writes so far and those
+    of the streams pooled, concatenated or attended into it)."""
+    have: Dict[int, dict] = {}
+    at: Dict[int, list] = {}
+    for i, op in enumerate(ops):
+        s = op.stream
+        if op.kind in ("entry", "branch", "param"):
+            have.setdefault(id(s), {})[(i, None)] = None
+        elif op.kind == "heads":
+            d = have.setdefault(id(s), {})
+            for h in range(op.module.num_heads):
+                d[(i, h)] = None
+        elif op.kind == "pool":
+            have[id(op.extra["out"])] = dict(have.get(id(s), {}))
+        elif op.kind == "concat":
+            d = have.setdefault(id(s), {})
+            for r in op.extra["reads"]:
+                d.update(have.get(id(r), {}))
+        elif op.kind in ("norm", "cattn"):
+            d = have.setdefault(id(s), {})
+            if op.kind == "cattn":
+                for r in op.extra["reads"]:
+                    d.update(have.get(id(r), {}))
+            if not d:
+                raise GraphError(f"{_where(graph, op)}: bias='paper' splits its constant over the writes that reach "
+                                 "it, and none does")
+            at[i] = list(d)
+        elif op.kind not in ("block", "project"):  # any other linear mixer: its writes flow through it
+            if isinstance(op.extra.get("out"), Stream):  # into a new stream
+                have[id(op.extra["out"])] = dict(have.get(id(s), {}))
+            for r in op.extra.get("reads", ()):  # from other streams into this one
+                have.setdefault(id(s), {}).update(have.get(id(r), {}))
+    return at
+
+
+class _Scaled(TokenDetail):
+    """A token detail times a number (a constant's even share)."""
+
+    def __init__(self, base: TokenDetail, factor: float):
+        self.base, self.factor = base, factor
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        return self.base.materialize(num_tokens) * self.factor
+
+
 # ---------------------------------------------------------------------------------------------- the engine
-def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) -> Decomposition:
+def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, bias: str = "explicit") -> Decomposition:
     device, dtype = images.device, images.dtype
     B = images.shape[0]
     ops = _cut(graph, start)
     rows, op_state = _analyse(graph, ops)
+    paper = bias == "paper"
+    leaves_at = _leaves_at(graph, ops) if paper else {}
+    shares: Dict[tuple, list] = {}  # paper: leaf key → [(value [B, d], detail or None)] of constants' even shares
+
+    def share(i, total, detail):
+        """Split a constant entering at node ``i`` evenly over the leaves present there."""
+        keys = leaves_at[i]
+        part = (total / len(keys), None if detail is None else _Scaled(detail, 1.0 / len(keys)))
+        for key in keys:
+            shares.setdefault(key, []).append(part)
     idx = {k: index_tensor(v, device) for k, v in rows.items()}  # no host→device wait
     pos = {k: {r: i for i, r in enumerate(v)} for k, v in rows.items()}
 
@@ -285,18 +343,28 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
         elif op.kind == "norm":
             fn = freeze_norm(op.module, rec.val)
             D = rec.val.shape[-1]
-            if fn.bias is not None:
+            if fn.bias is not None or (paper and fn.center):
+                # β, and in the paper's convention the stream's centring −γ·μ/σ: constants at the norm's output
+                vec = [] if fn.bias is None else [(None, fn.bias.unsqueeze(0))]
+                if paper and fn.center:
+                    g = fn.weight if fn.weight is not None else torch.ones(D, device=device, dtype=dtype)
+                    vec.append((-rec.val.mean(-1) * fn.inv_scale, g.unsqueeze(0)))  # row factor [B, R], vector
                 total, per_row = None, None
                 for t in terms[k]:
-                    bm = _apply(fn.bias.unsqueeze(0), t.M)  # [1, d]
-                    c = t.w.sum(1, keepdim=True) * bm
-                    total = c if total is None else total + c
-                    if tokens:
-                        pr = t.w.unsqueeze(-1) * bm.unsqueeze(0)
-                        per_row = pr if per_row is None else per_row + pr
-                emitted[i].append((Component(f"{op.name}.bias", "const"), total,
-                                   row_detail(s, per_row) if tokens else None))
-            A = _norm_matrix(fn, D, device, dtype)
+                    for f, v in vec:
+                        bm = _apply(v, t.M)  # [1, d]
+                        w = t.w if f is None else t.w * f
+                        c = w.sum(1, keepdim=True) * bm
+                        total = c if total is None else total + c
+                        if tokens:
+                            pr = w.unsqueeze(-1) * bm.unsqueeze(0)
+                            per_row = pr if per_row is None else per_row + pr
+                detail = row_detail(s, per_row) if tokens else None
+                if paper:
+                    share(i, total, detail)
+                else:
+                    emitted[i].append((Component(f"{op.name}.bias", "const"), total, detail))
+            A = _norm_matrix(fn, D, device, dtype, center=not paper)
             for t in terms[k]:
                 t.w = t.w * fn.inv_scale
                 if t.ws is not None:
@@ -306,24 +374,35 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
                         t.ws = t.f = None
                 t.M = _mm(A, t.M)
         elif op.kind == "cattn":
-            _class_attention(graph, op, rec, terms, rows, emitted[i], tokens, device, dtype, row_detail)
+            _class_attention(graph, op, rec, terms, rows, emitted[i], tokens, device, dtype, row_detail,
+                             (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
         elif op.kind in ("entry", "branch", "param"):
             reduced = i in reducers
             total, detail = contribute(s, rec.val, reduced)
             emitted[i].append((Component(op.name, op.comp_kind, block=op.block), total, detail))
         elif op.kind == "heads":
             _heads(graph, op, rec, s, terms[k], emitted[i], tokens, i in reducers, contribute, device, dtype,
-                   stacked(k) if multi(k) and i not in reducers else None)
+                   stacked(k) if multi(k) and i not in reducers else None, paper)
 
     comps, values, details = [], [], {}
-    for lst in emitted:
+    for i, lst in enumerate(emitted):
         for comp, val, det in lst:
+            for sv, sd in shares.get((i, comp.head if comp.kind == "head" else None), ()):
+                val = val + sv
+                det = None if det is None or sd is None else _Summed([det, sd])
             comps.append(comp)
             values.append(val)
             if det is not None:
                 details[comp.name] = det
+    meta = dict(graph.meta)
+    if paper:
+        left = [c.name for c in comps if c.kind == "const"]
+        if left:  # a mixer that adds a constant without splitting it: no silent mix of conventions
+            raise GraphError(f"pack {graph.pack!r}: bias='paper' left constants {left}: the nodes writing them do "
+                             "not implement the paper's split (see graph._engine: share())")
+        meta["bias"] = "paper"
     return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,
-                         grid=graph.grid, token_details=details, meta=dict(graph.meta))
+                         grid=graph.grid, token_details=details, meta=meta)
 
 
 class _StackedFactors(TokenDetail):
@@ -337,7 +416,7 @@ class _StackedFactors(TokenDetail):
         return torch.einsum("btn,bnk,tek->bne", self.weight, self.values, self.matrices)
 
 
-def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype, stack=None):
+def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype, stack=None, paper=False):
     src = op.module
     H = src.num_heads
     Wo = op.extra["weight"].detach().to(dtype)
@@ -384,11 +463,18 @@ def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, devic
         else:
             u = b.expand(o.shape[0], o.shape[2], -1)
         total, detail = contribute(s, u, reduced)
-        emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
+        if paper:  # the paper's convention: b_O stays in its layer, b_O / H to each head
+            sd = None if detail is None else _Scaled(detail, 1.0 / H)
+            emitted[:] = [(c, v + total / H, None if d is None or sd is None else _Summed([d, sd]))
+                          for c, v, d in emitted]
+        else:
+            emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
 
 
-def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype, row_detail):
-    """Class attention as a mixer: the query row's update is linear in every read row at frozen σ and A."""
+def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype, row_detail, share=None):
+    """Class attention as a mixer: the query row's update is linear in every read row at frozen σ and A.
+    ``share`` (``bias="paper"``): called with the branch's constant instead of emitting it; its norm then does not
+    centre each read row, the stream's mean −γ·μ/σ through the value paths joins the constant."""
     s = op.stream
     x = op.extra
     H = x["H"]
@@ -400,7 +486,7 @@ def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype
     Wv = x["v"].weight.detach().to(dtype).view(H, -1, D)  # [H, dh, D]
     Wo = x["proj"].weight.detach().to(dtype).view(D, H, -1)  # [D, H, dh]
     g = None if op.gamma is None else op.gamma.detach().to(dtype)
-    An = _norm_matrix(fn, D, device, dtype)
+    An = _norm_matrix(fn, D, device, dtype, center=share is None)
     K = []
     for h in range(H):
         WoT = Wo[:, h, :].T  # [dh, D]
@@ -421,6 +507,14 @@ def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype
         c = c + x["proj"].bias.detach().to(dtype)
     if g is not None:
         c = c * g
+    cen = None
+    if share is not None and fn.center:  # Σ_h (Σ_m A_hm μ_m / σ_m) · W_O^h W_V^h γ, subtracted
+        gam = fn.weight if fn.weight is not None else torch.ones(D, device=device, dtype=dtype)
+        coef = torch.einsum("bhm,bm->bh", A, rec.val.mean(-1) * fn.inv_scale)  # [B, H]
+        vecs = torch.stack([(gam @ Wv[h].T) @ Wo[:, h, :].T for h in range(H)], 0)  # [H, D]
+        if g is not None:
+            vecs = vecs * g
+        cen = -coef @ vecs  # [B, D]
     offsets, o = [], 0
     for r in x["reads"]:
         offsets.append(o)
@@ -429,6 +523,8 @@ def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype
     total, per_row = None, None
     for t in terms[id(s)]:
         cm = t.w[:, :1] * _apply(c.unsqueeze(0), t.M)
+        if cen is not None:
+            cm = cm + t.w[:, :1] * _apply(cen, t.M)
         total = cm if total is None else total + cm
         for h in range(H):
             Mh = _mm(K[h], t.M)
@@ -437,8 +533,11 @@ def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype
                 new.setdefault(id(r), []).append(_Term(w, Mh))
     for k, lst in new.items():
         terms.setdefault(k, []).extend(lst)
-    emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total,
-                    row_detail(s, total.unsqueeze(1)) if tokens else None))
+    detail = row_detail(s, total.unsqueeze(1)) if tokens else None
+    if share is not None:
+        share(total, detail)
+    else:
+        emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
 
 
 # ---------------------------------------------------------------------------------------------- hooks
