@@ -705,8 +705,8 @@ def _index_page(ctx: _Ctx) -> str:
         "<noscript><p>JavaScript is off: the table needs it; the grid and the list above link every component.</p>"
         "</noscript>",
         f"<script type='application/json' id='atlas-data'>{data}</script>",
-        "<p class='note'>Click a column header to sort. Scores: variance attributed (mean Pearson correlation of the "
-        "component's projections with the representation's on the property's text directions). Variance: the "
+        "<p class='note'>Click a column header to sort. Scores: CompAttribute's mean correlation (the mean Pearson "
+        "correlation of the component's projections with the representation's on the property's text directions). Variance: the "
         "component's share of Σ_i tr Cov(a_i) in CLIP space.</p></section>",
     ]
     return _page(info["title"], "\n".join(body), depth=0, script=True)
