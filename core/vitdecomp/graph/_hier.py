@@ -1,0 +1,263 @@
+"""Engine part for hierarchical streams (a stream on its own grid, e.g. a Swin stage): patch merging, window heads
+placed at their query rows, post-norms inside a branch.
+
+Algebra. On a stream with a grid the map to z is a list of *grouped terms* ``(w [B, R], group [R], Ms [G, C, D])``:
+row ``r`` reaches z as ``w[b, r] · u[b, r] @ Ms[group[r]]``. A plain term ``(w, M)`` is the case ``G = 1``. A
+2×2 patch merging turns every term of the merged stream into one on the stream it reads with 4× the groups: row
+``p`` goes to its parent ``P(p)`` in slot ``k(p)``, so ``w'[p] = w[P(p)] / σ[P(p)]`` (the merge norm frozen),
+``group'[p] = 4·group[P(p)] + k(p)`` and ``Ms'[4g + k] = A_k @ Ms[g]`` (``A_k``: the slot's block of the merge's
+linear part). A write is pooled over rows by group, weighted by ``w``, before the shared ``[G, C, D]`` products
+(component level stays near one forward); token detail applies ``Ms[group[r]]`` row by row, lazily.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .._records import Component
+from ..decomposition import TokenDetail
+from ..engine import freeze_norm, to_device
+
+__all__ = ["merge_slots", "window_rows"]
+
+
+# ---------------------------------------------------------------------------------------------- geometry (host)
+def merge_slots(H: int, W: int):
+    """Parent position (on the ``ceil(H/2) × ceil(W/2)`` grid) and merge slot of every position of an H × W grid,
+    from the reshape timm's / Hugging Face's 2×2 patch merging applies (pad odd sides, gather ``(dw, dh)``-major)."""
+    idx = np.arange(H * W, dtype=np.int64).reshape(1, H, W, 1)
+    if H % 2 or W % 2:
+        idx = np.pad(idx, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), constant_values=-1)
+    Hp, Wp = idx.shape[1], idx.shape[2]
+    g = idx.reshape(1, Hp // 2, 2, Wp // 2, 2, 1).transpose(0, 1, 3, 4, 2, 5).reshape(-1, 4)  # [P, 4]
+    keep = g >= 0
+    parent = np.empty(H * W, dtype=np.int64)
+    slot = np.empty(H * W, dtype=np.int64)
+    parent[g[keep]] = np.broadcast_to(np.arange(g.shape[0])[:, None], g.shape)[keep]
+    slot[g[keep]] = np.broadcast_to(np.arange(4)[None, :], g.shape)[keep]
+    return parent, slot, (Hp // 2, Wp // 2)
+
+
+def window_rows(H: int, W: int, window, shift) -> np.ndarray:
+    """For each row of a block's window-partitioned tensor (cyclic shift by ``-shift``, pad to whole windows,
+    partition), the grid position it holds (−1: padding)."""
+    idx = np.arange(H * W, dtype=np.int64).reshape(H, W)
+    if any(shift):
+        idx = np.roll(idx, shift=(-shift[0], -shift[1]), axis=(0, 1))
+    wh, ww = window
+    ph, pw = (wh - H % wh) % wh, (ww - W % ww) % ww
+    if ph or pw:
+        idx = np.pad(idx, ((0, ph), (0, pw)), constant_values=-1)
+    Hp, Wp = H + ph, W + pw
+    return idx.reshape(Hp // wh, wh, Wp // ww, ww).transpose(0, 2, 1, 3).reshape(-1)
+
+
+def _dev(a: np.ndarray, device) -> torch.Tensor:
+    return to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
+
+
+# ---------------------------------------------------------------------------------------------- grouped terms
+class _GTerm:
+    __slots__ = ("w", "group", "host", "G", "Ms", "_order")
+
+    def __init__(self, w, group, host, G, Ms):
+        self.w, self.group, self.host, self.G, self.Ms = w, group, host, G, Ms
+        self._order = None
+
+    def layout(self):
+        """(order, counts) of the rows sorted by group (host arithmetic only)."""
+        if self._order is None:
+            order = np.argsort(self.host, kind="stable")
+            counts = np.bincount(self.host, minlength=self.G).tolist()
+            self._order = (_dev(order, self.w.device), counts)
+        return self._order
+
+    def apply_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """``out[b, r] = v[b, r] @ Ms[group[r]]`` for ``v`` [B, R, C] (weights already applied)."""
+        if self.G == 1:
+            return v @ self.Ms[0]
+        order, counts = self.layout()
+        B, R, C = v.shape
+        vs = v.index_select(1, order)
+        if len(set(counts)) == 1:  # equal groups: one batched product
+            n = counts[0]
+            ys = torch.einsum("bgnc,gcd->bgnd", vs.view(B, self.G, n, C), self.Ms).reshape(B, R, -1)
+        else:
+            parts, at = [], 0
+            for g, c in enumerate(counts):
+                if c:
+                    parts.append(vs[:, at:at + c] @ self.Ms[g])
+                at += c
+            ys = torch.cat(parts, 1)
+        out = torch.empty_like(ys)
+        out[:, order] = ys
+        return out
+
+    def pool(self, u: torch.Tensor) -> torch.Tensor:
+        """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
+        wu = u * self.w.view(*self.w.shape, *([1] * (u.ndim - 2)))
+        out = u.new_zeros(u.shape[0], self.G, *u.shape[2:])
+        return out.index_add_(1, self.group, wu)
+
+
+def gterms(terms, s, device, width: int) -> List[_GTerm]:
+    """The terms of hierarchical stream ``s`` (rows of ``width`` features) as grouped terms (a plain term is one
+    group)."""
+    out = []
+    for t in terms:
+        if isinstance(t, _GTerm):
+            out.append(t)
+            continue
+        M = t.M
+        if M is None:
+            M = torch.eye(width, device=device, dtype=t.w.dtype)
+        out.append(_GTerm(t.w, torch.zeros(s.rows, dtype=torch.long, device=device),
+                          np.zeros(s.rows, dtype=np.int64), 1, M.unsqueeze(0)))
+    return out
+
+
+class GroupedRows(TokenDetail):
+    """A component on a hierarchical stream, split over its rows: ``Σ_parts w[b, r] · (v[b, r] @ pre) @
+    Ms[group[r]]`` (``v`` None: the constant row vector ``pre``)."""
+
+    def __init__(self, parts):
+        self.parts = parts  # (term, w, v or None, pre or None)
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        out = None
+        for term, w, v, pre in self.parts:
+            if v is None:
+                cm = torch.einsum("c,gcd->gd", pre, term.Ms)  # [G, D]
+                y = cm.index_select(0, term.group).unsqueeze(0) * w.unsqueeze(-1)
+            else:
+                u = v * w.unsqueeze(-1)
+                if pre is not None:
+                    u = u @ pre
+                y = term.apply_rows(u)
+            out = y if out is None else out + y
+        if out.shape[1] != num_tokens:
+            raise ValueError(f"the stream has {out.shape[1]} rows, the grid {num_tokens} positions")
+        return out
+
+
+def _const(terms, c, wscale=None):
+    """Contribution of the constant row vector ``c`` added at every row (rows weighted by ``wscale`` too)."""
+    total, parts = None, []
+    for t in terms:
+        w = t.w if wscale is None else t.w * wscale
+        ws = t.w.new_zeros(t.w.shape[0], t.G).index_add_(1, t.group, w)
+        val = torch.einsum("bg,gd->bd", ws, torch.einsum("c,gcd->gd", c, t.Ms))
+        total = val if total is None else total + val
+        parts.append((t, w, None, c))
+    return total, parts
+
+
+def contribute(terms, u, tokens):
+    """A write ``u`` [B, R, C] on a hierarchical stream."""
+    total, parts = None, []
+    for t in terms:
+        val = torch.einsum("bgc,gcd->bd", t.pool(u), t.Ms)
+        total = val if total is None else total + val
+        parts.append((t, t.w, u, None))
+    return total, (GroupedRows(parts) if tokens else None)
+
+
+def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
+    """Window (or any query-placed) heads on a hierarchical stream, with an optional post-norm inside the branch
+    (SwinV2: ``x + norm(attn(x))``): ``<name>.head.<h>`` at their query rows, ``<name>.bias`` = the output bias
+    (through the post-norm's linear part) and the post-norm's β."""
+    H = op.module.num_heads
+    Wo = op.extra["weight"].detach().to(dtype)
+    C = Wo.shape[0]
+    Wg = Wo.view(C, H, -1)
+    gamma = None if op.gamma is None else op.gamma.detach().to(dtype)
+    if gamma is not None:
+        Wg = Wg * gamma.view(-1, 1, 1)
+    A = None
+    inv = None
+    if post_fn is not None:
+        inv = post_fn.inv_scale.reshape(post_fn.inv_scale.shape[0], -1)
+        A = torch.eye(C, device=device, dtype=dtype)
+        if post_fn.center:
+            A = A - 1.0 / C
+        if post_fn.weight is not None:
+            A = A * post_fn.weight
+    o = rec.o  # [B, H, R, dh]
+    vals = None
+    for t in terms:
+        w = t.w if inv is None else t.w * inv
+        pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
+            1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
+        hv = torch.einsum("bghk,chk->bhgc", pooled, Wg)
+        if A is not None:
+            hv = hv @ A
+        v = torch.einsum("bhgc,gcd->bhd", hv, t.Ms)
+        vals = v if vals is None else vals + v
+    for h in range(H):
+        detail = None
+        if tokens:
+            pre = Wg[:, h, :].T  # [dh, C]
+            if A is not None:
+                pre = pre @ A
+            detail = GroupedRows([(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms])
+        emitted.append((Component(f"{op.name}.head.{h}", "head", block=op.block, head=h, **op.extra.get("cargs", {})),
+                        vals[:, h], detail))
+    total, parts = None, []
+    b = op.extra["bias"]
+    if b is not None:
+        b = b.detach().to(dtype)
+        if gamma is not None:
+            b = b * gamma
+        total, parts = _const(terms, b if A is None else b @ A, inv)
+    if post_fn is not None and post_fn.bias is not None:
+        tb, pb = _const(terms, post_fn.bias)
+        total = tb if total is None else total + tb
+        parts += pb
+    if total is not None:
+        emitted.append((Component(f"{op.name}.bias", "const", block=op.block, **op.extra.get("cargs", {})), total,
+                        GroupedRows(parts) if tokens else None))
+
+
+def merge(op, rec, terms_dst, device, dtype, tokens):
+    """A 2×2 patch merging read backwards: its constant on the merged stream, and the grouped terms of the stream
+    it reads. Returns ``(component entry or None, terms of the source stream)``."""
+    x = op.extra
+    src, dst = x["src"], op.stream
+    fn = freeze_norm(x["norm"], rec.val) if rec.val is not None else None
+    red = x["reduction"].weight.detach().to(dtype)  # [C', 4C]
+    Cn, C4 = red.shape
+    if x["norm_first"]:  # reduction(γ ⊙ centre(x4) / σ + β)
+        L = red.T.clone()  # [4C, C'] acting on row vectors
+        if fn is not None:
+            if fn.weight is not None:
+                L = fn.weight.unsqueeze(1) * L
+            if fn.center:
+                L = L - L.mean(0, keepdim=True)
+        const = None if fn is None or fn.bias is None else fn.bias @ red.T
+    else:  # γ ⊙ centre(reduction(x4)) / σ + β
+        L = red.T.clone()
+        if fn is not None:
+            if fn.center:
+                L = L - L.mean(1, keepdim=True)
+            if fn.weight is not None:
+                L = L * fn.weight
+        const = None if fn is None else fn.bias
+    Ak = L.view(4, C4 // 4, Cn)  # slot k's block [C, C']
+    terms = gterms(terms_dst, dst, device, Cn)
+    entry = None
+    if const is not None:
+        total, parts = _const(terms, const)
+        entry = (Component(op.name, "const", **x.get("cargs", {})), total, GroupedRows(parts) if tokens else None)
+    parent, slot, out_hw = x["geometry"]
+    pi = _dev(parent, device)
+    new = []
+    for t in terms:
+        w = t.w if fn is None else t.w * fn.inv_scale.reshape(t.w.shape[0], -1)
+        host = t.host[parent] * 4 + slot
+        Ms = torch.einsum("kce,ged->gkcd", Ak, t.Ms).reshape(t.G * 4, C4 // 4, -1)
+        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, Ms))
+    return entry, new
+
