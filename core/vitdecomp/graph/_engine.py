@@ -358,9 +358,9 @@ def _grid_op(op, rec, terms, emitted, tokens, device, dtype):
         terms.setdefault(id(op.extra["src"]), []).extend(new)
         return
     if op.kind == "heads":
-        width = op.extra["weight"].shape[0]
+        terms[id(s)] = _hier.gterms(terms[id(s)], s, device, op.extra["weight"].shape[0])
         post = rec.post if op.extra.get("post") is not None else None
-        _hier.heads(op, rec, _hier.gterms(terms[id(s)], s, device, width), emitted, tokens, device, dtype, post)
+        _hier.heads(op, rec, terms[id(s)], emitted, tokens, device, dtype, post)
         return
     u = rec.val
     tl = _hier.gterms(terms[id(s)], s, device, u.shape[-1])

@@ -6,8 +6,9 @@ row ``r`` reaches z as ``w[b, r] · u[b, r] @ Ms[group[r]]``. A plain term ``(w,
 2×2 patch merging turns every term of the merged stream into one on the stream it reads with 4× the groups: row
 ``p`` goes to its parent ``P(p)`` in slot ``k(p)``, so ``w'[p] = w[P(p)] / σ[P(p)]`` (the merge norm frozen),
 ``group'[p] = 4·group[P(p)] + k(p)`` and ``Ms'[4g + k] = A_k @ Ms[g]`` (``A_k``: the slot's block of the merge's
-linear part). A write is pooled over rows by group, weighted by ``w``, before the shared ``[G, C, D]`` products
-(component level stays near one forward); token detail applies ``Ms[group[r]]`` row by row, lazily.
+linear part). A write is pooled over rows by group, weighted by ``w`` (``[B, G, C]``), and the pooled groups are
+carried merge by merge through the slot blocks ``A_k`` to z, so component level never forms ``Ms`` and stays near
+one forward; token detail composes ``Ms`` once per stream (lazily) and applies ``Ms[group[r]]`` row by row.
 """
 
 from __future__ import annotations
@@ -61,11 +62,27 @@ def _dev(a: np.ndarray, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- grouped terms
 class _GTerm:
-    __slots__ = ("w", "group", "host", "G", "Ms", "_order")
+    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order")
 
-    def __init__(self, w, group, host, G, Ms):
-        self.w, self.group, self.host, self.G, self.Ms = w, group, host, G, Ms
+    def __init__(self, w, group, host, G, Ms=None, chain=None):
+        self.w, self.group, self.host, self.G, self._Ms, self.chain = w, group, host, G, Ms, chain
         self._order = None
+
+    @property
+    def Ms(self) -> torch.Tensor:
+        """``[G, C, D]``: each group's matrix to z (composed through the merges on first use, then kept)."""
+        if self._Ms is None:
+            A, up = self.chain
+            self._Ms = torch.einsum("kce,ged->gkcd", A, up.Ms).reshape(self.G, A.shape[1], -1)
+        return self._Ms
+
+    def reduce(self, P: torch.Tensor) -> torch.Tensor:
+        """``Σ_g P[..., g, :] @ Ms[g]`` for pooled groups ``P`` [..., G, C]: carried through the merges' slot
+        blocks (``[..., G/4, 4, C] → [..., G/4, C']``) unless ``Ms`` is already composed."""
+        if self._Ms is None:
+            A, up = self.chain
+            return up.reduce(torch.einsum("...gkc,kce->...ge", P.reshape(*P.shape[:-2], self.G // 4, 4, P.shape[-1]), A))
+        return torch.einsum("...gc,gcd->...d", P, self._Ms)
 
     def layout(self):
         """(order, counts) of the rows sorted by group (host arithmetic only)."""
@@ -115,7 +132,7 @@ def gterms(terms, s, device, width: int) -> List[_GTerm]:
         if M is None:
             M = torch.eye(width, device=device, dtype=t.w.dtype)
         out.append(_GTerm(t.w, torch.zeros(s.rows, dtype=torch.long, device=device),
-                          np.zeros(s.rows, dtype=np.int64), 1, M.unsqueeze(0)))
+                          np.zeros(s.rows, dtype=np.int64), 1, Ms=M.unsqueeze(0)))
     return out
 
 
@@ -149,7 +166,7 @@ def _const(terms, c, wscale=None):
     for t in terms:
         w = t.w if wscale is None else t.w * wscale
         ws = t.w.new_zeros(t.w.shape[0], t.G).index_add_(1, t.group, w)
-        val = torch.einsum("bg,gd->bd", ws, torch.einsum("c,gcd->gd", c, t.Ms))
+        val = t.reduce(ws.unsqueeze(-1) * c)
         total = val if total is None else total + val
         parts.append((t, w, None, c))
     return total, parts
@@ -159,7 +176,7 @@ def contribute(terms, u, tokens):
     """A write ``u`` [B, R, C] on a hierarchical stream."""
     total, parts = None, []
     for t in terms:
-        val = torch.einsum("bgc,gcd->bd", t.pool(u), t.Ms)
+        val = t.reduce(t.pool(u))
         total = val if total is None else total + val
         parts.append((t, t.w, u, None))
     return total, (GroupedRows(parts) if tokens else None)
@@ -194,7 +211,7 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
         hv = torch.einsum("bghk,chk->bhgc", pooled, Wg)
         if A is not None:
             hv = hv @ A
-        v = torch.einsum("bhgc,gcd->bhd", hv, t.Ms)
+        v = t.reduce(hv)
         vals = v if vals is None else vals + v
     for h in range(H):
         detail = None
@@ -257,7 +274,6 @@ def merge(op, rec, terms_dst, device, dtype, tokens):
     for t in terms:
         w = t.w if fn is None else t.w * fn.inv_scale.reshape(t.w.shape[0], -1)
         host = t.host[parent] * 4 + slot
-        Ms = torch.einsum("kce,ged->gkcd", Ak, t.Ms).reshape(t.G * 4, C4 // 4, -1)
-        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, Ms))
+        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(Ak, t)))
     return entry, new
 
