@@ -42,15 +42,18 @@ def merge_slots(H: int, W: int):
     return parent, slot, (Hp // 2, Wp // 2)
 
 
-def window_rows(H: int, W: int, window, shift) -> np.ndarray:
+def window_rows(H: int, W: int, window, shift, pad_first: bool = False) -> np.ndarray:
     """For each row of a block's window-partitioned tensor (cyclic shift by ``-shift``, pad to whole windows,
-    partition), the grid position it holds (−1: padding)."""
+    partition; ``pad_first``: pad, then shift the padded grid, as Hugging Face's Swin does), the grid position it
+    holds (−1: padding)."""
     idx = np.arange(H * W, dtype=np.int64).reshape(H, W)
-    if any(shift):
-        idx = np.roll(idx, shift=(-shift[0], -shift[1]), axis=(0, 1))
     wh, ww = window
     ph, pw = (wh - H % wh) % wh, (ww - W % ww) % ww
-    if ph or pw:
+    if pad_first and (ph or pw):
+        idx = np.pad(idx, ((0, ph), (0, pw)), constant_values=-1)
+    if any(shift):
+        idx = np.roll(idx, shift=(-shift[0], -shift[1]), axis=(0, 1))
+    if not pad_first and (ph or pw):
         idx = np.pad(idx, ((0, ph), (0, pw)), constant_values=-1)
     Hp, Wp = H + ph, W + pw
     return idx.reshape(Hp // wh, wh, Wp // ww, ww).transpose(0, 2, 1, 3).reshape(-1)
@@ -72,17 +75,21 @@ class _GTerm:
     def Ms(self) -> torch.Tensor:
         """``[G, C, D]``: each group's matrix to z (composed through the merges on first use, then kept)."""
         if self._Ms is None:
-            A, up = self.chain
-            self._Ms = torch.einsum("kce,ged->gkcd", A, up.Ms).reshape(self.G, A.shape[1], -1)
+            L, up = self.chain  # L [4C, C']: slot k's block is rows k·C:(k+1)·C
+            C = L.shape[0] // 4
+            M = torch.matmul(L.view(1, 4, C, -1), up.Ms.unsqueeze(1))  # [G', 4, C, D]
+            self._Ms = M.reshape(self.G, C, -1)
         return self._Ms
 
     def reduce(self, P: torch.Tensor) -> torch.Tensor:
         """``Σ_g P[..., g, :] @ Ms[g]`` for pooled groups ``P`` [..., G, C]: carried through the merges' slot
         blocks (``[..., G/4, 4, C] → [..., G/4, C']``) unless ``Ms`` is already composed."""
         if self._Ms is None:
-            A, up = self.chain
-            return up.reduce(torch.einsum("...gkc,kce->...ge", P.reshape(*P.shape[:-2], self.G // 4, 4, P.shape[-1]), A))
-        return torch.einsum("...gc,gcd->...d", P, self._Ms)
+            L, up = self.chain
+            return up.reduce(P.reshape(*P.shape[:-2], self.G // 4, 4 * P.shape[-1]) @ L)
+        if self.G == 1:
+            return P[..., 0, :] @ self._Ms[0]
+        return P.flatten(-2) @ self._Ms.reshape(-1, self._Ms.shape[-1])
 
     def layout(self):
         """(order, counts) of the rows sorted by group (host arithmetic only)."""
@@ -99,9 +106,10 @@ class _GTerm:
         order, counts = self.layout()
         B, R, C = v.shape
         vs = v.index_select(1, order)
-        if len(set(counts)) == 1:  # equal groups: one batched product
+        if len(set(counts)) == 1:  # equal groups: one bmm with the groups as its batch (no broadcast copies of Ms)
             n = counts[0]
-            ys = torch.einsum("bgnc,gcd->bgnd", vs.view(B, self.G, n, C), self.Ms).reshape(B, R, -1)
+            xs = vs.view(B, self.G, n, C).transpose(0, 1).reshape(self.G, B * n, C)
+            ys = torch.bmm(xs, self.Ms).view(self.G, B, n, -1).transpose(0, 1).reshape(B, R, -1)
         else:
             parts, at = [], 0
             for g, c in enumerate(counts):
@@ -262,7 +270,7 @@ def merge(op, rec, terms_dst, device, dtype, tokens):
             if fn.weight is not None:
                 L = L * fn.weight
         const = None if fn is None else fn.bias
-    Ak = L.view(4, C4 // 4, Cn)  # slot k's block [C, C']
+    L = L.contiguous()  # [4C, C'] on row vectors: slot k's block is rows k·C:(k+1)·C
     terms = gterms(terms_dst, dst, device, Cn)
     entry = None
     if const is not None:
@@ -274,6 +282,6 @@ def merge(op, rec, terms_dst, device, dtype, tokens):
     for t in terms:
         w = t.w if fn is None else t.w * fn.inv_scale.reshape(t.w.shape[0], -1)
         host = t.host[parent] * 4 + slot
-        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(Ak, t)))
+        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(L, t)))
     return entry, new
 

@@ -204,15 +204,17 @@ class InProj(HeadSource):
 class WindowHeads(HeadSource):
     """Shifted-window attention (Swin) on a stream with its own ``h × w`` grid: head outputs are the input of
     ``proj`` in window order (``[B·nW, wh·ww, H·dh]``: cyclic shift by ``-shift``, zero-padded to whole windows,
-    partitioned row-major). The row map — the block's own roll / pad / partition applied to position indices —
-    brings them back to grid order, so each head sits where the model writes it. Token detail places a head at
-    its *query* rows (``detail = "query"``: the split by the tokens it reads is not computed)."""
+    partitioned row-major; ``pad_first``: padded, then shifted, as in Hugging Face's Swin). The row map — the
+    block's own roll / pad / partition applied to position indices — brings them back to grid order, so each head
+    sits where the model writes it. Token detail places a head at its *query* rows (``detail = "query"``: the
+    split by the tokens it reads is not computed)."""
 
     proj: torch.nn.Module
     num_heads: int
     hw: tuple
     window: tuple
     shift: tuple = (0, 0)
+    pad_first: bool = False
     detail = "query"
 
     def install(self, hooks, rec, rows, tokens, reduce):
@@ -222,7 +224,7 @@ class WindowHeads(HeadSource):
         from ._hier import window_rows
 
         H, W = self.hw
-        win = window_rows(H, W, tuple(self.window), tuple(self.shift))
+        win = window_rows(H, W, tuple(self.window), tuple(self.shift), self.pad_first)
         valid = win >= 0
         inv = np.empty(H * W, dtype=np.int64)
         inv[win[valid]] = np.nonzero(valid)[0]
