@@ -9,6 +9,10 @@ Supported (by structure: any timm ``SwinTransformer`` or ``SwinTransformerV2`` w
   ``x + norm1(attn(x))``, ``x + norm2(mlp(x))`` — the norm sits inside the branch, so a branch's output (norm
   included) is still a component; patch merging gather 2×2 → Linear → LayerNorm.
 
+The family is a description on the core's graph engine (:meth:`describe`): one grid stream per stage
+(``Graph.stream(..., grid=)``), ``Graph.merge`` between them, window heads (``vitdecomp.graph.WindowHeads``), V2's
+post-norm as ``Graph.heads(..., post_norm=)``.
+
 Not supported: ``SwinTransformerV2Cr`` (a different class), ``global_pool`` other than ``'avg'``, features-only
 wrappers.
 
