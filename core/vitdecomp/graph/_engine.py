@@ -340,6 +340,10 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False) 
                 details[comp.name] = det
                 if op.stream.grid is not None:
                     grids[comp.name] = op.stream.grid
+    if any(op.stream.grid is not None for op in ops):
+        from ._hier import resolve
+
+        values = resolve(values)  # grid streams queue their writes and carry them to z together
     first = next((op.stream for op in ops if op.kind == "entry"), None)
     grid = first.grid if first is not None and first.grid is not None else graph.grid
     return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,

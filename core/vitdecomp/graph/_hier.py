@@ -64,12 +64,44 @@ def _dev(a: np.ndarray, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- grouped terms
+def _rows_mm(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``x @ M`` as one 2-D product (a batched ``x`` would make matmul broadcast ``M`` per batch entry)."""
+    return (x.reshape(-1, x.shape[-1]) @ M).view(*x.shape[:-1], M.shape[-1])
+
+
 class _GTerm:
-    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order")
+    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out")
 
     def __init__(self, w, group, host, G, Ms=None, chain=None):
         self.w, self.group, self.host, self.G, self._Ms, self.chain = w, group, host, G, Ms, chain
         self._order = None
+        self.pending, self.count, self.base, self.out = [], 0, None, None
+
+    # pooled groups of every write are queued and carried to z together (each slot block is read once per
+    # stream, as in one batched pass): ``defer`` returns where a write's rows will be, ``finish`` carries them
+    def defer(self, P: torch.Tensor) -> int:
+        """Queue pooled groups ``P`` [B, k, G, C]; returns the index of the first of its k results."""
+        at = self.count
+        self.pending.append(P)
+        self.count += P.shape[1]
+        return at
+
+    def finish(self) -> None:
+        if not self.pending:
+            return
+        P = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]
+        self.pending = []
+        if self._Ms is None:
+            L, up = self.chain
+            self.base = up.defer(_rows_mm(P.reshape(*P.shape[:-2], self.G // 4, 4 * P.shape[-1]), L))
+        else:
+            self.out = _rows_mm(P.flatten(-2), self._Ms.reshape(-1, self._Ms.shape[-1]))  # [B, K, D]
+
+    def value(self, i: int) -> torch.Tensor:
+        return self.out[:, i] if self.out is not None else self.chain[1].value(self.base + i)
+
+    def depth(self) -> int:
+        return 0 if self.chain is None else 1 + self.chain[1].depth()
 
     @property
     def Ms(self) -> torch.Tensor:
@@ -80,16 +112,6 @@ class _GTerm:
             M = torch.matmul(L.view(1, 4, C, -1), up.Ms.unsqueeze(1))  # [G', 4, C, D]
             self._Ms = M.reshape(self.G, C, -1)
         return self._Ms
-
-    def reduce(self, P: torch.Tensor) -> torch.Tensor:
-        """``Σ_g P[..., g, :] @ Ms[g]`` for pooled groups ``P`` [..., G, C]: carried through the merges' slot
-        blocks (``[..., G/4, 4, C] → [..., G/4, C']``) unless ``Ms`` is already composed."""
-        if self._Ms is None:
-            L, up = self.chain
-            return up.reduce(P.reshape(*P.shape[:-2], self.G // 4, 4 * P.shape[-1]) @ L)
-        if self.G == 1:
-            return P[..., 0, :] @ self._Ms[0]
-        return P.flatten(-2) @ self._Ms.reshape(-1, self._Ms.shape[-1])
 
     def layout(self):
         """(order, counts) of the rows sorted by group (host arithmetic only)."""
@@ -168,26 +190,61 @@ class GroupedRows(TokenDetail):
         return out
 
 
+class Lazy:
+    """A component's value still queued on grouped terms: ``Σ (term, index)`` (see :func:`resolve`)."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self, refs=None):
+        self.refs = list(refs or [])
+
+    def __add__(self, other: "Lazy") -> "Lazy":
+        return Lazy(self.refs + other.refs)
+
+
+def resolve(values: list) -> list:
+    """Carry every queued write to z, the streams furthest from z first (a stream's results join the queue of
+    the one it merges into), then read each component's value."""
+    terms, seen = [], set()
+    for v in values:
+        if isinstance(v, Lazy):
+            for t, _ in v.refs:
+                while t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    terms.append(t)
+                    t = t.chain[1] if t.chain is not None else None
+    for t in sorted(terms, key=lambda t: -t.depth()):
+        t.finish()
+    out = []
+    for v in values:
+        if isinstance(v, Lazy):
+            total = None
+            for t, i in v.refs:
+                x = t.value(i)
+                total = x if total is None else total + x
+            v = total
+        out.append(v)
+    return out
+
+
 def _const(terms, c, wscale=None):
     """Contribution of the constant row vector ``c`` added at every row (rows weighted by ``wscale`` too)."""
-    total, parts = None, []
+    refs, parts = [], []
     for t in terms:
         w = t.w if wscale is None else t.w * wscale
         ws = t.w.new_zeros(t.w.shape[0], t.G).index_add_(1, t.group, w)
-        val = t.reduce(ws.unsqueeze(-1) * c)
-        total = val if total is None else total + val
+        refs.append((t, t.defer((ws.unsqueeze(-1) * c).unsqueeze(1))))
         parts.append((t, w, None, c))
-    return total, parts
+    return Lazy(refs), parts
 
 
 def contribute(terms, u, tokens):
     """A write ``u`` [B, R, C] on a hierarchical stream."""
-    total, parts = None, []
+    refs, parts = [], []
     for t in terms:
-        val = t.reduce(t.pool(u))
-        total = val if total is None else total + val
+        refs.append((t, t.defer(t.pool(u).unsqueeze(1))))
         parts.append((t, t.w, u, None))
-    return total, (GroupedRows(parts) if tokens else None)
+    return Lazy(refs), (GroupedRows(parts) if tokens else None)
 
 
 def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
@@ -211,16 +268,15 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
         if post_fn.weight is not None:
             A = A * post_fn.weight
     o = rec.o  # [B, H, R, dh]
-    vals = None
+    starts = []
     for t in terms:
         w = t.w if inv is None else t.w * inv
         pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
             1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
         hv = torch.einsum("bghk,chk->bhgc", pooled, Wg)
         if A is not None:
-            hv = hv @ A
-        v = t.reduce(hv)
-        vals = v if vals is None else vals + v
+            hv = _rows_mm(hv, A)
+        starts.append((t, t.defer(hv)))
     for h in range(H):
         detail = None
         if tokens:
@@ -229,7 +285,7 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
                 pre = pre @ A
             detail = GroupedRows([(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms])
         emitted.append((Component(f"{op.name}.head.{h}", "head", block=op.block, head=h, **op.extra.get("cargs", {})),
-                        vals[:, h], detail))
+                        Lazy([(t, at + h) for t, at in starts]), detail))
     total, parts = None, []
     b = op.extra["bias"]
     if b is not None:
