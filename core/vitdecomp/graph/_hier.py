@@ -70,12 +70,19 @@ def _rows_mm(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 class _GTerm:
-    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out")
+    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out", "_block")
 
     def __init__(self, w, group, host, G, Ms=None, chain=None):
         self.w, self.group, self.host, self.G, self._Ms, self.chain = w, group, host, G, Ms, chain
         self._order = None
         self.pending, self.count, self.base, self.out = [], 0, None, None
+        self._block = None  # (key, [G, k, D]): the last block's heads' matrices, shared by its heads
+
+    def block_mats(self, key, pre: torch.Tensor) -> torch.Tensor:
+        """``pre @ Ms[g]`` for every group (``pre`` [k, C], e.g. a block's output projection for all heads)."""
+        if self._block is None or self._block[0] != key:
+            self._block = (key, torch.matmul(pre.unsqueeze(0), self.Ms))
+        return self._block[1]
 
     # pooled groups of every write are queued and carried to z together (each slot block is read once per
     # stream, as in one batched pass): ``defer`` returns where a write's rows will be, ``finish`` carries them
@@ -118,30 +125,30 @@ class _GTerm:
         if self._order is None:
             order = np.argsort(self.host, kind="stable")
             counts = np.bincount(self.host, minlength=self.G).tolist()
-            self._order = (_dev(order, self.w.device), counts)
+            self._order = (_dev(order, self.w.device), counts, _dev(np.argsort(order), self.w.device))
         return self._order
 
-    def apply_rows(self, v: torch.Tensor) -> torch.Tensor:
-        """``out[b, r] = v[b, r] @ Ms[group[r]]`` for ``v`` [B, R, C] (weights already applied)."""
+    def apply_rows(self, v: torch.Tensor, mats: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out[b, r] = v[b, r] @ mats[group[r]]`` for ``v`` [B, R, k] (weights already applied; ``mats``
+        [G, k, D], default ``Ms``)."""
+        mats = self.Ms if mats is None else mats
         if self.G == 1:
-            return v @ self.Ms[0]
-        order, counts = self.layout()
+            return v @ mats[0]
+        order, counts, back = self.layout()
         B, R, C = v.shape
         vs = v.index_select(1, order)
         if len(set(counts)) == 1:  # equal groups: one bmm with the groups as its batch (no broadcast copies of Ms)
             n = counts[0]
             xs = vs.view(B, self.G, n, C).transpose(0, 1).reshape(self.G, B * n, C)
-            ys = torch.bmm(xs, self.Ms).view(self.G, B, n, -1).transpose(0, 1).reshape(B, R, -1)
+            ys = torch.bmm(xs, mats).view(self.G, B, n, -1).transpose(0, 1).reshape(B, R, -1)
         else:
             parts, at = [], 0
             for g, c in enumerate(counts):
                 if c:
-                    parts.append(vs[:, at:at + c] @ self.Ms[g])
+                    parts.append(vs[:, at:at + c] @ mats[g])
                 at += c
             ys = torch.cat(parts, 1)
-        out = torch.empty_like(ys)
-        out[:, order] = ys
-        return out
+        return ys.index_select(1, back)  # back to grid order (a gather: cheaper than scattering)
 
     def pool(self, u: torch.Tensor) -> torch.Tensor:
         """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
@@ -170,8 +177,9 @@ class GroupedRows(TokenDetail):
     """A component on a hierarchical stream, split over its rows: ``Σ_parts w[b, r] · (v[b, r] @ pre) @
     Ms[group[r]]`` (``v`` None: the constant row vector ``pre``)."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, shared=None):
         self.parts = parts  # (term, w, v or None, pre or None)
+        self.shared = shared  # (key, all heads' pre [H·dh, C], column slice of this head) for heads
 
     def materialize(self, num_tokens: int) -> torch.Tensor:
         out = None
@@ -181,6 +189,15 @@ class GroupedRows(TokenDetail):
                 y = cm.index_select(0, term.group).unsqueeze(0) * w.unsqueeze(-1)
             else:
                 u = v * w.unsqueeze(-1)
+                B, R, k = u.shape
+                C, D = term.Ms.shape[1], term.Ms.shape[2]
+                if pre is not None and self.shared is not None:
+                    key, full, cols = self.shared
+                    # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
+                    if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
+                        y = term.apply_rows(u, term.block_mats(key, full)[:, cols])
+                        out = y if out is None else out + y
+                        continue
                 if pre is not None:
                     u = u @ pre
                 y = term.apply_rows(u)
@@ -268,6 +285,11 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
         if post_fn.weight is not None:
             A = A * post_fn.weight
     o = rec.o  # [B, H, R, dh]
+    full = None
+    if tokens:  # every head's map [H·dh, C] (through the post-norm's linear part)
+        full = Wg.permute(1, 2, 0).reshape(-1, C)
+        if A is not None:
+            full = full @ A
     starts = []
     for t in terms:
         w = t.w if inv is None else t.w * inv
@@ -280,10 +302,10 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
     for h in range(H):
         detail = None
         if tokens:
-            pre = Wg[:, h, :].T  # [dh, C]
-            if A is not None:
-                pre = pre @ A
-            detail = GroupedRows([(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms])
+            dh = Wg.shape[-1]
+            pre = full[h * dh:(h + 1) * dh]  # [dh, C]
+            detail = GroupedRows([(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms],
+                                 shared=(op.name, full, slice(h * dh, (h + 1) * dh)))
         emitted.append((Component(f"{op.name}.head.{h}", "head", block=op.block, head=h, **op.extra.get("cargs", {})),
                         Lazy([(t, at + h) for t, at in starts]), detail))
     total, parts = None, []
