@@ -83,3 +83,38 @@ def test_missing_output_and_hooks_that_never_fire():
     with pytest.raises(GraphError, match=r"'test-pack'.*blocks\.0\.never.*did not fire"):
         with torch.no_grad():
             execute(describe(m, extra=unused), x)
+
+
+def test_hierarchical_pieces_check_their_geometry():
+    """Grid streams, merges and post-norms refuse descriptions whose grids or streams do not fit."""
+    lin, ln = torch.nn.Linear(64, 32, bias=False), torch.nn.LayerNorm(64)
+    g = Graph("test-pack", run=lambda x: x, grid=TokenGrid(0, 5, 4, (4, 4)))
+    with pytest.raises(GraphError, match=r"'test-pack', stream 's9'.*12 positions.*13 rows"):
+        g.stream("s9", 13, grid=TokenGrid(0, 3, 4, (4, 4)))
+    a = g.stream("s0", 20, grid=TokenGrid(0, 5, 4, (4, 4)))
+    b = g.stream("s1", 4, grid=TokenGrid(0, 2, 2, (8, 8)))  # 5×4 merges to 3×2, not 2×2
+    with pytest.raises(GraphError, match=r"'test-pack', node 'down'.*5×4.*gives 3×2.*'s1' declares 2×2"):
+        g.merge(a, b, norm=ln, reduction=lin, name="down")
+    c = g.stream("s1", 6, grid=TokenGrid(0, 3, 2, (8, 8)))
+    with pytest.raises(GraphError, match="bias-free"):
+        g.merge(a, c, norm=ln, reduction=torch.nn.Linear(64, 32), name="down")
+    flat = g.stream("tokens", 20)
+    with pytest.raises(GraphError, match="post_norm"):
+        g.heads(flat, None, torch.zeros(16, 16), post_norm=torch.nn.LayerNorm(16))
+
+
+@pytest.mark.parametrize("pad_first", [False, True])
+def test_window_rows_follow_the_models_roll_pad_partition(pad_first):
+    """The row map of a shifted, padded window partition is the partition itself applied to position indices."""
+    from vitdecomp.graph._hier import window_rows
+
+    H, W, win, sh = 5, 7, (2, 3), (1, 1)
+    idx = torch.arange(H * W).view(1, H, W, 1).double()
+    pad = lambda t: torch.nn.functional.pad(t + 1, (0, 0, 0, (3 - W % 3) % 3, 0, (2 - H % 2) % 2)) - 1  # noqa: E731
+    x = pad(idx) if pad_first else idx
+    x = torch.roll(x, shifts=(-1, -1), dims=(1, 2))
+    x = x if pad_first else pad(x)
+    Hp, Wp = x.shape[1], x.shape[2]
+    want = x.view(1, Hp // 2, 2, Wp // 3, 3, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1).long()
+    assert window_rows(H, W, win, sh, pad_first).tolist() == want.tolist()
+    assert (window_rows(H, W, win, sh, True) != window_rows(H, W, win, sh, False)).any()

@@ -9,6 +9,10 @@ Supported (by structure: any timm ``SwinTransformer`` or ``SwinTransformerV2`` w
   ``x + norm1(attn(x))``, ``x + norm2(mlp(x))`` — the norm sits inside the branch, so a branch's output (norm
   included) is still a component; patch merging gather 2×2 → Linear → LayerNorm.
 
+The family is a description on the core's graph engine (:meth:`describe`): one grid stream per stage
+(``Graph.stream(..., grid=)``), ``Graph.merge`` between them, window heads (``vitdecomp.graph.WindowHeads``), V2's
+post-norm as ``Graph.heads(..., post_norm=)``.
+
 Not supported: ``SwinTransformerV2Cr`` (a different class), ``global_pool`` other than ``'avg'``, features-only
 wrappers.
 
@@ -48,11 +52,10 @@ import sys
 
 import torch
 
-from vitdecomp import Adapter, hookimpl
+from vitdecomp import TokenGrid, hookimpl
 from vitdecomp.engine import is_identity, supported_norm
 from vitdecomp.errors import InputError, UnsupportedModelError
-
-from ._swin_engine import BlockPlan, StagePlan, run_hierarchical
+from vitdecomp.graph import Graph, GraphAdapter, WindowHeads, execute
 
 __all__ = ["TimmSwinAdapter"]
 
@@ -134,9 +137,10 @@ def _parse_start(model, start):
     return start
 
 
-class TimmSwinAdapter(Adapter):
+class TimmSwinAdapter(GraphAdapter):
     name = "timm-swin"
     families = ("Swin", "SwinV2")
+    paper_bias = False  # the paper's split is not implemented for grid streams (patch merging) yet
 
     def supports(self, model) -> bool:
         classes = _swin_classes()
@@ -195,39 +199,47 @@ class TimmSwinAdapter(Adapter):
         return fc if isinstance(fc, torch.nn.Linear) else None
 
     # ---------------------------------------------------------------- decomposition
-    def plan(self, model):
+    def describe(self, model, images):
+        """One grid stream per stage (merges between them), window heads, MLP branches, final norm, mean pool."""
         v2 = _is_v2(model)
-        ph, pw = model.patch_embed.patch_size
-        stages, gi, scale = [], 0, 1
+        pe = model.patch_embed
+        ph, pw = pe.patch_size
+        H, W = images.shape[-2:]
+        up = (lambda a, b: -(-a // b)) if getattr(pe, "dynamic_img_pad", False) else (lambda a, b: a // b)
+        h, w, scale = up(H, ph), up(W, pw), 1
+        meta = {"adapter": self.name, "head_tokens": "query",  # heads sit at the rows they write (see above)
+                "model": getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+                if hasattr(model, "default_cfg") else type(model).__name__}
+        g = Graph(self.name, run=lambda x: self.representation(model, x), grid=TokenGrid(0, h, w, (ph, pw)), meta=meta)
+        s, gi = None, 0
         for S, st in enumerate(_stages(model)):
             ds = getattr(st, "downsample", None)
             ds = None if ds is None or is_identity(ds) else ds
             if ds is not None:
-                scale *= 2
-            blocks = []
+                h, w, scale = -(-h // 2), -(-w // 2), scale * 2
+            if s is None or ds is not None:
+                prev = s
+                s = g.stream(f"stages.{S}", h * w, grid=TokenGrid(0, h, w, (ph * scale, pw * scale)))
+                if prev is None:
+                    g.embed(s, st)  # the patch embedding with its norm, as the first stage reads it
+                else:
+                    g.merge(prev, s, norm=ds.norm, reduction=ds.reduction, norm_first=not v2,
+                            name=f"stages.{S}.downsample.norm.bias", stage=S)
             for b, blk in enumerate(st.blocks):
                 at = blk.attn
-                H = at.num_heads
-                dh = at.proj.in_features // H
-                blocks.append(BlockPlan(
-                    prefix=f"stages.{S}.blocks.{b}", index=gi, module=blk, attn=at, num_heads=H, head_dim=dh,
-                    window_size=tuple(blk.window_size), shift_size=tuple(blk.shift_size), post_norm=v2,
-                    norm1=blk.norm1, mlp_out=blk.norm2 if v2 else blk.mlp,
-                ))
+                with g.block(gi, f"stages.{S}.blocks.{b}", s, blk, stage=S):
+                    src = WindowHeads(proj=at.proj, num_heads=at.num_heads, hw=(h, w),
+                                      window=tuple(blk.window_size), shift=tuple(blk.shift_size))
+                    g.heads(s, src, at.proj.weight, at.proj.bias, post_norm=blk.norm1 if v2 else None)
+                    g.branch(s, blk.norm2 if v2 else blk.mlp, name="mlp", kind="mlp")
                 gi += 1
-            stages.append(StagePlan(index=S, prefix=f"stages.{S}", downsample=ds, merge_norm_first=not v2,
-                                    blocks=blocks, patch_size=(ph * scale, pw * scale)))
-        return stages
+        g.norm(s, model.norm, name="norm")
+        g.output(g.pool(s, range(s.rows), [1.0 / s.rows] * s.rows))
+        return g
 
     def decompose(self, model, images, options):
         start = _parse_start(model, options.start)
-        meta = {"adapter": self.name, "head_tokens": "query",  # heads sit at the rows they write (see above)
-                "model": getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
-                if hasattr(model, "default_cfg") else type(model).__name__}
-        return run_hierarchical(
-            model, images, self.plan(model), patch_embed=model.patch_embed, final_norm=model.norm,
-            run=lambda x: self.representation(model, x), start=start, tokens=options.tokens == "source", meta=meta,
-        )
+        return execute(self.describe(model, images), images, start=start or None, tokens=options.tokens == "source")
 
 
 @hookimpl

@@ -13,10 +13,18 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
 * **frozen linear mixers**: a norm at the statistics the forward used, with the module's own eps
   (:meth:`Graph.norm`), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
   pooled groups side by side (:meth:`Graph.concat`),
-  and a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
-  several streams, at the forward's attention weights);
+  a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
+  several streams, at the forward's attention weights) and a 2×2 patch merging from one grid stream into the
+  next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge);
 * a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
   library's own forward.
+
+Hierarchical models (Swin) put each stage on a stream with its own grid (``Graph.stream(..., grid=TokenGrid)``;
+rows are the grid's positions, row-major, and modules may see them as ``[B, h, w, C]``). A component written there
+has its token detail on that grid (``dec.grid_of(name)``); window attention is the head source
+:class:`~vitdecomp.graph.sources.WindowHeads` (cyclic shift and window partition as a row map; heads placed at
+their query rows, ``meta["head_tokens"] = "query"``), and a norm inside the branch after the attention
+(SwinV2's res-post-norm) is ``Graph.heads(..., post_norm=module)``.
 
 Blocks (:meth:`Graph.block`) group writes under a name prefix and mark where ``start`` may cut: with
 ``start=k`` the stream entering block ``k`` becomes the component ``init`` (kind ``residual``).
@@ -44,10 +52,10 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import InputError, VitDecompError
-from .sources import FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads
+from .sources import FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads, WindowHeads
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "SeparateQKV", "InProj"]
+           "TalkingHeads", "SeparateQKV", "InProj", "WindowHeads"]
 
 
 class GraphError(VitDecompError, ValueError):
@@ -59,13 +67,15 @@ class Stream:
     """A stream of ``rows`` token rows. ``tokens``: the grid token index of row 0 (rows are consecutive grid
     tokens), or None for a stream that is not on the grid (a pooled vector: its writes' token detail is spread
     evenly over the rows that were pooled into it). ``seq_first``: block entries and branch outputs see it as
-    ``[N, B, D]`` (norms and head sources handle their own layout)."""
+    ``[N, B, D]`` (norms and head sources handle their own layout). ``grid``: a hierarchical stream on its own
+    :class:`vitdecomp.TokenGrid` (rows = its positions, row-major; ``[B, h, w, D]`` inputs are flattened)."""
 
     name: str
     rows: int
     tokens: Optional[int] = 0
     seq_first: bool = False
     spread: Optional[tuple] = None  # (source stream, rows) for a pooled stream
+    grid: object = None
 
 
 @attrs.define(eq=False)
@@ -98,19 +108,25 @@ class Graph:
         self._block: Optional[tuple] = None  # (index, prefix)
 
     # ------------------------------------------------------------------ streams and blocks
-    def stream(self, name: str, rows: int, *, tokens: Optional[int] = 0, seq_first: bool = False) -> Stream:
-        """A stream of ``rows`` token rows (``tokens``: grid index of its row 0, None if not on the grid)."""
-        s = Stream(name=name, rows=int(rows), tokens=tokens, seq_first=seq_first)
+    def stream(self, name: str, rows: int, *, tokens: Optional[int] = 0, seq_first: bool = False,
+               grid=None) -> Stream:
+        """A stream of ``rows`` token rows (``tokens``: grid index of its row 0, None if not on the grid;
+        ``grid``: a :class:`vitdecomp.TokenGrid` of its own, ``rows`` positions, for a hierarchical stage)."""
+        if grid is not None and grid.num_tokens != int(rows):
+            raise GraphError(f"pack {self.pack!r}, stream {name!r}: its grid has {grid.num_tokens} positions; "
+                             f"the stream declares {rows} rows")
+        s = Stream(name=name, rows=int(rows), tokens=tokens, seq_first=seq_first, grid=grid)
         self.streams.append(s)
         return s
 
     @contextlib.contextmanager
-    def block(self, index: int, prefix: str, stream: Stream, entry: torch.nn.Module, *, entry_arg: int = 0):
-        """Writes made inside belong to block ``index`` and are named ``<prefix>.<name>``. ``entry`` is the
-        module whose positional input ``entry_arg`` is ``stream`` as the block reads it (where ``start=index``
-        takes ``init``)."""
+    def block(self, index: int, prefix: str, stream: Stream, entry: torch.nn.Module, *, entry_arg: int = 0,
+              stage: Optional[int] = None):
+        """Writes made inside belong to block ``index`` (and ``stage``, for hierarchical models) and are named
+        ``<prefix>.<name>``. ``entry`` is the module whose positional input ``entry_arg`` is ``stream`` as the
+        block reads it (where ``start=index`` takes ``init``)."""
         self.ops.append(_Op("block", stream, name=prefix, block=int(index), module=entry, extra={"arg": int(entry_arg)}))
-        self._block = (int(index), prefix)
+        self._block = (int(index), prefix, stage)
         try:
             yield self
         finally:
@@ -122,6 +138,9 @@ class Graph:
     def _blk(self) -> Optional[int]:
         return self._block[0] if self._block is not None else None
 
+    def _cargs(self) -> dict:
+        return {"stage": self._block[2]} if self._block is not None and self._block[2] is not None else {}
+
     # ------------------------------------------------------------------ writes
     def embed(self, stream: Stream, entry: torch.nn.Module, *, name: str = "embed", entry_arg: int = 0) -> None:
         """The embedding: everything in ``stream`` as it enters ``entry`` (its positional input ``entry_arg``):
@@ -132,18 +151,27 @@ class Graph:
                gamma: Optional[torch.Tensor] = None) -> None:
         """``module``'s output (times the LayerScale vector ``gamma`` if given) is added to ``stream``."""
         self.ops.append(_Op("branch", stream, name=self._name(name), block=self._blk(), comp_kind=kind, module=module,
-                            gamma=gamma))
+                            gamma=gamma, extra={"cargs": self._cargs()}))
 
     def param(self, stream: Stream, value: torch.Tensor, *, name: str, kind: str = "embed") -> None:
         """A parameter ``value`` (``[rows, D]`` or ``[1, rows, D]``) is added to ``stream``."""
-        self.ops.append(_Op("param", stream, name=self._name(name), block=self._blk(), comp_kind=kind, value=value))
+        self.ops.append(_Op("param", stream, name=self._name(name), block=self._blk(), comp_kind=kind, value=value,
+                            extra={"cargs": self._cargs()}))
 
     def heads(self, stream: Stream, source: HeadSource, out_weight: torch.Tensor, out_bias: Optional[torch.Tensor] = None,
-              *, gamma: Optional[torch.Tensor] = None, name: str = "attn") -> None:
+              *, gamma: Optional[torch.Tensor] = None, name: str = "attn",
+              post_norm: Optional[torch.nn.Module] = None) -> None:
         """An attention branch added to ``stream``: ``γ ⊙ (Σ_h W_O^(h) o_h + b_O)``, split into components
-        ``<name>.head.<h>`` and ``<name>.bias``. ``out_weight`` is the output projection ``[D, H·dh]``."""
+        ``<name>.head.<h>`` and ``<name>.bias``. ``out_weight`` is the output projection ``[D, H·dh]``.
+        ``post_norm`` (hierarchical streams): a norm inside the branch, ``x + norm(attn(x))`` (SwinV2), frozen at
+        its input's statistics; the heads pass through its linear part and ``<name>.bias`` holds the output bias
+        through it plus its β."""
+        if post_norm is not None and stream.grid is None:
+            raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: post_norm is supported on streams with "
+                             "their own grid (Graph.stream(..., grid=...))")
         self.ops.append(_Op("heads", stream, name=self._name(name), block=self._blk(), module=source, gamma=gamma,
-                            extra={"weight": out_weight, "bias": out_bias}))
+                            extra={"weight": out_weight, "bias": out_bias, "post": post_norm,
+                                   "cargs": self._cargs()}))
 
     # ------------------------------------------------------------------ mixers
     def norm(self, stream: Stream, module: torch.nn.Module, *, name: str, at: int = 0) -> None:
@@ -189,6 +217,30 @@ class Graph:
         self.ops.append(_Op("cattn", writes, name=self._name(name), block=self._blk(), module=norm, gamma=gamma,
                             extra={"reads": list(reads), "q": q, "k": k, "v": v, "proj": proj, "H": int(num_heads),
                                    "scale": float(scale)}))
+
+    def merge(self, src: Stream, dst: Stream, *, norm: torch.nn.Module, reduction: torch.nn.Linear,
+              norm_first: bool = True, name: str, stage: Optional[int] = None) -> None:
+        """A 2×2 patch merging from grid stream ``src`` into grid stream ``dst``: each ``dst`` position gathers
+        its four ``src`` children (odd sides zero-padded) in channel order ``(dw, dh)``, then ``norm`` and the
+        bias-free ``reduction`` (``norm_first``: Swin V1 gather → norm → reduction; False: SwinV2 gather →
+        reduction → norm). The norm is frozen at the statistics of its input in the forward; its offset β is the
+        component ``name`` (kind ``const``, ``stage``), written to ``dst``."""
+        from ._hier import merge_slots
+
+        if src.grid is None or dst.grid is None:
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: merge joins two streams with their own grids")
+        if getattr(reduction, "bias", None) is not None:
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: the reduction has a bias; expected a bias-free "
+                             "Linear (as in Swin's patch merging)")
+        parent, slot, out_hw = merge_slots(src.grid.h, src.grid.w)
+        if tuple(out_hw) != (dst.grid.h, dst.grid.w):
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: merging the {src.grid.h}×{src.grid.w} grid of "
+                             f"{src.name!r} gives {out_hw[0]}×{out_hw[1]}; stream {dst.name!r} declares "
+                             f"{dst.grid.h}×{dst.grid.w}")
+        self.ops.append(_Op("merge", dst, name=name, module=norm,
+                            extra={"src": src, "norm": norm, "reduction": reduction, "norm_first": bool(norm_first),
+                                   "geometry": (parent, slot, out_hw),
+                                   "cargs": {} if stage is None else {"stage": int(stage)}}))
 
     def output(self, stream: Stream) -> None:
         """z is the one row of ``stream``."""

@@ -21,7 +21,7 @@ import torch
 
 from .._records import Component
 from ..decomposition import Decomposition, FactorTokens, RowTokens, TokenDetail, _Summed
-from ..engine import HookSet, freeze_norm, index_tensor, to_device
+from ..engine import HookSet, freeze_norm, index_tensor, is_identity, to_device
 from . import GraphError, Stream, _Op
 
 __all__ = ["run_graph"]
@@ -31,7 +31,7 @@ class _Rec:
     """What the hooks of one node captured."""
 
     def __init__(self):
-        self.val = self.o = self.attn = self.v = self.q = self.k = None
+        self.val = self.o = self.attn = self.v = self.q = self.k = self.post = None
 
 
 class _Term:
@@ -89,9 +89,13 @@ def _cut(graph, start) -> List[_Op]:
     if at is None:
         raise GraphError(f"pack {graph.pack!r}: no block {start} in the graph (start={start})")
     s = ops[at].stream
+    dead = {id(s)}  # s and the grid streams merged into it (their writes are inside init)
+    for op in reversed(ops[:at]):
+        if op.kind == "merge" and id(op.stream) in dead:
+            dead.add(id(op.extra["src"]))
     out = []
     for op in ops[:at]:
-        touches = op.stream is s and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn")
+        touches = id(op.stream) in dead and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn", "merge")
         reads = (op.kind == "pool" and op.stream is s) or (op.kind == "concat" and s in op.extra["reads"]) or (op.kind == "cattn" and op.stream is not s
                                                                  and s in op.extra["reads"])
         if reads:
@@ -148,6 +152,14 @@ def _analyse(graph, ops):
             for r in op.extra["reads"]:
                 need.setdefault(id(r), set()).add(0)
                 state[id(r)] = ("pool", {0: st[1][0]}) if st != "dynamic" and id(r) not in state else "dynamic"
+            continue
+        if op.kind == "merge":
+            src = op.extra["src"]
+            if not live:
+                raise GraphError(f"{_where(graph, op)}: stream {s.name!r} never reaches the readout after this merge")
+            need[id(src)] = set(range(src.rows))
+            state[id(src)] = "dynamic"
+            op_state[i] = "dynamic"
             continue
         if op.kind == "cattn":
             if s.rows != 1:
@@ -224,6 +236,9 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
     ops = _cut(graph, start)
     rows, op_state = _analyse(graph, ops)
     paper = bias == "paper"
+    if paper and any(op.stream.grid is not None for op in ops):
+        raise GraphError(f"pack {graph.pack!r}: bias='paper' is not implemented for grid streams (patch merging); "
+                         "set paper_bias = False on the adapter")
     leaves_at = _leaves_at(graph, ops) if paper else {}
     shares: Dict[tuple, list] = {}  # paper: leaf key → [(value [B, d], detail or None)] of constants' even shares
 
@@ -315,6 +330,9 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
             continue
         if op.kind not in ("entry", "branch", "param", "heads"):
             stacks.clear()  # a mixer changes the terms
+        if s.grid is not None and op.kind in ("entry", "branch", "param", "heads", "merge"):
+            _grid_op(op, rec, terms, emitted[i], tokens, device, dtype)
+            continue
         if op.kind == "project":
             P = op.value.detach().to(device=device, dtype=dtype)
             for t in terms[k]:
@@ -379,13 +397,14 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
         elif op.kind in ("entry", "branch", "param"):
             reduced = i in reducers
             total, detail = contribute(s, rec.val, reduced)
-            emitted[i].append((Component(op.name, op.comp_kind, block=op.block), total, detail))
+            emitted[i].append((Component(op.name, op.comp_kind, block=op.block, **op.extra.get("cargs", {})), total,
+                               detail))
         elif op.kind == "heads":
             _heads(graph, op, rec, s, terms[k], emitted[i], tokens, i in reducers, contribute, device, dtype,
                    stacked(k) if multi(k) and i not in reducers else None, paper)
 
-    comps, values, details = [], [], {}
-    for i, lst in enumerate(emitted):
+    comps, values, details, grids = [], [], {}, {}
+    for i, (op, lst) in enumerate(zip(ops, emitted)):
         for comp, val, det in lst:
             for sv, sd in shares.get((i, comp.head if comp.kind == "head" else None), ()):
                 val = val + sv
@@ -394,6 +413,14 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
             values.append(val)
             if det is not None:
                 details[comp.name] = det
+                if op.stream.grid is not None:
+                    grids[comp.name] = op.stream.grid
+    if any(op.stream.grid is not None for op in ops):
+        from ._hier import resolve
+
+        values = resolve(values)  # grid streams queue their writes and carry them to z together
+    first = next((op.stream for op in ops if op.kind == "entry"), None)
+    grid = first.grid if first is not None and first.grid is not None else graph.grid
     meta = dict(graph.meta)
     if paper:
         left = [c.name for c in comps if c.kind == "const"]
@@ -402,7 +429,30 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
                              "not implement the paper's split (see graph._engine: share())")
         meta["bias"] = "paper"
     return Decomposition(contributions=torch.stack(values, 1), components=tuple(comps), representation=z,
-                         grid=graph.grid, token_details=details, meta=meta)
+                         grid=grid, token_details=details, token_grids=grids, meta=meta)
+
+
+def _grid_op(op, rec, terms, emitted, tokens, device, dtype):
+    """A write or a merge on a stream with its own grid (see :mod:`._hier`)."""
+    from . import _hier
+
+    s = op.stream
+    if op.kind == "merge":
+        entry, new = _hier.merge(op, rec, terms[id(s)], device, dtype, tokens)
+        if entry is not None:
+            emitted.append(entry)
+        terms.setdefault(id(op.extra["src"]), []).extend(new)
+        return
+    if op.kind == "heads":
+        terms[id(s)] = _hier.gterms(terms[id(s)], s, device, op.extra["weight"].shape[0])
+        post = rec.post if op.extra.get("post") is not None else None
+        _hier.heads(op, rec, terms[id(s)], emitted, tokens, device, dtype, post)
+        return
+    u = rec.val
+    tl = _hier.gterms(terms[id(s)], s, device, u.shape[-1])
+    terms[id(s)] = tl
+    total, detail = _hier.contribute(tl, u, tokens)
+    emitted.append((Component(op.name, op.comp_kind, block=op.block, **op.extra.get("cargs", {})), total, detail))
 
 
 class _StackedFactors(TokenDetail):
@@ -545,7 +595,11 @@ def _check_fired(graph, op, rec, tokens):
     if op.kind in ("entry", "branch", "norm", "cattn"):
         missing = rec.val is None or (op.kind == "cattn" and (rec.q is None or rec.k is None))
     elif op.kind == "heads":
-        missing = rec.o is None or (tokens and (rec.attn is None or rec.v is None))
+        missing = rec.o is None or (tokens and getattr(op.module, "detail", "source") == "source"
+                                    and (rec.attn is None or rec.v is None))
+        missing = missing or (op.extra.get("post") is not None and rec.post is None)
+    elif op.kind == "merge":
+        missing = rec.val is None and not is_identity(op.extra["norm"])
     else:
         return
     if missing:
@@ -556,6 +610,8 @@ def _check_fired(graph, op, rec, tokens):
 def _take(graph, op, x, s, rows_idx, seq_first):
     if isinstance(x, tuple):
         x = x[0]
+    if s.grid is not None and isinstance(x, torch.Tensor) and x.ndim == 4:  # [B, h, w, D] on the stream's grid
+        x = x.flatten(1, 2)
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise GraphError(f"{_where(graph, op)}: expected a [B, N, D] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -574,7 +630,8 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
     ri = idx.get(k)
     st = op_state.get(i)
     reduce = None
-    if op.kind in ("entry", "branch", "heads") and not tokens and isinstance(st, tuple) and len(rows[k]) > 1:
+    if op.kind in ("entry", "branch", "heads") and not tokens and isinstance(st, tuple) and len(rows[k]) > 1 \
+            and s.grid is None:
         ws = static_w(k, st)  # pool weights known up front: reduce every capture over rows at once
         reducers[i] = ws
         rec.wsum = ws.sum()
@@ -609,6 +666,14 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
         rec.param = val.index_select(1, ri)
     elif op.kind == "heads":
         op.module.install(hooks, rec, ri, tokens, reduce)
+        if op.extra.get("post") is not None:  # a norm inside the branch, frozen at its input (grid order)
+            hooks.pre(op.extra["post"], lambda x, m=op.extra["post"]: setattr(rec, "post", freeze_norm(
+                m, x.flatten(1, 2) if x.ndim == 4 else x)))
+    elif op.kind == "merge":
+        def on_merge_norm(x):
+            rec.val = x.flatten(1, 2) if x.ndim == 4 else x
+
+        hooks.pre(op.extra["norm"], on_merge_norm)
     elif op.kind == "norm":
         at = op.extra["at"]
         sel = index_tensor([at + r for r in rows[k]], ri.device)
@@ -616,6 +681,8 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
         def on_norm(x):
             if x.ndim == 2:
                 x = x.unsqueeze(1)
+            elif x.ndim == 4 and s.grid is not None:
+                x = x.flatten(1, 2)
             if x.shape[1] < at + s.rows:
                 raise GraphError(f"{_where(graph, op)}: the norm sees {x.shape[1]} rows; the stream declares {s.rows} "
                                  f"from row {at}")

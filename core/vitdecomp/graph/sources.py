@@ -9,7 +9,8 @@ A source's :meth:`HeadSource.install` registers hooks that fill a record with
 
 Sources here cover fused-qkv timm attention (:class:`ProjInput` + :class:`FusedQKV`), talking-heads attention
 (:class:`TalkingHeads`), separate q/k/v projections (:class:`SeparateQKV`, Hugging Face) and attention modules
-that do not call their output projection as a module (:class:`InProj`: ``nn.MultiheadAttention``, open_clip).
+that do not call their output projection as a module (:class:`InProj`: ``nn.MultiheadAttention``, open_clip) and
+shifted-window attention on a grid stream (:class:`WindowHeads`: Swin; heads placed at their query rows).
 A new attention flavour is a new source (any object with ``num_heads`` and ``install``).
 """
 
@@ -21,7 +22,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HeadSource", "ProjInput", "FusedQKV", "TalkingHeads", "SeparateQKV", "InProj"]
+__all__ = ["HeadSource", "ProjInput", "FusedQKV", "TalkingHeads", "SeparateQKV", "InProj", "WindowHeads"]
 
 
 class HeadSource:
@@ -197,3 +198,45 @@ class InProj(HeadSource):
                 rec.attn, rec.v = attn, v.contiguous()
 
         hooks.pre_kw(m, on_in)
+
+
+@attrs.define(eq=False)
+class WindowHeads(HeadSource):
+    """Shifted-window attention (Swin) on a stream with its own ``h × w`` grid: head outputs are the input of
+    ``proj`` in window order (``[B·nW, wh·ww, H·dh]``: cyclic shift by ``-shift``, zero-padded to whole windows,
+    partitioned row-major; ``pad_first``: padded, then shifted, as in Hugging Face's Swin). The row map — the
+    block's own roll / pad / partition applied to position indices — brings them back to grid order, so each head
+    sits where the model writes it. Token detail places a head at its *query* rows (``detail = "query"``: the
+    split by the tokens it reads is not computed)."""
+
+    proj: torch.nn.Module
+    num_heads: int
+    hw: tuple
+    window: tuple
+    shift: tuple = (0, 0)
+    pad_first: bool = False
+    detail = "query"
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        import numpy as np
+
+        from ..engine import to_device
+        from ._hier import window_rows
+
+        H, W = self.hw
+        win = window_rows(H, W, tuple(self.window), tuple(self.shift), self.pad_first)
+        valid = win >= 0
+        inv = np.empty(H * W, dtype=np.int64)
+        inv[win[valid]] = np.nonzero(valid)[0]
+        inv = inv[rows.cpu().numpy()] if rows.numel() != H * W else inv
+        inv_t = to_device(torch.from_numpy(np.ascontiguousarray(inv)), rows.device)
+        Hh = self.num_heads
+
+        def on_proj_in(x):
+            C = x.shape[-1]
+            x = x.reshape(-1, win.size, C)  # [B, windows · rows, H·dh] per image
+            o = x.index_select(1, inv_t)
+            o = o.view(o.shape[0], o.shape[1], Hh, C // Hh).permute(0, 2, 1, 3)
+            rec.o = reduce(o) if reduce is not None else o
+
+        hooks.pre(self.proj, on_proj_in)

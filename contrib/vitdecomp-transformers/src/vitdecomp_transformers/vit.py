@@ -58,4 +58,7 @@ class HFViTAdapter(HFAdapter):
 
 @hookimpl
 def register_adapters(register):
+    from .swin import HFSwinAdapter  # the installed entry points are fixed: Swin registers from here
+
     register(HFViTAdapter())
+    register(HFSwinAdapter())

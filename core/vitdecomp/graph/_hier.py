@@ -1,0 +1,365 @@
+"""Engine part for hierarchical streams (a stream on its own grid, e.g. a Swin stage): patch merging, window heads
+placed at their query rows, post-norms inside a branch.
+
+Algebra. On a stream with a grid the map to z is a list of *grouped terms* ``(w [B, R], group [R], Ms [G, C, D])``:
+row ``r`` reaches z as ``w[b, r] · u[b, r] @ Ms[group[r]]``. A plain term ``(w, M)`` is the case ``G = 1``. A
+2×2 patch merging turns every term of the merged stream into one on the stream it reads with 4× the groups: row
+``p`` goes to its parent ``P(p)`` in slot ``k(p)``, so ``w'[p] = w[P(p)] / σ[P(p)]`` (the merge norm frozen),
+``group'[p] = 4·group[P(p)] + k(p)`` and ``Ms'[4g + k] = A_k @ Ms[g]`` (``A_k``: the slot's block of the merge's
+linear part). A write is pooled over rows by group, weighted by ``w`` (``[B, G, C]``), and the pooled groups are
+carried merge by merge through the slot blocks ``A_k`` to z, so component level never forms ``Ms`` and stays near
+one forward; token detail composes ``Ms`` once per stream (lazily) and applies ``Ms[group[r]]`` row by row.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .._records import Component
+from ..decomposition import TokenDetail
+from ..engine import freeze_norm, to_device
+
+__all__ = ["merge_slots", "window_rows"]
+
+
+# ---------------------------------------------------------------------------------------------- geometry (host)
+def merge_slots(H: int, W: int):
+    """Parent position (on the ``ceil(H/2) × ceil(W/2)`` grid) and merge slot of every position of an H × W grid,
+    from the reshape timm's / Hugging Face's 2×2 patch merging applies (pad odd sides, gather ``(dw, dh)``-major)."""
+    idx = np.arange(H * W, dtype=np.int64).reshape(1, H, W, 1)
+    if H % 2 or W % 2:
+        idx = np.pad(idx, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), constant_values=-1)
+    Hp, Wp = idx.shape[1], idx.shape[2]
+    g = idx.reshape(1, Hp // 2, 2, Wp // 2, 2, 1).transpose(0, 1, 3, 4, 2, 5).reshape(-1, 4)  # [P, 4]
+    keep = g >= 0
+    parent = np.empty(H * W, dtype=np.int64)
+    slot = np.empty(H * W, dtype=np.int64)
+    parent[g[keep]] = np.broadcast_to(np.arange(g.shape[0])[:, None], g.shape)[keep]
+    slot[g[keep]] = np.broadcast_to(np.arange(4)[None, :], g.shape)[keep]
+    return parent, slot, (Hp // 2, Wp // 2)
+
+
+def window_rows(H: int, W: int, window, shift, pad_first: bool = False) -> np.ndarray:
+    """For each row of a block's window-partitioned tensor (cyclic shift by ``-shift``, pad to whole windows,
+    partition; ``pad_first``: pad, then shift the padded grid, as Hugging Face's Swin does), the grid position it
+    holds (−1: padding)."""
+    idx = np.arange(H * W, dtype=np.int64).reshape(H, W)
+    wh, ww = window
+    ph, pw = (wh - H % wh) % wh, (ww - W % ww) % ww
+    if pad_first and (ph or pw):
+        idx = np.pad(idx, ((0, ph), (0, pw)), constant_values=-1)
+    if any(shift):
+        idx = np.roll(idx, shift=(-shift[0], -shift[1]), axis=(0, 1))
+    if not pad_first and (ph or pw):
+        idx = np.pad(idx, ((0, ph), (0, pw)), constant_values=-1)
+    Hp, Wp = H + ph, W + pw
+    return idx.reshape(Hp // wh, wh, Wp // ww, ww).transpose(0, 2, 1, 3).reshape(-1)
+
+
+def _dev(a: np.ndarray, device) -> torch.Tensor:
+    return to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
+
+
+# ---------------------------------------------------------------------------------------------- grouped terms
+def _rows_mm(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``x @ M`` as one 2-D product (a batched ``x`` would make matmul broadcast ``M`` per batch entry)."""
+    return (x.reshape(-1, x.shape[-1]) @ M).view(*x.shape[:-1], M.shape[-1])
+
+
+class _GTerm:
+    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out", "_block")
+
+    def __init__(self, w, group, host, G, Ms=None, chain=None):
+        self.w, self.group, self.host, self.G, self._Ms, self.chain = w, group, host, G, Ms, chain
+        self._order = None
+        self.pending, self.count, self.base, self.out = [], 0, None, None
+        self._block = None  # (key, [G, k, D]): the last block's heads' matrices, shared by its heads
+
+    def block_mats(self, key, pre: torch.Tensor) -> torch.Tensor:
+        """``pre @ Ms[g]`` for every group (``pre`` [k, C], e.g. a block's output projection for all heads)."""
+        if self._block is None or self._block[0] != key:
+            self._block = (key, torch.matmul(pre.unsqueeze(0), self.Ms))
+        return self._block[1]
+
+    # pooled groups of every write are queued and carried to z together (each slot block is read once per
+    # stream, as in one batched pass): ``defer`` returns where a write's rows will be, ``finish`` carries them
+    def defer(self, P: torch.Tensor) -> int:
+        """Queue pooled groups ``P`` [B, k, G, C]; returns the index of the first of its k results."""
+        at = self.count
+        self.pending.append(P)
+        self.count += P.shape[1]
+        return at
+
+    def finish(self) -> None:
+        if not self.pending:
+            return
+        P = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]
+        self.pending = []
+        if self._Ms is None:
+            L, up = self.chain
+            self.base = up.defer(_rows_mm(P.reshape(*P.shape[:-2], self.G // 4, 4 * P.shape[-1]), L))
+        else:
+            self.out = _rows_mm(P.flatten(-2), self._Ms.reshape(-1, self._Ms.shape[-1]))  # [B, K, D]
+
+    def value(self, i: int) -> torch.Tensor:
+        return self.out[:, i] if self.out is not None else self.chain[1].value(self.base + i)
+
+    def depth(self) -> int:
+        return 0 if self.chain is None else 1 + self.chain[1].depth()
+
+    @property
+    def Ms(self) -> torch.Tensor:
+        """``[G, C, D]``: each group's matrix to z (composed through the merges on first use, then kept)."""
+        if self._Ms is None:
+            L, up = self.chain  # L [4C, C']: slot k's block is rows k·C:(k+1)·C
+            C = L.shape[0] // 4
+            M = torch.matmul(L.view(1, 4, C, -1), up.Ms.unsqueeze(1))  # [G', 4, C, D]
+            self._Ms = M.reshape(self.G, C, -1)
+        return self._Ms
+
+    def layout(self):
+        """(order, counts) of the rows sorted by group (host arithmetic only)."""
+        if self._order is None:
+            order = np.argsort(self.host, kind="stable")
+            counts = np.bincount(self.host, minlength=self.G).tolist()
+            self._order = (_dev(order, self.w.device), counts, _dev(np.argsort(order), self.w.device))
+        return self._order
+
+    def apply_rows(self, v: torch.Tensor, mats: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out[b, r] = v[b, r] @ mats[group[r]]`` for ``v`` [B, R, k] (weights already applied; ``mats``
+        [G, k, D], default ``Ms``)."""
+        mats = self.Ms if mats is None else mats
+        if self.G == 1:
+            return v @ mats[0]
+        order, counts, back = self.layout()
+        B, R, C = v.shape
+        vs = v.index_select(1, order)
+        if len(set(counts)) == 1:  # equal groups: one bmm with the groups as its batch (no broadcast copies of Ms)
+            n = counts[0]
+            xs = vs.view(B, self.G, n, C).transpose(0, 1).reshape(self.G, B * n, C)
+            ys = torch.bmm(xs, mats).view(self.G, B, n, -1).transpose(0, 1).reshape(B, R, -1)
+        else:
+            parts, at = [], 0
+            for g, c in enumerate(counts):
+                if c:
+                    parts.append(vs[:, at:at + c] @ mats[g])
+                at += c
+            ys = torch.cat(parts, 1)
+        return ys.index_select(1, back)  # back to grid order (a gather: cheaper than scattering)
+
+    def pool(self, u: torch.Tensor) -> torch.Tensor:
+        """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
+        wu = u * self.w.view(*self.w.shape, *([1] * (u.ndim - 2)))
+        out = u.new_zeros(u.shape[0], self.G, *u.shape[2:])
+        return out.index_add_(1, self.group, wu)
+
+
+def gterms(terms, s, device, width: int) -> List[_GTerm]:
+    """The terms of hierarchical stream ``s`` (rows of ``width`` features) as grouped terms (a plain term is one
+    group)."""
+    out = []
+    for t in terms:
+        if isinstance(t, _GTerm):
+            out.append(t)
+            continue
+        M = t.M
+        if M is None:
+            M = torch.eye(width, device=device, dtype=t.w.dtype)
+        out.append(_GTerm(t.w, torch.zeros(s.rows, dtype=torch.long, device=device),
+                          np.zeros(s.rows, dtype=np.int64), 1, Ms=M.unsqueeze(0)))
+    return out
+
+
+class GroupedRows(TokenDetail):
+    """A component on a hierarchical stream, split over its rows: ``Σ_parts w[b, r] · (v[b, r] @ pre) @
+    Ms[group[r]]`` (``v`` None: the constant row vector ``pre``)."""
+
+    def __init__(self, parts, shared=None):
+        self.parts = parts  # (term, w, v or None, pre or None)
+        self.shared = shared  # (key, all heads' pre [H·dh, C], column slice of this head) for heads
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        out = None
+        for term, w, v, pre in self.parts:
+            if v is None:
+                cm = torch.einsum("c,gcd->gd", pre, term.Ms)  # [G, D]
+                y = cm.index_select(0, term.group).unsqueeze(0) * w.unsqueeze(-1)
+            else:
+                u = v * w.unsqueeze(-1)
+                B, R, k = u.shape
+                C, D = term.Ms.shape[1], term.Ms.shape[2]
+                if pre is not None and self.shared is not None:
+                    key, full, cols = self.shared
+                    # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
+                    if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
+                        y = term.apply_rows(u, term.block_mats(key, full)[:, cols])
+                        out = y if out is None else out + y
+                        continue
+                if pre is not None:
+                    u = u @ pre
+                y = term.apply_rows(u)
+            out = y if out is None else out + y
+        if out.shape[1] != num_tokens:
+            raise ValueError(f"the stream has {out.shape[1]} rows, the grid {num_tokens} positions")
+        return out
+
+
+class Lazy:
+    """A component's value still queued on grouped terms: ``Σ (term, index)`` (see :func:`resolve`)."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self, refs=None):
+        self.refs = list(refs or [])
+
+    def __add__(self, other: "Lazy") -> "Lazy":
+        return Lazy(self.refs + other.refs)
+
+
+def resolve(values: list) -> list:
+    """Carry every queued write to z, the streams furthest from z first (a stream's results join the queue of
+    the one it merges into), then read each component's value."""
+    terms, seen = [], set()
+    for v in values:
+        if isinstance(v, Lazy):
+            for t, _ in v.refs:
+                while t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    terms.append(t)
+                    t = t.chain[1] if t.chain is not None else None
+    for t in sorted(terms, key=lambda t: -t.depth()):
+        t.finish()
+    out = []
+    for v in values:
+        if isinstance(v, Lazy):
+            total = None
+            for t, i in v.refs:
+                x = t.value(i)
+                total = x if total is None else total + x
+            v = total
+        out.append(v)
+    return out
+
+
+def _const(terms, c, wscale=None):
+    """Contribution of the constant row vector ``c`` added at every row (rows weighted by ``wscale`` too)."""
+    refs, parts = [], []
+    for t in terms:
+        w = t.w if wscale is None else t.w * wscale
+        ws = t.w.new_zeros(t.w.shape[0], t.G).index_add_(1, t.group, w)
+        refs.append((t, t.defer((ws.unsqueeze(-1) * c).unsqueeze(1))))
+        parts.append((t, w, None, c))
+    return Lazy(refs), parts
+
+
+def contribute(terms, u, tokens):
+    """A write ``u`` [B, R, C] on a hierarchical stream."""
+    refs, parts = [], []
+    for t in terms:
+        refs.append((t, t.defer(t.pool(u).unsqueeze(1))))
+        parts.append((t, t.w, u, None))
+    return Lazy(refs), (GroupedRows(parts) if tokens else None)
+
+
+def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
+    """Window (or any query-placed) heads on a hierarchical stream, with an optional post-norm inside the branch
+    (SwinV2: ``x + norm(attn(x))``): ``<name>.head.<h>`` at their query rows, ``<name>.bias`` = the output bias
+    (through the post-norm's linear part) and the post-norm's β."""
+    H = op.module.num_heads
+    Wo = op.extra["weight"].detach().to(dtype)
+    C = Wo.shape[0]
+    Wg = Wo.view(C, H, -1)
+    gamma = None if op.gamma is None else op.gamma.detach().to(dtype)
+    if gamma is not None:
+        Wg = Wg * gamma.view(-1, 1, 1)
+    A = None
+    inv = None
+    if post_fn is not None:
+        inv = post_fn.inv_scale.reshape(post_fn.inv_scale.shape[0], -1)
+        A = torch.eye(C, device=device, dtype=dtype)
+        if post_fn.center:
+            A = A - 1.0 / C
+        if post_fn.weight is not None:
+            A = A * post_fn.weight
+    o = rec.o  # [B, H, R, dh]
+    full = None
+    if tokens:  # every head's map [H·dh, C] (through the post-norm's linear part)
+        full = Wg.permute(1, 2, 0).reshape(-1, C)
+        if A is not None:
+            full = full @ A
+    starts = []
+    for t in terms:
+        w = t.w if inv is None else t.w * inv
+        pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
+            1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
+        hv = torch.einsum("bghk,chk->bhgc", pooled, Wg)
+        if A is not None:
+            hv = _rows_mm(hv, A)
+        starts.append((t, t.defer(hv)))
+    for h in range(H):
+        detail = None
+        if tokens:
+            dh = Wg.shape[-1]
+            pre = full[h * dh:(h + 1) * dh]  # [dh, C]
+            detail = GroupedRows([(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms],
+                                 shared=(op.name, full, slice(h * dh, (h + 1) * dh)))
+        emitted.append((Component(f"{op.name}.head.{h}", "head", block=op.block, head=h, **op.extra.get("cargs", {})),
+                        Lazy([(t, at + h) for t, at in starts]), detail))
+    total, parts = None, []
+    b = op.extra["bias"]
+    if b is not None:
+        b = b.detach().to(dtype)
+        if gamma is not None:
+            b = b * gamma
+        total, parts = _const(terms, b if A is None else b @ A, inv)
+    if post_fn is not None and post_fn.bias is not None:
+        tb, pb = _const(terms, post_fn.bias)
+        total = tb if total is None else total + tb
+        parts += pb
+    if total is not None:
+        emitted.append((Component(f"{op.name}.bias", "const", block=op.block, **op.extra.get("cargs", {})), total,
+                        GroupedRows(parts) if tokens else None))
+
+
+def merge(op, rec, terms_dst, device, dtype, tokens):
+    """A 2×2 patch merging read backwards: its constant on the merged stream, and the grouped terms of the stream
+    it reads. Returns ``(component entry or None, terms of the source stream)``."""
+    x = op.extra
+    src, dst = x["src"], op.stream
+    fn = freeze_norm(x["norm"], rec.val) if rec.val is not None else None
+    red = x["reduction"].weight.detach().to(dtype)  # [C', 4C]
+    Cn, C4 = red.shape
+    if x["norm_first"]:  # reduction(γ ⊙ centre(x4) / σ + β)
+        L = red.T.clone()  # [4C, C'] acting on row vectors
+        if fn is not None:
+            if fn.weight is not None:
+                L = fn.weight.unsqueeze(1) * L
+            if fn.center:
+                L = L - L.mean(0, keepdim=True)
+        const = None if fn is None or fn.bias is None else fn.bias @ red.T
+    else:  # γ ⊙ centre(reduction(x4)) / σ + β
+        L = red.T.clone()
+        if fn is not None:
+            if fn.center:
+                L = L - L.mean(1, keepdim=True)
+            if fn.weight is not None:
+                L = L * fn.weight
+        const = None if fn is None else fn.bias
+    L = L.contiguous()  # [4C, C'] on row vectors: slot k's block is rows k·C:(k+1)·C
+    terms = gterms(terms_dst, dst, device, Cn)
+    entry = None
+    if const is not None:
+        total, parts = _const(terms, const)
+        entry = (Component(op.name, "const", **x.get("cargs", {})), total, GroupedRows(parts) if tokens else None)
+    parent, slot, out_hw = x["geometry"]
+    pi = _dev(parent, device)
+    new = []
+    for t in terms:
+        w = t.w if fn is None else t.w * fn.inv_scale.reshape(t.w.shape[0], -1)
+        host = t.host[parent] * 4 + slot
+        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(L, t)))
+    return entry, new
+
