@@ -23,26 +23,16 @@ aligner's CLIP model; texts are embedded with the 80 ImageNet templates (--templ
 def cmd_atlas(args) -> int:
     import torch
 
-    from ._cli_interpret import _load_model, _open, _text_encoder
+    from ._cli_interpret import _load_model, _open, _properties, _text_encoder
     from ._atlas import atlas
-    from .errors import InputError, UnknownPropertyError
-    from .properties import get_property, list_properties, load_properties
+    from .errors import InputError
+    from .properties import list_properties, load_properties
     from .text import load_text_pool
 
     cache, aligner = _open(args)
     extra = load_properties(args.properties_file) if args.properties_file else {}
     wanted = args.property or (list(extra) if extra else [n for n in list_properties() if not n.startswith("waterbirds")])
-    props = {}
-    for name in wanted:
-        if name in extra:
-            props[name] = extra[name]
-        else:
-            try:
-                props[name] = get_property(name)
-            except UnknownPropertyError as exc:
-                if extra:
-                    raise UnknownPropertyError(f"{exc} (also not in {args.properties_file}: {list(extra)})") from None
-                raise
+    props = _properties(wanted, extra, args.properties_file)
     enc = _text_encoder(args, aligner.clip_model)
     model = inputs = None
     if args.model:

@@ -224,9 +224,28 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def _properties(names, extra, properties_file) -> dict:
+    """The named properties: from the user's file first (``extra``), else the registered ones."""
+    from .errors import UnknownPropertyError
+    from .properties import get_property
+
+    props = {}
+    for name in names:
+        if name in extra:
+            props[name] = extra[name]
+            continue
+        try:
+            props[name] = get_property(name)
+        except UnknownPropertyError as exc:
+            if extra:
+                raise UnknownPropertyError(f"{exc} (also not in {properties_file}: {list(extra)})") from None
+            raise
+    return props
+
+
 def cmd_score(args) -> int:
-    from .errors import InputError, UnknownPropertyError
-    from .properties import get_property, load_properties
+    from .errors import InputError
+    from .properties import load_properties
     from .scores import StreamingScores, rank_components, specificity
 
     cache, aligner = _open(args)
@@ -235,17 +254,7 @@ def cmd_score(args) -> int:
     if not wanted:
         raise InputError("name at least one --property (e.g. --property color) or give --properties-file")
     against = [n for n in (args.against.split(",") if args.against else []) if n and n not in wanted]
-    props = {}
-    for name in wanted + against:
-        if name in extra:
-            props[name] = extra[name]
-        else:
-            try:
-                props[name] = get_property(name)
-            except UnknownPropertyError as exc:
-                if extra:
-                    raise UnknownPropertyError(f"{exc} (also not in {args.properties_file}: {list(extra)})") from None
-                raise
+    props = _properties(wanted + against, extra, args.properties_file)
     enc = _text_encoder(args, aligner.clip_model)
     bases = {n: p.embed(enc, progress=False) for n, p in props.items()}
     acc = StreamingScores(bases)

@@ -467,14 +467,11 @@ class _StackedFactors(TokenDetail):
 
 
 def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype, stack=None, paper=False):
+    from ._hier import head_weights
+
     src = op.module
-    H = src.num_heads
-    Wo = op.extra["weight"].detach().to(dtype)
+    H, Wo, Wg, gamma = head_weights(op, dtype)
     D = Wo.shape[0]
-    Wg = Wo.view(D, H, -1)
-    gamma = None if op.gamma is None else op.gamma.detach().to(dtype)
-    if gamma is not None:
-        Wg = Wg * gamma.view(-1, 1, 1)
     o = rec.o  # [B, H, R, dh]
     heads = None
     if stack is not None:  # several routes: batched over them

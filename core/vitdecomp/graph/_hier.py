@@ -264,17 +264,24 @@ def contribute(terms, u, tokens):
     return Lazy(refs), (GroupedRows(parts) if tokens else None)
 
 
+def head_weights(op, dtype):
+    """(H, W_O [D, H·dh], per-head output maps [D, H, dh] with LayerScale folded in, LayerScale γ or None) of a
+    ``heads`` op."""
+    H = op.module.num_heads
+    Wo = op.extra["weight"].detach().to(dtype)
+    Wg = Wo.view(Wo.shape[0], H, -1)
+    gamma = None if op.gamma is None else op.gamma.detach().to(dtype)
+    if gamma is not None:
+        Wg = Wg * gamma.view(-1, 1, 1)
+    return H, Wo, Wg, gamma
+
+
 def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
     """Window (or any query-placed) heads on a hierarchical stream, with an optional post-norm inside the branch
     (SwinV2: ``x + norm(attn(x))``): ``<name>.head.<h>`` at their query rows, ``<name>.bias`` = the output bias
     (through the post-norm's linear part) and the post-norm's β."""
-    H = op.module.num_heads
-    Wo = op.extra["weight"].detach().to(dtype)
+    H, Wo, Wg, gamma = head_weights(op, dtype)
     C = Wo.shape[0]
-    Wg = Wo.view(C, H, -1)
-    gamma = None if op.gamma is None else op.gamma.detach().to(dtype)
-    if gamma is not None:
-        Wg = Wg * gamma.view(-1, 1, 1)
     A = None
     inv = None
     if post_fn is not None:
