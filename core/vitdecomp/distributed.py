@@ -9,6 +9,7 @@ identity, so single-process code pays nothing.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 from typing import Any, Optional
@@ -74,7 +75,15 @@ def init_from_env(backend: Optional[str] = None, device=None) -> DistInfo:
             if "device_id" in inspect.signature(torch.distributed.init_process_group).parameters:
                 kwargs["device_id"] = gpu
         torch.distributed.init_process_group(backend=backend, **kwargs)
+        atexit.register(_destroy_group)  # the group we created is torn down before the interpreter's threads go
     return info()
+
+
+def _destroy_group() -> None:
+    # without it, a rank can abort at exit ("terminate called without an active exception") while the backend's
+    # threads are still alive
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _comm_device() -> torch.device:
