@@ -69,17 +69,14 @@ def cmd_atlas(args) -> int:
 
 
 def add_commands(subparsers) -> None:
+    from ._cli_common import HelpFormatter
+    from ._cli_interpret import _aligner_and_text_model_args
+
     p = subparsers.add_parser("atlas", help="write a browsable offline web page of every component",
-                              epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("cache", help="extraction cache folder (from 'vitdecomp extract')")
-    p.add_argument("--aligner", required=True, help="aligner file (from 'vitdecomp align')")
+    _aligner_and_text_model_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (new, empty, or an earlier atlas)")
-    p.add_argument("--text-model", default=None,
-                   help="open_clip model for the texts (default: the aligner's CLIP model)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text-weights", default=None, metavar="PATH", help="local checkpoint of the text model")
-    src.add_argument("--text-random-init", action="store_true", help="random text model (tests only)")
-    p.add_argument("--text-cache", default=None, metavar="DIR", help="on-disk cache of text embeddings")
     p.add_argument("--templates", choices=("imagenet", "simple", "none"), default="imagenet",
                    help="prompt templates for every text (default: CLIP's 80 ImageNet templates)")
     p.add_argument("--pool", default=None, help="TextSpan text pool, one description per line (default: built-in)")

@@ -355,7 +355,8 @@ def _common(p, *, cache=True):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _text_args(p):
+def _aligner_and_text_model_args(p):
+    """``--aligner`` and the text encoder's options (``--text-model/--text-weights/--text-random-init/--text-cache``)."""
     p.add_argument("--aligner", required=True, help="aligner file (from 'vitdecomp align')")
     p.add_argument("--text-model", default=None,
                    help="open_clip model for the texts (default: the aligner's CLIP model)")
@@ -363,6 +364,10 @@ def _text_args(p):
     src.add_argument("--text-weights", default=None, metavar="PATH", help="local checkpoint of the text model")
     src.add_argument("--text-random-init", action="store_true", help="random text model (tests only)")
     p.add_argument("--text-cache", default=None, metavar="DIR", help="on-disk cache of text embeddings")
+
+
+def _text_args(p):
+    _aligner_and_text_model_args(p)
     p.add_argument("--batch-size", type=int, default=256, help="images per batch read from the cache")
     p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     p.add_argument("--out", default=None, help="write the report here instead of stdout")
