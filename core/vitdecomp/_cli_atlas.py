@@ -40,10 +40,9 @@ def cmd_atlas(args) -> int:
         if not paths:
             raise InputError(f"heat maps need the cache's image files, but {args.cache} was extracted from a dataset "
                              "object (no paths); drop --model")
-        if args.random_init:
-            torch.manual_seed(0)  # the same random weights as 'vitdecomp extract --random-init'
         kw = {"img_size": args.image_size} if args.image_size else {}
-        loaded = _load_model(args.model, args.weights, args.random_init, args.device, **kw)
+        # seeded by load_model: the same random weights as 'vitdecomp extract --random-init --init-seed N'
+        loaded = _load_model(args.model, args.weights, args.random_init, args.device, args.init_seed, **kw)
         root = Path(cache.meta.get("data", {}).get("root", "."))
         dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
 
@@ -87,6 +86,7 @@ def add_commands(subparsers) -> None:
     msrc = p.add_mutually_exclusive_group()
     msrc.add_argument("--weights", metavar="PATH", default=None, help="local checkpoint of --model")
     msrc.add_argument("--random-init", action="store_true", help="random --model weights (tests only)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the --random-init weights (as in extract)")
     p.add_argument("--image-size", type=int, default=None, help="build --model for this input size (timm)")
     p.add_argument("--iters", type=int, default=5, help="TextSpan texts per component (default 5)")
     p.add_argument("--rank", type=int, default=80, help="TextSpan rank (default 80)")
