@@ -11,7 +11,6 @@ and ``results.json`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path

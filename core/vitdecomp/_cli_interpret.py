@@ -8,7 +8,6 @@ CompAttribute: the mean correlation score_i(P) = (1/k) Σ_j corr_x(⟨a_i, b_j�
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import sys

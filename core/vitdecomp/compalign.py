@@ -777,7 +777,7 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
 
     di = dist.info()
     reduce = dist.all_reduce_sum if di.active else (lambda t: t)
-    N, C, D, d = data.N, data.C, data.D, targets.shape[1]
+    C, D, d = data.C, data.D, targets.shape[1]
     idx = _masked_index(data, local_train)
     T = to_device(targets[idx], device)
     n_local = idx.numel()

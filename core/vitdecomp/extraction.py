@@ -734,8 +734,6 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
     """
     from tqdm.auto import tqdm
 
-    from .text import model_fingerprint
-
     dtype_name = _dtype_name(dtype)
     store_dtype = _DTYPES[dtype_name]
     for what, v in (("batch_size", batch_size), ("shard_size", shard_size)):

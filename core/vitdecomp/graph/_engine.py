@@ -469,9 +469,7 @@ class _StackedFactors(TokenDetail):
 def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, device, dtype, stack=None, paper=False):
     from ._hier import head_weights
 
-    src = op.module
     H, Wo, Wg, gamma = head_weights(op, dtype)
-    D = Wo.shape[0]
     o = rec.o  # [B, H, R, dh]
     heads = None
     if stack is not None:  # several routes: batched over them
@@ -567,7 +565,7 @@ def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype
         offsets.append(o)
         o += r.rows
     new: Dict[int, list] = {}
-    total, per_row = None, None
+    total = None
     for t in terms[id(s)]:
         cm = t.w[:, :1] * _apply(c.unsqueeze(0), t.M)
         if cen is not None:

@@ -335,7 +335,7 @@ def merge(op, rec, terms_dst, device, dtype, tokens):
     """A 2×2 patch merging read backwards: its constant on the merged stream, and the grouped terms of the stream
     it reads. Returns ``(component entry or None, terms of the source stream)``."""
     x = op.extra
-    src, dst = x["src"], op.stream
+    dst = op.stream
     fn = freeze_norm(x["norm"], rec.val) if rec.val is not None else None
     red = x["reduction"].weight.detach().to(dtype)  # [C', 4C]
     Cn, C4 = red.shape
