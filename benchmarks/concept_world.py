@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     eval_ds = D.ConceptWorld(n, E.EVAL_SEED)
     X_eval = eval_ds.tensors()
     X_fit = D.ConceptWorld(n, E.FIT_SEED).tensors()
-    results = {"images": n, "threads": args.threads, "models": {}, "spurious": {}}
+    results = {"images": n, "threads": args.threads, "models": {}, "spurious": {},
+               "independence": {"training": E.factor_independence(D.ConceptWorld(20000, 1)),
+                                "evaluation": E.factor_independence(eval_ds)}}
     for name in args.models:
         t0 = time.perf_counter()
         run = E.prepare_run(name, clip=clip, encoder=enc, fit_images=X_fit, eval_dataset=eval_ds, eval_images=X_eval)
@@ -127,22 +129,28 @@ def render(results: dict) -> str:
     md += ["", "## TextSpan versus ground truth", "",
            "Share of components (variance ≥ 1% of the largest) whose first TextSpan pick among the 25 single-factor "
            "phrases names the factor with the highest R² for that component.", "",
-           "| model | agreement | components | chance |", "|---|---|---|---|"]
+           f"The last two columns restrict it to the components that carry a factor (R² ≥ {E.CARRY_R2}).", "",
+           "| model | agreement | components | chance | agreement (carrying) | carrying components |",
+           "|---|---|---|---|---|---|"]
     for name, res in results["models"].items():
         ts = res.get("textspan", {})
-        md.append(f"| {name} | {_f(ts.get('agreement'))} | {ts.get('n_components')} | 0.17 |")
+        md.append(f"| {name} | {_f(ts.get('agreement'))} | {ts.get('n_components')} | 0.17 | "
+                  f"{_f(ts.get('carrying_agreement'))} | {ts.get('n_carrying')} |")
     if results["spurious"]:
         md += ["", "## Spurious repair (small vs large, background correlated 95% in training)", "",
                "Worst-group accuracy on the balanced test split before → after mean-ablating the top-k components by "
                "score(background) − score(size) (means from the held-out validation split); oracle: ranked by "
                "ground-truth attribution difference. ρ: Spearman between the two rankings' differences.", "",
-               "| model | ρ | k | worst group before | after | oracle after | group average before | after | oracle after |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "| model | ρ | k | worst group before | after | oracle after | share of oracle gain | group average before | after | oracle after |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for arch, sp in results["spurious"].items():
             for k, r in sp["by_k"].items():
                 md.append(f"| {arch}_spurious | {_f(sp['spearman_difference'])} | {k} | {r['before_worst']:.3f} | "
-                          f"{r['after_worst']:.3f} | {r['oracle_after_worst']:.3f} | {r['before_average']:.3f} | "
+                          f"{r['after_worst']:.3f} | {r['oracle_after_worst']:.3f} | {_f(r.get('share_of_oracle_gain'))} | "
+                          f"{r['before_average']:.3f} | "
                           f"{r['after_average']:.3f} | {r['oracle_after_average']:.3f} |")
+    md += E.goals_markdown(results)
+    md += E.independence_markdown(results["independence"])
     md += ["", "## Machine", "", "```", _machine(), "```", "",
            f"torch {torch.__version__}, Python {platform.python_version()}.", ""]
     return "\n".join(md)

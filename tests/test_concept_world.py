@@ -181,3 +181,106 @@ def test_spurious_evaluation_runs(clip_and_encoder):
     r = res["by_k"][3]
     assert 0.0 <= r["before_worst"] <= r["before_average"] <= 1.0
     assert len(r["components"]) == 3 and len(r["oracle_components"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+_TINY = {"n_train": 64, "epochs": 3, "lr": 1e-3, "batch": 32, "weight_decay": 0.0, "pos_init": "sincos"}
+
+
+@pytest.mark.parametrize("name", ["deit", "clip"])
+def test_training_continues_from_a_checkpoint_to_the_same_weights(name, tmp_path):
+    cfg = dict(_TINY, phrase_weight=1.0) if name == "clip" else dict(_TINY)
+    full = T.train_model(name, cfg, seed=0, checkpoint=tmp_path / "full.pt", log=lambda *a: None)
+
+    class Killed(Exception):
+        pass
+
+    def die_in_epoch_3(msg):  # the checkpoint after epoch 1 is written, epoch 2's is not
+        if "epoch 2/3" in msg:
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train_model(name, cfg, seed=0, checkpoint=tmp_path / "cut.pt", log=die_in_epoch_3)
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["epoch"] == 1
+    logs = []
+    resumed = T.train_model(name, cfg, seed=0, checkpoint=tmp_path / "cut.pt", log=logs.append)
+    assert any("continuing from" in m and "after epoch 1/3" in m for m in logs), logs
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["epoch"] for h in resumed.train_history] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_other_settings_or_a_foreign_file_is_refused(tmp_path):
+    ck = tmp_path / "deit.pt"
+    T.train_model("deit", dict(_TINY, epochs=1), seed=0, checkpoint=ck, log=lambda *a: None)
+    with pytest.raises(RuntimeError, match=r"other settings \(differs in \['cfg'\]\)"):
+        T.train_model("deit", dict(_TINY, epochs=2), seed=0, checkpoint=ck, log=lambda *a: None)
+    with pytest.raises(RuntimeError, match=r"differs in \['seed'\]"):
+        T.train_model("deit", dict(_TINY, epochs=1), seed=1, checkpoint=ck, log=lambda *a: None)
+    # --restart discards the script's own checkpoint ...
+    T.train_model("deit", dict(_TINY, epochs=2), seed=0, checkpoint=ck, restart=True, log=lambda *a: None)
+    assert torch.load(ck, weights_only=True)["epoch"] == 2
+    # ... but never a file it did not write
+    foreign = tmp_path / "mine.pt"
+    torch.save({"my": torch.ones(2)}, foreign)
+    for restart in (False, True):
+        with pytest.raises(RuntimeError, match="not a concept-world training checkpoint"):
+            T.train_model("deit", dict(_TINY, epochs=1), seed=0, checkpoint=foreign, restart=restart,
+                          log=lambda *a: None)
+    assert torch.equal(torch.load(foreign, weights_only=True)["my"], torch.ones(2))
+
+
+def test_sincos_position_start():
+    table = T.sincos_2d(8, 64)
+    assert table.shape == (64, 64)
+    # rows with the same grid row share the first half of the channels, same column the second half
+    assert torch.equal(table[0, :32], table[7, :32]) and not torch.equal(table[0, :32], table[8, :32])
+    assert torch.equal(table[0, 32:], table[8, 32:]) and not torch.equal(table[0, 32:], table[1, 32:])
+    for name in ("deit", "clip"):
+        model = M.build(name)
+        T._init_positions(name, model)
+        pe = model.visual.positional_embedding[1:] if name == "clip" else model.pos_embed[0, 1:]
+        assert torch.equal(pe.detach(), 0.5 * T.sincos_2d(8, pe.shape[1]))
+
+
+def test_clip_phrase_loss_is_the_zero_shot_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    phr = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    y = torch.tensor([[0, 1], [2, 3], [1, 0], [0, 2], [2, 1]])
+    got = T._phrase_loss(img, phr, [3, 4], 10.0, y)
+    logits = 10.0 * img @ phr.T
+    manual = sum(-torch.log_softmax(logits[i, :3], 0)[y[i, 0]] - torch.log_softmax(logits[i, 3:], 0)[y[i, 1]]
+                 for i in range(5)) / 5 / 2
+    assert torch.allclose(got, manual)
+
+
+def test_factor_independence_detects_a_planted_correlation():
+    ds = D.ConceptWorld(3000, seed=5)
+    ind = E.factor_independence(ds)
+    assert ind["n"] == 3000 and ind["max"][2] < 0.08  # independent by construction
+    sp = D.SpuriousConceptWorld(3000, seed=5, split="train", correlation=0.95)
+    bad = E.factor_independence(sp)
+    assert bad["max"][:2] == ["size", "background"] and bad["max"][2] > 0.5
+
+
+def test_goals_report_misses_by_how_much():
+    prop = {"spearman_score_attribution": 0.7, "retrieval_components": 0.5, "retrieval_whole": 0.6,
+            "retrieval_oracle": 0.8, "spearman_aligned_truth": 0.9, "spearman_score_aligned_attribution": 0.75}
+    results = {"models": {"deit": {"properties": {"shape": prop, "color": dict(prop, spearman_score_attribution=0.9,
+                                                                                 retrieval_components=0.7)},
+                                   "textspan": {"carrying_agreement": 0.85, "n_carrying": 12}}},
+               "spurious": {"deit": {"spearman_difference": 0.4, "by_k": {
+                   1: {"share_of_oracle_gain": 0.5}, 3: {"share_of_oracle_gain": 0.9}}}}}
+    rows = {(r["model"], r["property"], r["goal"]): r for r in E.goals(results)}
+    shape_rho = rows[("deit", "shape", "ρ(score, truth)")]
+    assert not shape_rho["met"] and shape_rho["short_by"] == pytest.approx(0.1)
+    assert "0.90" in shape_rho["why"] and "0.75" in shape_rho["why"]
+    assert rows[("deit", "color", "ρ(score, truth)")]["met"]
+    ret = rows[("deit", "shape", "retrieval: components − whole")]
+    assert not ret["met"] and ret["short_by"] == pytest.approx(0.1)
+    assert rows[("deit", "(all)", "TextSpan first pick")]["met"]
+    rep = rows[("deit_spurious", "repair", "share of oracle worst-group gain")]
+    assert rep["met"] and rep["k"] == 3 and rep["value"] == 0.9
+    md = "\n".join(E.goals_markdown(results))
+    assert "4 of 6 met" in md and "**no**" in md
