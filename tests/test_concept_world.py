@@ -83,6 +83,15 @@ def test_manifest_records_every_shipped_model():
         total += path.stat().st_size
         assert rec["train"]["seed"] == 0 and rec["train"]["wall_seconds"] > 0
         assert rec["architecture"] == json.loads(json.dumps(M.describe(name)))
+        assert rec["command"].startswith("python -m vitdecomp.concept_world.train --models")
+        assert rec["history"] and rec["history"][-1]["epoch"] == rec["train"]["epochs"]
+        metrics = rec["metrics"]
+        if name == "clip":
+            assert min(metrics["zero_shot_accuracy"].values()) >= 0.90, metrics
+        elif name in M.TARGETS:
+            assert min(metrics["test_accuracy"].values()) >= 0.95, metrics
+        else:  # the spurious fine-tunes: worse on a minority group than on average
+            assert metrics["worst_group_accuracy"] < metrics["test_accuracy"], metrics
     assert total < 8e6  # a few MB in all
 
 
@@ -102,15 +111,15 @@ def test_shipped_classifiers_learned_the_factors(name, eval_images):
     table = ds.factor_table()
     acc = {f: float((logits[:, sl].argmax(1) == table[:, k]).float().mean())
            for k, (f, sl) in enumerate(M.FACTOR_SLICES.items())}
-    assert acc["background"] > 0.9 and acc["color"] > 0.8 and acc["size"] > 0.8, acc
-    assert sum(acc.values()) / 6 > 0.7, acc
+    # measured here on 160 fresh images, not read from the manifest (held-out ≥ 0.95 on 2000 images there)
+    assert min(acc.values()) >= 0.9, acc
 
 
 def test_shipped_clip_reads_captions(eval_images):
     ds, X = eval_images
     clip, tok = M.load_clip()
     zs = T.clip_zero_shot(clip, X, ds.factor_table())
-    assert zs["background"] > 0.9 and zs["color"] > 0.7, zs
+    assert min(zs.values()) >= 0.85, zs  # ≥ 0.90 on the 2000 held-out images of the manifest
 
 
 def test_shipped_spurious_model_leans_on_the_background():
