@@ -101,10 +101,13 @@ def test_refusals_name_the_operation_module_and_source_line():
     assert "blocks.1" in msg and "module blocks.1.norm" in msg and "test_auto.py" in msg
     assert "return self.norm(x + self.mlp(x))" in msg
 
-    for pool, needle in (("max", "amax"), ("map", "module model.attn_pool")):  # non-linear readouts
-        with pytest.raises(UnsupportedModelError) as exc:
-            vitdecomp.decompose(build("vit_tiny_patch16_224", global_pool=pool), images(torch.float32), adapter="auto")
-        assert needle in str(exc.value) and "vision_transformer.py" in str(exc.value), str(exc.value)
+    with pytest.raises(UnsupportedModelError) as exc:  # a non-linear readout
+        vitdecomp.decompose(build("vit_tiny_patch16_224", global_pool="max"), images(torch.float32), adapter="auto")
+    assert "amax" in str(exc.value) and "vision_transformer.py" in str(exc.value), str(exc.value)
+    model = build("vit_tiny_patch16_224", global_pool="map")  # a MAP head returning every latent row
+    model.attn_pool.pool = ""
+    with pytest.raises(UnsupportedModelError, match=r"module model.attn_pool .*pool_type=''"):
+        vitdecomp.decompose(model, images(torch.float32), adapter="auto")
 
 
 @pytest.mark.parametrize("name,extra", [("vit_tiny_patch16_224", {}), OTHERS[1]])
@@ -124,3 +127,48 @@ def test_cli_check_with_adapter_override(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "adapter    'auto'" in out and "(override): adapter='auto' was passed" in out
     assert "blocks.0.attn.head.0" in out and "(tolerance 1e-05: OK)" in out
+
+
+# ------------------------------------------------------------------ attention-pool (MAP) heads
+def map_models():
+    from timm.layers import AttentionPoolLatent
+
+    siglip = build("vit_base_patch16_siglip_224", embed_dim=48, num_heads=4)  # no class token, MAP head
+    cls = build("vit_tiny_patch16_224", global_pool="map")  # class token kept out of the pool (pool_include_prefix)
+    odd = timm.create_model("vit_tiny_patch16_224", **SMALL, global_pool="map", class_token=False)
+    odd.attn_pool = AttentionPoolLatent(odd.embed_dim, num_heads=3, latent_len=2, pool_type="avg", qk_norm=True,
+                                        pos_embed="abs", feat_size=16, norm_layer=torch.nn.LayerNorm)
+    return {"siglip": siglip, "cls": cls, "latents2-avg-qknorm-pos": testing.perturb_parameters(odd.eval())}
+
+
+@pytest.mark.parametrize("which", ["siglip", "cls", "latents2-avg-qknorm-pos"])
+def test_map_head_decomposes_through_its_value_path(which):
+    model = map_models()[which]
+    assert vitdecomp.choose_adapter(model).name == "auto"  # timm-vit leaves MAP heads to the fallback
+    f32 = vitdecomp.decompose(model, images(torch.float32))
+    assert f32.meta["adapter"] == "auto" and f32.error <= 1e-5
+    dec = vitdecomp.decompose(model.double(), images())
+    assert dec.error <= 1e-10
+    # the pool's MLP residual is a component of its own (z is read after it), and the pool's constants another
+    assert dec.names[-2:] == ("attn_pool.bias", "attn_pool.mlp") and "blocks.1.attn.head.0" in dec.names
+    with torch.no_grad():
+        z = model.forward_head(model.forward_features(images()), pre_logits=True)
+    assert torch.allclose(dec.contributions.sum(1), z, rtol=0, atol=1e-10 * float(z.norm()))
+    tok = vitdecomp.decompose(model, images(), tokens="source")
+    assert tok.error <= 1e-10 and tok.meta["spread_tokens"] == ["attn_pool.bias", "attn_pool.mlp"]
+    # written to the latent query, which is no image position: spread evenly over the rows the pool reads
+    npre = model.num_prefix_tokens
+    spread = tok.token_contributions("attn_pool.mlp")
+    assert torch.allclose(spread[:, npre:], (dec["attn_pool.mlp"] / (spread.shape[1] - npre))[:, None].expand_as(
+        spread[:, npre:]), atol=1e-12) and not spread[:, :npre].any()
+    # every component and token split against the oracle (frozen attention weights, autograd)
+    res = testing.check_attributions(model.float(), images(torch.float32, 1))
+    assert res and all(err <= 1e-6 for _, err, _ in res) and sum(n for *_, n in res) > 0, res
+
+
+def test_map_head_conformance_kit():
+    model = map_models()["siglip"]
+    results = testing.run_conformance(model, (32, 32), reference=lambda m, x: m.forward_head(
+        m.forward_features(x), pre_logits=True))
+    worst = {dt: max(e for d, _, e in results if d == dt) for dt in (torch.float32, torch.float64)}
+    assert worst[torch.float32] <= 1e-5 and worst[torch.float64] <= 1e-10, worst

@@ -2,7 +2,7 @@
 
 Used as ``adapter="auto"``, and by dispatch when no family adapter claims a model (it is a *fallback* adapter).
 Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
-the timm head interface; z is ``model.forward_head(model.forward_features(x), pre_logits=True)``.
+the timm head interface (CLS / mean / attention-pool readouts); z is ``model.forward_head(model.forward_features(x), pre_logits=True)``.
 
 How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
 forward):
@@ -22,8 +22,10 @@ forward):
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
    the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
    linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
-   of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool. Any other step is refused
-   the same way.
+   of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool; and timm's
+   ``AttentionPoolLatent`` (MAP heads), which becomes :meth:`Graph.attention_pool` over the rows it reads, its
+   MLP residual the write ``attn_pool.mlp`` (z is read after it) and its own pooling of the latent rows. Any
+   other step is refused the same way.
 3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
    is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
    the stream's row count.
@@ -222,6 +224,16 @@ def _split_heads(mod) -> bool:
             and all(hasattr(mod, n) for n in ("qkv", "proj", "num_heads", "q_norm", "k_norm")))
 
 
+def _attention_pool(mod) -> bool:
+    """timm's ``AttentionPoolLatent`` (the MAP head of ``global_pool="map"`` / SigLIP), as the derivation reads it."""
+    if "timm" not in sys.modules:
+        return False
+    from timm.layers import AttentionPoolLatent
+
+    return (type(mod) is AttentionPoolLatent and isinstance(getattr(mod, "kv", None), torch.nn.Linear)
+            and all(hasattr(mod, a) for a in ("latent", "q_norm", "k_norm", "proj", "num_heads", "scale", "pool")))
+
+
 def _pair(v):
     """``(a, b)`` from an int or a pair, else None."""
     if isinstance(v, int) and not isinstance(v, bool):
@@ -315,6 +327,17 @@ class AutoAdapter(GraphAdapter):
             return None
         return head if isinstance(head, torch.nn.Linear) else None
 
+    def oracle_writes(self, model) -> dict:
+        """For the conformance kit's attribution oracle: the parameters of each attention pool's constant (value
+        and output biases, and its positional table, which has no bias-like name)."""
+        params = dict(model.named_parameters())
+        out = {}
+        for path, mod in model.named_modules():
+            if _attention_pool(mod):
+                names = [f"{path}.{n}" for n in ("kv.bias", "proj.bias", "pos_embed")]
+                out[f"{path}.bias"] = [n for n in names if n in params]
+        return out
+
     # ---------------------------------------------------------------- derivation
     def _probe(self, model, images):
         """Rows N of the token stream entering blocks.0 for this image size (one forward of one image, cached)."""
@@ -404,6 +427,14 @@ class AutoAdapter(GraphAdapter):
                 if _identity(mod):
                     val[n] = v
                     continue
+                if _attention_pool(mod):
+                    reads[followed[0]] = reads.get(followed[0], 0) + 1
+                    if reads[followed[0]] > 1 or v[0] == "rows" or len(n.args) != 1 or n.kwargs:
+                        refuse(n, "is an attention pool called on something other than the token stream "
+                                  "(or with a mask)")
+                    val[n] = ("stream", self._attention_pool(g, mod, n.target[len("model."):], v[1],
+                                                             v[2] if v[0] == "range" else list(range(N)), n, refuse))
+                    continue
                 if not supported_norm(mod):
                     refuse(n, f"({type(mod).__name__}) is not a norm or identity the auto adapter can freeze")
                 st = pooled(v, n) if v[0] != "stream" else v[1]
@@ -448,6 +479,32 @@ class AutoAdapter(GraphAdapter):
             raise UnsupportedModelError(f"auto adapter: z of {type(model).__name__} is not one pooled row of the "
                                         f"token stream")
         return z
+
+    @staticmethod
+    def _attention_pool(g, mod, path, x, rows, n, refuse):
+        """timm's ``AttentionPoolLatent`` (MAP head) on ``rows`` of stream ``x``: the value path at the forward's
+        attention weights into a stream of its latent queries, the pool's MLP residual ``p + mlp(norm(p))`` a
+        write into it (``<path>.mlp``), then its own pooling (first latent or their mean)."""
+        E = mod.kv.out_features // 2
+        pos = getattr(mod, "pos_embed", None)
+        if pos is not None and (pos.dim() != 2 or pos.shape[0] != len(rows)):
+            refuse(n, f"has a positional table of shape {tuple(pos.shape)} for {len(rows)} rows")
+        L = int(mod.latent_len)
+        if mod.pool not in ("token", "avg"):
+            refuse(n, f"returns all {L} latent rows (pool_type={mod.pool!r}); z must be one row "
+                      "(supported: pool_type 'token' or 'avg')")
+        p = g.attention_pool(x, rows, queries=L, q=mod.q_norm, k=mod.k_norm, v_weight=mod.kv.weight[E:],
+                             v_bias=None if mod.kv.bias is None else mod.kv.bias[E:],
+                             proj=mod.proj if isinstance(mod.proj, torch.nn.Linear) else None,
+                             num_heads=mod.num_heads, scale=mod.scale, pos_embed=pos, name=path)
+        spread = g.meta.setdefault("spread_tokens", [])
+        spread.append(f"{path}.bias")
+        if getattr(mod, "mlp", None) is not None:
+            g.branch(p, mod.mlp, name=f"{path}.mlp", kind="mlp")
+            spread.append(f"{path}.mlp")
+        if mod.pool == "token":
+            return g.pool(p, [0], [1.0])
+        return g.pool(p, list(range(L)), [1.0 / L] * L)
 
     def describe(self, model, images, tokens: bool = False) -> Graph:
         try:
