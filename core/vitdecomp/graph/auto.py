@@ -2,7 +2,8 @@
 
 Used as ``adapter="auto"``, and by dispatch when no family adapter claims a model (it is a *fallback* adapter).
 Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
-the timm head interface (CLS / mean / attention-pool readouts); z is ``model.forward_head(model.forward_features(x), pre_logits=True)``.
+the timm head interface (CLS / mean / attention-pool readouts); z is
+``model.forward_head(model.forward_features(x), pre_logits=True)``.
 
 How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
 forward):
