@@ -56,17 +56,39 @@ def test_other_timm_modules_exact_with_module_path_names(name, extra):
     assert {"embed", "blocks.1.attn.head.0", "blocks.1.attn.head.1", "blocks.1.attn.bias", "blocks.1.mlp"} <= set(dec.names)
     f32 = vitdecomp.decompose(build(name, **extra), images(torch.float32), adapter="auto")
     assert f32.error <= 1e-5
-    # token mode: heads without an attention source are block-level writes placed where they write
+    # token mode keeps the heads split (their attention rows and values recorded as the attention runs)
     tok = vitdecomp.decompose(model, images(), adapter="auto", tokens="source")
-    assert tok.error <= 1e-10 and ("blocks.1.attn" in tok.names) != ("blocks.1.attn.head.0" in tok.names)
+    assert tok.error <= 1e-10 and "blocks.1.attn.head.0" in tok.names
+    head = tok.token_contributions("blocks.1.attn.head.0")
+    assert torch.allclose(head.sum(1), tok["blocks.1.attn.head.0"], atol=1e-12)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("name,extra", OTHERS[1:])
-def test_head_splits_match_the_attribution_oracle(name, extra):
+def test_head_splits_match_the_attribution_oracle(name, extra, fused):
     # per-head exactness is not implied by the sum: the kit's oracle removes each write with everything else
-    # frozen (autograd through the model's own forward) and compares
-    res = testing.check_attributions(build(name, **extra), images(torch.float32, 1), adapter="auto", tokens=False)
+    # frozen (autograd through the model's own forward) and compares, heads' token splits by source included;
+    # fused: the attention product is F.scaled_dot_product_attention, else softmax then weights @ values
+    model = build(name, **extra)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    res = testing.check_attributions(model, images(torch.float32, 1), adapter="auto")
     assert res and all(err <= 1e-6 for _, err, _ in res), res
+    assert res[0][2] > len(model.blocks) * model.blocks[0].attn.num_heads  # head splits were compared
+
+
+def test_traced_attention_refuses_what_it_cannot_record():
+    model = build("beit_base_patch16_224", embed_dim=48, num_heads=2)
+    attn = model.blocks[0].attn
+    forward = type(attn).forward
+
+    def twice(self, x, shared_rel_pos_bias=None):  # two attention products in one call: which is the heads'?
+        forward(self, x, shared_rel_pos_bias)
+        return forward(self, x, shared_rel_pos_bias)
+
+    attn.forward = twice.__get__(attn)
+    with pytest.raises(UnsupportedModelError, match="computed 2 attention products; expected one"):
+        vitdecomp.decompose(model, images(torch.float32), adapter="auto", tokens="source")
 
 
 def test_fallback_dispatch_uses_auto_only_when_no_family_claims():

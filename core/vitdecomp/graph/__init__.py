@@ -53,10 +53,11 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import InputError, VitDecompError
-from .sources import FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads, WindowHeads
+from .sources import (FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads, TracedAttention,
+                      WindowHeads)
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "SeparateQKV", "InProj", "WindowHeads"]
+           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads"]
 
 
 class GraphError(VitDecompError, ValueError):

@@ -18,8 +18,9 @@ forward):
    output projection when it is timm's fused-qkv ``Attention`` (token detail through :class:`FusedQKV`), or
    when its own trace ends ``proj(transpose(attn_out, 1, 2).reshape(B, N, C))`` with ``attn_out`` from
    ``scaled_dot_product_attention`` or a ``matmul`` (heads contiguous in proj's input: BEiT, EVA-02, relpos
-   ViT). Those have no attention source yet, so with ``tokens="source"`` they stay one write placed where it
-   writes. Any other attention module is one block-level write.
+   ViT); their token detail comes from :class:`~vitdecomp.graph.sources.TracedAttention`, which records the
+   attention product (fused, or softmax then weights @ values) while the module runs. Any other attention
+   module is one block-level write.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
    the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
    linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
@@ -47,7 +48,7 @@ import torch
 
 from .._records import TokenGrid
 from ..errors import InputError, UnsupportedModelError
-from . import FusedQKV, Graph, GraphAdapter, ProjInput, execute
+from . import FusedQKV, Graph, GraphAdapter, ProjInput, TracedAttention, execute
 
 __all__ = ["AutoAdapter"]
 
@@ -540,13 +541,14 @@ class AutoAdapter(GraphAdapter):
             writes = _block_writes(blk, prefix)
             with g.block(i, f"blocks.{i}", x, entry=blk):
                 for path, mod, gamma in writes:
-                    proj = None if (tokens or _split_heads(mod)) else _proj_of_heads(mod)
+                    proj = None if _split_heads(mod) else _proj_of_heads(mod)
                     if _split_heads(mod):
                         att = FusedQKV(mod.qkv, mod.q_norm, mod.k_norm, getattr(mod, "scale", mod.head_dim ** -0.5))
                         g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
                                 gamma=gamma, name=path)
-                    elif proj is not None:  # heads split by proj's columns (no attention source: not in token mode)
-                        g.heads(x, ProjInput(proj, mod.num_heads), proj.weight, proj.bias, gamma=gamma, name=path)
+                    elif proj is not None:  # heads split by proj's columns; token detail recorded as it runs
+                        g.heads(x, ProjInput(proj, mod.num_heads, TracedAttention(mod)), proj.weight, proj.bias,
+                                gamma=gamma, name=path)
                     else:
                         kind = "attn" if "attn" in path else "mlp"
                         g.branch(x, mod, name=path, kind=kind, gamma=gamma)
