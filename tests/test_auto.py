@@ -132,6 +132,17 @@ def test_refusals_name_the_operation_module_and_source_line():
         vitdecomp.decompose(model, images(torch.float32), adapter="auto")
 
 
+def test_blocks_with_extra_arguments_are_derived():
+    # XCiT's blocks take (x, H, W): the grid size stays a placeholder of the trace, the stream is followed alone;
+    # the model is then refused where its class-attention tail concatenates the class token
+    from vitdecomp.graph.auto import derived_writes
+
+    xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=2).eval()
+    assert derived_writes(xcit) == [f"blocks.{i}.{w}" for i in (0, 1) for w in ("attn", "local_mp", "mlp")]
+    with pytest.raises(UnsupportedModelError, match=r"call_function cat .*xcit.py.*mixes the stream"):
+        vitdecomp.decompose(xcit, images(torch.float32), adapter="auto")
+
+
 @pytest.mark.parametrize("name,extra", [("vit_tiny_patch16_224", {}), OTHERS[1]])
 def test_conformance_kit_on_auto(name, extra):
     model = build(name, **extra)

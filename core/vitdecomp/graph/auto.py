@@ -182,11 +182,12 @@ def _derive_block_writes(block, prefix: str):
     params = list(sig.parameters.values())
     concrete = {}
     for p in params[1:]:
-        if p.default is inspect.Parameter.empty:
-            raise UnsupportedModelError(
-                f"auto adapter: {prefix[:-1]} ({type(block).__name__}) takes a required argument {p.name!r} besides "
-                f"the token stream; only blocks called as block(x) are supported")
-        concrete[p.name] = p.default
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty:
+            concrete[p.name] = p.default
+        # a required argument besides the stream (XCiT's H, W) stays a placeholder: the walk below follows the
+        # stream alone, and a branch that reads such an argument is still a module output
     graph = _trace(block, block, prefix[:-1], concrete or None)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     x = placeholders[0]
