@@ -99,13 +99,25 @@ def test_fallback_dispatch_uses_auto_only_when_no_family_claims():
     assert vitdecomp.choose_adapter(build("vit_tiny_patch16_224")).name == "timm-vit"
 
 
-def test_refusals_name_the_operation_module_and_source_line():
-    cait = build("cait_xxs24_224")
-    with pytest.raises(UnsupportedModelError) as exc:
-        vitdecomp.decompose(cait, images(torch.float32), adapter="auto")
-    msg = str(exc.value)
-    assert "module model.blocks_token_only.0" in msg and "cait.py" in msg and "cls_tokens = blk(x, cls_tokens)" in msg
+def test_cait_class_attention_tail_equals_the_pack():
+    # blocks_token_only.j(x, x_cls): the class token (a parameter) reads the patches through class attention at
+    # the forward's weights; the talking-heads attention of the patch blocks is split by proj's columns
+    model = build("cait_xxs24_224")
+    f32 = vitdecomp.decompose(model, images(torch.float32), adapter="auto")
+    assert f32.error <= 1e-5
+    model = model.double()
+    auto = vitdecomp.decompose(model, images(), adapter="auto")
+    assert auto.error <= 1e-10 and auto.grid.num_prefix == 1
+    assert {"cls_token", "blocks_token_only.1.attn.bias", "blocks_token_only.1.mlp", "blocks.1.attn.head.3"} <= set(
+        auto.names)
+    if "timm-cait" in {c[0] for c in vitdecomp.choose_adapter(model).claims}:  # the contrib pack is installed
+        ref = vitdecomp.decompose(model, images(), adapter="timm-cait")
+        assert auto.names == ref.names and (auto.contributions - ref.contributions).abs().max() <= 1e-10
+    res = testing.check_attributions(model.float(), images(torch.float32, 1), adapter="auto")
+    assert res and all(err <= 1e-6 for _, err, _ in res) and res[0][2] > 0, res
 
+
+def test_refusals_name_the_operation_module_and_source_line():
     class PostNorm(torch.nn.Module):  # x = norm(x + mlp(x)): the norm sits on the stream's own path
         def __init__(self, d):
             super().__init__()

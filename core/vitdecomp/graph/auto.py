@@ -26,8 +26,11 @@ forward):
    linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
    of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool; and timm's
    ``AttentionPoolLatent`` (MAP heads), which becomes :meth:`Graph.attention_pool` over the rows it reads, its
-   MLP residual the write ``attn_pool.mlp`` (z is read after it) and its own pooling of the latent rows. Any
-   other step is refused the same way.
+   MLP residual the write ``attn_pool.mlp`` (z is read after it) and its own pooling of the latent rows; and
+   class-attention blocks ``blk(x, x_cls)`` (CaiT; traced: an add chain on ``x_cls`` whose attention branch
+   reads ``norm(cat((x_cls, x), 1))`` with q/k/v/proj), which become a class stream (the expanded parameter
+   ``cls_token``) reading the patch stream through :meth:`Graph.class_attention`, then ``cat`` + norm + one
+   row. Any other step is refused the same way.
 3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
    is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
    the stream's row count.
@@ -215,6 +218,86 @@ def _derive_block_writes(block, prefix: str):
     return writes[::-1]
 
 
+def _class_block(mod) -> bool:
+    """A module whose forward is ``forward(x, x_cls)`` (CaiT's class-attention block), by its signature."""
+    try:
+        names = list(inspect.signature(mod.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(names) == 2 and names[1] == "x_cls"
+
+
+def _class_attention_module(mod) -> bool:
+    return all(isinstance(getattr(mod, a, None), torch.nn.Linear) for a in ("q", "k", "v", "proj")) \
+        and isinstance(getattr(mod, "num_heads", None), int) and isinstance(getattr(mod, "scale", None), float)
+
+
+def _derive_class_block(blk, prefix: str, xi: int):
+    """[(name, module, gamma, norm or None)] of a class-attention block: its forward must be an add chain on
+    ``x_cls`` whose branches are module outputs (× LayerScale); a branch reading ``norm(cat((x_cls, x), 1))``
+    with a q/k/v/proj attention is the class attention (norm returned), any other a plain write."""
+    from ..engine import supported_norm
+
+    graph = _trace(blk, blk, prefix[:-1])
+    ph = [nd for nd in graph.nodes if nd.op == "placeholder"]
+    px, pc = ph[xi], ph[1 - xi]
+    cur = next(nd for nd in graph.nodes if nd.op == "output").args[0]
+    writes = []
+    while cur is not pc:
+        is_add = isinstance(cur, torch.fx.Node) and cur.op == "call_function" and cur.target in _ADD
+        if not is_add or len(cur.args) != 2:
+            raise UnsupportedModelError(
+                f"auto adapter: in {prefix[:-1]} ({type(blk).__name__}) the class token passes through "
+                f"{_where(cur, prefix) if isinstance(cur, torch.fx.Node) else cur!r}, which is not the add of a branch")
+        a, b = cur.args
+        on = lambda nd: nd is pc or (isinstance(nd, torch.fx.Node) and nd.op == "call_function"  # noqa: E731
+                                     and nd.target in _ADD)
+        stream, branch = (a, b) if on(a) else (b, a)
+        path, mod, gamma, node = _peel(branch, blk, prefix)
+        norm = None
+        inp = node.args[0] if node.args else None
+        if _class_attention_module(mod) and isinstance(inp, torch.fx.Node) and inp.op == "call_module":
+            nmod = blk.get_submodule(inp.target)
+            cat = inp.args[0]
+            if (supported_norm(nmod) and isinstance(cat, torch.fx.Node) and cat.target is torch.cat
+                    and list(cat.args[0]) == [pc, px] and (cat.args[1:] == (1,) or cat.kwargs.get("dim") == 1)):
+                norm = nmod
+        if norm is None and px in _ancestors(node, on):
+            raise UnsupportedModelError(
+                f"auto adapter: in {prefix[:-1]} the branch {_where(node, prefix)} reads the patch tokens other than "
+                f"as class attention over norm(cat((x_cls, x), dim=1)) with q/k/v/proj projections")
+        writes.append((path, mod, gamma, norm))
+        cur = stream
+    return writes[::-1]
+
+
+def _ancestors(node, stop):
+    """Nodes ``node`` is computed from, not looking past nodes where ``stop(node)`` (the class token's chain)."""
+    seen, todo = set(), [node]
+    while todo:
+        nd = todo.pop()
+        if nd in seen:
+            continue
+        seen.add(nd)
+        if not stop(nd):
+            todo.extend(nd.all_input_nodes)
+    return seen
+
+
+def _cat_value(n, val, refuse):
+    """``torch.cat((s1, s2, ...), dim=1)`` of followed streams: ("cat", [(stream, row offset)], pending norms)."""
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if dim not in (1, -2) or not all(isinstance(p, torch.fx.Node) and p in val and val[p][0] == "stream"
+                                      for p in parts):
+        refuse(n, "concatenates something other than whole streams along the token axis")
+    out, at = [], 0
+    for p in parts:
+        out.append((val[p][1], at))
+        at += val[p][1].rows
+    return ("cat", out, [])
+
+
 def _split_heads(mod) -> bool:
     """A timm fused-qkv Attention the engine's FusedQKV source reads exactly (else a block-level write)."""
     if "timm" not in sys.modules:
@@ -339,6 +422,12 @@ class AutoAdapter(GraphAdapter):
             if _attention_pool(mod):
                 names = [f"{path}.{n}" for n in ("kv.bias", "proj.bias", "pos_embed")]
                 out[f"{path}.bias"] = [n for n in names if n in params]
+            elif _class_block(mod):  # class attention: its norm's β and the value/output biases
+                for sub, att in mod.named_children():
+                    if _class_attention_module(att):
+                        names = [f"{path}.{n}" for n in ("norm1.bias",)] + [
+                            f"{path}.{sub}.{n}.bias" for n in ("q", "k", "v", "proj")]
+                        out[f"{path}.{sub}.bias"] = [n for n in names if n in params]
         return out
 
     # ---------------------------------------------------------------- derivation
@@ -422,9 +511,32 @@ class AutoAdapter(GraphAdapter):
                 break
             if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device"):
                 continue  # metadata only
+            if n.op == "call_module" and _class_block(model.get_submodule(n.target[len("model."):])):
+                val[n] = ("stream", self._class_block(model, g, n, val, refuse, nb))
+                continue
+            if n.op == "call_function" and n.target is torch.cat:
+                val[n] = _cat_value(n, val, refuse)
+                continue
             if len(followed) != len(n.all_input_nodes) and not (n.op == "call_function" and n.target in _MUL):
                 refuse(n, "mixes the stream with values computed elsewhere")
             v = val[followed[0]]
+            if v[0] == "cat":  # streams side by side (CaiT: class token and patches): norms wait for a row pick
+                if n.op == "call_module" and supported_norm(model.get_submodule(n.target[len("model."):])):
+                    val[n] = ("cat", v[1], v[2] + [(model.get_submodule(n.target[len("model."):]),
+                                                    n.target[len("model."):])])
+                    continue
+                idx = n.args[1] if n.op == "call_function" and n.target is operator.getitem else None
+                if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], int)
+                        and idx[1] >= 0):
+                    refuse(n, "reads concatenated streams other than by one row x[:, i]")
+                part = next(((st, at) for st, at in v[1] if at <= idx[1] < at + st.rows), None)
+                if part is None:
+                    refuse(n, f"reads row {idx[1]} beyond the concatenated streams")
+                st, at = part
+                for mod, name in v[2]:
+                    g.norm(st, mod, name=name, at=at)
+                val[n] = ("rows", st, {idx[1] - at: 1.0})
+                continue
             if n.op == "call_module":
                 mod = model.get_submodule(n.target[len("model."):])
                 if _identity(mod):
@@ -482,6 +594,43 @@ class AutoAdapter(GraphAdapter):
             raise UnsupportedModelError(f"auto adapter: z of {type(model).__name__} is not one pooled row of the "
                                         f"token stream")
         return z
+
+    def _class_block(self, model, g, n, val, refuse, nb):
+        """A class-attention block ``blk(x, x_cls)`` (CaiT) after the blocks: the class stream (a parameter
+        ``expand``-ed at the first one) reads the patch stream through :meth:`Graph.class_attention`."""
+        path = n.target[len("model."):]
+        blk = model.get_submodule(path)
+        args = list(n.args)
+        followed = [i for i, a in enumerate(args) if a in val]
+        if len(args) != 2 or len(followed) < 1 or n.kwargs:
+            refuse(n, "is a class-attention block not called as blk(x, x_cls) with the token stream")
+        xi = followed[0] if len(followed) == 1 else next(i for i in followed if val[args[i]][1].rows > 1)
+        ci = 1 - xi
+        x = val[args[xi]][1]
+        c = args[ci]
+        if c in val:
+            cls = val[c][1]
+        else:  # the first class block: x_cls = param.expand(B, -1, -1)
+            if not (isinstance(c, torch.fx.Node) and c.op == "call_method" and c.target == "expand"
+                    and getattr(c.args[0], "op", None) == "get_attr"):
+                refuse(n, "receives a class token that is not a parameter expanded over the batch")
+            name = c.args[0].target[len("model."):]
+            param = model.get_parameter(name)
+            cls = g.stream(name, param.shape[-2] if param.dim() == 3 else 1, tokens=0)
+            g.param(cls, param, name=name)
+            x.tokens = cls.rows  # the class rows come first on the grid (set by _describe)
+            g.meta["class_rows"] = cls.rows
+        order = ("x", "x_cls") if xi == 0 else ("x_cls", "x")
+        writes = _cached(blk, ("class-block", order), lambda: _derive_class_block(blk, path + ".", xi))
+        index = nb + sum(1 for op in g.ops if op.kind == "block" and op.block >= nb)
+        with g.block(index, path, cls, entry=blk, entry_arg=ci):
+            for sub, mod, gamma, norm in writes:
+                if norm is not None:
+                    g.class_attention([cls, x], cls, norm=norm, q=mod.q, k=mod.k, v=mod.v, proj=mod.proj,
+                                      num_heads=mod.num_heads, scale=mod.scale, gamma=gamma, name=sub)
+                else:
+                    g.branch(cls, mod, name=sub, kind="attn" if "attn" in sub else "mlp", gamma=gamma)
+        return cls
 
     @staticmethod
     def _attention_pool(g, mod, path, x, rows, n, refuse):
@@ -554,6 +703,8 @@ class AutoAdapter(GraphAdapter):
                         kind = "attn" if "attn" in path else "mlp"
                         g.branch(x, mod, name=path, kind=kind, gamma=gamma)
         z = self._tail(model, g, x, N)
+        if "class_rows" in g.meta:  # a class stream joined after the blocks: the grid has its rows first
+            g.grid = self._grid(model, images, N + g.meta.pop("class_rows"))
         g.output(z)
         return g
 
