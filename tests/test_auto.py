@@ -28,7 +28,7 @@ def test_distilled_deit_readout_equals_the_builtin_plugin():  # z = (x[:, 0] + x
 def test_plain_vit_equals_the_builtin_plugin():
     model = build("vit_tiny_patch16_224").double()
     x = images()
-    for kw in ({}, {"start": 1}, {"heads": False}):
+    for kw in ({}, {"start": 1}, {"heads": False}, {"bias": "paper"}):
         auto = vitdecomp.decompose(model, x, adapter="auto", **kw)
         ref = vitdecomp.decompose(model, x, adapter="timm-vit", **kw)
         assert auto.names == ref.names and auto.meta["adapter"] == "auto"
@@ -151,7 +151,7 @@ def test_blocks_with_extra_arguments_are_derived():
 
     xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=2).eval()
     assert derived_writes(xcit) == [f"blocks.{i}.{w}" for i in (0, 1) for w in ("attn", "local_mp", "mlp")]
-    with pytest.raises(UnsupportedModelError, match=r"call_function cat .*xcit.py.*mixes the stream"):
+    with pytest.raises(UnsupportedModelError, match=r"call_function cat .*xcit.py.*concatenates something other"):
         vitdecomp.decompose(xcit, images(torch.float32), adapter="auto")
 
 
@@ -206,6 +206,8 @@ def test_map_head_decomposes_through_its_value_path(which):
     spread = tok.token_contributions("attn_pool.mlp")
     assert torch.allclose(spread[:, npre:], (dec["attn_pool.mlp"] / (spread.shape[1] - npre))[:, None].expand_as(
         spread[:, npre:]), atol=1e-12) and not spread[:, :npre].any()
+    paper = vitdecomp.decompose(model, images(), bias="paper")  # the pool's constant split over its leaves
+    assert paper.error <= 1e-10 and not [c for c in paper.components if c.kind == "const"]
     # every component and token split against the oracle (frozen attention weights, autograd)
     res = testing.check_attributions(model.float(), images(torch.float32, 1))
     assert res and all(err <= 1e-6 for _, err, _ in res) and sum(n for *_, n in res) > 0, res

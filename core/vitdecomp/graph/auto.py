@@ -720,7 +720,8 @@ class AutoAdapter(GraphAdapter):
                                   or not 0 <= start < graph.num_blocks):
             raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
                              f"0..{graph.num_blocks - 1}")
-        dec = execute(graph, images, start=start, tokens=tokens)
+        dec = execute(graph, images, start=start, tokens=tokens,
+                      bias="paper" if options.bias == "paper" else "explicit")
 
         if is_fake(dec.contributions):  # simulated CUDA (placement checks): there are no values to check
             return dec
