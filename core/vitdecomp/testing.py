@@ -871,7 +871,8 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
     positions it writes, heads by the token they read (or, when the family declares
     ``dec.meta["head_tokens"] = "query"``, at the rows they write, with ``dec.meta["source_tokens"]`` then checked
     by source); components listed in ``dec.meta["spread_tokens"]`` (written at no position, e.g. into an
-    attention pool's latent query, and spread evenly by convention) are not compared by position. Returns ``[(options, worst relative error, number of checked token splits), ...]``."""
+    attention pool's latent query, and spread evenly by convention) are not compared by position.
+    Returns ``[(options, worst relative error, number of checked token splits), ...]``."""
     rt, fl = ATTRIBUTION_TOLERANCE.get(dtype, ATTRIBUTION_TOLERANCE[torch.float32])
     rtol = rt if rtol is None else rtol
     floor = fl if floor is None else floor
