@@ -39,6 +39,8 @@ TIMM = [
     ("vision_transformer", "vit_tiny_patch16_224", SMALL),
     ("vision_transformer", "vit_small_patch16_224.augreg_in21k", (
         {"img_size": 64, "depth": 2, "global_pool": "avg", "fc_norm": True},)),
+    ("vision_transformer", "vit_base_patch16_siglip_224", (  # MAP (attention-pool) head
+        {"img_size": 64, "depth": 2, "embed_dim": 96, "num_heads": 2},)),
     ("deit", "deit_tiny_distilled_patch16_224", SMALL),
     ("deit", "deit3_small_patch16_224", SMALL),
     ("cait", "cait_xxs24_224", ({"img_size": 64, "depth": 2},)),

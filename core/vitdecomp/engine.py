@@ -189,8 +189,10 @@ class HookSet:
         self._handles.append(module.register_forward_pre_hook(
             lambda m, args, kwargs: self._call(fn, args, kwargs), with_kwargs=True))
 
-    def post(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_hook(lambda m, args, out: self._call(fn, out)))
+    def post(self, module: nn.Module, fn: Callable, *, always: bool = False) -> None:
+        """``fn(output)`` after ``module`` runs; ``always``: also when its forward raises (``fn(None)``)."""
+        self._handles.append(module.register_forward_hook(lambda m, args, out: self._call(fn, out),
+                                                          always_call=always))
 
     def __enter__(self):
         if self._ac is not None:

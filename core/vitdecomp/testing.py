@@ -870,7 +870,9 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
     Token splits are compared position by position where the oracle can place them: every component at the
     positions it writes, heads by the token they read (or, when the family declares
     ``dec.meta["head_tokens"] = "query"``, at the rows they write, with ``dec.meta["source_tokens"]`` then checked
-    by source). Returns ``[(options, worst relative error, number of checked token splits), ...]``."""
+    by source); components listed in ``dec.meta["spread_tokens"]`` (written at no position, e.g. into an
+    attention pool's latent query, and spread evenly by convention) are not compared by position.
+    Returns ``[(options, worst relative error, number of checked token splits), ...]``."""
     rt, fl = ATTRIBUTION_TOLERANCE.get(dtype, ATTRIBUTION_TOLERANCE[torch.float32])
     rtol = rt if rtol is None else rtol
     floor = fl if floor is None else floor
@@ -921,8 +923,9 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
             if opts.get("tokens"):
                 head_mode = dec.meta.get("head_tokens", "source")
                 src_meta = dec.meta.get("source_tokens") or {}
+                spread = set(dec.meta.get("spread_tokens") or ())  # written at no position: spread by convention
                 for c in dec.components:
-                    if c.name not in dec.token_details:
+                    if c.name not in dec.token_details or c.name in spread:
                         continue
                     T = dec.grid_of(c.name).num_tokens
                     ref = (orc.sources if head_mode == "source" else orc.tokens) if c.kind == "head" else orc.tokens

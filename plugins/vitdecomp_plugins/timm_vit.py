@@ -9,8 +9,9 @@ Supported (by structure, any timm ``VisionTransformer`` or subclass whose blocks
   ``dynamic_img_size=True``.
 
 Representation: ``model.forward_head(model.forward_features(x), pre_logits=True)``.
-Not supported (raises :class:`vitdecomp.UnsupportedModelError`): attention-pool (MAP) heads, max pooling,
-post-norm / parallel blocks, rotary attention, attention ``scale_norm`` and gated attention.
+Not supported (raises :class:`vitdecomp.UnsupportedModelError`): max pooling, post-norm / parallel blocks,
+rotary attention, attention ``scale_norm`` and gated attention. Attention-pool (MAP) heads (``global_pool="map"``,
+SigLIP) are not claimed: dispatch leaves them to the ``auto`` adapter, which decomposes them.
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ class TimmViTAdapter(GraphAdapter):
     families = ("ViT", "DeiT", "DeiT-distilled", "DINO", "DINOv2", "DINOv2-reg")
 
     def supports(self, model) -> bool:
-        return _is_timm_vit(model)
+        return _is_timm_vit(model) and getattr(model, "attn_pool", None) is None
 
     def explain(self, model) -> str:
         if not _is_timm_vit(model):
             return "not a timm VisionTransformer"
+        if getattr(model, "attn_pool", None) is not None:
+            return "timm VisionTransformer with an attention-pool (MAP) head: left to the auto adapter"
         probs = _problems(model)
         return "timm VisionTransformer" + (f" with unsupported parts: {probs}" if probs else "")
 

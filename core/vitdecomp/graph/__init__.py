@@ -14,8 +14,9 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   (:meth:`Graph.norm`), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
   pooled groups side by side (:meth:`Graph.concat`),
   a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
-  several streams, at the forward's attention weights) and a 2×2 patch merging from one grid stream into the
-  next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge);
+  several streams, at the forward's attention weights), attention pooling with learned queries
+  (:meth:`Graph.attention_pool`: a MAP head's value path at the forward's weights) and a 2×2 patch merging
+  from one grid stream into the next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge);
 * a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
   library's own forward.
 
@@ -52,10 +53,11 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import InputError, VitDecompError
-from .sources import FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads, WindowHeads
+from .sources import (FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads, TracedAttention,
+                      WindowHeads)
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "SeparateQKV", "InProj", "WindowHeads"]
+           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads"]
 
 
 class GraphError(VitDecompError, ValueError):
@@ -80,7 +82,7 @@ class Stream:
 
 @attrs.define(eq=False)
 class _Op:
-    kind: str  # entry | branch | param | heads | norm | pool | concat | project | cattn | block
+    kind: str  # entry | branch | param | heads | norm | pool | concat | project | cattn | apool | block
     stream: Optional[Stream]
     name: str = ""
     block: Optional[int] = None
@@ -217,6 +219,30 @@ class Graph:
         self.ops.append(_Op("cattn", writes, name=self._name(name), block=self._blk(), module=norm, gamma=gamma,
                             extra={"reads": list(reads), "q": q, "k": k, "v": v, "proj": proj, "H": int(num_heads),
                                    "scale": float(scale)}))
+
+    def attention_pool(self, reads: Stream, rows: Sequence[int], *, queries: int, q: torch.nn.Module,
+                       k: torch.nn.Module, v_weight: torch.Tensor, v_bias: Optional[torch.Tensor],
+                       proj: Optional[torch.nn.Linear], num_heads: int, scale: float,
+                       pos_embed: Optional[torch.Tensor] = None, name: str = "attn_pool") -> Stream:
+        """Attention pooling with learned queries (timm's ``AttentionPoolLatent``, SigLIP's MAP head): a new stream
+        of ``queries`` rows, ``proj(Σ_h A_h (x W_V^(h)ᵀ + b_V^(h)))`` over rows ``rows`` of ``reads``, at the
+        forward's attention weights ``A_h = softmax(scale · q_h k_hᵀ)``. ``q``/``k``: the modules whose outputs
+        are the queries ``[B, H, queries, dh]`` and keys ``[B, H, len(rows), dh]`` the attention used (timm: its
+        ``q_norm``/``k_norm``, Identity modules included); ``v_weight`` ``[H·dh, D]`` / ``v_bias``: the value
+        projection; ``proj``: the output projection (None: identity); ``pos_embed`` ``[len(rows), D]``: added to
+        the rows before the value projection. Linear in every read row once A is frozen; the constants (value and
+        output biases, ``pos_embed`` through the value path) form the component ``<name>.bias``. Writes into the
+        returned stream (the pool's own MLP residual) are branches on it. The latent queries are no image
+        position: with token detail, the read stream's writes are split by position through the pool, while the
+        pool's own writes and ``<name>.bias`` are spread evenly over the rows it reads (a convention, like any
+        write to a pooled row; a pack lists them in ``meta["spread_tokens"]`` so the conformance kit's oracle
+        does not look for a position)."""
+        out = Stream(name=name, rows=int(queries), tokens=None, spread=(reads, [int(r) for r in rows]))
+        self.streams.append(out)
+        self.ops.append(_Op("apool", out, name=name, extra={
+            "reads": [reads], "rows": [int(r) for r in rows], "q": q, "k": k, "v_weight": v_weight,
+            "v_bias": v_bias, "proj": proj, "H": int(num_heads), "scale": float(scale), "pos": pos_embed}))
+        return out
 
     def merge(self, src: Stream, dst: Stream, *, norm: torch.nn.Module, reduction: torch.nn.Linear,
               norm_first: bool = True, name: str, stage: Optional[int] = None) -> None:

@@ -96,7 +96,7 @@ def _cut(graph, start) -> List[_Op]:
     out = []
     for op in ops[:at]:
         touches = id(op.stream) in dead and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn", "merge")
-        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "concat" and s in op.extra["reads"]) or (op.kind == "cattn" and op.stream is not s
+        reads = (op.kind == "pool" and op.stream is s) or (op.kind == "concat" and s in op.extra["reads"]) or (op.kind in ("cattn", "apool") and op.stream is not s
                                                                  and s in op.extra["reads"])
         if reads:
             raise GraphError(f"{_where(graph, op)}: start={start} cuts stream {s.name!r} after this mixer reads it; "
@@ -161,6 +161,16 @@ def _analyse(graph, ops):
             state[id(src)] = "dynamic"
             op_state[i] = "dynamic"
             continue
+        if op.kind == "apool":
+            if not live:
+                raise GraphError(f"{_where(graph, op)}: stream {s.name!r} never reaches the readout after this mixer")
+            (r,) = op.extra["reads"]
+            bad = [m for m in op.extra["rows"] if not 0 <= m < r.rows]
+            if bad:
+                raise GraphError(f"{_where(graph, op)}: reads rows {bad} of stream {r.name!r}, which has {r.rows}")
+            need.setdefault(id(r), set()).update(op.extra["rows"])
+            state[id(r)] = "dynamic"
+            continue
         if op.kind == "cattn":
             if s.rows != 1:
                 raise GraphError(f"{_where(graph, op)}: class attention writes one query row; stream {s.name!r} "
@@ -202,9 +212,9 @@ def _leaves_at(graph, ops) -> Dict[int, list]:
             d = have.setdefault(id(s), {})
             for r in op.extra["reads"]:
                 d.update(have.get(id(r), {}))
-        elif op.kind in ("norm", "cattn"):
+        elif op.kind in ("norm", "cattn", "apool"):
             d = have.setdefault(id(s), {})
-            if op.kind == "cattn":
+            if op.kind in ("cattn", "apool"):
                 for r in op.extra["reads"]:
                     d.update(have.get(id(r), {}))
             if not d:
@@ -394,6 +404,11 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
         elif op.kind == "cattn":
             _class_attention(graph, op, rec, terms, rows, emitted[i], tokens, device, dtype, row_detail,
                              (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
+        elif op.kind == "apool":
+            from . import _apool
+
+            _apool.backward(op, rec, terms, rows, pos, emitted[i], tokens, device, dtype, row_detail,
+                            (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
         elif op.kind in ("entry", "branch", "param"):
             reduced = i in reducers
             total, detail = contribute(s, rec.val, reduced)
@@ -595,6 +610,8 @@ def _check_fired(graph, op, rec, tokens):
         missing = missing or (op.extra.get("post") is not None and rec.post is None)
     elif op.kind == "merge":
         missing = rec.val is None and not is_identity(op.extra["norm"])
+    elif op.kind == "apool":
+        missing = rec.q is None or rec.k is None
     else:
         return
     if missing:
@@ -684,6 +701,10 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
             rec.val = x.index_select(1, sel)
 
         hooks.pre(op.module, on_norm)
+    elif op.kind == "apool":
+        from . import _apool
+
+        _apool.install(graph, hooks, op, rec, _where(graph, op))
     elif op.kind == "cattn":
         x = op.extra
         n = sum(r.rows for r in x["reads"])

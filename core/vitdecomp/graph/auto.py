@@ -2,7 +2,8 @@
 
 Used as ``adapter="auto"``, and by dispatch when no family adapter claims a model (it is a *fallback* adapter).
 Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
-the timm head interface; z is ``model.forward_head(model.forward_features(x), pre_logits=True)``.
+the timm head interface (CLS / mean / attention-pool readouts); z is
+``model.forward_head(model.forward_features(x), pre_logits=True)``.
 
 How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
 forward):
@@ -17,13 +18,19 @@ forward):
    output projection when it is timm's fused-qkv ``Attention`` (token detail through :class:`FusedQKV`), or
    when its own trace ends ``proj(transpose(attn_out, 1, 2).reshape(B, N, C))`` with ``attn_out`` from
    ``scaled_dot_product_attention`` or a ``matmul`` (heads contiguous in proj's input: BEiT, EVA-02, relpos
-   ViT). Those have no attention source yet, so with ``tokens="source"`` they stay one write placed where it
-   writes. Any other attention module is one block-level write.
+   ViT); their token detail comes from :class:`~vitdecomp.graph.sources.TracedAttention`, which records the
+   attention product (fused, or softmax then weights @ values) while the module runs. Any other attention
+   module is one block-level write.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
    the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
    linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
-   of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool. Any other step is refused
-   the same way.
+   of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool; and timm's
+   ``AttentionPoolLatent`` (MAP heads), which becomes :meth:`Graph.attention_pool` over the rows it reads, its
+   MLP residual the write ``attn_pool.mlp`` (z is read after it) and its own pooling of the latent rows; and
+   class-attention blocks ``blk(x, x_cls)`` (CaiT; traced: an add chain on ``x_cls`` whose attention branch
+   reads ``norm(cat((x_cls, x), 1))`` with q/k/v/proj), which become a class stream (the expanded parameter
+   ``cls_token``) reading the patch stream through :meth:`Graph.class_attention`, then ``cat`` + norm + one
+   row. Any other step is refused the same way.
 3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
    is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
    the stream's row count.
@@ -44,7 +51,7 @@ import torch
 
 from .._records import TokenGrid
 from ..errors import InputError, UnsupportedModelError
-from . import FusedQKV, Graph, GraphAdapter, ProjInput, execute
+from . import FusedQKV, Graph, GraphAdapter, ProjInput, TracedAttention, execute
 
 __all__ = ["AutoAdapter"]
 
@@ -178,11 +185,12 @@ def _derive_block_writes(block, prefix: str):
     params = list(sig.parameters.values())
     concrete = {}
     for p in params[1:]:
-        if p.default is inspect.Parameter.empty:
-            raise UnsupportedModelError(
-                f"auto adapter: {prefix[:-1]} ({type(block).__name__}) takes a required argument {p.name!r} besides "
-                f"the token stream; only blocks called as block(x) are supported")
-        concrete[p.name] = p.default
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty:
+            concrete[p.name] = p.default
+        # a required argument besides the stream (XCiT's H, W) stays a placeholder: the walk below follows the
+        # stream alone, and a branch that reads such an argument is still a module output
     graph = _trace(block, block, prefix[:-1], concrete or None)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     x = placeholders[0]
@@ -210,6 +218,86 @@ def _derive_block_writes(block, prefix: str):
     return writes[::-1]
 
 
+def _class_block(mod) -> bool:
+    """A module whose forward is ``forward(x, x_cls)`` (CaiT's class-attention block), by its signature."""
+    try:
+        names = list(inspect.signature(mod.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(names) == 2 and names[1] == "x_cls"
+
+
+def _class_attention_module(mod) -> bool:
+    return all(isinstance(getattr(mod, a, None), torch.nn.Linear) for a in ("q", "k", "v", "proj")) \
+        and isinstance(getattr(mod, "num_heads", None), int) and isinstance(getattr(mod, "scale", None), float)
+
+
+def _derive_class_block(blk, prefix: str, xi: int):
+    """[(name, module, gamma, norm or None)] of a class-attention block: its forward must be an add chain on
+    ``x_cls`` whose branches are module outputs (× LayerScale); a branch reading ``norm(cat((x_cls, x), 1))``
+    with a q/k/v/proj attention is the class attention (norm returned), any other a plain write."""
+    from ..engine import supported_norm
+
+    graph = _trace(blk, blk, prefix[:-1])
+    ph = [nd for nd in graph.nodes if nd.op == "placeholder"]
+    px, pc = ph[xi], ph[1 - xi]
+    cur = next(nd for nd in graph.nodes if nd.op == "output").args[0]
+    writes = []
+    while cur is not pc:
+        is_add = isinstance(cur, torch.fx.Node) and cur.op == "call_function" and cur.target in _ADD
+        if not is_add or len(cur.args) != 2:
+            raise UnsupportedModelError(
+                f"auto adapter: in {prefix[:-1]} ({type(blk).__name__}) the class token passes through "
+                f"{_where(cur, prefix) if isinstance(cur, torch.fx.Node) else cur!r}, which is not the add of a branch")
+        a, b = cur.args
+        on = lambda nd: nd is pc or (isinstance(nd, torch.fx.Node) and nd.op == "call_function"  # noqa: E731
+                                     and nd.target in _ADD)
+        stream, branch = (a, b) if on(a) else (b, a)
+        path, mod, gamma, node = _peel(branch, blk, prefix)
+        norm = None
+        inp = node.args[0] if node.args else None
+        if _class_attention_module(mod) and isinstance(inp, torch.fx.Node) and inp.op == "call_module":
+            nmod = blk.get_submodule(inp.target)
+            cat = inp.args[0]
+            if (supported_norm(nmod) and isinstance(cat, torch.fx.Node) and cat.target is torch.cat
+                    and list(cat.args[0]) == [pc, px] and (cat.args[1:] == (1,) or cat.kwargs.get("dim") == 1)):
+                norm = nmod
+        if norm is None and px in _ancestors(node, on):
+            raise UnsupportedModelError(
+                f"auto adapter: in {prefix[:-1]} the branch {_where(node, prefix)} reads the patch tokens other than "
+                f"as class attention over norm(cat((x_cls, x), dim=1)) with q/k/v/proj projections")
+        writes.append((path, mod, gamma, norm))
+        cur = stream
+    return writes[::-1]
+
+
+def _ancestors(node, stop):
+    """Nodes ``node`` is computed from, not looking past nodes where ``stop(node)`` (the class token's chain)."""
+    seen, todo = set(), [node]
+    while todo:
+        nd = todo.pop()
+        if nd in seen:
+            continue
+        seen.add(nd)
+        if not stop(nd):
+            todo.extend(nd.all_input_nodes)
+    return seen
+
+
+def _cat_value(n, val, refuse):
+    """``torch.cat((s1, s2, ...), dim=1)`` of followed streams: ("cat", [(stream, row offset)], pending norms)."""
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if dim not in (1, -2) or not all(isinstance(p, torch.fx.Node) and p in val and val[p][0] == "stream"
+                                      for p in parts):
+        refuse(n, "concatenates something other than whole streams along the token axis")
+    out, at = [], 0
+    for p in parts:
+        out.append((val[p][1], at))
+        at += val[p][1].rows
+    return ("cat", out, [])
+
+
 def _split_heads(mod) -> bool:
     """A timm fused-qkv Attention the engine's FusedQKV source reads exactly (else a block-level write)."""
     if "timm" not in sys.modules:
@@ -220,6 +308,16 @@ def _split_heads(mod) -> bool:
 
     return (type(mod) is Attention and is_identity(getattr(mod, "norm", None))
             and all(hasattr(mod, n) for n in ("qkv", "proj", "num_heads", "q_norm", "k_norm")))
+
+
+def _attention_pool(mod) -> bool:
+    """timm's ``AttentionPoolLatent`` (the MAP head of ``global_pool="map"`` / SigLIP), as the derivation reads it."""
+    if "timm" not in sys.modules:
+        return False
+    from timm.layers import AttentionPoolLatent
+
+    return (type(mod) is AttentionPoolLatent and isinstance(getattr(mod, "kv", None), torch.nn.Linear)
+            and all(hasattr(mod, a) for a in ("latent", "q_norm", "k_norm", "proj", "num_heads", "scale", "pool")))
 
 
 def _pair(v):
@@ -315,6 +413,23 @@ class AutoAdapter(GraphAdapter):
             return None
         return head if isinstance(head, torch.nn.Linear) else None
 
+    def oracle_writes(self, model) -> dict:
+        """For the conformance kit's attribution oracle: the parameters of each attention pool's constant (value
+        and output biases, and its positional table, which has no bias-like name)."""
+        params = dict(model.named_parameters())
+        out = {}
+        for path, mod in model.named_modules():
+            if _attention_pool(mod):
+                names = [f"{path}.{n}" for n in ("kv.bias", "proj.bias", "pos_embed")]
+                out[f"{path}.bias"] = [n for n in names if n in params]
+            elif _class_block(mod):  # class attention: its norm's β and the value/output biases
+                for sub, att in mod.named_children():
+                    if _class_attention_module(att):
+                        names = [f"{path}.{n}" for n in ("norm1.bias",)] + [
+                            f"{path}.{sub}.{n}.bias" for n in ("q", "k", "v", "proj")]
+                        out[f"{path}.{sub}.bias"] = [n for n in names if n in params]
+        return out
+
     # ---------------------------------------------------------------- derivation
     def _probe(self, model, images):
         """Rows N of the token stream entering blocks.0 for this image size (one forward of one image, cached)."""
@@ -396,13 +511,44 @@ class AutoAdapter(GraphAdapter):
                 break
             if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device"):
                 continue  # metadata only
+            if n.op == "call_module" and _class_block(model.get_submodule(n.target[len("model."):])):
+                val[n] = ("stream", self._class_block(model, g, n, val, refuse, nb))
+                continue
+            if n.op == "call_function" and n.target is torch.cat:
+                val[n] = _cat_value(n, val, refuse)
+                continue
             if len(followed) != len(n.all_input_nodes) and not (n.op == "call_function" and n.target in _MUL):
                 refuse(n, "mixes the stream with values computed elsewhere")
             v = val[followed[0]]
+            if v[0] == "cat":  # streams side by side (CaiT: class token and patches): norms wait for a row pick
+                if n.op == "call_module" and supported_norm(model.get_submodule(n.target[len("model."):])):
+                    val[n] = ("cat", v[1], v[2] + [(model.get_submodule(n.target[len("model."):]),
+                                                    n.target[len("model."):])])
+                    continue
+                idx = n.args[1] if n.op == "call_function" and n.target is operator.getitem else None
+                if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], int)
+                        and idx[1] >= 0):
+                    refuse(n, "reads concatenated streams other than by one row x[:, i]")
+                part = next(((st, at) for st, at in v[1] if at <= idx[1] < at + st.rows), None)
+                if part is None:
+                    refuse(n, f"reads row {idx[1]} beyond the concatenated streams")
+                st, at = part
+                for mod, name in v[2]:
+                    g.norm(st, mod, name=name, at=at)
+                val[n] = ("rows", st, {idx[1] - at: 1.0})
+                continue
             if n.op == "call_module":
                 mod = model.get_submodule(n.target[len("model."):])
                 if _identity(mod):
                     val[n] = v
+                    continue
+                if _attention_pool(mod):
+                    reads[followed[0]] = reads.get(followed[0], 0) + 1
+                    if reads[followed[0]] > 1 or v[0] == "rows" or len(n.args) != 1 or n.kwargs:
+                        refuse(n, "is an attention pool called on something other than the token stream "
+                                  "(or with a mask)")
+                    val[n] = ("stream", self._attention_pool(g, mod, n.target[len("model."):], v[1],
+                                                             v[2] if v[0] == "range" else list(range(N)), n, refuse))
                     continue
                 if not supported_norm(mod):
                     refuse(n, f"({type(mod).__name__}) is not a norm or identity the auto adapter can freeze")
@@ -449,6 +595,69 @@ class AutoAdapter(GraphAdapter):
                                         f"token stream")
         return z
 
+    def _class_block(self, model, g, n, val, refuse, nb):
+        """A class-attention block ``blk(x, x_cls)`` (CaiT) after the blocks: the class stream (a parameter
+        ``expand``-ed at the first one) reads the patch stream through :meth:`Graph.class_attention`."""
+        path = n.target[len("model."):]
+        blk = model.get_submodule(path)
+        args = list(n.args)
+        followed = [i for i, a in enumerate(args) if a in val]
+        if len(args) != 2 or len(followed) < 1 or n.kwargs:
+            refuse(n, "is a class-attention block not called as blk(x, x_cls) with the token stream")
+        xi = followed[0] if len(followed) == 1 else next(i for i in followed if val[args[i]][1].rows > 1)
+        ci = 1 - xi
+        x = val[args[xi]][1]
+        c = args[ci]
+        if c in val:
+            cls = val[c][1]
+        else:  # the first class block: x_cls = param.expand(B, -1, -1)
+            if not (isinstance(c, torch.fx.Node) and c.op == "call_method" and c.target == "expand"
+                    and getattr(c.args[0], "op", None) == "get_attr"):
+                refuse(n, "receives a class token that is not a parameter expanded over the batch")
+            name = c.args[0].target[len("model."):]
+            param = model.get_parameter(name)
+            cls = g.stream(name, param.shape[-2] if param.dim() == 3 else 1, tokens=0)
+            g.param(cls, param, name=name)
+            x.tokens = cls.rows  # the class rows come first on the grid (set by _describe)
+            g.meta["class_rows"] = cls.rows
+        order = ("x", "x_cls") if xi == 0 else ("x_cls", "x")
+        writes = _cached(blk, ("class-block", order), lambda: _derive_class_block(blk, path + ".", xi))
+        index = nb + sum(1 for op in g.ops if op.kind == "block" and op.block >= nb)
+        with g.block(index, path, cls, entry=blk, entry_arg=ci):
+            for sub, mod, gamma, norm in writes:
+                if norm is not None:
+                    g.class_attention([cls, x], cls, norm=norm, q=mod.q, k=mod.k, v=mod.v, proj=mod.proj,
+                                      num_heads=mod.num_heads, scale=mod.scale, gamma=gamma, name=sub)
+                else:
+                    g.branch(cls, mod, name=sub, kind="attn" if "attn" in sub else "mlp", gamma=gamma)
+        return cls
+
+    @staticmethod
+    def _attention_pool(g, mod, path, x, rows, n, refuse):
+        """timm's ``AttentionPoolLatent`` (MAP head) on ``rows`` of stream ``x``: the value path at the forward's
+        attention weights into a stream of its latent queries, the pool's MLP residual ``p + mlp(norm(p))`` a
+        write into it (``<path>.mlp``), then its own pooling (first latent or their mean)."""
+        E = mod.kv.out_features // 2
+        pos = getattr(mod, "pos_embed", None)
+        if pos is not None and (pos.dim() != 2 or pos.shape[0] != len(rows)):
+            refuse(n, f"has a positional table of shape {tuple(pos.shape)} for {len(rows)} rows")
+        L = int(mod.latent_len)
+        if mod.pool not in ("token", "avg"):
+            refuse(n, f"returns all {L} latent rows (pool_type={mod.pool!r}); z must be one row "
+                      "(supported: pool_type 'token' or 'avg')")
+        p = g.attention_pool(x, rows, queries=L, q=mod.q_norm, k=mod.k_norm, v_weight=mod.kv.weight[E:],
+                             v_bias=None if mod.kv.bias is None else mod.kv.bias[E:],
+                             proj=mod.proj if isinstance(mod.proj, torch.nn.Linear) else None,
+                             num_heads=mod.num_heads, scale=mod.scale, pos_embed=pos, name=path)
+        spread = g.meta.setdefault("spread_tokens", [])
+        spread.append(f"{path}.bias")
+        if getattr(mod, "mlp", None) is not None:
+            g.branch(p, mod.mlp, name=f"{path}.mlp", kind="mlp")
+            spread.append(f"{path}.mlp")
+        if mod.pool == "token":
+            return g.pool(p, [0], [1.0])
+        return g.pool(p, list(range(L)), [1.0 / L] * L)
+
     def describe(self, model, images, tokens: bool = False) -> Graph:
         try:
             return self._describe(model, images, tokens)
@@ -482,17 +691,20 @@ class AutoAdapter(GraphAdapter):
             writes = _block_writes(blk, prefix)
             with g.block(i, f"blocks.{i}", x, entry=blk):
                 for path, mod, gamma in writes:
-                    proj = None if (tokens or _split_heads(mod)) else _proj_of_heads(mod)
+                    proj = None if _split_heads(mod) else _proj_of_heads(mod)
                     if _split_heads(mod):
                         att = FusedQKV(mod.qkv, mod.q_norm, mod.k_norm, getattr(mod, "scale", mod.head_dim ** -0.5))
                         g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
                                 gamma=gamma, name=path)
-                    elif proj is not None:  # heads split by proj's columns (no attention source: not in token mode)
-                        g.heads(x, ProjInput(proj, mod.num_heads), proj.weight, proj.bias, gamma=gamma, name=path)
+                    elif proj is not None:  # heads split by proj's columns; token detail recorded as it runs
+                        g.heads(x, ProjInput(proj, mod.num_heads, TracedAttention(mod)), proj.weight, proj.bias,
+                                gamma=gamma, name=path)
                     else:
                         kind = "attn" if "attn" in path else "mlp"
                         g.branch(x, mod, name=path, kind=kind, gamma=gamma)
         z = self._tail(model, g, x, N)
+        if "class_rows" in g.meta:  # a class stream joined after the blocks: the grid has its rows first
+            g.grid = self._grid(model, images, N + g.meta.pop("class_rows"))
         g.output(z)
         return g
 
@@ -508,7 +720,8 @@ class AutoAdapter(GraphAdapter):
                                   or not 0 <= start < graph.num_blocks):
             raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
                              f"0..{graph.num_blocks - 1}")
-        dec = execute(graph, images, start=start, tokens=tokens)
+        dec = execute(graph, images, start=start, tokens=tokens,
+                      bias="paper" if options.bias == "paper" else "explicit")
 
         if is_fake(dec.contributions):  # simulated CUDA (placement checks): there are no values to check
             return dec

@@ -7,7 +7,8 @@ A source's :meth:`HeadSource.install` registers hooks that fill a record with
 * in token mode, ``attn`` ``[B, H, R, N]`` (the attention weights of those rows over the N source tokens, as the
   forward used them) and ``v`` ``[B, H, N, dh]`` (the values they weight).
 
-Sources here cover fused-qkv timm attention (:class:`ProjInput` + :class:`FusedQKV`), talking-heads attention
+Sources here cover fused-qkv timm attention (:class:`ProjInput` + :class:`FusedQKV`), any attention whose
+product is recorded while it runs (:class:`TracedAttention`: the auto adapter's head splits), talking-heads attention
 (:class:`TalkingHeads`), separate q/k/v projections (:class:`SeparateQKV`, Hugging Face) and attention modules
 that do not call their output projection as a module (:class:`InProj`: ``nn.MultiheadAttention``, open_clip) and
 shifted-window attention on a grid stream (:class:`WindowHeads`: Swin; heads placed at their query rows).
@@ -22,7 +23,10 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HeadSource", "ProjInput", "FusedQKV", "TalkingHeads", "SeparateQKV", "InProj", "WindowHeads"]
+from ..errors import UnsupportedModelError
+
+__all__ = ["HeadSource", "ProjInput", "FusedQKV", "TracedAttention", "TalkingHeads", "SeparateQKV", "InProj",
+           "WindowHeads"]
 
 
 class HeadSource:
@@ -93,6 +97,84 @@ class FusedQKV:
         hooks.post(self.qkv, on_qkv)
         hooks.post(self.q_norm, on_q)
         hooks.post(self.k_norm, on_k)
+
+
+class _AttentionProduct(torch.overrides.TorchFunctionMode):
+    """Active only while one attention module runs: records its attention product, either a fused
+    ``scaled_dot_product_attention(q, k, v, attn_mask)`` or a ``softmax`` followed by ``weights @ v``."""
+
+    def __init__(self):
+        super().__init__()
+        self.found, self.softmax_seen, self.count = None, False, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+            a = dict(zip(names, args), **kwargs)
+            self.found, self.count = ("sdpa", a), self.count + 1
+        elif func in (torch.softmax, torch.Tensor.softmax, F.softmax):
+            self.softmax_seen = True
+        elif self.softmax_seen and func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+            self.found, self.count, self.softmax_seen = ("weights", (args[0], args[1])), self.count + 1, False
+        return out
+
+
+@attrs.define(eq=False)
+class TracedAttention:
+    """Token detail for an attention module whose head outputs are its ``proj`` input (BEiT, EVA, relpos ViT:
+    rotary embeddings, relative-position biases): while ``module`` runs, its attention product is recorded —
+    a fused ``F.scaled_dot_product_attention`` (weights recomputed at the stream rows from its queries, keys,
+    ``scale`` and additive or boolean ``attn_mask``) or ``softmax`` followed by ``weights @ v`` (the weights as
+    the product used them) — with its values. Exactly one attention product per call, non-causal."""
+
+    module: torch.nn.Module
+
+    def install(self, hooks, rec, rows, H):
+        where = type(self.module).__name__
+        state = {}
+
+        def enter(x):
+            mode = _AttentionProduct()
+            mode.__enter__()
+            state["mode"] = mode
+
+        def leave(out):
+            mode = state.pop("mode", None)
+            if mode is None:
+                return
+            mode.__exit__(None, None, None)
+            if out is None:  # the forward raised: nothing to record
+                return
+            if mode.count != 1:
+                raise UnsupportedModelError(
+                    f"token detail: {where} computed {mode.count} attention products; expected one "
+                    "(F.scaled_dot_product_attention, or softmax then weights @ values)")
+            kind, a = mode.found
+            if kind == "weights":
+                w, v = a
+                if w.ndim != 4 or w.shape[1] != H:
+                    raise UnsupportedModelError(f"token detail: {where}'s attention weights are {tuple(w.shape)}; "
+                                                f"expected [B, {H}, N, N]")
+                rec.attn, rec.v = w.index_select(2, rows), v.contiguous()
+                return
+            q, k, v = a["query"], a["key"], a["value"]
+            if a.get("is_causal") or q.ndim != 4 or q.shape[1] != H:
+                raise UnsupportedModelError(
+                    f"token detail: {where} calls scaled_dot_product_attention with queries {tuple(q.shape)}"
+                    f"{' (causal)' if a.get('is_causal') else ''}; expected [B, {H}, N, dh], non-causal")
+            scale = a.get("scale")
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            logits = (q.index_select(2, rows) * scale) @ k.transpose(-2, -1)
+            mask = a.get("attn_mask")
+            if mask is not None:  # broadcast to [B, H, N, N], then the stream rows
+                mask = torch.broadcast_to(mask, (*q.shape[:-1], k.shape[-2])).index_select(2, rows)
+                logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+            rec.attn, rec.v = torch.softmax(logits, dim=-1), v.contiguous()
+
+        hooks.pre(self.module, enter)
+        hooks.post(self.module, leave, always=True)
 
 
 @attrs.define(eq=False)
