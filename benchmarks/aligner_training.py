@@ -16,6 +16,8 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768   # the same on random data
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768 --adam   # Adam's step there
     python benchmarks/aligner_training.py compare --n 4000 --c 24 --dim 64 --target-dim 64   # both, to convergence
+    # in memory, one thread: plain bcd, bcd with a proximal schedule κ_k = 16·0.7^(k−1), and Adam on the same data
+    python benchmarks/aligner_training.py schedules --n 300 --c 16 --dim 48 --runs bcd prox:16,0.7 adam
 """
 
 from __future__ import annotations
@@ -95,6 +97,60 @@ def fit(path, method, **kw):
             "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
             "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
             "curve": [h.get("val_cosine") for h in al.history]}
+
+
+def planted(N, C, D, d, noise=0.1, seed=0):
+    """The planted problem of :func:`write_cache` in memory (one draw of all N images): (c [N, C, D] with float16
+    values, unnormalised targets [N, d], maps [C, D, d])."""
+    g = torch.Generator().manual_seed(seed)
+    maps = _maps(C, D, d, g)
+    scale = torch.linspace(0.5, 2.0, C)[None, :, None]
+    offset = 0.3 * torch.randn(C, D, generator=g)
+    bias = 0.2 * torch.randn(d, generator=g)
+    c = (torch.randn(N, C, D, generator=g) * scale + offset).half().float()
+    clean = c.reshape(N, C * D) @ maps.reshape(C * D, d)
+    eps = torch.randn(N, d, generator=g)
+    eps = eps * (noise * clean.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True))
+    return c, clean + bias + eps, maps
+
+
+def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
+    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"adam"``, ``"bcd"``
+    (the plain block steps) or ``"prox:START,DECAY"`` (bcd whose block steps minimise the objective plus the
+    proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). Besides the
+    fields of :func:`fit`: the training objective at the result and the held-out cosine against the noise-free
+    targets."""
+    import vitdecomp.compalign as ca
+
+    c, t, maps = planted(N, C, D, d, noise)
+    g = torch.Generator().manual_seed(0)  # fit_aligner's held-out split (seed 0)
+    val = torch.zeros(N, dtype=torch.bool)
+    val[torch.randperm(N, generator=g)[: round(val_fraction * N)]] = True
+    saved = ca._PROX_START, ca._PROX_DECAY
+    out = []
+    try:
+        for run in runs:
+            method = "adam" if run == "adam" else "bcd"
+            ca._PROX_START, ca._PROX_DECAY = (0.0, 0.7) if ":" not in run else map(float, run.split(":")[1].split(","))
+            t0 = time.perf_counter()
+            al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False)
+            wall = time.perf_counter() - t0
+            pen, worst = _isometry(al.weight)
+            rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+            clean = torch.einsum("ncD,cDd->nd", c[val], maps)
+            out.append({"run": run, "n_train": int((~val).sum()), "ratio": round(int((~val).sum()) / (C * D), 2),
+                        "wall_s": round(wall, 1), "steps": len(al.history) - 1, "best": al.config["best_epoch"],
+                        "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
+                        "train_objective": float(1 - al.cosine(c[~val], t[~val]).mean()) + pen,
+                        "cosine_vs_noise_free": float(torch.nn.functional.cosine_similarity(
+                            al.total(c[val]) - al.bias, clean, dim=-1).mean()),
+                        "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
+                        "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
+                        "curve": [round(h.get("val_cosine"), 4) for h in al.history], "load_after": os.getloadavg()})
+            print(json.dumps(out[-1]), flush=True)
+    finally:
+        ca._PROX_START, ca._PROX_DECAY = saved
+    return out
 
 
 def adam_steps(path, steps, batch=256):
@@ -262,6 +318,15 @@ def main(argv=None):
     p.add_argument("--target-dim", type=int, default=768)
     p.add_argument("--adam", action="store_true", help="time Adam steps instead")
     sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
+    p = sub.add_parser("schedules")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--c", type=int, default=16)
+    p.add_argument("--dim", type=int, default=48)
+    p.add_argument("--target-dim", type=int, default=None, help="d (default: D)")
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--runs", nargs="+", default=["bcd", "prox:16,0.7", "adam"])
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
 
@@ -282,6 +347,9 @@ def main(argv=None):
         print(json.dumps(fn(args.n, args.c, args.dim, args.target_dim)))
     elif args.cmd == "bcd-blocks":
         print(json.dumps(bcd_blocks(args.cache, args.blocks)))
+    elif args.cmd == "schedules":
+        torch.set_num_threads(args.threads)
+        schedules(args.n, args.c, args.dim, args.target_dim or args.dim, args.runs, args.noise, args.val_fraction)
     else:  # compare: both methods on one planted cache in a temporary folder
         tmp = Path(tempfile.mkdtemp(prefix="align_bench_"))
         try:
