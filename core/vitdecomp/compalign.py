@@ -771,11 +771,11 @@ _CG_STEPS = 4  # conjugate-gradient steps per block solve (the D·d system of on
 _PROCRUSTES_SWEEPS = 2  # sweeps in which every block also tries the Procrustes candidate (later: on a det flip)
 _REFRESH = 3  # the block curvature A is recomputed in the first two sweeps and then every _REFRESH-th
 # Proximal weight κ_k of sweep k, in units of the mean block curvature ā: start·decay^(k−1), 0 once below min.
-# Off by default (start 0): measured on planted data (benchmarks/RESULTS.md, "CompAlign training") it lifts bcd's
-# held-out cosine where the maps are underdetermined and the targets noisy (n = 0.35·C·D: 0.318 → 0.417, still
-# below Adam's 0.498), but costs 2.6× the sweeps where bcd applies (n = 3.5·C·D: 21 sweeps instead of 8, same
-# result) and loses where underdetermined targets are exact (0.947 → 0.749). `aligner_training.py schedules`
-# sets these to measure.
+# Off by default (start 0): measured on planted data (benchmarks/RESULTS.md, "CompAlign training", schedule
+# 16·0.7^(k−1)) it lifts bcd's held-out cosine where the maps are underdetermined and the targets noisy
+# (n = 0.35·C·D: 0.318 → 0.385 at D = d = 48, 0.293 → 0.409 at 32 → 64), but stays far below Adam's (0.498, 0.505),
+# gains little at n = 0.94·C·D (0.961 → 0.966, Adam 0.982) and needs 3× the sweeps where bcd applies (n = 3.5·C·D:
+# 25 instead of 8, same result). `aligner_training.py schedules` sets these to measure.
 _PROX_START, _PROX_DECAY, _PROX_MIN = 0.0, 0.7, 1e-3
 
 
