@@ -33,9 +33,9 @@ Training differs from the paper's script in ways that make the defaults converge
   penalty a quartic in the step), so every block step decreases the objective. (The block step can also
   minimise the objective plus a proximal term (κ_k·ā/2)·‖ΔW_i‖², ā the mean block curvature, κ_k scheduled from
   large to small over the sweeps; off by default, see ``_PROX_START``: measured, it does not make bcd win where
-  the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about one pass of
-  gradients over the data; components are read from the source in groups of at most ``memory_gb`` (one pass
-  over the cache per group and sweep);
+  the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
+  one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
+  (one pass over the cache per group and sweep);
 - ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
@@ -650,12 +650,12 @@ def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrust
     steps preconditioned with (A + damping + ρ)⁻¹, A = Σ_x w_x (c_i − μ_i)ᵀ(c_i − μ_i): through A's
     eigendecomposition when ``eig`` (default: when ρ > 0), which serves every ρ, else through the Cholesky factor
     of A + damping, ~17× cheaper at D = 768 (``factor``: what an earlier sweep returned, to reuse, which saves one
-    of the three [n, D]-sized products; the line search keeps every step a descent whatever the model). A second candidate is the nearest isometry (orthogonal Procrustes, the polar
-    factor) of the block's unpenalised least-squares map: the straight line to it may cross singular matrices,
-    which steps under the penalty cannot, so a map that started among the isometries of the wrong determinant
-    (D = d) reaches the right ones. It is tried when ``procrustes`` is True, or when D = d and that map's
-    determinant has the other sign than W_i's; the better candidate after its line search is taken. Returns
-    (decrease of the objective, factor)."""
+    of the three [n, D]-sized products; the line search keeps every step a descent whatever the model). A second
+    candidate is the nearest isometry (orthogonal Procrustes, the polar factor) of the block's unpenalised
+    least-squares map: the straight line to it may cross singular matrices, which steps under the penalty cannot,
+    so a map that started among the isometries of the wrong determinant (D = d) reaches the right ones. It is
+    tried when ``procrustes`` is True, or when D = d and that map's determinant has the other sign than W_i's; the
+    better candidate after its line search is taken. Returns (decrease of the objective, factor)."""
     D, d = W.shape
     FF = (F * F).sum(1)
     inv = FF.clamp_min(1e-30).rsqrt()
@@ -670,7 +670,7 @@ def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrust
         red = reduce(torch.cat([(cc.T @ g).flatten(), (cw.T @ cw).flatten()]))
         G, A = red[:D * d].view(D, d) / n_total, red[D * d:].view(D, D) / n_total
         damp = max(1e-6 * float(A.diagonal().mean()), 8e-3 * mu, 1e-30)
-        if eig or (eig is None and prox > 0):  # one factorisation serves every proximal weight (it changes per sweep)
+        if eig or (eig is None and prox > 0):  # one factorisation serves every proximal weight (changing per sweep)
             ev, V = torch.linalg.eigh(A)
             factor = (damp, ev.clamp_min(0), V)
         else:
@@ -785,9 +785,9 @@ _REFRESH = 3  # the block curvature A is recomputed in the first two sweeps and 
 # Proximal weight κ_k of sweep k, in units of the mean block curvature ā: start·decay^(k−1), 0 once below min.
 # Off by default (start 0): measured on planted data (benchmarks/RESULTS.md, "CompAlign training", schedule
 # 16·0.7^(k−1)) it lifts bcd's held-out cosine where the maps are underdetermined and the targets noisy
-# (n = 0.35·C·D: 0.318 → 0.385 at D = d = 48, 0.293 → 0.409 at 32 → 64), but stays far below Adam's (0.498, 0.505),
-# gains little at n = 0.94·C·D (0.961 → 0.966, Adam 0.982) and needs 3× the sweeps where bcd applies (n = 3.5·C·D:
-# 25 instead of 8, same result). `aligner_training.py schedules` sets these to measure.
+# (n = 0.35·C·D: 0.318 → 0.385 at D = d = 48, 0.293 → 0.409 at 32 → 64), but stays far below Adam's (0.498,
+# 0.505), gains little at n = 0.94·C·D (0.961 → 0.966, Adam 0.982) and needs 3× the sweeps where bcd applies
+# (n = 3.5·C·D: 25 instead of 8, same result). `aligner_training.py schedules` sets these to measure.
 _PROX_START, _PROX_DECAY, _PROX_MIN = 0.0, 0.7, 1e-3
 
 
