@@ -16,6 +16,9 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768   # the same on random data
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768 --adam   # Adam's step there
     python benchmarks/aligner_training.py compare --n 4000 --c 24 --dim 64 --target-dim 64   # both, to convergence
+    # in memory, one thread: plain bcd, bcd with a proximal schedule κ_k = 16·0.7^(k−1), and Adam on the same data
+    python benchmarks/aligner_training.py schedules --n 300 --c 16 --dim 48 --runs bcd prox:16,0.7 adam
+    python benchmarks/aligner_training.py joint-probe --n 300 --c 16 --dim 48   # full-batch GD and L-BFGS, all maps
 """
 
 from __future__ import annotations
@@ -95,6 +98,107 @@ def fit(path, method, **kw):
             "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
             "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
             "curve": [h.get("val_cosine") for h in al.history]}
+
+
+def planted(N, C, D, d, noise=0.1, seed=0):
+    """The planted problem of :func:`write_cache` in memory (one draw of all N images): (c [N, C, D] with float16
+    values, unnormalised targets [N, d], maps [C, D, d], the planted bias [d])."""
+    g = torch.Generator().manual_seed(seed)
+    maps = _maps(C, D, d, g)
+    scale = torch.linspace(0.5, 2.0, C)[None, :, None]
+    offset = 0.3 * torch.randn(C, D, generator=g)
+    bias = 0.2 * torch.randn(d, generator=g)
+    c = (torch.randn(N, C, D, generator=g) * scale + offset).half().float()
+    clean = c.reshape(N, C * D) @ maps.reshape(C * D, d)
+    eps = torch.randn(N, d, generator=g)
+    eps = eps * (noise * clean.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True))
+    return c, clean + bias + eps, maps, bias
+
+
+def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
+    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"adam"``, ``"bcd"``
+    (the plain block steps) or ``"prox:START,DECAY"`` (bcd whose block steps minimise the objective plus the
+    proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). Besides the
+    fields of :func:`fit`: the training objective at the result and the held-out cosine against the noise-free
+    targets Σ_i c_i Q_i + q."""
+    import vitdecomp.compalign as ca
+
+    c, t, maps, bias = planted(N, C, D, d, noise)
+    g = torch.Generator().manual_seed(0)  # fit_aligner's held-out split (seed 0)
+    val = torch.zeros(N, dtype=torch.bool)
+    val[torch.randperm(N, generator=g)[: round(val_fraction * N)]] = True
+    saved = ca._PROX_START, ca._PROX_DECAY
+    out = []
+    try:
+        for run in runs:
+            method = "adam" if run == "adam" else "bcd"
+            ca._PROX_START, ca._PROX_DECAY = (0.0, 0.7) if ":" not in run else map(float, run.split(":")[1].split(","))
+            t0 = time.perf_counter()
+            al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False)
+            wall = time.perf_counter() - t0
+            pen, worst = _isometry(al.weight)
+            rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+            clean = torch.einsum("ncD,cDd->nd", c[val], maps) + bias
+            out.append({"run": run, "n_train": int((~val).sum()), "ratio": round(int((~val).sum()) / (C * D), 2),
+                        "wall_s": round(wall, 1), "steps": len(al.history) - 1, "best": al.config["best_epoch"],
+                        "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
+                        "train_objective": float(1 - al.cosine(c[~val], t[~val]).mean()) + pen,
+                        "cosine_vs_noise_free": float(torch.nn.functional.cosine_similarity(
+                            al.total(c[val]), clean, dim=-1).mean()),
+                        "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
+                        "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
+                        "curve": [round(h.get("val_cosine"), 4) for h in al.history], "load_after": os.getloadavg()})
+            print(json.dumps(out[-1]), flush=True)
+    finally:
+        ca._PROX_START, ca._PROX_DECAY = saved
+    return out
+
+
+def joint_probe(N, C, D, d, sgd_lr=30.0, sgd_steps=1500, lbfgs_iters=30, noise=0.1):
+    """Full-batch joint steps on every map at once, on the in-memory planted problem of :func:`schedules` (same
+    start, data and held-out split as fit_aligner): plain gradient descent (``sgd_lr``) and L-BFGS (history 10,
+    strong-Wolfe line search), the same objective (1 − cos + the exact penalty, λ = 1). Reports the best held-out
+    cosine and where it was reached, in full passes over the training images (forward + backward each): a probe
+    of what a joint (not block-wise) step does where the maps are underdetermined, not a fitter."""
+    from vitdecomp.compalign import _Data, _closed_form, _penalty
+
+    c, t, _, _ = planted(N, C, D, d, noise)
+    t = torch.nn.functional.normalize(t, dim=-1)
+    g = torch.Generator().manual_seed(0)
+    val = torch.zeros(N, dtype=torch.bool)
+    val[torch.randperm(N, generator=g)[: round(0.1 * N)]] = True
+    W0, b0 = _closed_form(_Data.of(c), t, ~val, 1e-3, 1024, torch.device("cpu"))
+    ct, tt, cv, tv = c[~val].reshape(-1, C * D), t[~val], c[val].reshape(-1, C * D), t[val]
+    res = {}
+    for name in ("gd", "lbfgs"):
+        W = W0.repeat(C, 1).contiguous().requires_grad_(True)  # [C·D, d]: the C maps stacked
+        b = b0.clone().requires_grad_(True)
+        passes, best = [0], (0, -1.0)
+
+        def closure():
+            passes[0] += 1
+            opt.zero_grad()
+            loss = (1 - torch.nn.functional.cosine_similarity(ct @ W + b, tt, dim=-1)).mean() + _penalty(
+                W.view(C, D, d))
+            loss.backward()
+            return loss
+
+        if name == "gd":
+            opt = torch.optim.SGD([W, b], lr=sgd_lr)
+            steps = sgd_steps
+        else:
+            opt = torch.optim.LBFGS([W, b], lr=1, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+            steps = lbfgs_iters
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step(closure)
+            with torch.no_grad():
+                cos = float(torch.nn.functional.cosine_similarity(cv @ W + b, tv, dim=-1).mean())
+            if cos > best[1]:
+                best = (passes[0], cos)
+        res[name] = {"best_held_out_cosine": best[1], "at_pass": best[0], "passes": passes[0],
+                     "wall_s": round(time.perf_counter() - t0, 1)}
+    return res
 
 
 def adam_steps(path, steps, batch=256):
@@ -262,6 +366,22 @@ def main(argv=None):
     p.add_argument("--target-dim", type=int, default=768)
     p.add_argument("--adam", action="store_true", help="time Adam steps instead")
     sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
+    p = sub.add_parser("joint-probe")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--c", type=int, default=16)
+    p.add_argument("--dim", type=int, default=48)
+    p.add_argument("--target-dim", type=int, default=None, help="d (default: D)")
+    p.add_argument("--sgd-lr", type=float, default=30.0)
+    p.add_argument("--sgd-steps", type=int, default=1500)
+    p = sub.add_parser("schedules")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--c", type=int, default=16)
+    p.add_argument("--dim", type=int, default=48)
+    p.add_argument("--target-dim", type=int, default=None, help="d (default: D)")
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--runs", nargs="+", default=["bcd", "prox:16,0.7", "adam"])
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
 
@@ -282,6 +402,13 @@ def main(argv=None):
         print(json.dumps(fn(args.n, args.c, args.dim, args.target_dim)))
     elif args.cmd == "bcd-blocks":
         print(json.dumps(bcd_blocks(args.cache, args.blocks)))
+    elif args.cmd == "joint-probe":
+        torch.set_num_threads(1)
+        print(json.dumps(joint_probe(args.n, args.c, args.dim, args.target_dim or args.dim, args.sgd_lr,
+                                     args.sgd_steps)))
+    elif args.cmd == "schedules":
+        torch.set_num_threads(args.threads)
+        schedules(args.n, args.c, args.dim, args.target_dim or args.dim, args.runs, args.noise, args.val_fraction)
     else:  # compare: both methods on one planted cache in a temporary folder
         tmp = Path(tempfile.mkdtemp(prefix="align_bench_"))
         try:

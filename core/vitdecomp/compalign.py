@@ -30,9 +30,12 @@ Training differs from the paper's script in ways that make the defaults converge
   orthogonal-Procrustes map (polar factor of the block's least-squares map) as a second candidate, which can
   cross the singular matrices between the det ±1 sets of isometries that gradient steps under the penalty cannot
   cross (D = d); an exact line search on the true objective (the data term from five per-image scalars, the
-  penalty a quartic in the step), so every block step decreases the objective. A sweep costs about three
-  [n, D] × [D, d] products per component, i.e. about one pass of gradients over the data; components are read
-  from the source in groups of at most ``memory_gb`` (one pass over the cache per group and sweep);
+  penalty a quartic in the step), so every block step decreases the objective. (The block step can also
+  minimise the objective plus a proximal term (κ_k·ā/2)·‖ΔW_i‖², ā the mean block curvature, κ_k scheduled from
+  large to small over the sweeps; off by default, see ``_PROX_START``: measured, it does not make bcd win where
+  the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
+  one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
+  (one pass over the cache per group and sweep);
 - ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
@@ -630,7 +633,7 @@ def _line_search(FT, uT, FF, Fu, uu, pen_coef, n_total, reduce):
     return float(grid[k]), float(v[k]), float(v[0])
 
 
-def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrustes=True):
+def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrustes=True, prox=0.0, eig=None):
     """One step on one map W_i and the shared bias, the other maps fixed, with an exact line search on the true
     objective; returns the decrease of the objective.
 
@@ -641,15 +644,18 @@ def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrust
     (its gradient (f̂ − t)/‖f‖ is ∂(1 − cos)/∂f plus a radial part, so a step moves f towards ‖f‖·t instead of
     only turning it), plus the penalty's Gauss–Newton term 4·mu·J_RᵀJ_R. The bias is eliminated (a step in W_i
     comes with b −= μ_i·ΔW_i, μ_i the weighted mean of c_i), so the block works on centred contributions and a
-    change of W_i never shifts f's mean. The D·d system is solved by a few conjugate-gradient steps
-    preconditioned with the Cholesky factor of A = Σ_x w_x (c_i − μ_i)ᵀ(c_i − μ_i) (``factor``: (A, L) from an
-    earlier sweep to reuse, which saves one of the three [n, D]-sized products; the line search keeps every step
-    a descent whatever the model). A second candidate is the nearest isometry (orthogonal Procrustes, the polar
-    factor) of the block's unpenalised least-squares map: the straight line to it may cross singular matrices,
-    which steps under the penalty cannot, so a map that started among the isometries of the wrong determinant
-    (D = d) reaches the right ones. It is tried when ``procrustes`` is True, or when D = d and that map's
-    determinant has the other sign than W_i's; the better candidate after its line search is taken. Returns
-    (decrease of the objective, (A, L))."""
+    change of W_i never shifts f's mean. ``prox`` ρ ≥ 0 adds the proximal term (ρ/2)·‖ΔW_i‖² to what the step
+    minimises, in the model and in the line search (ρ = 0: the plain block step); the returned decrease is that
+    of the objective itself, which every step still lowers. The D·d system is solved by a few conjugate-gradient
+    steps preconditioned with (A + damping + ρ)⁻¹, A = Σ_x w_x (c_i − μ_i)ᵀ(c_i − μ_i): through A's
+    eigendecomposition when ``eig`` (default: when ρ > 0), which serves every ρ, else through the Cholesky factor
+    of A + damping, ~17× cheaper at D = 768 (``factor``: what an earlier sweep returned, to reuse, which saves one
+    of the three [n, D]-sized products; the line search keeps every step a descent whatever the model). A second
+    candidate is the nearest isometry (orthogonal Procrustes, the polar factor) of the block's unpenalised
+    least-squares map: the straight line to it may cross singular matrices, which steps under the penalty cannot,
+    so a map that started among the isometries of the wrong determinant (D = d) reaches the right ones. It is
+    tried when ``procrustes`` is True, or when D = d and that map's determinant has the other sign than W_i's; the
+    better candidate after its line search is taken. Returns (decrease of the objective, factor)."""
     D, d = W.shape
     FF = (F * F).sum(1)
     inv = FF.clamp_min(1e-30).rsqrt()
@@ -664,20 +670,37 @@ def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrust
         red = reduce(torch.cat([(cc.T @ g).flatten(), (cw.T @ cw).flatten()]))
         G, A = red[:D * d].view(D, d) / n_total, red[D * d:].view(D, D) / n_total
         damp = max(1e-6 * float(A.diagonal().mean()), 8e-3 * mu, 1e-30)
-        L, bad = torch.linalg.cholesky_ex(A + damp * torch.eye(D, device=A.device, dtype=A.dtype))
-        factor = (damp, None if int(bad) != 0 else L)
+        if eig or (eig is None and prox > 0):  # one factorisation serves every proximal weight (changing per sweep)
+            ev, V = torch.linalg.eigh(A)
+            factor = (damp, ev.clamp_min(0), V)
+        else:
+            L, bad = torch.linalg.cholesky_ex(A + damp * torch.eye(D, device=A.device, dtype=A.dtype))
+            factor = (damp, None if int(bad) != 0 else L)
     else:
         G = reduce(cc.T @ g) / n_total
-    damp, L = factor
+    rho = float(prox)
+    if len(factor) == 3:
+        damp, ev, V = factor
+        solvable = True
+    else:
+        (damp, L), solvable = factor, factor[1] is not None
+        if rho > 0:
+            raise InputError("_bcd_block: a proximal weight needs the eigendecomposition factor (eig=True)")
     db0 = -gb / sw  # the bias step that goes with any step in W
     R0 = _pen_parts(W, torch.zeros_like(W))[0]
     grad = G + 4 * mu * (W @ R0 if D >= d else R0 @ W)
 
-    def prec(Rm):  # (A + damp)⁻¹
+    def solve(Rm, shift):  # (A + shift)⁻¹ Rm (the Cholesky factor: shift = damp only)
+        if len(factor) == 3:
+            return V @ ((V.T @ Rm) / (ev + shift)[:, None])
         return torch.cholesky_solve(Rm, L) if L is not None else Rm / (damp + 8 * mu)
 
-    # Preconditioned conjugate gradients on (A + damp + 4·mu·H_pen) P = −grad. (A + damp)·p is carried along
-    # the recursion p ← z + βp, since (A + damp)·z = r, so an iteration costs the penalty term and one solve.
+    def prec(Rm):  # (A + damp + rho)⁻¹
+        return solve(Rm, damp + rho)
+
+    # Preconditioned conjugate gradients on (A + damp + rho + 4·mu·H_pen) P = −grad. (A + damp + rho)·p is carried
+    # along the recursion p ← z + βp, since (A + damp + rho)·z = r, so an iteration costs the penalty term and one
+    # solve.
     P = torch.zeros_like(W)
     r = -grad
     z = prec(r)
@@ -702,14 +725,14 @@ def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrust
         db = db0 - mean @ P
         u = ci @ P + db
         R0, S1, S2 = _pen_parts(W, P)
-        coef = [mu * ip(R0, R0), mu * 2 * ip(R0, S1), mu * (ip(S1, S1) + 2 * ip(R0, S2)), mu * 2 * ip(S1, S2),
-                mu * ip(S2, S2)]
+        coef = [mu * ip(R0, R0), mu * 2 * ip(R0, S1), mu * (ip(S1, S1) + 2 * ip(R0, S2)) + rho / 2 * ip(P, P),
+                mu * 2 * ip(S1, S2), mu * ip(S2, S2)]  # the penalty along the line, and the proximal term
         alpha, v1, v0 = _line_search(FT, (u * T).sum(1), FF, (F * u).sum(1), (u * u).sum(1), coef, n_total, reduce)
         return alpha, v1, v0, u, P, db
 
     best = search(P)
-    if mu > 0 and L is not None and (procrustes or D == d):
-        M = W - torch.cholesky_solve(G, L)
+    if mu > 0 and solvable and (procrustes or D == d):
+        M = W - solve(G, damp)
         if procrustes or float(torch.linalg.slogdet(M)[0] * torch.linalg.slogdet(W)[0]) < 0:
             X, _, Yh = torch.linalg.svd(M, full_matrices=False)
             alt = search(X @ Yh - W)
@@ -720,7 +743,7 @@ def _bcd_block(ci, F, T, W, b, mu, n_total, inner, reduce, factor=None, procrust
         W.add_(P, alpha=alpha)
         b.add_(db, alpha=alpha)
         F.add_(u, alpha=alpha)
-    return v0 - v1, factor
+    return v0 - v1 + rho / 2 * alpha * alpha * ip(P, P), factor  # the decrease of the objective itself
 
 
 def _bias_block(F, T, b, n_total, reduce):
@@ -759,6 +782,19 @@ def _component_group(data: _Data, mask: torch.Tensor, lo: int, hi: int) -> torch
 _CG_STEPS = 4  # conjugate-gradient steps per block solve (the D·d system of one map)
 _PROCRUSTES_SWEEPS = 2  # sweeps in which every block also tries the Procrustes candidate (later: on a det flip)
 _REFRESH = 3  # the block curvature A is recomputed in the first two sweeps and then every _REFRESH-th
+# Proximal weight κ_k of sweep k, in units of the mean block curvature ā: start·decay^(k−1), 0 once below min.
+# Off by default (start 0): measured on planted data (benchmarks/RESULTS.md, "CompAlign training", schedule
+# 16·0.7^(k−1)) it lifts bcd's held-out cosine where the maps are underdetermined and the targets noisy
+# (n = 0.35·C·D: 0.318 → 0.385 at D = d = 48, 0.293 → 0.409 at 32 → 64), but stays far below Adam's (0.498,
+# 0.505), gains little at n = 0.94·C·D (0.961 → 0.966, Adam 0.982) and needs 3× the sweeps where bcd applies
+# (n = 3.5·C·D: 25 instead of 8, same result). `aligner_training.py schedules` sets these to measure.
+_PROX_START, _PROX_DECAY, _PROX_MIN = 0.0, 0.7, 1e-3
+
+
+def _prox_weight(sweep: int) -> float:
+    """The proximal weight κ of a sweep (times the mean block curvature ā): large to small, then 0."""
+    k = _PROX_START * _PROX_DECAY ** (sweep - 1)
+    return k if k >= _PROX_MIN else 0.0
 
 
 def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress, objective_on, history):
@@ -782,11 +818,25 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
     T = to_device(targets[idx], device)
     n_local = idx.numel()
     n_total = float(reduce(torch.tensor([float(n_local)], dtype=torch.float64)).item()) if di.active else float(n_local)
+    Fs = []
+    mom1 = torch.zeros(C, D, dtype=torch.float64, device=device)  # per component Σ_x c_i and Σ_x ‖c_i‖²
+    mom2 = torch.zeros(C, dtype=torch.float64, device=device)
     with torch.no_grad():  # every map starts as the shared W_0: f = (Σ_i c_i) W_0 + b, no [B, C·D] product
-        Fs = [to_device(c, device).sum(1, dtype=torch.float32) @ W[0] + b
-              for _, c in _batches(data, local_train, max(cfg.batch_size, 1024), None)]
+        for _, c in _batches(data, local_train, max(cfg.batch_size, 1024), None):
+            c = to_device(c, device)
+            Fs.append(c.sum(1, dtype=torch.float32) @ W[0] + b)
+            for j in range(0, c.shape[0] if _PROX_START > 0 else 0, 256):  # float32 slices: float16 squares overflow
+                cj = c[j:j + 256].float()
+                mom1 += cj.sum(0, dtype=torch.float64)
+                mom2 += cj.pow(2).sum((0, 2), dtype=torch.float64)
     F = torch.cat(Fs) if Fs else torch.zeros(0, d, device=device)
     del Fs
+    # The proximal weights are relative to the mean block curvature over all components, ā = mean_x 1/‖f‖² ·
+    # mean_i tr Cov(c_i)/D (one scale for every block: see _prox_weight)
+    red = reduce(torch.cat([mom1.flatten(), mom2, (F * F).sum(1).clamp_min(1e-30).reciprocal().sum(
+        dtype=torch.float64)[None]]))
+    var = red[C * D:C * D + C] / n_total - (red[:C * D].view(C, D) / n_total).pow(2).sum(1)
+    curv = float(var.mean()) / D * float(red[-1]) / n_total
     itemsize = torch.empty((), dtype=getattr(data, "dtype", torch.float32)).element_size()
     n_max = max(dist.all_gather_objects(n_local))
     per = max(1, int(cfg.memory_gb * 2 ** 30 // max(n_max * D * itemsize, 1)))
@@ -800,10 +850,11 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
     best_obj = history[0]["val_objective"] if n_val else float("inf")
     best_cos = history[0]["val_cosine"]
     best_state, best_epoch, bad, reason = (W.clone(), b.clone()), 0, 0, "max_epochs"
-    factors = [None] * C  # per map: (damping, Cholesky factor of its curvature A), reused between refreshes
+    factors = [None] * C  # per map: (damping, factorisation of its curvature A), reused between refreshes
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (bcd)", unit="sweep",
                disable=not progress or di.rank != 0)
     for sweep in bar:
+        prox = _prox_weight(sweep)
         lam_now = cfg.lam * min(1.0, sweep / warm) if warm else cfg.lam
         mu = mu_full * lam_now / cfg.lam if cfg.lam > 0 else 0.0
         gain = _bias_block(F, T, b, n_total, reduce)
@@ -814,11 +865,13 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
                 fresh = sweep <= 2 or sweep % _REFRESH == 0
                 dec, factors[i] = _bcd_block(to_device(ci, device, torch.float32), F, T, W[i], b, mu, n_total,
                                              _CG_STEPS, reduce, factor=None if fresh else factors[i],
-                                             procrustes=sweep <= _PROCRUSTES_SWEEPS)
+                                             procrustes=sweep <= _PROCRUSTES_SWEEPS, prox=prox * curv,
+                                             eig=_PROX_START > 0)
                 gain += dec
             del grp
         cos_tr = float(reduce(torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)[None])[0])
-        entry = {"epoch": sweep, "train_loss": 1.0 - cos_tr / n_total, "lam": lam_now, "decrease": gain}
+        entry = {"epoch": sweep, "train_loss": 1.0 - cos_tr / n_total, "lam": lam_now, "decrease": gain,
+                 "prox": prox}
         if n_val:
             obj, cos, pen = objective_on(local_val)
             entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
