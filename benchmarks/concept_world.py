@@ -137,7 +137,8 @@ def render(results: dict) -> str:
         md.append(f"| {name} | {_f(ts.get('agreement'))} | {ts.get('n_components')} | 0.17 | "
                   f"{_f(ts.get('carrying_agreement'))} | {ts.get('n_carrying')} |")
     if results["spurious"]:
-        md += ["", "## Spurious repair (small vs large, background correlated 95% in training)", "",
+        corr = man.get("deit_spurious", {}).get("train", {}).get("correlation", float("nan"))
+        md += ["", f"## Spurious repair (small vs large, background correlated {corr:.0%} in training)", "",
                "Worst-group accuracy on the balanced test split before → after mean-ablating the top-k components by "
                "score(background) − score(size) (means from the held-out validation split); oracle: ranked by "
                "ground-truth attribution difference. ρ: Spearman between the two rankings' differences.", "",

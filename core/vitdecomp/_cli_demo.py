@@ -265,7 +265,8 @@ def run_demo(out, *, models=("deit", "swin", "maxvit"), n: int = 1000, spurious:
         results["spurious"] = sp
         md += ["## Spurious correlation: small vs large, background as the shortcut", "",
                f"`{arch}_spurious` is `{arch}` fine-tuned on images where the background (water / grass) agrees with "
-               "the label in 95% of the training images; the test split is balanced. Components are ranked by "
+               f"the label in {man.get(arch + '_spurious', {}).get('train', {}).get('correlation', float('nan')):.0%} "
+               "of the training images; the test split is balanced. Components are ranked by "
                "score(background) − score(size) and the top k are mean-ablated (means from held-out images). The "
                "oracle ranks by the ground-truth attribution instead.", "",
                f"Spearman ρ between the score difference and the ground-truth difference: "

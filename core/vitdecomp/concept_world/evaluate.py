@@ -426,7 +426,9 @@ def goals(results: dict) -> List[dict]:
                      "value": v, "target": GOALS["repair_share"], "met": bool(v >= GOALS["repair_share"]),
                      "short_by": max(0.0, GOALS["repair_share"] - v), "k": k_best,
                      "why": None if v >= GOALS["repair_share"] else
-                     f"ρ(score difference, truth difference) {sp['spearman_difference']:.2f}"})
+                     f"ρ(score difference, truth difference) {sp['spearman_difference']:.2f}; the oracle itself gains "
+                     f"{sp['by_k'][k_best]['oracle_after_worst'] - sp['by_k'][k_best]['before_worst']:+.3f} from a "
+                     f"worst group of {sp['by_k'][k_best]['before_worst']:.3f}"})
     return rows
 
 
