@@ -668,7 +668,7 @@ def _claim(out: Path) -> None:
 
 
 def _extract_batch(model, x, xc, clip_model, *, device, model_dtype, ac, measure32: bool, store_dtype, registry,
-                   dk, fingerprint=True, input_stats=False) -> dict:
+                   dk, fingerprint=False, input_stats=False) -> dict:
     """The device part of extraction for one batch, free of host synchronisation: decompose, cast, queue the
     copies to the host. Returns names, host tensors ``contributions``/``representation`` (``targets``), and the
     device-side scalars ``error`` (max reconstruction error) and ``finite``. With ``ac`` and ``measure32`` the
