@@ -115,8 +115,8 @@ def check_image_range(images: torch.Tensor, stats=None, *, what: str = "images")
     cfg = (f"mean {_fmt(mean)}, std {_fmt(std)} from {where}" if where else
            "mean 0, std 1: this model's preprocessing config is unknown")
     accepted = (f"accepted: images preprocessed and normalised as the model expects, x = (p − mean) / std for "
-                f"pixels p in [0, 1] ({cfg}), i.e. about [{_fmt([(0 - a) / b for a, b in zip(m, s)])}, "
-                f"{_fmt([(1 - a) / b for a, b in zip(m, s)])}] per channel")
+                f"pixels p in [0, 1] ({cfg}), i.e. per channel from {_fmt([(0 - a) / b for a, b in zip(m, s)])} to "
+                f"{_fmt([(1 - a) / b for a, b in zip(m, s)])}")
     override = "; pass check_input=False (--no-input-check) for inputs that are legitimately outside it"
     bad = ((p_lo < -MARGIN) | (p_hi > 1 + MARGIN)).any(1)
     if bool(bad.any()):

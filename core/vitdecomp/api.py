@@ -137,7 +137,7 @@ def _fingerprint_of(model, fingerprint) -> Optional[str]:
     if fingerprint is True:
         from ._fingerprint import weights_fingerprint
 
-        return weights_fingerprint(model)
+        return weights_fingerprint(model) if isinstance(model, torch.nn.Module) else None
     if fingerprint is False or fingerprint is None:
         return None
     if isinstance(fingerprint, str) and len(fingerprint) == 32 and all(ch in "0123456789abcdef" for ch in fingerprint):
@@ -251,8 +251,8 @@ def decompose(
     :param fingerprint: the model-weights identity recorded in ``meta["model_fingerprint"]``, which an
         :class:`~vitdecomp.Aligner` fitted on other weights refuses (:meth:`~vitdecomp.Aligner.check_source`).
         ``True`` (default): :func:`vitdecomp.weights_fingerprint` of the model, computed at this call: every
-        weight read once (about 0.6 s for a ViT-B on one busy CPU core pair, see benchmarks/RESULTS.md; on an
-        accelerator the weights are copied to the host, a synchronisation). It is never memoised: in-place
+        weight read once (a ViT-B on a shared 2-core box: 0.6–2.3 s, +10% on a batch of 8, +40–80% on one
+        image, see benchmarks/RESULTS.md; on an accelerator the weights are copied to the host, a synchronisation). It is never memoised: in-place
         edits through ``.data`` or numpy leave torch's version counters unchanged, so no cheap key can prove
         the weights unchanged. A string: that fingerprint, computed once by the caller with
         ``vitdecomp.weights_fingerprint(model)`` (the cheap path for loops over batches; the caller vouches the
