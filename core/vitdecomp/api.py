@@ -252,16 +252,18 @@ def decompose(
         :class:`~vitdecomp.Aligner` fitted on other weights refuses (:meth:`~vitdecomp.Aligner.check_source`).
         ``True`` (default): :func:`vitdecomp.weights_fingerprint` of the model, computed at this call: every
         weight read once (a ViT-B on a shared 2-core box: 0.6–2.3 s, +10% on a batch of 8, +40–80% on one
-        image, see benchmarks/RESULTS.md; on an accelerator the weights are copied to the host, a synchronisation). It is never memoised: in-place
-        edits through ``.data`` or numpy leave torch's version counters unchanged, so no cheap key can prove
-        the weights unchanged. A string: that fingerprint, computed once by the caller with
+        image, see benchmarks/RESULTS.md; on an accelerator the weights are copied to the host, a
+        synchronisation). It is never memoised: in-place edits through ``.data`` or numpy leave torch's version
+        counters unchanged, so no cheap key can prove the weights unchanged. A string: that fingerprint, computed once by the caller with
         ``vitdecomp.weights_fingerprint(model)`` (the cheap path for loops over batches; the caller vouches the
         weights have not changed since). ``False``: none recorded (aligners then cannot check this
         decomposition: an explicit opt-out).
     :param check_input: refuse images that are plainly not preprocessed the way the model expects:
         0–255 pixel values or unnormalised [0, 1] images for a model whose preprocessing normalises (see
         :mod:`vitdecomp._input_range`; the accepted range comes from the model's own preprocessing
-        config). ``False`` accepts any finite values (exotic but legitimate inputs).
+        config). Checked where the NaN check is (on the CPU; on an accelerator with ``check=True``, and always
+        by :func:`vitdecomp.extract`, on the host). ``False`` accepts any finite values (exotic but legitimate
+        inputs).
     :returns: a :class:`Decomposition`; Σ_i c_i = ``representation`` up to ``error``.
     """
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
