@@ -189,3 +189,49 @@ def test_random_text_model_is_seeded(tiny_clip_name):
     torch.manual_seed(123)
     b = _encoder(args, al).encode(["a red square"])
     torch.testing.assert_close(a, b)
+
+
+def test_heatmap_and_retrieve_aligner_of_other_weights(setup, capsys):
+    """An aligner recording another model's weights (same names and sizes): heatmap refuses before decomposing,
+    retrieve refuses the cache; --no-model-check applies it anyway."""
+    root, clip = setup
+    cache = vitdecomp.ExtractionCache.open(root / "cache")
+    al = Aligner.load(root / "aligner.safetensors")
+    al.model_fingerprint = cache.meta["model_fingerprint"]
+    al.save(root / "fp.safetensors")
+    mine = ["--aligner", str(root / "fp.safetensors"), *clip[2:]]
+    img = str(root / "imgs" / "astronaut.png")
+    head = ["--components", next(n for n in cache.names if ".head." in n)]
+    assert main(["heatmap", *MODEL, img, *mine, "--text", "x", *head, "--out", str(root / "h1")]) == 0
+    capsys.readouterr()
+    # the same architecture with other weights: --init-seed 1
+    assert main(["heatmap", *MODEL, "--init-seed", "1", img, *mine, "--text", "x", *head,
+                 "--out", str(root / "h2")]) == 2
+    err = capsys.readouterr().err
+    assert al.model_fingerprint in err and "the model timm:deit_tiny_patch16_224" in err and "--no-model-check" in err
+    assert not (root / "h2").exists() or not list((root / "h2").glob("*.npy"))
+    assert main(["heatmap", *MODEL, "--init-seed", "1", img, *mine, "--text", "x", *head,
+                 "--out", str(root / "h2"), "--no-model-check"]) == 0
+    al.model_fingerprint = "0" * 32
+    al.save(root / "fp0.safetensors")
+    other = ["--aligner", str(root / "fp0.safetensors"), *clip[2:]]
+    assert main(["retrieve", str(root / "cache"), *other, "--property", "color", "--text", "x",
+                 "--out", str(root / "r0")]) == 2
+    err = capsys.readouterr().err
+    assert "0" * 32 in err and cache.meta["model_fingerprint"] in err
+    assert main(["retrieve", str(root / "cache"), *other, "--property", "color", "--text", "x",
+                 "--out", str(root / "r0"), "--no-model-check"]) == 0
+
+
+def test_no_input_check_flag(setup, capsys):
+    """Image files go through the model's preprocessing, so they pass the range check; the flag is accepted on
+    every command that decomposes images and documented in --help."""
+    for cmd in ("heatmap", "retrieve", "ablate", "spurious"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "--no-input-check" in capsys.readouterr().out
+    root, clip = setup
+    img = str(root / "imgs" / "astronaut.png")
+    head = next(n for n in vitdecomp.ExtractionCache.open(root / "cache").names if ".head." in n)
+    assert main(["heatmap", *MODEL, img, *clip, "--text", "x", "--components", head, "--out", str(root / "h3"),
+                 "--no-input-check"]) == 0

@@ -194,3 +194,30 @@ def test_align_reports_baseline_and_method(workdir, capsys, tmp_path):
         assert al.config["method"] == method
         assert f"held-out cosine {al.held_out_cosine:.4f} on 3 images" in text
         assert f"baseline, one shared linear map of the summed representation: {al.init_cosine:.4f}" in text
+
+
+def test_aligner_of_other_weights_refused_unless_no_model_check(workdir, capsys, tmp_path):
+    """score / describe (and atlas, which opens the same way) refuse an aligner fitted on other weights with the
+    same component names and sizes, naming both fingerprints; --no-model-check is the explicit override."""
+    from vitdecomp.compalign import Aligner
+
+    al = Aligner.load(workdir / "aligner.safetensors")
+    theirs = al.model_fingerprint
+    al.model_fingerprint = "f" * 32  # as if fitted on a fine-tuned copy
+    al.save(tmp_path / "tuned.safetensors")
+    args = ["--aligner", str(tmp_path / "tuned.safetensors"), "--text-weights", str(workdir / "clip.pt"), "--quiet"]
+    for cmd, extra in (("score", ["--property", "color"]),
+                       ("describe", ["--pool", str(workdir / "pool.txt"), "--iters", "1", "--components", "blocks.0.mlp"])):
+        rc = main([cmd, str(workdir / "cache"), *args, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "f" * 32 in err and theirs in err and "--no-model-check" in err, (cmd, err)
+        assert main([cmd, str(workdir / "cache"), *args, *extra, "--no-model-check"]) == 0, cmd
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("command", ["score", "describe", "atlas", "retrieve", "heatmap", "spurious"])
+def test_every_command_applying_an_aligner_has_no_model_check(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no-model-check" in out and "both weight fingerprints" in out

@@ -671,3 +671,190 @@ def test_saved_decompositions_carry_the_fingerprint_aligners_check(tmp_path, cap
         other(dec)
     other.check_model = False
     assert other(dec).shape[0] == 1
+
+
+# ------------------------------------------------------------------------------------------------ in-memory decompositions
+
+
+def test_torch_version_counters_miss_data_and_numpy_edits():
+    """Why decompose never memoises the fingerprint on (data_ptr, _version, ...): on this torch, writes through
+    ``.data`` and through numpy leave the version counter as it was, so such a key cannot prove weights unchanged."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    v, ptr = p._version, p.data_ptr()
+    p.data.mul_(2)
+    p.detach().numpy()[0, 0] = 7.0
+    assert p._version == v and p.data_ptr() == ptr  # changed values, same key
+    m = _vit()
+    fp = vitdecomp.decompose(m, torch.randn(1, 3, 32, 32)).meta["model_fingerprint"]
+    m.blocks[0].attn.qkv.weight.data[0, 0] += 1.0  # a version-blind edit between two calls
+    assert vitdecomp.decompose(m, torch.randn(1, 3, 32, 32)).meta["model_fingerprint"] != fp  # never stale
+
+
+def _aligner_for(model, x):
+    from vitdecomp.compalign import Aligner
+
+    dec = vitdecomp.decompose(model, x)
+    g = torch.Generator().manual_seed(0)
+    al = Aligner(torch.randn(len(dec.names), dec.contributions.shape[-1], 8, generator=g), torch.zeros(8), dec.names,
+                 model_name="timm:vit_tiny_patch16_224", clip_model="x", model_fingerprint=weights_fingerprint(model))
+    return al, dec
+
+
+def test_aligner_refuses_in_memory_decompositions_of_other_weights(tmp_path, photo_batch):
+    import copy
+    import re
+
+    from vitdecomp.compalign import Aligner
+    from vitdecomp.heatmap import token_heatmap
+    from vitdecomp.retrieval import component_projections, property_scores
+
+    a = _vit()
+    x = photo_batch()
+    al, dec_a = _aligner_for(a, x)
+    fp_a = al.model_fingerprint
+    assert dec_a.meta["model_fingerprint"] == fp_a
+    assert al(dec_a).shape == (4, len(dec_a.names), 8) and al.total(dec_a).shape == (4, 8)
+
+    one = copy.deepcopy(a)  # one weight, one ulp
+    w = one.blocks[0].mlp.fc1.weight.data
+    w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))
+    perm = copy.deepcopy(a)  # hidden units of the MLP permuted: the same function, other weights
+    idx = torch.randperm(perm.blocks[0].mlp.fc1.out_features, generator=torch.Generator().manual_seed(0))
+    fc1, fc2 = perm.blocks[0].mlp.fc1, perm.blocks[0].mlp.fc2
+    fc1.weight.data, fc1.bias.data, fc2.weight.data = fc1.weight.data[idx], fc1.bias.data[idx], fc2.weight.data[:, idx]
+    for b in (one, perm, _vit(seed=5)):
+        dec_b = vitdecomp.decompose(b, x, tokens="source")
+        fp_b = dec_b.meta["model_fingerprint"]
+        assert fp_b == weights_fingerprint(b) != fp_a and dec_b.names == dec_a.names
+        both = f"{re.escape(fp_a)}.*{re.escape(fp_b)}"
+        for apply in (al, al.total, lambda d: al.cosine(d, torch.randn(4, 8)), al.align_components,
+                      lambda d: component_projections(d, torch.randn(8), aligner=al),
+                      lambda d: property_scores(d, torch.randn(3, 8), aligner=al),
+                      lambda d: token_heatmap(d, al, text=torch.randn(8), k=1)):
+            with pytest.raises(MismatchError, match=both):
+                apply(dec_b)
+    # the explicit overrides: the attribute, Aligner.load(check_model=False), or no fingerprint at all
+    al.check_model = False
+    assert al(dec_b).shape[0] == 4 and token_heatmap(dec_b, al, text=torch.randn(8), k=1).maps.shape[0] == 4
+    al.check_model = True
+    al.save(tmp_path / "al.safetensors")
+    with pytest.raises(MismatchError, match="check_model=False"):
+        Aligner.load(tmp_path / "al.safetensors")(dec_b)
+    assert Aligner.load(tmp_path / "al.safetensors", check_model=False)(dec_b).shape[0] == 4
+    unmarked = vitdecomp.decompose(perm, x, fingerprint=False)
+    assert unmarked.meta["model_fingerprint"] is None and al(unmarked).shape[0] == 4
+    # a saved decomposition keeps it
+    dec_b.save(tmp_path / "b.safetensors")
+    with pytest.raises(MismatchError, match=both):
+        al(vitdecomp.Decomposition.load(tmp_path / "b.safetensors"))
+
+
+def test_decompose_fingerprint_argument(photo_batch):
+    m, x = _vit(), photo_batch()
+    fp = weights_fingerprint(m)
+    assert vitdecomp.decompose(m, x, fingerprint=fp).meta["model_fingerprint"] == fp  # the caller's, as given
+    assert vitdecomp.decompose(m, x, bias="even", heads=False).meta["model_fingerprint"] == fp
+    for bad in ("abc", fp.upper(), 3):
+        with pytest.raises(InputError, match="fingerprint=.*True .*False .*32-hex-digit"):
+            vitdecomp.decompose(m, x, fingerprint=bad)
+
+
+# ------------------------------------------------------------------------------------------------ unnormalised floats
+
+
+def _photos(size=32):
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, n)()).convert("RGB").resize((size, size))
+            for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon")]
+
+
+def _unnormalised(photos):
+    from torchvision.transforms.functional import to_tensor
+
+    return torch.stack([to_tensor(p) for p in photos])  # [0, 1], not normalised
+
+
+def _models(tiny_clip_name):
+    """(label, what decompose is given, its own preprocess) for timm (0.5/0.5 and ImageNet statistics), open_clip
+    and a Hugging Face ViT with its image processor."""
+    import open_clip
+
+    from vitdecomp.api import LoadedModel
+
+    out = [("timm 0.5/0.5", _vit(), _pre())]
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=0).eval()
+    cfg = timm.data.resolve_data_config({}, model=deit)
+    cfg["input_size"], cfg["crop_pct"] = (3, 32, 32), 1.0
+    out.append(("timm ImageNet", deit, timm.data.create_transform(**cfg)))
+    clip, _, pre = open_clip.create_model_and_transforms(tiny_clip_name)
+    out.append(("open_clip", clip.eval(), pre))
+    transformers = pytest.importorskip("transformers")
+    from vitdecomp_transformers.loading import HFImagePreprocess
+
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=64)).eval()
+    proc = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.45, 0.5],
+                                          image_std=[0.2, 0.25, 0.3])
+    out.append(("hf", LoadedModel(hf, HFImagePreprocess(proc), "hf:tiny"), None))
+    return out
+
+
+def test_unnormalised_float_images_are_refused_and_normalised_photos_accepted(tiny_clip_name):
+    photos = _photos()
+    raw = _unnormalised(photos)
+    for label, model, pre in _models(tiny_clip_name):
+        pre = pre or model.preprocess
+        good = torch.stack([pre(p) for p in photos])
+        dec = vitdecomp.decompose(model, good, fingerprint=False)  # normalised real photos: accepted
+        assert dec.contributions.shape[0] == 6, label
+        with pytest.raises(InputError, match=r"images\[0\] holds values in \[0, 1\].*unnormalised \[0, 1\].*"
+                                             r"accepted: .*mean .*check_input=False"):
+            vitdecomp.decompose(model, raw, fingerprint=False)
+        for bad in (raw * 255, (raw * 255 - 0.5) / 0.25):
+            with pytest.raises(InputError, match=r"look like 0–255 pixel values.*accepted: .*mean"):
+                vitdecomp.decompose(model, bad, fingerprint=False)
+        assert vitdecomp.decompose(model, raw * 255, check_input=False, fingerprint=False).contributions.isfinite().all()
+        # where the accepted range comes from is named: a LoadedModel's preprocessing, else the model's config
+        where = {"timm 0.5/0.5": r"mean \(0\.5, 0\.5, 0\.5\), std \(0\.5, 0\.5, 0\.5\) from timm's pretrained_cfg",
+                 "timm ImageNet": r"mean \(0\.485, 0\.456, 0\.406\), std \(0\.229, 0\.224, 0\.225\) from timm's",
+                 "open_clip": r"mean \(0\.481, 0\.458, 0\.408\), std \(0\.269, 0\.261, 0\.276\) from open_clip's",
+                 "hf": r"mean \(0\.4, 0\.45, 0\.5\), std \(0\.2, 0\.25, 0\.3\) from the image processor "
+                       r"ViTImageProcessor"}[label]
+        with pytest.raises(InputError, match=where):
+            vitdecomp.decompose(model, raw, fingerprint=False)
+
+
+class _Floats(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def test_extract_gives_decomposes_error_for_unnormalised_floats(tmp_path, vit):
+    photos = _photos()
+    raw = _unnormalised(photos)
+    for k, bad in enumerate((raw * 255, raw)):
+        with pytest.raises(InputError) as from_decompose:
+            vitdecomp.decompose(vit, bad[:2], fingerprint=False)
+        with pytest.raises(InputError) as from_extract:
+            _run(vit, _Floats(bad), tmp_path / f"c{k}", preprocess=None)
+        assert str(from_extract.value).startswith("dataset item 0 (batch 0 of its shard): ")
+        assert str(from_extract.value).endswith(str(from_decompose.value))  # the same error, naming the item
+    cache = _run(vit, _Floats(raw * 255), tmp_path / "ok", preprocess=None, check_input=False)
+    assert len(cache) == 6
+    good = torch.stack([_pre()(p) for p in photos])
+    assert len(_run(vit, _Floats(good), tmp_path / "good", preprocess=None)) == 6
+    # a preprocess without Normalize says the model takes [0, 1] pixels: they are accepted, 0-255 are not
+    from torchvision import transforms as T
+
+    to01 = T.Compose([T.Resize(32), T.ToTensor()])
+    assert len(_run(vit, _Floats(raw), tmp_path / "01", preprocess=to01)) == 6
+    with pytest.raises(InputError, match="0–255 pixel values.*no Normalize"):
+        _run(vit, _Floats(raw * 255), tmp_path / "255", preprocess=to01)

@@ -105,11 +105,13 @@ def test_check_cuda_placement_fails_for_an_adapter_that_reads_the_device():
 # ---------------------------------------------------------------------------------------------------- public functions
 def test_decompose_device_moves_images_without_waiting():
     model = _tiny_vit()
+    fp = vitdecomp.weights_fingerprint(model)  # once, on the host: the default (hash at every call) would wait
     with simulated_cuda() as sim:
         with sim.paused():
             model.to("cuda")
         x = torch.randn(2, 3, 32, 32)  # host images: copied through pinned memory
-        dec = vitdecomp.decompose(model, x, device="cuda", tokens="source")
+        dec = vitdecomp.decompose(model, x, device="cuda", tokens="source", fingerprint=fp)
+        assert dec.meta["model_fingerprint"] == fp
         z = vitdecomp.representation(model, x, device="cuda")
         assert dec.contributions.device.type == z.device.type == "cuda"
         assert dec.token_contributions(dec.names[2]).device.type == "cuda"
@@ -212,7 +214,7 @@ def test_token_heatmap_on_simulated_cuda():
     with simulated_cuda() as sim:
         with sim.paused():
             model.to("cuda")
-        dec = vitdecomp.decompose(model, torch.randn(2, 3, 32, 32, device="cuda"), tokens="source")
+        dec = vitdecomp.decompose(model, torch.randn(2, 3, 32, 32, device="cuda"), tokens="source", fingerprint=False)
         hm = vitdecomp.token_heatmap(dec, text=torch.randn(192), components=list(dec.names[2:5]))
         assert hm.maps.device.type == "cuda" and hm.maps.shape == (2, 32, 32)
     assert sim.syncs == []

@@ -276,6 +276,7 @@ def atlas(source, aligner, out, *, encoder=None, properties=None, pool: Optional
         raise InputError("atlas: heatmap_components, heatmap_images and retrieval_texts must be ≥ 0")
     if model is not None and inputs is None:
         raise InputError("atlas: heat maps need inputs= (the model's input for image indices) next to model=")
+    aligner.check_source(source)  # fitted on other weights than the cache's: MismatchError, before any output
     out = Path(out)
     _prepare_out(out)
     all_names = _source_names(source, aligner, names)
@@ -553,8 +554,12 @@ def _heatmaps(model, inputs, aligner, names, layout, share, extremes, dirs, draw
     get = inputs if callable(inputs) else (lambda ix: inputs[ix])
     res: Dict[int, List[tuple]] = {}
     notes: Dict[int, str] = {}
+    from ._fingerprint import weights_fingerprint
+
+    fp = weights_fingerprint(model)  # once for every batch below; the aligner must have been fitted on it
+    aligner.check_source({"model_fingerprint": fp}, where="the model given for the heat maps")
     # which components have a map on the image grid at all: one probe decomposition of one image
-    probe = decompose(model, get([extremes[order[0]][0][0][0][0]]), tokens="source", device=device)
+    probe = decompose(model, get([extremes[order[0]][0][0][0][0]]), tokens="source", device=device, fingerprint=fp)
     if tuple(probe.names) != tuple(names):
         from .compalign import _first_difference
 
@@ -579,7 +584,7 @@ def _heatmaps(model, inputs, aligner, names, layout, share, extremes, dirs, draw
     for s in range(0, len(imgs), step):
         part = imgs[s:s + step]
         x = get(part)
-        dec = decompose(model, x, tokens="source", device=device)
+        dec = decompose(model, x, tokens="source", device=device, fingerprint=fp)
         if tuple(dec.names) != tuple(names):
             from .compalign import _first_difference
 

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 
 __all__ = ["add_commands"]
 
-from ._cli_common import HelpFormatter as _RAW, deprecated_alias, refuse_other_model
+from ._cli_common import HelpFormatter as _RAW, deprecated_alias, input_check_arg, model_check_arg, refuse_other_model
 
 _EPILOG_RETRIEVE = """examples:
   # rank images of an extraction cache by "a beach", restricted to the top-10 components for 'location'
@@ -113,6 +113,7 @@ def _clip_args(p):
     deprecated_alias(p, "--clip-random-init", "--text-random-init", "text_random_init", flag=True)
     p.add_argument("--text-cache", metavar="DIR", default=None, help="cache text embeddings on disk here")
     p.add_argument("--properties-file", metavar="PATH", default=None, help="TOML/JSON with your own properties")
+    model_check_arg(p)
 
 
 def _out_args(p):
@@ -136,7 +137,7 @@ def _load_model(args):
 def _aligner(args):
     from .compalign import Aligner
 
-    return Aligner.load(args.aligner, device=args.device)
+    return Aligner.load(args.aligner, device=args.device, check_model=not args.no_model_check)
 
 
 def _encoder(args, aligner):
@@ -188,9 +189,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress: bool, desc: str, tokens=None,
-                     device=None):
+                     device=None, check_input: bool = True, aligner=None):
     """Contributions [N, C, D] and representations [N, D] of image files (on the host), decomposed in batches on
-    ``device`` (results copied to the host asynchronously, one wait at the end)."""
+    ``device`` (results copied to the host asynchronously, one wait at the end). The model's weight fingerprint
+    is computed once; ``aligner`` is checked against it before any image is decomposed."""
     from .engine import to_host, synchronize
 
     import torch
@@ -205,6 +207,11 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
     model = loaded.model
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cs, zs, names = [], [], None
+    from ._fingerprint import weights_fingerprint
+
+    fp = weights_fingerprint(model)  # once, not per batch
+    if aligner is not None:
+        aligner.check_source({"model_fingerprint": fp}, where=f"the model {loaded.name}")
     for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress):
         xs = []
         for p in paths[i:i + batch_size]:
@@ -213,7 +220,8 @@ def _decompose_paths(loaded, paths: Sequence[Path], *, batch_size: int, progress
                     xs.append(loaded.preprocess(im.convert("RGB")))
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot read image {str(p)!r}: {exc}") from exc
-        dec = decompose(model, torch.stack(xs).to(dtype), tokens=tokens, device=device)
+        dec = decompose(model, torch.stack(xs).to(dtype), tokens=tokens, device=device, fingerprint=fp,
+                        check_input=check_input)
         names = dec.names
         cs.append(to_host(dec.contributions))
         zs.append(to_host(dec.representation))
@@ -296,7 +304,7 @@ def cmd_retrieve(args) -> int:
                 raise InputError(f"--reference {ref!r} is not in the cache; pass --model to decompose it")
             loaded = _load_model(args)
             c, _, names = _decompose_paths(loaded, [Path(ref)], batch_size=1, progress=False, desc="reference",
-                                           device=args.device)
+                                           device=args.device, check_input=not args.no_input_check)
             _check_cache(cache, args.cache, loaded, names, c.shape[-1])
             reference, query_img = c[0], Path(ref)
         res = retrieve_by_image(cache, reference, component_scores=spec, k=args.k,
@@ -372,6 +380,10 @@ def cmd_heatmap(args) -> int:
 
     paths = [Path(p) for p in args.images]
     dtype = next(loaded.model.parameters()).dtype
+    from ._fingerprint import weights_fingerprint
+
+    fp = weights_fingerprint(loaded.model)  # once for every image; the aligner is checked against it first
+    aligner.check_source({"model_fingerprint": fp}, where=f"the model {loaded.name}")
     decs, inputs = [], []
     for p in paths:
         try:
@@ -380,7 +392,8 @@ def cmd_heatmap(args) -> int:
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read image {str(p)!r}: {exc}") from exc
         inputs.append(x[0])
-        decs.append(decompose(loaded.model, x.to(dtype), tokens="source", device=args.device))
+        decs.append(decompose(loaded.model, x.to(dtype), tokens="source", device=args.device, fingerprint=fp,
+                              check_input=not args.no_input_check))
     names, dim = decs[0].names, decs[0].contributions.shape[-1]
     _check_aligner(aligner, args.aligner, names, dim, loaded.name, what=f"the model {loaded.name}")
     scores = None
@@ -529,9 +542,10 @@ def cmd_ablate(args) -> int:
     paths, labels = _class_folder(args.data, args.labels_file)
     hpaths, hlabels = _class_folder(args.heldout, args.labels_file)
     c, z, names = _decompose_paths(loaded, paths, batch_size=args.batch_size, progress=progress,
-                                   desc="decomposing data", device=args.device)
+                                   desc="decomposing data", device=args.device, check_input=not args.no_input_check)
     hc, hz, _ = _decompose_paths(loaded, hpaths, batch_size=args.batch_size, progress=progress,
-                                 desc="decomposing held-out", device=args.device)
+                                 desc="decomposing held-out", device=args.device,
+                                 check_input=not args.no_input_check)
     means = component_means(hc, device=args.device)
     y = torch.tensor(labels)
     curves = {}
@@ -587,7 +601,8 @@ def cmd_spurious(args) -> int:
     head = prediction_head(loaded.model)
     progress = _progress(args)
     hc, _, names = _decompose_paths(loaded, held.paths(), batch_size=args.batch_size, progress=progress,
-                                    desc=f"decomposing {args.heldout_split}", device=args.device)
+                                    desc=f"decomposing {args.heldout_split}", device=args.device,
+                                    check_input=not args.no_input_check, aligner=aligner)
     _check_aligner(aligner, args.aligner, names, hc.shape[-1], loaded.name, what=f"the model {loaded.name}")
     tc, tz, _ = _decompose_paths(loaded, test.paths(), batch_size=args.batch_size, progress=progress,
                                  desc=f"decomposing {args.test_split}", device=args.device)
@@ -637,6 +652,7 @@ def add_commands(sub) -> None:
     p.add_argument("--include-constant", action="store_true",
                    help="allow constant (bias, norm offset) and zero-variance components to be chosen")
     _model_args(p, required=False)
+    input_check_arg(p)
     _out_args(p)
     p.set_defaults(func=cmd_retrieve)
 
@@ -657,6 +673,7 @@ def add_commands(sub) -> None:
                    help="hierarchical models: sum every map into the model's coarsest grid (no merge-slot "
                         "checkerboard), or show each component on its own grid")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    input_check_arg(p)
     _out_args(p)
     p.set_defaults(func=cmd_heatmap)
 
@@ -679,6 +696,7 @@ def add_commands(sub) -> None:
     p.add_argument("--order", nargs="+", choices=("execution", "score"), default=["execution", "score"])
     p.add_argument("--scores", default=None, help="JSON {component: score} for the score order")
     p.add_argument("--steps", type=int, default=None, help="evaluate at about this many points (default: every count)")
+    input_check_arg(p)
     _out_args(p)
     p.set_defaults(func=cmd_ablate)
 
@@ -693,5 +711,6 @@ def add_commands(sub) -> None:
     p.add_argument("--heldout-split", default="val", help="split for scores and means (default val)")
     p.add_argument("--test-split", default="test", help="split evaluated (default test)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
+    input_check_arg(p)
     _out_args(p)
     p.set_defaults(func=cmd_spurious)

@@ -8,7 +8,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["HelpFormatter", "deprecated_alias", "refuse_other_model", "show_defaults"]
+__all__ = ["HelpFormatter", "deprecated_alias", "refuse_other_model", "show_defaults", "model_check_arg",
+           "input_check_arg"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -57,6 +58,19 @@ def deprecated_alias(parser, old: str, canonical: str, dest: str, *, flag: bool 
         kw.update(nargs=0, const=True)
     parser.add_argument(old, dest=dest, action=_Deprecated, canonical=canonical, help=argparse.SUPPRESS,
                         default=argparse.SUPPRESS, **kw)
+
+
+def model_check_arg(p) -> None:
+    """``--no-model-check`` on every command that applies an aligner (``Aligner.load(..., check_model=False)``)."""
+    p.add_argument("--no-model-check", action="store_true",
+                   help="apply the aligner even though it was fitted on other weights than the cache's or the model's (same component names and sizes: a fine-tuned copy, another --random-init seed); by default that is an error naming both weight fingerprints")
+
+
+def input_check_arg(p) -> None:
+    """``--no-input-check`` on every command that decomposes images (``check_input=False``)."""
+    p.add_argument("--no-input-check", action="store_true",
+                   help="accept images outside the range the model's preprocessing produces (by default 0-255 "
+                        "pixel values and unnormalised [0, 1] images for a normalising model are an error)")
 
 
 def _difference(a: Sequence[str], b: Sequence[str]) -> str:

@@ -98,7 +98,7 @@ def _open(args):
     from .extraction import ExtractionCache
 
     cache = ExtractionCache.open(args.cache)
-    aligner = Aligner.load(args.aligner, device=args.device)
+    aligner = Aligner.load(args.aligner, device=args.device, check_model=not args.no_model_check)
     aligner.check_source(cache)  # same names and sizes but another model's weights is an error
     if aligner.names != cache.names:
         from .compalign import _first_difference
@@ -148,7 +148,7 @@ def cmd_extract(args) -> int:
     cache = extract(loaded, args.data, args.out, clip=clip, batch_size=args.batch_size, dtype=_dtype(args.dtype),
                     device=args.device, decompose_kwargs=dk, shard_size=args.shard_size, progress=not args.quiet,
                     resume=not args.no_resume, num_workers=args.workers, autocast=args.autocast,
-                    on_error="skip" if args.skip_bad_images else "raise")
+                    on_error="skip" if args.skip_bad_images else "raise", check_input=not args.no_input_check)
     if not distributed.is_main():
         return 0
     print(f"{cache.path}: {len(cache)} images × {len(cache.names)} components × D={cache.dim} ({args.dtype})"
@@ -363,6 +363,9 @@ def _aligner_and_text_model_args(p):
     src.add_argument("--text-weights", default=None, metavar="PATH", help="local checkpoint of the text model")
     src.add_argument("--text-random-init", action="store_true", help="random text model (tests only)")
     p.add_argument("--text-cache", default=None, metavar="DIR", help="on-disk cache of text embeddings")
+    from ._cli_common import model_check_arg
+
+    model_check_arg(p)
 
 
 def _text_args(p):
@@ -406,6 +409,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="discard an existing cache in --out")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip and record images that cannot be read (default: stop, naming the image)")
+    from ._cli_common import input_check_arg
+
+    input_check_arg(p)
     _common(p, cache=False)
     p.set_defaults(func=cmd_extract)
 

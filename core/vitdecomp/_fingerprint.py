@@ -28,8 +28,9 @@ def _tensors(module: torch.nn.Module):
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A 32-hex-digit SHA-256 digest over every parameter and buffer of ``module``: names, shapes, dtypes and the
     bytes of the values (tensors hashed in parallel threads; hashlib releases the GIL). Any weight change, a
-    permutation included, changes it. Every call reads every byte (no memo: changes through ``.data`` bypass
-    torch's version counters); see benchmarks/RESULTS.md for the time on a ViT-B. Weights on an accelerator are
+    permutation included, changes it. Every call reads every byte (no memo: changes through ``.data`` or numpy
+    bypass torch's version counters, tests/test_integrity.py shows it); see benchmarks/RESULTS.md for the time on a
+    ViT-B. :func:`vitdecomp.decompose` records it (``fingerprint=``) for aligners to check. Weights on an accelerator are
     copied to the host for hashing."""
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"a weight fingerprint needs a torch module, got {type(module).__name__}")

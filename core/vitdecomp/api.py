@@ -8,6 +8,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from ._input_range import check_image_range, input_stats
 from ._plugins import Registry, default_registry
 from .adapter import DecomposeOptions
 from .decomposition import Decomposition, _Shifted, _take, tolerance_for
@@ -131,6 +132,20 @@ def _check_finite(images: torch.Tensor, what: str = "images") -> None:
         raise err
 
 
+def _fingerprint_of(model, fingerprint) -> Optional[str]:
+    """``decompose``'s ``fingerprint=``: True → hash the weights now; a 32-hex-digit string → as given; False → None."""
+    if fingerprint is True:
+        from ._fingerprint import weights_fingerprint
+
+        return weights_fingerprint(model) if isinstance(model, torch.nn.Module) else None
+    if fingerprint is False or fingerprint is None:
+        return None
+    if isinstance(fingerprint, str) and len(fingerprint) == 32 and all(ch in "0123456789abcdef" for ch in fingerprint):
+        return fingerprint
+    raise InputError(f"fingerprint={fingerprint!r}: use True (hash the model's weights now), False (record none) or "
+                     "the 32-hex-digit string vitdecomp.weights_fingerprint(model) returned")
+
+
 def _autocast_dtype(value):
     if value is None or value is False:
         return None
@@ -195,6 +210,8 @@ def decompose(
     autocast=None,
     compare_float32: bool = True,
     device=None,
+    fingerprint=True,
+    check_input: bool = True,
 ) -> Decomposition:
     """Decompose the model's final representation of ``images`` exactly into component contributions.
 
@@ -229,10 +246,28 @@ def decompose(
     :param device: run on this device (``"cuda"``, ``"cuda:1"``, ``"cpu"``): the model is moved there (in place,
         as ``nn.Module.to`` does) and the images copied there. Default: where the model already is (the images
         must then be on the same device). No step of the decomposition makes the host wait for the device
-        (see :func:`vitdecomp.testing.check_cuda_placement`); reading ``error`` does, once.
+        (see :func:`vitdecomp.testing.check_cuda_placement`; with ``fingerprint=True`` hashing the weights does,
+        see there); reading ``error`` does, once.
+    :param fingerprint: the model-weights identity recorded in ``meta["model_fingerprint"]``, which an
+        :class:`~vitdecomp.Aligner` fitted on other weights refuses (:meth:`~vitdecomp.Aligner.check_source`).
+        ``True`` (default): :func:`vitdecomp.weights_fingerprint` of the model, computed at this call: every
+        weight read once (a ViT-B on a shared 2-core box: 0.6–2.3 s, +10% on a batch of 8, +40–80% on one
+        image, see benchmarks/RESULTS.md; on an accelerator the weights are copied to the host, a
+        synchronisation). It is never memoised: in-place edits through ``.data`` or numpy leave torch's version
+        counters unchanged, so no cheap key can prove the weights unchanged. A string: that fingerprint, computed once by the caller with
+        ``vitdecomp.weights_fingerprint(model)`` (the cheap path for loops over batches; the caller vouches the
+        weights have not changed since). ``False``: none recorded (aligners then cannot check this
+        decomposition: an explicit opt-out).
+    :param check_input: refuse images that are plainly not preprocessed the way the model expects:
+        0–255 pixel values or unnormalised [0, 1] images for a model whose preprocessing normalises (see
+        :mod:`vitdecomp._input_range`; the accepted range comes from the model's own preprocessing
+        config). Checked where the NaN check is (on the CPU; on an accelerator with ``check=True``, and always
+        by :func:`vitdecomp.extract`, on the host). ``False`` accepts any finite values (exotic but legitimate
+        inputs).
     :returns: a :class:`Decomposition`; Σ_i c_i = ``representation`` up to ``error``.
     """
     options = DecomposeOptions(heads=heads, start=start, tokens=tokens, bias=bias)
+    stats = input_stats(model) if check_input else None
     model, images = _place(unwrap_loaded(model), images, device)
     ad = find_adapter(model, adapter, registry=registry)
     outer = model
@@ -250,6 +285,9 @@ def decompose(
     sync_ok = check or images.device.type == "cpu"  # never make the host wait for an accelerator unasked
     if sync_ok:
         _check_finite(images)
+        if check_input:
+            check_image_range(images, stats)
+    fp = _fingerprint_of(outer, fingerprint)
     ac = _autocast_dtype(autocast)
     if ac is not None and images.dtype != torch.float32:
         raise InputError(f"autocast={autocast!r} needs float32 images and model; got {images.dtype}")
@@ -281,7 +319,8 @@ def decompose(
         dec = dec.group("branch")
         dec.meta.pop("grouped", None)
     dec.meta.setdefault("adapter", ad.name)
-    dec.meta.update({"heads": heads, "start": start, "tokens": tokens, "bias": bias, "dtype": str(images.dtype).replace("torch.", "")})
+    dec.meta.update({"heads": heads, "start": start, "tokens": tokens, "bias": bias, "dtype": str(images.dtype).replace("torch.", ""),
+                     "model_fingerprint": fp})
     if sync_ok:
         _check_finite(dec.contributions.detach(), "the contributions of images")
     if check:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
 
-from ._cli_common import HelpFormatter, deprecated_alias, show_defaults
+from ._cli_common import HelpFormatter, deprecated_alias, input_check_arg, show_defaults
 
 _EPILOG_CHECK = """examples:
   vitdecomp check timm:deit_tiny_patch16_224 --random-init
@@ -199,7 +199,6 @@ def cmd_decompose(args) -> int:
 
     loaded = _load(args)
     model = loaded.model.to(_dtype(args.dtype))
-    from ._fingerprint import weights_fingerprint
     from .errors import InputError
 
     batch = []
@@ -211,9 +210,9 @@ def cmd_decompose(args) -> int:
         batch.append(loaded.preprocess(img))
     images = torch.stack(batch).to(_dtype(args.dtype))
     dec = api.decompose(model, images, device=args.device, heads=not args.no_heads, tokens="source" if args.tokens else None,
-                        start=args.start, bias=args.bias, check=True)
-    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images],
-                     "model_fingerprint": weights_fingerprint(model)})  # checked by aligners applied to it
+                        start=args.start, bias=args.bias, check=True, check_input=not args.no_input_check)
+    # decompose recorded meta["model_fingerprint"], which aligners applied to the file check
+    dec.meta.update({"model": loaded.name, "images": [str(p) for p in args.images]})
     dec.save(args.out, tokens=args.tokens)
     print(f"wrote {args.out}: {len(args.images)} images × {len(dec)} components × {dec.contributions.shape[-1]} dims "
           f"(reconstruction error {dec.error:.2e})")
@@ -276,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", default="explicit", choices=("explicit", "paper", "even"),
                    help="biases as components of their own; 'paper': the paper's RepDecompose convention; "
                         "'even': constants split evenly over the other components")
+    input_check_arg(p)
     p.set_defaults(func=cmd_decompose)
 
     for modname in ("_cli_interpret", "_cli_apps", "_cli_demo", "_cli_atlas"):

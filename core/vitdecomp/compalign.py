@@ -225,19 +225,26 @@ class Aligner:
         return torch.eye(self.in_dim) if self.weight is None else self.weight[i]
 
     # ------------------------------------------------------------------ application
-    def check_source(self, source) -> None:
+    def check_source(self, source, *, where: Optional[str] = None) -> None:
         """Raise :class:`MismatchError` when ``source`` (an :class:`ExtractionCache`, a :class:`Decomposition` or
         their ``meta`` dict) records a model fingerprint other than the one this aligner was fitted on: the same
-        component names and sizes with other weights. ``check_model=False`` turns the check off; sources or
-        aligners without a fingerprint are not checked."""
+        component names and sizes with other weights. Every application to a cache or a Decomposition checks
+        (``aligner(dec)``, ``total``, ``iter_aligned``, ``align_components``, and the functions taking an
+        ``aligner=``); :func:`vitdecomp.decompose` records the fingerprint (its ``fingerprint=``), caches and
+        saved decompositions carry it. ``check_model=False`` (``Aligner.load(..., check_model=False)``, the CLI's
+        ``--no-model-check``) turns the check off; sources or aligners without a fingerprint (a bare tensor,
+        ``decompose(..., fingerprint=False)``, files of older versions) are not checked. ``where`` names the
+        source in the message."""
         meta = source if isinstance(source, dict) else getattr(source, "meta", None)
         theirs = meta.get("model_fingerprint") if isinstance(meta, dict) else None
         if self.check_model and self.model_fingerprint and theirs and theirs != self.model_fingerprint:
-            where = getattr(source, "path", None) or type(source).__name__
+            where = where or getattr(source, "path", None) or ("the decomposition" if type(source).__name__ ==
+                                                                "Decomposition" else type(source).__name__)
             raise MismatchError(
                 f"the aligner was fitted on model {self.model_name!r} with weights {self.model_fingerprint}, but "
                 f"{where} comes from weights {theirs} (same component names and sizes, other weights). Fit an aligner "
-                "for this model, or set aligner.check_model = False (Aligner.load(..., check_model=False)) to apply "
+                "for this model, or set aligner.check_model = False (Aligner.load(..., check_model=False), "
+                "--no-model-check on the command line) to apply "
                 "it anyway"
             )
 

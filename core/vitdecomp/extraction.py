@@ -668,16 +668,23 @@ def _claim(out: Path) -> None:
 
 
 def _extract_batch(model, x, xc, clip_model, *, device, model_dtype, ac, measure32: bool, store_dtype, registry,
-                   dk) -> dict:
+                   dk, fingerprint=False, input_stats=False) -> dict:
     """The device part of extraction for one batch, free of host synchronisation: decompose, cast, queue the
     copies to the host. Returns names, host tensors ``contributions``/``representation`` (``targets``), and the
     device-side scalars ``error`` (max reconstruction error) and ``finite``. With ``ac`` and ``measure32`` the
-    reduced-precision error against float32 is measured (one synchronisation, once per shard)."""
+    reduced-precision error against float32 is measured (one synchronisation, once per shard). ``input_stats``:
+    the model's normalisation (:func:`vitdecomp._input_range.input_stats`) to check the batch's value range against
+    on the host, before it is copied to the device (``False``: not checked); ``fingerprint``: the model's weight
+    fingerprint, computed once per extraction, recorded by decompose."""
+    from ._input_range import check_image_range
     from .api import decompose
 
+    if input_stats is not False:
+        check_image_range(x, input_stats)  # the same error decompose gives, on the host: no device synchronisation
     x = x.to(device, model_dtype, non_blocking=True)
     out = {}
-    dec = decompose(model, x, check=False, registry=registry, autocast=ac, compare_float32=measure32, **dk)
+    dec = decompose(model, x, check=False, registry=registry, autocast=ac, compare_float32=measure32,
+                    fingerprint=fingerprint, check_input=False, **dk)
     if ac is not None and measure32:
         out["error_vs_float32"] = dec.meta["error_vs_float32"]
     out["names"] = list(dec.names)
@@ -697,7 +704,7 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
             batch_size: int = 32, dtype=torch.float16, device="cpu", decompose_kwargs: Optional[dict] = None,
             shard_size: int = 1024, progress: bool = True, resume: bool = True, num_workers: int = 0,
             model_name: Optional[str] = None, registry=None, autocast=None,
-            on_error: str = "raise") -> ExtractionCache:
+            on_error: str = "raise", check_input: bool = True) -> ExtractionCache:
     """Decompose every image of ``data`` and cache the contributions in ``out_dir``.
 
     :param model: a supported model (``torch.nn.Module``), a :class:`vitdecomp.LoadedModel` (brings its
@@ -721,6 +728,10 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
     :param on_error: ``"raise"`` (default): an image that cannot be read or preprocessed raises
         :class:`InputError` naming its path and index; ``"skip"``: it is left out of the cache and recorded
         (:attr:`ExtractionCache.skipped`), and finished shards stay valid.
+    :param check_input: refuse batches of 0–255 pixel values or unnormalised [0, 1] images (for a model whose
+        preprocessing normalises), with the error :func:`vitdecomp.decompose` gives, naming the image; the accepted
+        range comes from ``preprocess`` or the model's own config (:mod:`vitdecomp._input_range`). ``False``
+        accepts any finite values.
     :param device: ``"cpu"``, ``"cuda"`` (under torchrun: ``cuda:LOCAL_RANK``) or a device. On CUDA, loading uses
         pinned memory, finished contributions are copied to the host asynchronously, and the host synchronises
         once per shard.
@@ -753,7 +764,17 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
         dk["start"] = list(dk["start"])
     out = Path(out_dir)
     _claim(out)  # before loading anything: a wrong --out fails now, not after the work
+    from ._input_range import input_stats
+
+    # the accepted range as decompose defines it: the caller's (or the LoadedModel's) preprocess, else the model's
+    # own config (not the transform built from it below, which says the same under another name)
+    own_pre = preprocess if preprocess is not None else (None if isinstance(model, (str, torch.nn.Module))
+                                                         else getattr(model, "preprocess", None))
+    was_string = isinstance(model, str)
     model, preprocess, model_name = _resolve_model(model, preprocess, model_name)
+    if was_string:  # the LoadedModel load_model made, with its preprocessing
+        own_pre = preprocess
+    stats = input_stats(model, own_pre) if check_input else False
     clip_model, clip_pre, clip_name = _resolve_clip(clip, clip_name)
     from .api import _autocast_dtype, _check_eval
 
@@ -855,7 +876,8 @@ def extract(model, data, out_dir, *, preprocess=None, clip=None, clip_name: Opti
                     inputs[i - start] = d
                 try:
                     res = _extract_batch(model, x, xc, clip_model, device=device, model_dtype=model_dtype, ac=ac,
-                                         measure32=first, store_dtype=store_dtype, registry=registry, dk=dk)
+                                         measure32=first, store_dtype=store_dtype, registry=registry, dk=dk,
+                                         fingerprint=settings["model_fingerprint"], input_stats=stats)
                 except InputError as exc:
                     if getattr(exc, "index", None) is None:
                         raise

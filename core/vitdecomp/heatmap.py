@@ -307,6 +307,8 @@ def token_heatmap(dec, aligner=None, text: Optional[torch.Tensor] = None, *, bas
     """
     if grid not in ("native", "coarsest"):
         raise InputError(f"grid must be 'native' or 'coarsest', got {grid!r}")
+    if aligner is not None:
+        aligner.check_source(dec)  # fitted on other weights than the decomposition's: MismatchError
     if (text is None) == (basis is None):
         raise InputError("give exactly one of text= (an embedding [d]) or basis= (a property's embeddings [k, d])")
     if text is not None:

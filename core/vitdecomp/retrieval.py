@@ -225,6 +225,8 @@ def _projections(source, direction, aligner, batch_size, device, with_variance: 
     """(projections [N, C], component variance [C] or None): one pass, one read-back to the host."""
     from .engine import to_device
 
+    if aligner is not None:
+        aligner.check_source(source)  # a cache or decomposition of other weights: MismatchError
     t = direction.detach().reshape(-1).to(torch.float64).cpu()
     out = []
     U = None
@@ -275,6 +277,8 @@ def property_scores(source, bases, *, aligner=None, batch_size: int = 256, progr
 
     from .scores import StreamingScores
 
+    if aligner is not None:
+        aligner.check_source(source)  # a cache or decomposition of other weights: MismatchError
     if device is not None and aligner is not None:
         aligner = aligner.to(device)
     acc = StreamingScores(bases)

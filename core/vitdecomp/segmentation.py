@@ -143,7 +143,7 @@ def segment(model, images: torch.Tensor, classes=None, *, adapter=None, mode: st
     from .api import decompose, unwrap_loaded
 
     model = unwrap_loaded(model)
-    dec = decompose(model, images, tokens="source", adapter=adapter, device=device)
+    dec = decompose(model, images, tokens="source", adapter=adapter, device=device, fingerprint=False)  # no aligner
     head = prediction_head(model, adapter) if head is None else head
     logits = predict(head, dec.representation)
     cls = logits.argmax(-1) if classes is None else torch.as_tensor(classes).long().flatten()
@@ -366,7 +366,7 @@ def evaluate_segmentation(model, root, *, adapter=None, preprocess=None, image_s
         batch = images[i:i + batch_size]
         loaded = [load_image(p, size, mean, std) for p in batch]
         x = to_device(torch.stack([t for t, _ in loaded]), device, dtype)
-        dec = decompose(model, x, tokens="source", adapter=adapter)
+        dec = decompose(model, x, tokens="source", adapter=adapter, fingerprint=False)  # no aligner applied
         logits = predict(head, dec.representation)
         pred = logits.argmax(-1).cpu()
         cls = torch.tensor([labels.get(p.stem, int(pred[j])) for j, p in enumerate(batch)])

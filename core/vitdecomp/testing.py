@@ -302,7 +302,8 @@ def check_cuda_placement(model, image_size, *, batch: int = 2, granularities: It
                          adapter=None, registry=None, materialize: int = 3) -> list:
     """Decompose ``model`` on a simulated CUDA device (see :func:`simulated_cuda`) at every granularity.
 
-    Asserts that no operation mixes devices or waits for the GPU inside ``decompose``, that contributions,
+    Asserts that no operation mixes devices or waits for the GPU inside ``decompose`` (with ``fingerprint=False``:
+    the default weight fingerprint copies the weights to the host, a wait by design), that contributions,
     representation and the lazy error live on the device, and that token splits / spatial maps of the first
     ``materialize`` components are produced there too. Returns ``[(options, shape of contributions), ...]``."""
     results = []
@@ -322,7 +323,7 @@ def check_cuda_placement(model, image_size, *, batch: int = 2, granularities: It
                 g = m.to("cuda")
                 x = torch.randn(batch, 3, *image_size, device="cuda")
             try:
-                dec = api.decompose(g, x, adapter=adapter, registry=registry, **opts)
+                dec = api.decompose(g, x, adapter=adapter, registry=registry, fingerprint=False, **opts)
                 err = dec.error_tensor()
                 tensors = {"contributions": dec.contributions, "representation": dec.representation, "error": err}
                 if opts.get("tokens"):
