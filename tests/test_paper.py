@@ -236,8 +236,6 @@ def test_maxvit_paper_readout(name, extra, photo_batch):
         torch.testing.assert_close(dec["stages.3.blocks.0.conv"], conv_out.mean((-1, -2)), rtol=1e-10, atol=1e-12)
     else:  # forward_features ends with model.norm: the paper's z is the default
         torch.testing.assert_close(dec.contributions, default.contributions, rtol=1e-12, atol=1e-14)
-    with pytest.raises(UnsupportedModelError, match="bias='paper' with tokens='source'"):
-        vitdecomp.decompose(m, x, adapter=ad, bias="paper", tokens="source")
     with pytest.raises(vitdecomp.InputError, match="readout"):
         MaxViTAdapter(readout="pooled")
 
@@ -355,6 +353,13 @@ def test_maxvit_paper_convention_matches_the_papers_walk(name, extra, paper_read
     key = "stages.3.blocks.0.attn_grid.attn"
     heads = sum(dec[n] for n in dec.names if n.startswith(key + ".head."))
     torch.testing.assert_close(br[key], heads, rtol=1e-12, atol=1e-14)
+    # with token detail: the same components, and each one's parts on its own grid sum to it
+    tok = vitdecomp.decompose(m, x, adapter=ad, bias="paper", tokens="source", check=True)
+    assert_components(tok, names, leaves, 1e-12)
+    for n in names:
+        parts = tok.token_contributions(n)
+        assert parts.shape[1] == tok.grid_of(n).num_tokens
+        torch.testing.assert_close(parts.sum(1), tok[n], rtol=1e-10, atol=1e-12)
 
 
 def test_maxvit_float32(photo_batch):
