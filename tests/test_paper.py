@@ -192,13 +192,105 @@ def test_open_clip_matches_the_papers_walk(tiny_clip_name, photo_batch):
         torch.testing.assert_close(sum(heads), br[f"blocks.{i}.attn"], rtol=1e-12, atol=1e-14)
 
 
-def test_engines_without_paper_convention_say_so():
+# ------------------------------------------------------------------------------------------- Swin (grid streams)
+SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 2),
+            num_classes=0)
+
+
+def swin_model(dtype=torch.float64):
     from timm.models.swin_transformer import SwinTransformer
 
-    m = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2),
-                        num_classes=0).eval()
-    with pytest.raises(UnsupportedModelError, match="bias='paper'.*timm-swin"):
-        vitdecomp.decompose(m, torch.randn(1, 3, 32, 32), bias="paper")
+    torch.manual_seed(0)
+    return testing.perturb_parameters(SwinTransformer(**SWIN).eval()).to(dtype)
+
+
+def swin_reference(m, x, start=0):
+    """The paper's walk on a timm Swin (V1) by hand: leaves are full ``[B, H, W, C]`` maps on the stage where
+    they are written — the stream entering block ``start`` (embed / init), each head's W_O^(h) o_h + b_O / H put
+    back from its (shifted) window with timm's own ``window_reverse`` and roll, each MLP write — carried through
+    every later patch merging (2×2 gather, then the paper's LayerNorm: γ ⊙ (u_k − μ/M)/σ + β/M, then the
+    reduction), the final norm by the same rule, and the mean over positions."""
+    from timm.models.swin_transformer import window_reverse
+
+    blocks = [(S, b, blk) for S, st in enumerate(m.layers) for b, blk in enumerate(st.blocks)]
+    cap, hs = {}, []
+    for gi, (S, b, blk) in enumerate(blocks):
+        hs.append(blk.register_forward_pre_hook(lambda mod, a, gi=gi: cap.__setitem__(("in", gi), a[0])))
+        hs.append(blk.attn.proj.register_forward_pre_hook(lambda mod, a, gi=gi: cap.__setitem__(("o", gi), a[0])))
+        hs.append(blk.mlp.register_forward_hook(lambda mod, a, o, gi=gi: cap.__setitem__(("mlp", gi), o)))
+    hs.append(m.norm.register_forward_pre_hook(lambda mod, a: cap.__setitem__("final", a[0])))
+    with torch.no_grad():
+        z = m.forward_head(m.forward_features(x), pre_logits=True)
+    for h in hs:
+        h.remove()
+
+    def paper_ln(ln, us):  # over the last axis, per position
+        u = sum(us)
+        mu, sd = u.mean(-1, keepdim=True), (u.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        return [ln.weight * (t - mu / len(us)) / sd + ln.bias / len(us) for t in us]
+
+    names, leaves, gi = [], [], 0
+    for S, st in enumerate(m.layers):
+        ds = st.downsample
+        if leaves and not isinstance(ds, torch.nn.Identity):
+            B, H, W, C = leaves[0].shape
+            x4 = [u.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3) for u in leaves]
+            leaves = [ds.reduction(t) for t in paper_ln(ds.norm, x4)]
+        for b, blk in enumerate(st.blocks):
+            if gi == start:
+                names, leaves = ["embed" if start == 0 else "init"], [cap[("in", gi)]]
+            if gi >= start:
+                B, H, W, C = leaves[0].shape
+                at = blk.attn
+                Hh = at.num_heads
+                o = cap[("o", gi)].unflatten(-1, (Hh, -1))  # [B·nW, N, H, dh] in shifted windows
+                Wo = at.proj.weight.unflatten(1, (Hh, -1))
+                for h in range(Hh):
+                    y = (o[..., h, :] @ Wo[:, h].T + at.proj.bias / Hh).view(-1, *blk.window_size, C)
+                    y = window_reverse(y, blk.window_size, H, W)
+                    names.append(f"stages.{S}.blocks.{b}.attn.head.{h}")
+                    leaves.append(torch.roll(y, shifts=tuple(blk.shift_size), dims=(1, 2)))
+                names.append(f"stages.{S}.blocks.{b}.mlp")
+                leaves.append(cap[("mlp", gi)].reshape(B, H, W, C))
+            gi += 1
+    torch.testing.assert_close(sum(leaves), cap["final"], rtol=1e-12, atol=1e-12)  # the leaves are the stream
+    out = [u.mean((1, 2)) for u in paper_ln(m.norm, leaves)]
+    torch.testing.assert_close(sum(out), z, rtol=1e-12, atol=1e-12)
+    return names, out
+
+
+@pytest.mark.parametrize("start", [0, 2, 3])  # full depth, a stage boundary (its merge inside init), mid-stage
+def test_swin_matches_the_papers_walk(start):
+    m = swin_model()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert any(any(blk.shift_size) for st in m.layers for blk in st.blocks)  # shifted windows are exercised
+    names, leaves = swin_reference(m, x, start)
+    dec = vitdecomp.decompose(m, x, bias="paper", start=start or None, check=True)
+    assert dec.meta["bias"] == "paper"
+    assert_components(dec, names, leaves, 1e-12)
+    br = vitdecomp.decompose(m, x, bias="paper", start=start or None, heads=False, check=True)
+    for n in br.names:
+        if n.endswith(".attn"):
+            torch.testing.assert_close(br[n], dec[n + ".head.0"] + dec[n + ".head.1"], rtol=1e-12, atol=1e-14)
+    tok = vitdecomp.decompose(m, x, bias="paper", start=start or None, tokens="source", check=True)
+    assert_components(tok, names, leaves, 1e-12)
+    for n in names:
+        parts = tok.token_contributions(n)
+        assert parts.shape[1] == tok.grid_of(n).num_tokens
+        torch.testing.assert_close(parts.sum(1), tok[n], rtol=1e-10, atol=1e-12)
+    # the explicit default differs per component (merge norms centre each leaf by its own mean)
+    exp = vitdecomp.decompose(m, x, start=start or None)
+    assert (exp["stages.2.blocks.1.mlp"] - dec["stages.2.blocks.1.mlp"]).norm() > 1e-3 * dec["stages.2.blocks.1.mlp"].norm()
+
+
+def test_swin_float32():
+    m64 = swin_model()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    names, leaves = swin_reference(m64, x)
+    dec = vitdecomp.decompose(copy.deepcopy(m64).float(), x.float(), bias="paper", check=True)
+    assert_components(dec, names, [u.float() for u in leaves], 1e-5)
 
 
 # ------------------------------------------------------------------------------------------- MaxViT paper z
