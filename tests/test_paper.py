@@ -197,27 +197,33 @@ SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2
             num_classes=0)
 
 
-def swin_model(dtype=torch.float64):
+def swin_model(dtype=torch.float64, v2=False):
     from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
 
     torch.manual_seed(0)
-    return testing.perturb_parameters(SwinTransformer(**SWIN).eval()).to(dtype)
+    return testing.perturb_parameters((SwinTransformerV2 if v2 else SwinTransformer)(**SWIN).eval()).to(dtype)
 
 
 def swin_reference(m, x, start=0):
-    """The paper's walk on a timm Swin (V1) by hand: leaves are full ``[B, H, W, C]`` maps on the stage where
+    """The paper's walk on a timm Swin by hand: leaves are full ``[B, H, W, C]`` maps on the stage where
     they are written — the stream entering block ``start`` (embed / init), each head's W_O^(h) o_h + b_O / H put
     back from its (shifted) window with timm's own ``window_reverse`` and roll, each MLP write — carried through
     every later patch merging (2×2 gather, then the paper's LayerNorm: γ ⊙ (u_k − μ/M)/σ + β/M, then the
-    reduction), the final norm by the same rule, and the mean over positions."""
+    reduction; V2: reduction, then that norm), the final norm by the same rule, and the mean over positions.
+    V2's res-post-norm sits inside the branch: the paper's norm rule over the H heads of that branch, and the
+    MLP leaf is ``norm2``'s output."""
     from timm.models.swin_transformer import window_reverse
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
 
+    v2 = isinstance(m, SwinTransformerV2)
     blocks = [(S, b, blk) for S, st in enumerate(m.layers) for b, blk in enumerate(st.blocks)]
     cap, hs = {}, []
     for gi, (S, b, blk) in enumerate(blocks):
         hs.append(blk.register_forward_pre_hook(lambda mod, a, gi=gi: cap.__setitem__(("in", gi), a[0])))
         hs.append(blk.attn.proj.register_forward_pre_hook(lambda mod, a, gi=gi: cap.__setitem__(("o", gi), a[0])))
-        hs.append(blk.mlp.register_forward_hook(lambda mod, a, o, gi=gi: cap.__setitem__(("mlp", gi), o)))
+        hs.append((blk.norm2 if v2 else blk.mlp).register_forward_hook(
+            lambda mod, a, o, gi=gi: cap.__setitem__(("mlp", gi), o)))
     hs.append(m.norm.register_forward_pre_hook(lambda mod, a: cap.__setitem__("final", a[0])))
     with torch.no_grad():
         z = m.forward_head(m.forward_features(x), pre_logits=True)
@@ -235,7 +241,8 @@ def swin_reference(m, x, start=0):
         if leaves and not isinstance(ds, torch.nn.Identity):
             B, H, W, C = leaves[0].shape
             x4 = [u.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3) for u in leaves]
-            leaves = [ds.reduction(t) for t in paper_ln(ds.norm, x4)]
+            leaves = paper_ln(ds.norm, [ds.reduction(t) for t in x4]) if v2 else \
+                [ds.reduction(t) for t in paper_ln(ds.norm, x4)]
         for b, blk in enumerate(st.blocks):
             if gi == start:
                 names, leaves = ["embed" if start == 0 else "init"], [cap[("in", gi)]]
@@ -245,11 +252,13 @@ def swin_reference(m, x, start=0):
                 Hh = at.num_heads
                 o = cap[("o", gi)].unflatten(-1, (Hh, -1))  # [B·nW, N, H, dh] in shifted windows
                 Wo = at.proj.weight.unflatten(1, (Hh, -1))
+                heads = []
                 for h in range(Hh):
                     y = (o[..., h, :] @ Wo[:, h].T + at.proj.bias / Hh).view(-1, *blk.window_size, C)
                     y = window_reverse(y, blk.window_size, H, W)
                     names.append(f"stages.{S}.blocks.{b}.attn.head.{h}")
-                    leaves.append(torch.roll(y, shifts=tuple(blk.shift_size), dims=(1, 2)))
+                    heads.append(torch.roll(y, shifts=tuple(blk.shift_size), dims=(1, 2)))
+                leaves += paper_ln(blk.norm1, heads) if v2 else heads
                 names.append(f"stages.{S}.blocks.{b}.mlp")
                 leaves.append(cap[("mlp", gi)].reshape(B, H, W, C))
             gi += 1
@@ -259,9 +268,10 @@ def swin_reference(m, x, start=0):
     return names, out
 
 
-@pytest.mark.parametrize("start", [0, 2, 3])  # full depth, a stage boundary (its merge inside init), mid-stage
-def test_swin_matches_the_papers_walk(start):
-    m = swin_model()
+@pytest.mark.parametrize("v2, start", [(False, 0), (False, 2), (False, 3), (True, 0), (True, 3)])
+def test_swin_matches_the_papers_walk(v2, start):
+    """start: full depth, a stage boundary (its merge inside init), mid-stage."""
+    m = swin_model(v2=v2)
     torch.manual_seed(3)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert any(any(blk.shift_size) for st in m.layers for blk in st.blocks)  # shifted windows are exercised
