@@ -192,6 +192,18 @@ def test_open_clip_matches_the_papers_walk(tiny_clip_name, photo_batch):
         torch.testing.assert_close(sum(heads), br[f"blocks.{i}.attn"], rtol=1e-12, atol=1e-14)
 
 
+def test_adapters_without_paper_convention_say_so():
+    from vitdecomp_plugins.timm_vit import TimmViTAdapter
+
+    class NoPaper(TimmViTAdapter):
+        name = "no-paper"
+        paper_bias = False
+
+    m = build(*FAMILIES["deit"], dtype=torch.float32)
+    with pytest.raises(UnsupportedModelError, match="bias='paper'.*'no-paper'.*does not declare paper_bias"):
+        vitdecomp.decompose(m, torch.randn(1, 3, 32, 32), adapter=NoPaper(), bias="paper")
+
+
 # ------------------------------------------------------------------------------------------- Swin (grid streams)
 SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 2),
             num_classes=0)

@@ -14,8 +14,9 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   (:meth:`Graph.norm`), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
   pooled groups side by side (:meth:`Graph.concat`),
   a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
-  several streams, at the forward's attention weights) and a 2×2 patch merging from one grid stream into the
-  next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge);
+  several streams, at the forward's attention weights), a 2×2 patch merging from one grid stream into the
+  next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge) and a stride-2 shortcut
+  (:meth:`Graph.downsample`: 2×2 average pool + 1×1 conv, MaxViT);
 * a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
   library's own forward.
 
@@ -23,8 +24,11 @@ Hierarchical models (Swin) put each stage on a stream with its own grid (``Graph
 rows are the grid's positions, row-major, and modules may see them as ``[B, h, w, C]``). A component written there
 has its token detail on that grid (``dec.grid_of(name)``); window attention is the head source
 :class:`~vitdecomp.graph.sources.WindowHeads` (cyclic shift and window partition as a row map; heads placed at
-their query rows, ``meta["head_tokens"] = "query"``), and a norm inside the branch after the attention
-(SwinV2's res-post-norm) is ``Graph.heads(..., post_norm=module)``.
+their query rows, ``meta["head_tokens"] = "query"``), any partitioned attention given by its row map is
+:class:`~vitdecomp.graph.sources.PartitionHeads` (MaxViT's block windows and grid cells: :func:`window_rows`,
+:func:`grid_rows`), and a norm inside the branch after the attention (SwinV2's res-post-norm) is
+``Graph.heads(..., post_norm=module)``. Modules that see or write ``[B, C, h, w]`` maps are declared with
+``nchw=True`` (``embed``, ``branch``, ``block``, ``norm``: a LayerNorm2d normalises over C).
 
 Blocks (:meth:`Graph.block`) group writes under a name prefix and mark where ``start`` may cut: with
 ``start=k`` the stream entering block ``k`` becomes the component ``init`` (kind ``residual``).
@@ -318,8 +322,11 @@ def execute(graph: Graph, images: torch.Tensor, *, start=None, tokens: bool = Fa
         b_O / H to each of its heads; a norm does not centre each write but subtracts the stream's mean, and
         that −γ·μ/σ and its β are split evenly over the leaves present at the norm (the writes flowing through
         it); a class-attention branch's constants (and its norm's centring through the value paths) likewise.
-        No ``const`` components remain. Leaves are counted at head level, also with ``tokens`` (whose parts
-        then put each constant's share on the rows where it is written)."""
+        On grid streams a merge's or downsample's constant (and a merge norm's centring) is split over the leaves
+        of the stream it reads, and a post-norm inside a branch over that branch's heads. No ``const``
+        components remain. Leaves are counted at head level, also with ``tokens`` (whose parts then put each
+        constant's share on the rows where it is written; on a grid stream merged from the leaf's, spread
+        evenly over the leaf's positions that merge into each of those rows)."""
     from ._engine import run_graph
 
     return run_graph(graph, images, start=start, tokens=tokens, bias=bias)
