@@ -674,6 +674,8 @@ def _take(graph, op, x, s, rows_idx, seq_first):
         x = x.transpose(0, 1)
     if x.shape[1] != s.rows:
         raise GraphError(f"{_where(graph, op)}: the module sees {x.shape[1]} rows; the stream declares {s.rows}")
+    if s.grid is not None and rows_idx.numel() == s.rows:  # a grid stream needs every row, in order: no copy
+        return x
     return x.index_select(1, rows_idx)
 
 

@@ -171,6 +171,8 @@ class _GTerm:
 
     def pool(self, u: torch.Tensor) -> torch.Tensor:
         """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
+        if self.G == 1 and u.ndim == 3:  # one batched product, no weighted copy of u
+            return torch.bmm(self.w.unsqueeze(1), u)
         wu = u * self.w.view(*self.w.shape, *([1] * (u.ndim - 2)))
         out = u.new_zeros(u.shape[0], self.G, *u.shape[2:])
         return out.index_add_(1, self.group, wu)
@@ -340,8 +342,11 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None, paper=Fa
     starts = []
     for t in terms:
         w = t.w if inv is None else t.w * inv
-        pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
-            1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
+        if t.G == 1:  # one batched product, no weighted copy of o
+            pooled = torch.einsum("bhrk,br->bhk", o, w).unsqueeze(1)
+        else:
+            pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
+                1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
         hv = torch.einsum("bghk,chk->bhgc", pooled, Wg)
         if A is not None:
             hv = _rows_mm(hv, A)
