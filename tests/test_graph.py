@@ -118,3 +118,30 @@ def test_window_rows_follow_the_models_roll_pad_partition(pad_first):
     want = x.view(1, Hp // 2, 2, Wp // 3, 3, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1).long()
     assert window_rows(H, W, win, sh, pad_first).tolist() == want.tolist()
     assert (window_rows(H, W, win, sh, True) != window_rows(H, W, win, sh, False)).any()
+
+
+def test_partition_row_maps_are_timms_partitions():
+    """MaxViT's block (window) and grid partitions as row maps: timm's own partition applied to position indices."""
+    from timm.models.maxxvit import grid_partition, window_partition
+
+    from vitdecomp.graph import grid_rows, window_rows
+
+    H, W, ps = 8, 12, (2, 4)
+    idx = torch.arange(H * W).view(1, H, W, 1)
+    assert window_rows(H, W, ps).tolist() == window_partition(idx, list(ps)).reshape(-1).tolist()
+    assert grid_rows(H, W, ps).tolist() == grid_partition(idx, list(ps)).reshape(-1).tolist()
+    assert grid_rows(H, W, ps).tolist() != window_rows(H, W, ps).tolist()
+    with pytest.raises(ValueError, match="8×12 grid does not split into 3×4"):
+        grid_rows(H, W, (3, 4))
+
+
+def test_downsample_checks_its_geometry():
+    g = Graph("test-pack", run=lambda x: x, grid=TokenGrid(0, 4, 4, (4, 4)))
+    a = g.stream("s0", 16, grid=TokenGrid(0, 4, 4, (4, 4)))
+    b = g.stream("s1", 4, grid=TokenGrid(0, 2, 2, (8, 8)))
+    odd = g.stream("s2", 15, grid=TokenGrid(0, 5, 3, (4, 4)))
+    with pytest.raises(GraphError, match=r"'test-pack', node 'short'.*5×3 grid of 's2'.*even sides halved"):
+        g.downsample(odd, b, weight=None, channels=8, name="short")
+    with pytest.raises(GraphError, match=r"node 'short'.*shape \(6, 8\).*expected \[16, C\]"):
+        g.downsample(a, b, weight=torch.zeros(6, 8), channels=16, name="short")
+    g.downsample(a, b, weight=torch.zeros(16, 8, 1, 1), channels=16, name="short")

@@ -192,13 +192,127 @@ def test_open_clip_matches_the_papers_walk(tiny_clip_name, photo_batch):
         torch.testing.assert_close(sum(heads), br[f"blocks.{i}.attn"], rtol=1e-12, atol=1e-14)
 
 
-def test_engines_without_paper_convention_say_so():
-    from timm.models.swin_transformer import SwinTransformer
+def test_adapters_without_paper_convention_say_so():
+    from vitdecomp_plugins.timm_vit import TimmViTAdapter
 
-    m = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2),
-                        num_classes=0).eval()
-    with pytest.raises(UnsupportedModelError, match="bias='paper'.*timm-swin"):
-        vitdecomp.decompose(m, torch.randn(1, 3, 32, 32), bias="paper")
+    class NoPaper(TimmViTAdapter):
+        name = "no-paper"
+        paper_bias = False
+
+    m = build(*FAMILIES["deit"], dtype=torch.float32)
+    with pytest.raises(UnsupportedModelError, match="bias='paper'.*'no-paper'.*does not declare paper_bias"):
+        vitdecomp.decompose(m, torch.randn(1, 3, 32, 32), adapter=NoPaper(), bias="paper")
+
+
+# ------------------------------------------------------------------------------------------- Swin (grid streams)
+SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 2),
+            num_classes=0)
+
+
+def swin_model(dtype=torch.float64, v2=False):
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    return testing.perturb_parameters((SwinTransformerV2 if v2 else SwinTransformer)(**SWIN).eval()).to(dtype)
+
+
+def swin_reference(m, x, start=0):
+    """The paper's walk on a timm Swin by hand: leaves are full ``[B, H, W, C]`` maps on the stage where
+    they are written — the stream entering block ``start`` (embed / init), each head's W_O^(h) o_h + b_O / H put
+    back from its (shifted) window with timm's own ``window_reverse`` and roll, each MLP write — carried through
+    every later patch merging (2×2 gather, then the paper's LayerNorm: γ ⊙ (u_k − μ/M)/σ + β/M, then the
+    reduction; V2: reduction, then that norm), the final norm by the same rule, and the mean over positions.
+    V2's res-post-norm sits inside the branch: the paper's norm rule over the H heads of that branch, and the
+    MLP leaf is ``norm2``'s output."""
+    from timm.models.swin_transformer import window_reverse
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    v2 = isinstance(m, SwinTransformerV2)
+    blocks = [(S, b, blk) for S, st in enumerate(m.layers) for b, blk in enumerate(st.blocks)]
+    cap, hs = {}, []
+    for gi, (S, b, blk) in enumerate(blocks):
+        hs.append(blk.register_forward_pre_hook(lambda mod, a, gi=gi: cap.__setitem__(("in", gi), a[0])))
+        hs.append(blk.attn.proj.register_forward_pre_hook(lambda mod, a, gi=gi: cap.__setitem__(("o", gi), a[0])))
+        hs.append((blk.norm2 if v2 else blk.mlp).register_forward_hook(
+            lambda mod, a, o, gi=gi: cap.__setitem__(("mlp", gi), o)))
+    hs.append(m.norm.register_forward_pre_hook(lambda mod, a: cap.__setitem__("final", a[0])))
+    with torch.no_grad():
+        z = m.forward_head(m.forward_features(x), pre_logits=True)
+    for h in hs:
+        h.remove()
+
+    def paper_ln(ln, us):  # over the last axis, per position
+        u = sum(us)
+        mu, sd = u.mean(-1, keepdim=True), (u.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        return [ln.weight * (t - mu / len(us)) / sd + ln.bias / len(us) for t in us]
+
+    names, leaves, gi = [], [], 0
+    for S, st in enumerate(m.layers):
+        ds = st.downsample
+        if leaves and not isinstance(ds, torch.nn.Identity):
+            B, H, W, C = leaves[0].shape
+            x4 = [u.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3) for u in leaves]
+            leaves = paper_ln(ds.norm, [ds.reduction(t) for t in x4]) if v2 else \
+                [ds.reduction(t) for t in paper_ln(ds.norm, x4)]
+        for b, blk in enumerate(st.blocks):
+            if gi == start:
+                names, leaves = ["embed" if start == 0 else "init"], [cap[("in", gi)]]
+            if gi >= start:
+                B, H, W, C = leaves[0].shape
+                at = blk.attn
+                Hh = at.num_heads
+                o = cap[("o", gi)].unflatten(-1, (Hh, -1))  # [B·nW, N, H, dh] in shifted windows
+                Wo = at.proj.weight.unflatten(1, (Hh, -1))
+                heads = []
+                for h in range(Hh):
+                    y = (o[..., h, :] @ Wo[:, h].T + at.proj.bias / Hh).view(-1, *blk.window_size, C)
+                    y = window_reverse(y, blk.window_size, H, W)
+                    names.append(f"stages.{S}.blocks.{b}.attn.head.{h}")
+                    heads.append(torch.roll(y, shifts=tuple(blk.shift_size), dims=(1, 2)))
+                leaves += paper_ln(blk.norm1, heads) if v2 else heads
+                names.append(f"stages.{S}.blocks.{b}.mlp")
+                leaves.append(cap[("mlp", gi)].reshape(B, H, W, C))
+            gi += 1
+    torch.testing.assert_close(sum(leaves), cap["final"], rtol=1e-12, atol=1e-12)  # the leaves are the stream
+    out = [u.mean((1, 2)) for u in paper_ln(m.norm, leaves)]
+    torch.testing.assert_close(sum(out), z, rtol=1e-12, atol=1e-12)
+    return names, out
+
+
+@pytest.mark.parametrize("v2, start", [(False, 0), (False, 2), (False, 3), (True, 0), (True, 3)])
+def test_swin_matches_the_papers_walk(v2, start):
+    """start: full depth, a stage boundary (its merge inside init), mid-stage."""
+    m = swin_model(v2=v2)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert any(any(blk.shift_size) for st in m.layers for blk in st.blocks)  # shifted windows are exercised
+    names, leaves = swin_reference(m, x, start)
+    dec = vitdecomp.decompose(m, x, bias="paper", start=start or None, check=True)
+    assert dec.meta["bias"] == "paper"
+    assert_components(dec, names, leaves, 1e-12)
+    br = vitdecomp.decompose(m, x, bias="paper", start=start or None, heads=False, check=True)
+    for n in br.names:
+        if n.endswith(".attn"):
+            torch.testing.assert_close(br[n], dec[n + ".head.0"] + dec[n + ".head.1"], rtol=1e-12, atol=1e-14)
+    tok = vitdecomp.decompose(m, x, bias="paper", start=start or None, tokens="source", check=True)
+    assert_components(tok, names, leaves, 1e-12)
+    for n in names:
+        parts = tok.token_contributions(n)
+        assert parts.shape[1] == tok.grid_of(n).num_tokens
+        torch.testing.assert_close(parts.sum(1), tok[n], rtol=1e-10, atol=1e-12)
+    # the explicit default differs per component (merge norms centre each leaf by its own mean)
+    exp = vitdecomp.decompose(m, x, start=start or None)
+    assert (exp["stages.2.blocks.1.mlp"] - dec["stages.2.blocks.1.mlp"]).norm() > 1e-3 * dec["stages.2.blocks.1.mlp"].norm()
+
+
+def test_swin_float32():
+    m64 = swin_model()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    names, leaves = swin_reference(m64, x)
+    dec = vitdecomp.decompose(copy.deepcopy(m64).float(), x.float(), bias="paper", check=True)
+    assert_components(dec, names, [u.float() for u in leaves], 1e-5)
 
 
 # ------------------------------------------------------------------------------------------- MaxViT paper z
@@ -236,8 +350,6 @@ def test_maxvit_paper_readout(name, extra, photo_batch):
         torch.testing.assert_close(dec["stages.3.blocks.0.conv"], conv_out.mean((-1, -2)), rtol=1e-10, atol=1e-12)
     else:  # forward_features ends with model.norm: the paper's z is the default
         torch.testing.assert_close(dec.contributions, default.contributions, rtol=1e-12, atol=1e-14)
-    with pytest.raises(UnsupportedModelError, match="bias='paper' with tokens='source'"):
-        vitdecomp.decompose(m, x, adapter=ad, bias="paper", tokens="source")
     with pytest.raises(vitdecomp.InputError, match="readout"):
         MaxViTAdapter(readout="pooled")
 
@@ -355,6 +467,13 @@ def test_maxvit_paper_convention_matches_the_papers_walk(name, extra, paper_read
     key = "stages.3.blocks.0.attn_grid.attn"
     heads = sum(dec[n] for n in dec.names if n.startswith(key + ".head."))
     torch.testing.assert_close(br[key], heads, rtol=1e-12, atol=1e-14)
+    # with token detail: the same components, and each one's parts on its own grid sum to it
+    tok = vitdecomp.decompose(m, x, adapter=ad, bias="paper", tokens="source", check=True)
+    assert_components(tok, names, leaves, 1e-12)
+    for n in names:
+        parts = tok.token_contributions(n)
+        assert parts.shape[1] == tok.grid_of(n).num_tokens
+        torch.testing.assert_close(parts.sum(1), tok[n], rtol=1e-10, atol=1e-12)
 
 
 def test_maxvit_float32(photo_batch):

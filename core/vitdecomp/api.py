@@ -278,10 +278,9 @@ def decompose(
     if bias == "paper" and not getattr(ad, "paper_bias", False):
         raise UnsupportedModelError(
             f"bias='paper' (the paper's RepDecompose convention) is not implemented by adapter {ad.name!r} for "
-            f"{type(model).__name__} (the paper's split is implemented for the graph engine's token streams and "
-            f"for MaxViT, not yet for grid streams with patch merging, as in Swin); use bias='explicit' or 'even' "
-            f"with it (families with bias='paper': timm ViT/DeiT/DINO/DINOv2, open_clip, CaiT, the HF pack's "
-            f"ViT/DeiT/DINOv2/CLIP, MaxViT)")
+            f"{type(model).__name__} (the adapter does not declare paper_bias); use bias='explicit' or 'even' "
+            f"with it (families with bias='paper': every description on the graph engine — timm ViT/DeiT/DINO/"
+            f"DINOv2, open_clip, CaiT, Swin/SwinV2, MaxViT, the HF pack's ViT/DeiT/DINOv2/CLIP/Swin)")
     sync_ok = check or images.device.type == "cpu"  # never make the host wait for an accelerator unasked
     if sync_ok:
         _check_finite(images)

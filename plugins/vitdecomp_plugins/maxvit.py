@@ -23,8 +23,12 @@ Representation z (what :func:`vitdecomp.representation` returns):
   models that is the pooled final stage *without* ``head.norm`` (no final norm, no ``head.norm.bias``
   component); for ``ClassifierHead`` models ``forward_features`` ends with ``model.norm`` and it equals the default.
 * ``bias="paper"``: the paper's convention (the final norm centred by the stream's mean, its β, shortcut
-  biases and b_O / H split over the leaves present; no ``const`` components); not with ``tokens="source"``
-  (``UnsupportedModelError``).
+  biases and b_O / H split over the leaves present; no ``const`` components), also with ``tokens="source"``.
+
+The family is a description on the core's graph engine (:meth:`MaxViTAdapter.describe`): one grid stream per
+level (the stem's map, then each stage), ``Graph.downsample`` for the stride-2 shortcuts (2×2 average pool +
+1×1 conv), the MBConv branch as a write (``nchw``), block and grid attention as ``PartitionHeads`` with the row
+maps ``window_rows`` / ``grid_rows``, LayerNorm2d final norms as ``Graph.norm(..., nchw=True)``.
 
 Components, in forward order (``S`` stage, ``B`` block within the stage; ``Component.block`` is the global block
 index, ``Component.stage`` = S, ``Component.branch`` = ``"block"`` / ``"grid"`` for the two partition branches):
@@ -58,9 +62,10 @@ import sys
 
 import torch
 
-from vitdecomp import Adapter, hookimpl
+from vitdecomp import TokenGrid, hookimpl
 from vitdecomp.engine import is_identity
 from vitdecomp.errors import InputError, UnsupportedModelError
+from vitdecomp.graph import Graph, GraphAdapter, PartitionHeads, execute, grid_rows, window_rows
 
 __all__ = ["MaxViTAdapter", "source_map"]
 
@@ -143,7 +148,7 @@ def source_map(dec, name: str) -> torch.Tensor:
     return tok.reshape(tok.shape[0], g.h, g.w, tok.shape[-1])
 
 
-class MaxViTAdapter(Adapter):
+class MaxViTAdapter(GraphAdapter):
     """:param readout: ``"default"`` (z as timm's head reads it, see the module docstring) or ``"paper"``
         (``forward_features(x).mean((-1, -2))``, the paper's z)."""
 
@@ -253,24 +258,93 @@ class MaxViTAdapter(Adapter):
             raise InputError(f"start={start!r} is out of range: {type(model).__name__} has blocks 0..{total - 1}")
         return int(start)
 
-    def decompose(self, model, images, options):
-        from ._maxvit_engine import build_plan, run_maxvit
+    def describe(self, model, images, sources: bool = False):
+        """One grid stream per level (stem, stages), shortcuts between them, MBConv / partition heads / MLP writes,
+        the final norm and the mean (``sources``: heads also split by the position they read)."""
+        from timm.layers import NormMlpClassifierHead
 
+        Hi, Wi = images.shape[-2:]
+        stride = int(getattr(model.stem, "stride", 2))
+        h, w = Hi // stride, Wi // stride
+
+        def grid(h, w):
+            return TokenGrid(num_prefix=0, h=h, w=w, patch_size=(Hi // h, Wi // w))
+
+        final = grid(Hi // 2 ** (len(model.stages) + 1), Wi // 2 ** (len(model.stages) + 1))
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        meta = {"adapter": self.name, "model": cfg.get("architecture", type(model).__name__), "head_tokens": "query",
+                "readout": self.readout_mode, "levels": {"-1": [h, w]}}
+        g = Graph(self.name, run=lambda x: self.representation(model, x), grid=final, meta=meta, entry_grid=False)
+        s = g.stream("stem", h * w, grid=grid(h, w))
+        g.embed(s, model.stages[0].blocks[0], name="stem", nchw=True)
+        gi = 0
+        for S, stage in enumerate(model.stages):
+            for b, blk in enumerate(stage.blocks):
+                with g.block(gi, f"stages.{S}.blocks.{b}", s, blk, stage=S, nchw=True):
+                    if b == 0:  # the stride-2 shortcut: 2×2 average pool, 1×1 conv
+                        h, w = h // 2, w // 2
+                        meta["levels"][str(S)] = [h, w]
+                        prev, s = s, g.stream(f"stages.{S}", h * w, grid=grid(h, w))
+                        ex = blk.conv.shortcut.expand
+                        idt = is_identity(ex)
+                        g.downsample(prev, s, weight=None if idt else ex.weight.detach(),
+                                     channels=blk.conv.conv3_1x1.out_channels, bias=None if idt else ex.bias,
+                                     name="conv.shortcut.bias")
+                    g.branch(s, blk.conv.conv3_1x1, name="conv", kind="conv", nchw=True)
+                    for attr, branch, rows in (("attn_block", "block", window_rows), ("attn_grid", "grid", grid_rows)):
+                        pm = getattr(blk, attr, None)
+                        if pm is None:
+                            continue
+                        at = pm.attn
+                        src = PartitionHeads(proj=at.proj, num_heads=at.num_heads,
+                                             rows=rows(h, w, tuple(pm.partition_size)),
+                                             attention=_Attention(at) if sources else None)
+                        g.heads(s, src, at.proj.weight, at.proj.bias, name=f"{attr}.attn", branch=branch,
+                                gamma=None if is_identity(pm.ls1) else pm.ls1.gamma)
+                        g.branch(s, pm.ls2, name=f"{attr}.mlp", kind="mlp", branch=branch)
+                gi += 1
+        if isinstance(model.head, NormMlpClassifierHead):  # pooled, then head.norm (unless the paper's z)
+            z = g.pool(s, range(s.rows), [1.0 / s.rows] * s.rows)
+            if self.readout_mode != "paper":
+                g.norm(z, model.head.norm, name="head.norm", nchw=True)
+        else:  # LayerNorm2d per position, then pooled
+            g.norm(s, model.norm, name="norm", nchw=True)
+            z = g.pool(s, range(s.rows), [1.0 / s.rows] * s.rows)
+        g.output(z)
+        return g
+
+    def decompose(self, model, images, options):
         start = self._start_index(model, options.start)
         tokens = options.tokens == "source"
-        paper = options.bias == "paper"
-        if paper and tokens:
-            raise UnsupportedModelError(f"bias='paper' with tokens='source' is not implemented for MaxViT "
-                                        f"({type(model).__name__}); use bias='paper' without tokens, or "
-                                        f"bias='explicit' with them")
-        plan = build_plan(model, tuple(images.shape[-2:]))
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        # heads' token details sit at the rows they write; the split by read position is meta["source_tokens"]
-        meta = {"adapter": self.name, "model": cfg.get("architecture", type(model).__name__), "head_tokens": "query",
-                "readout": self.readout_mode}
-        return run_maxvit(model, images, plan, start=start, tokens=tokens, sources=tokens and options.heads,
-                          representation=lambda x: self.representation(model, x), meta=meta,
-                          final_norm=self.readout_mode != "paper" or plan.per_position_norm, paper=paper)
+        graph = self.describe(model, images, sources=tokens and options.heads)
+        return execute(graph, images, start=start or None, tokens=tokens,
+                       bias="paper" if options.bias == "paper" else "explicit")
+
+
+class _Attention:
+    """Token detail of a MaxViT partition attention (``AttentionCl``): the attention of each partition recomputed
+    from the fused ``qkv`` output as the forward computes it (scale, relative position bias), and its values."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def install(self, hooks, rec, H):
+        at = self.at
+
+        def on_qkv(t):
+            Bp = t.shape[0]
+            t = t.reshape(Bp, -1, t.shape[-1])
+            N, dh = t.shape[1], at.dim_head
+            if at.head_first:
+                q, k, v = t.view(Bp, N, H, 3 * dh).transpose(1, 2).chunk(3, dim=3)
+            else:
+                q, k, v = t.reshape(Bp, N, 3, H, dh).transpose(1, 3).unbind(2)
+            logits = (q * at.scale) @ k.transpose(-2, -1)
+            if at.rel_pos is not None:
+                logits = at.rel_pos(logits)
+            rec.attn, rec.v = logits.softmax(-1), v.contiguous()
+
+        hooks.post(at.qkv, on_qkv)
 
 
 class _Channels(torch.nn.Module):

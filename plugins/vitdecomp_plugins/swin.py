@@ -140,7 +140,6 @@ def _parse_start(model, start):
 class TimmSwinAdapter(GraphAdapter):
     name = "timm-swin"
     families = ("Swin", "SwinV2")
-    paper_bias = False  # the paper's split is not implemented for grid streams (patch merging) yet
 
     def supports(self, model) -> bool:
         classes = _swin_classes()
@@ -239,7 +238,8 @@ class TimmSwinAdapter(GraphAdapter):
 
     def decompose(self, model, images, options):
         start = _parse_start(model, options.start)
-        return execute(self.describe(model, images), images, start=start or None, tokens=options.tokens == "source")
+        return execute(self.describe(model, images), images, start=start or None, tokens=options.tokens == "source",
+                       bias="paper" if options.bias == "paper" else "explicit")
 
 
 @hookimpl

@@ -15,8 +15,9 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   pooled groups side by side (:meth:`Graph.concat`),
   a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
   several streams, at the forward's attention weights), attention pooling with learned queries
-  (:meth:`Graph.attention_pool`: a MAP head's value path at the forward's weights) and a 2×2 patch merging
-  from one grid stream into the next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge);
+  (:meth:`Graph.attention_pool`: a MAP head's value path at the forward's weights), a 2×2 patch merging from one
+  grid stream into the next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge) and a stride-2
+  shortcut (:meth:`Graph.downsample`: 2×2 average pool + 1×1 conv, MaxViT);
 * a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
   library's own forward.
 
@@ -24,8 +25,11 @@ Hierarchical models (Swin) put each stage on a stream with its own grid (``Graph
 rows are the grid's positions, row-major, and modules may see them as ``[B, h, w, C]``). A component written there
 has its token detail on that grid (``dec.grid_of(name)``); window attention is the head source
 :class:`~vitdecomp.graph.sources.WindowHeads` (cyclic shift and window partition as a row map; heads placed at
-their query rows, ``meta["head_tokens"] = "query"``), and a norm inside the branch after the attention
-(SwinV2's res-post-norm) is ``Graph.heads(..., post_norm=module)``.
+their query rows, ``meta["head_tokens"] = "query"``), any partitioned attention given by its row map is
+:class:`~vitdecomp.graph.sources.PartitionHeads` (MaxViT's block windows and grid cells: :func:`window_rows`,
+:func:`grid_rows`), and a norm inside the branch after the attention (SwinV2's res-post-norm) is
+``Graph.heads(..., post_norm=module)``. Modules that see or write ``[B, C, h, w]`` maps are declared with
+``nchw=True`` (``embed``, ``branch``, ``block``, ``norm``: a LayerNorm2d normalises over C).
 
 Blocks (:meth:`Graph.block`) group writes under a name prefix and mark where ``start`` may cut: with
 ``start=k`` the stream entering block ``k`` becomes the component ``init`` (kind ``residual``).
@@ -53,11 +57,28 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import InputError, VitDecompError
-from .sources import (FusedQKV, HeadSource, InProj, ProjInput, SeparateQKV, TalkingHeads, TracedAttention,
-                      WindowHeads)
+from .sources import (FusedQKV, HeadSource, InProj, PartitionHeads, ProjInput, SeparateQKV, TalkingHeads,
+                      TracedAttention, WindowHeads)
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads"]
+           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads", "window_rows",
+           "grid_rows"]
+
+
+def window_rows(H: int, W: int, window, shift=(0, 0), pad_first: bool = False):
+    """Row map of a (shifted-)window partition of an ``H × W`` grid: the grid position each partitioned row holds
+    (−1: padding), for :class:`PartitionHeads` (MaxViT's block attention: no shift)."""
+    from ._hier import window_rows as rows
+
+    return rows(H, W, tuple(window), tuple(shift), pad_first)
+
+
+def grid_rows(H: int, W: int, grid):
+    """Row map of MaxViT's grid partition (``grid`` cells per partition, strided over the ``H × W`` grid), for
+    :class:`PartitionHeads`."""
+    from ._hier import grid_rows as rows
+
+    return rows(H, W, tuple(grid))
 
 
 class GraphError(VitDecompError, ValueError):
@@ -100,10 +121,14 @@ class Graph:
     :param run: ``run(images) -> z``, the model library's own forward; the engine's hooks watch it.
     :param grid: the :class:`vitdecomp.TokenGrid` token detail lives on.
     :param meta: copied into :attr:`Decomposition.meta`.
+    :param entry_grid: ``dec.grid`` is the grid of the stream the first write enters when it has one (the
+        first decomposed stage of a hierarchical model); False: always ``grid``.
     """
 
-    def __init__(self, pack: str, *, run: Callable[[torch.Tensor], torch.Tensor], grid, meta: Optional[dict] = None):
+    def __init__(self, pack: str, *, run: Callable[[torch.Tensor], torch.Tensor], grid, meta: Optional[dict] = None,
+                 entry_grid: bool = True):
         self.pack, self.run, self.grid, self.meta = pack, run, grid, dict(meta or {})
+        self.entry_grid = bool(entry_grid)
         self.streams: List[Stream] = []
         self.ops: List[_Op] = []
         self.out: Optional[Stream] = None
@@ -123,11 +148,13 @@ class Graph:
 
     @contextlib.contextmanager
     def block(self, index: int, prefix: str, stream: Stream, entry: torch.nn.Module, *, entry_arg: int = 0,
-              stage: Optional[int] = None):
+              stage: Optional[int] = None, nchw: bool = False):
         """Writes made inside belong to block ``index`` (and ``stage``, for hierarchical models) and are named
         ``<prefix>.<name>``. ``entry`` is the module whose positional input ``entry_arg`` is ``stream`` as the
-        block reads it (where ``start=index`` takes ``init``)."""
-        self.ops.append(_Op("block", stream, name=prefix, block=int(index), module=entry, extra={"arg": int(entry_arg)}))
+        block reads it (where ``start=index`` takes ``init``; ``nchw``: as a ``[B, C, h, w]`` map)."""
+        self.ops.append(_Op("block", stream, name=prefix, block=int(index), module=entry,
+                            extra={"arg": int(entry_arg), "nchw": bool(nchw),
+                                   "cargs": {} if stage is None else {"stage": int(stage)}}))
         self._block = (int(index), prefix, stage)
         try:
             yield self
@@ -140,20 +167,28 @@ class Graph:
     def _blk(self) -> Optional[int]:
         return self._block[0] if self._block is not None else None
 
-    def _cargs(self) -> dict:
-        return {"stage": self._block[2]} if self._block is not None and self._block[2] is not None else {}
+    def _cargs(self, branch: Optional[str] = None) -> dict:
+        out = {"stage": self._block[2]} if self._block is not None and self._block[2] is not None else {}
+        if branch is not None:
+            out["branch"] = branch
+        return out
 
     # ------------------------------------------------------------------ writes
-    def embed(self, stream: Stream, entry: torch.nn.Module, *, name: str = "embed", entry_arg: int = 0) -> None:
-        """The embedding: everything in ``stream`` as it enters ``entry`` (its positional input ``entry_arg``):
-        patch + position embedding, prefix tokens; one component of kind ``embed``."""
-        self.ops.append(_Op("entry", stream, name=name, comp_kind="embed", module=entry, extra={"arg": int(entry_arg)}))
+    def embed(self, stream: Stream, entry: torch.nn.Module, *, name: str = "embed", entry_arg: int = 0,
+              nchw: bool = False) -> None:
+        """The embedding: everything in ``stream`` as it enters ``entry`` (its positional input ``entry_arg``;
+        ``nchw``: a ``[B, C, h, w]`` map, e.g. a conv stem's output): patch + position embedding, prefix tokens;
+        one component of kind ``embed``."""
+        self.ops.append(_Op("entry", stream, name=name, comp_kind="embed", module=entry,
+                            extra={"arg": int(entry_arg), "nchw": bool(nchw)}))
 
     def branch(self, stream: Stream, module: torch.nn.Module, *, name: str = "mlp", kind: str = "mlp",
-               gamma: Optional[torch.Tensor] = None) -> None:
-        """``module``'s output (times the LayerScale vector ``gamma`` if given) is added to ``stream``."""
+               gamma: Optional[torch.Tensor] = None, nchw: bool = False, branch: Optional[str] = None) -> None:
+        """``module``'s output (times the LayerScale vector ``gamma`` if given) is added to ``stream``
+        (``nchw``: the output is a ``[B, C, h, w]`` map, e.g. MaxViT's MBConv ``conv3_1x1``; ``branch``: the
+        component's :attr:`Component.branch` label)."""
         self.ops.append(_Op("branch", stream, name=self._name(name), block=self._blk(), comp_kind=kind, module=module,
-                            gamma=gamma, extra={"cargs": self._cargs()}))
+                            gamma=gamma, extra={"cargs": self._cargs(branch), "nchw": bool(nchw)}))
 
     def param(self, stream: Stream, value: torch.Tensor, *, name: str, kind: str = "embed") -> None:
         """A parameter ``value`` (``[rows, D]`` or ``[1, rows, D]``) is added to ``stream``."""
@@ -162,28 +197,29 @@ class Graph:
 
     def heads(self, stream: Stream, source: HeadSource, out_weight: torch.Tensor, out_bias: Optional[torch.Tensor] = None,
               *, gamma: Optional[torch.Tensor] = None, name: str = "attn",
-              post_norm: Optional[torch.nn.Module] = None) -> None:
+              post_norm: Optional[torch.nn.Module] = None, branch: Optional[str] = None) -> None:
         """An attention branch added to ``stream``: ``γ ⊙ (Σ_h W_O^(h) o_h + b_O)``, split into components
         ``<name>.head.<h>`` and ``<name>.bias``. ``out_weight`` is the output projection ``[D, H·dh]``.
         ``post_norm`` (hierarchical streams): a norm inside the branch, ``x + norm(attn(x))`` (SwinV2), frozen at
         its input's statistics; the heads pass through its linear part and ``<name>.bias`` holds the output bias
-        through it plus its β."""
+        through it plus its β. ``branch``: the components' :attr:`Component.branch` label."""
         if post_norm is not None and stream.grid is None:
             raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: post_norm is supported on streams with "
                              "their own grid (Graph.stream(..., grid=...))")
         self.ops.append(_Op("heads", stream, name=self._name(name), block=self._blk(), module=source, gamma=gamma,
                             extra={"weight": out_weight, "bias": out_bias, "post": post_norm,
-                                   "cargs": self._cargs()}))
+                                   "cargs": self._cargs(branch)}))
 
     # ------------------------------------------------------------------ mixers
-    def norm(self, stream: Stream, module: torch.nn.Module, *, name: str, at: int = 0) -> None:
+    def norm(self, stream: Stream, module: torch.nn.Module, *, name: str, at: int = 0, nchw: bool = False) -> None:
         """``stream`` passes through the norm ``module`` (frozen at the statistics of its input in the forward);
         its offset β is the component ``<name>.bias``. ``at``: index of the stream's row 0 in the norm's input
-        (a norm applied to several streams concatenated). Identity / None is skipped."""
+        (a norm applied to several streams concatenated); ``nchw``: the norm sees ``[B, C, h, w]`` and normalises
+        over C (LayerNorm2d). Identity / None is skipped."""
         from ..engine import is_identity
 
         if not is_identity(module):
-            self.ops.append(_Op("norm", stream, name=name, module=module, extra={"at": int(at)}))
+            self.ops.append(_Op("norm", stream, name=name, module=module, extra={"at": int(at), "nchw": bool(nchw)}))
 
     def pool(self, stream: Stream, rows: Sequence[int], weights, *, name: str = "pool") -> Stream:
         """A new one-row stream ``Σ_r weights[r] · stream[rows[r]]`` (CLS selection, mean pooling); ``weights`` a
@@ -268,6 +304,32 @@ class Graph:
                                    "geometry": (parent, slot, out_hw),
                                    "cargs": {} if stage is None else {"stage": int(stage)}}))
 
+    def downsample(self, src: Stream, dst: Stream, *, weight: Optional[torch.Tensor], channels: int,
+                   bias: Optional[torch.Tensor] = None, name: str) -> None:
+        """A stride-2 shortcut from grid stream ``src`` into grid stream ``dst`` (MaxViT): a 2×2 average pool,
+        then the same linear map at every position (a 1×1 conv: ``weight`` ``[C', C]``, or None for the
+        identity), into ``dst`` of ``channels`` features. Its ``bias`` is the component ``<name>`` (kind
+        ``const``, in the current block)."""
+        from ._hier import merge_slots
+
+        if src.grid is None or dst.grid is None:
+            raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: downsample joins two streams with their "
+                             "own grids")
+        if src.grid.h % 2 or src.grid.w % 2 or (dst.grid.h, dst.grid.w) != (src.grid.h // 2, src.grid.w // 2):
+            raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: a 2×2 pool of the {src.grid.h}×"
+                             f"{src.grid.w} grid of {src.name!r} into the {dst.grid.h}×{dst.grid.w} grid of "
+                             f"{dst.name!r}; expected even sides halved")
+        if weight is not None and tuple(weight.reshape(weight.shape[0], -1).shape) != (int(channels), weight.shape[1]):
+            raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: weight of shape {tuple(weight.shape)}; "
+                             f"expected [{channels}, C] (or [{channels}, C, 1, 1])")
+        geo = merge_slots(src.grid.h, src.grid.w)
+        self.ops.append(_Op("merge", dst, name=self._name(name), block=self._blk(), module=None,
+                            extra={"src": src, "norm": None, "pool": True, "channels": int(channels),
+                                   "weight": None if weight is None else weight.reshape(weight.shape[0], -1),
+                                   "bias": bias, "geometry": geo,
+                                   "cargs": dict(self._cargs(), **({} if self._blk() is None
+                                                                   else {"block": self._blk()}))}))
+
     def output(self, stream: Stream) -> None:
         """z is the one row of ``stream``."""
         self.out = stream
@@ -287,8 +349,11 @@ def execute(graph: Graph, images: torch.Tensor, *, start=None, tokens: bool = Fa
         b_O / H to each of its heads; a norm does not centre each write but subtracts the stream's mean, and
         that −γ·μ/σ and its β are split evenly over the leaves present at the norm (the writes flowing through
         it); a class-attention branch's constants (and its norm's centring through the value paths) likewise.
-        No ``const`` components remain. Leaves are counted at head level, also with ``tokens`` (whose parts
-        then put each constant's share on the rows where it is written)."""
+        On grid streams a merge's or downsample's constant (and a merge norm's centring) is split over the leaves
+        of the stream it reads, and a post-norm inside a branch over that branch's heads. No ``const``
+        components remain. Leaves are counted at head level, also with ``tokens`` (whose parts then put each
+        constant's share on the rows where it is written; on a grid stream merged from the leaf's, spread
+        evenly over the leaf's positions that merge into each of those rows)."""
     from ._engine import run_graph
 
     return run_graph(graph, images, start=start, tokens=tokens, bias=bias)

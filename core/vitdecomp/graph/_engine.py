@@ -193,7 +193,7 @@ def _analyse(graph, ops):
 
 
 def _leaves_at(graph, ops) -> Dict[int, list]:
-    """``bias="paper"``: per constant-entry node (norm, class attention), the leaves present there — the keys
+    """``bias="paper"``: per constant-entry node (norm, class attention, merge), the leaves present there — the keys
     ``(op index, head or None)`` of the writes whose value flows through it (its stream's writes so far and those
     of the streams pooled, concatenated or attended into it)."""
     have: Dict[int, dict] = {}
@@ -208,6 +208,13 @@ def _leaves_at(graph, ops) -> Dict[int, list]:
                 d[(i, h)] = None
         elif op.kind == "pool":
             have[id(op.extra["out"])] = dict(have.get(id(s), {}))
+        elif op.kind == "merge":  # a merge / downsample: its constant enters with the leaves of the stream it reads
+            d = dict(have.get(id(op.extra["src"]), {}))
+            if not d:
+                raise GraphError(f"{_where(graph, op)}: bias='paper' splits its constant over the writes that reach "
+                                 "it, and none does")
+            have.setdefault(id(s), {}).update(d)
+            at[i] = list(d)
         elif op.kind == "concat":
             d = have.setdefault(id(s), {})
             for r in op.extra["reads"]:
@@ -246,16 +253,17 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
     ops = _cut(graph, start)
     rows, op_state = _analyse(graph, ops)
     paper = bias == "paper"
-    if paper and any(op.stream.grid is not None for op in ops):
-        raise GraphError(f"pack {graph.pack!r}: bias='paper' is not implemented for grid streams (patch merging); "
-                         "set paper_bias = False on the adapter")
     leaves_at = _leaves_at(graph, ops) if paper else {}
     shares: Dict[tuple, list] = {}  # paper: leaf key → [(value [B, d], detail or None)] of constants' even shares
 
     def share(i, total, detail):
-        """Split a constant entering at node ``i`` evenly over the leaves present there."""
+        """Split a constant entering at node ``i`` evenly over the leaves present there (its token detail on
+        the grid stream it is added to: ``where``)."""
         keys = leaves_at[i]
-        part = (total / len(keys), None if detail is None else _Scaled(detail, 1.0 / len(keys)))
+        s = ops[i].stream
+        where = s if s.grid is not None else (s.spread[0] if s.spread is not None and s.spread[0].grid is not None
+                                              else None)
+        part = (total / len(keys), None if detail is None else _Scaled(detail, 1.0 / len(keys)), where)
         for key in keys:
             shares.setdefault(key, []).append(part)
     idx = {k: index_tensor(v, device) for k, v in rows.items()}  # no host→device wait
@@ -341,7 +349,8 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
         if op.kind not in ("entry", "branch", "param", "heads"):
             stacks.clear()  # a mixer changes the terms
         if s.grid is not None and op.kind in ("entry", "branch", "param", "heads", "merge"):
-            _grid_op(op, rec, terms, emitted[i], tokens, device, dtype)
+            _grid_op(op, rec, terms, emitted[i], tokens, device, dtype,
+                     (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
             continue
         if op.kind == "project":
             P = op.value.detach().to(device=device, dtype=dtype)
@@ -421,8 +430,10 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
     comps, values, details, grids = [], [], {}, {}
     for i, (op, lst) in enumerate(zip(ops, emitted)):
         for comp, val, det in lst:
-            for sv, sd in shares.get((i, comp.head if comp.kind == "head" else None), ()):
-                val = val + sv
+            for sv, sd, where in shares.get((i, comp.head if comp.kind == "head" else None), ()):
+                val = sv + val if not isinstance(val, _hier_lazy()) and isinstance(sv, _hier_lazy()) else val + sv
+                if sd is not None and where is not None and op.stream.grid is not None and where is not op.stream:
+                    sd = _spread_back(graph, ops, op.stream, where, sd, device)
                 det = None if det is None or sd is None else _Summed([det, sd])
             comps.append(comp)
             values.append(val)
@@ -435,8 +446,13 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
 
         values = resolve(values)  # grid streams queue their writes and carry them to z together
     first = next((op.stream for op in ops if op.kind == "entry"), None)
-    grid = first.grid if first is not None and first.grid is not None else graph.grid
+    grid = first.grid if graph.entry_grid and first is not None and first.grid is not None else graph.grid
     meta = dict(graph.meta)
+    sources = {k: v for rec in recs for k, v in (getattr(rec, "sources", None) or {}).items()}
+    if sources:
+        from ._hier import SourceTokens
+
+        meta["source_tokens"] = SourceTokens(sources)
     if paper:
         left = [c.name for c in comps if c.kind == "const"]
         if left:  # a mixer that adds a constant without splitting it: no silent mix of conventions
@@ -447,21 +463,63 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
                          grid=grid, token_details=details, token_grids=grids, meta=meta)
 
 
-def _grid_op(op, rec, terms, emitted, tokens, device, dtype):
-    """A write or a merge on a stream with its own grid (see :mod:`._hier`)."""
+class _SpreadBack(TokenDetail):
+    """A token detail on a coarser grid stream put on a finer one it was merged from: each coarse position's
+    value split evenly over the fine positions that merge into it (``parent[p]``: the coarse position of p)."""
+
+    def __init__(self, base: TokenDetail, parent: torch.Tensor, share: torch.Tensor, coarse: int):
+        self.base, self.parent, self.share, self.coarse = base, parent, share, coarse
+
+    def materialize(self, num_tokens: int) -> torch.Tensor:
+        x = self.base.materialize(self.coarse)
+        return x.index_select(1, self.parent) * self.share.to(x.dtype)[None, :, None]
+
+
+def _spread_back(graph, ops, fine: Stream, coarse: Stream, detail: TokenDetail, device) -> TokenDetail:
+    """``bias="paper"`` with token detail: a constant's share written on stream ``coarse`` for a leaf on the
+    earlier grid stream ``fine``, placed on the leaf's grid through the merges between them."""
+    import numpy as np
+
+    down = {id(op.extra["src"]): (op.stream, op.extra["geometry"][0]) for op in ops if op.kind == "merge"}
+    p, cur = np.arange(fine.rows), fine
+    while cur is not coarse:
+        if id(cur) not in down:
+            raise GraphError(f"pack {graph.pack!r}: stream {coarse.name!r} is not merged from {fine.name!r}; a "
+                             "constant's share cannot be placed on its leaf's grid")
+        cur, parent = down[id(cur)]
+        p = parent[p]
+    counts = np.bincount(p, minlength=coarse.rows)
+    return _SpreadBack(detail, to_device(torch.from_numpy(p), device),
+                       to_device(torch.from_numpy(1.0 / counts[p]), device), coarse.rows)
+
+
+def _hier_lazy():
+    from ._hier import Lazy
+
+    return Lazy
+
+
+def _grid_op(op, rec, terms, emitted, tokens, device, dtype, share=None):
+    """A write or a merge on a stream with its own grid (see :mod:`._hier`). ``share`` (``bias="paper"``): takes a
+    merge's constant instead of emitting it."""
     from . import _hier
 
     s = op.stream
     if op.kind == "merge":
-        entry, new = _hier.merge(op, rec, terms[id(s)], device, dtype, tokens)
-        if entry is not None:
+        if op.extra.get("pool"):
+            entry, new = _hier.downsample(op, rec, terms[id(s)], device, dtype, tokens)
+        else:
+            entry, new = _hier.merge(op, rec, terms[id(s)], device, dtype, tokens, paper=share is not None)
+        if entry is not None and share is not None:
+            share(entry[1], entry[2])
+        elif entry is not None:
             emitted.append(entry)
         terms.setdefault(id(op.extra["src"]), []).extend(new)
         return
     if op.kind == "heads":
         terms[id(s)] = _hier.gterms(terms[id(s)], s, device, op.extra["weight"].shape[0])
         post = rec.post if op.extra.get("post") is not None else None
-        _hier.heads(op, rec, terms[id(s)], emitted, tokens, device, dtype, post)
+        _hier.heads(op, rec, terms[id(s)], emitted, tokens, device, dtype, post, paper=share is not None)
         return
     u = rec.val
     tl = _hier.gterms(terms[id(s)], s, device, u.shape[-1])
@@ -622,6 +680,8 @@ def _check_fired(graph, op, rec, tokens):
 def _take(graph, op, x, s, rows_idx, seq_first):
     if isinstance(x, tuple):
         x = x[0]
+    if op.extra.get("nchw") and isinstance(x, torch.Tensor) and x.ndim == 4:  # [B, C, h, w] map
+        x = x.flatten(2).transpose(1, 2)
     if s.grid is not None and isinstance(x, torch.Tensor) and x.ndim == 4:  # [B, h, w, D] on the stream's grid
         x = x.flatten(1, 2)
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
@@ -631,6 +691,8 @@ def _take(graph, op, x, s, rows_idx, seq_first):
         x = x.transpose(0, 1)
     if x.shape[1] != s.rows:
         raise GraphError(f"{_where(graph, op)}: the module sees {x.shape[1]} rows; the stream declares {s.rows}")
+    if s.grid is not None and rows_idx.numel() == s.rows:  # a grid stream needs every row, in order: no copy
+        return x
     return x.index_select(1, rows_idx)
 
 
@@ -679,18 +741,26 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
     elif op.kind == "heads":
         op.module.install(hooks, rec, ri, tokens, reduce)
         if op.extra.get("post") is not None:  # a norm inside the branch, frozen at its input (grid order)
-            hooks.pre(op.extra["post"], lambda x, m=op.extra["post"]: setattr(rec, "post", freeze_norm(
-                m, x.flatten(1, 2) if x.ndim == 4 else x)))
+            def on_post(x, m=op.extra["post"]):
+                x = x.flatten(1, 2) if x.ndim == 4 else x
+                rec.post, rec.post_mu = freeze_norm(m, x), x.mean(-1)
+
+            hooks.pre(op.extra["post"], on_post)
     elif op.kind == "merge":
         def on_merge_norm(x):
             rec.val = x.flatten(1, 2) if x.ndim == 4 else x
 
-        hooks.pre(op.extra["norm"], on_merge_norm)
+        if op.extra["norm"] is not None:
+            hooks.pre(op.extra["norm"], on_merge_norm)
     elif op.kind == "norm":
         at = op.extra["at"]
         sel = index_tensor([at + r for r in rows[k]], ri.device)
 
+        nchw = op.extra.get("nchw", False)
+
         def on_norm(x):
+            if nchw and x.ndim == 4:  # LayerNorm2d: over channels at every position
+                x = x.flatten(2).transpose(1, 2)
             if x.ndim == 2:
                 x = x.unsqueeze(1)
             elif x.ndim == 4 and s.grid is not None:

@@ -13,6 +13,7 @@ one forward; token detail composes ``Ms`` once per stream (lazily) and applies `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import List, Optional
 
 import numpy as np
@@ -22,7 +23,7 @@ from .._records import Component
 from ..decomposition import TokenDetail
 from ..engine import freeze_norm, to_device
 
-__all__ = ["merge_slots", "window_rows"]
+__all__ = ["merge_slots", "window_rows", "grid_rows", "SourceTokens"]
 
 
 # ---------------------------------------------------------------------------------------------- geometry (host)
@@ -59,6 +60,17 @@ def window_rows(H: int, W: int, window, shift, pad_first: bool = False) -> np.nd
     return idx.reshape(Hp // wh, wh, Wp // ww, ww).transpose(0, 2, 1, 3).reshape(-1)
 
 
+def grid_rows(H: int, W: int, grid) -> np.ndarray:
+    """For each row of a grid-partitioned tensor (MaxViT's grid attention: ``grid = (gh, gw)`` cells per
+    partition, each partition the positions ``(i·H/gh + y, j·W/gw + x)`` for fixed ``(y, x)``), the grid position
+    it holds. The block (window) partition is :func:`window_rows` without shift."""
+    gh, gw = grid
+    if H % gh or W % gw:
+        raise ValueError(f"a {H}×{W} grid does not split into {gh}×{gw} grid cells")
+    idx = np.arange(H * W, dtype=np.int64).reshape(gh, H // gh, gw, W // gw)
+    return idx.transpose(1, 3, 0, 2).reshape(-1)
+
+
 def _dev(a: np.ndarray, device) -> torch.Tensor:
     return to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
 
@@ -70,10 +82,12 @@ def _rows_mm(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 class _GTerm:
-    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out", "_block")
+    __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out", "_block",
+                 "shared")
 
-    def __init__(self, w, group, host, G, Ms=None, chain=None):
+    def __init__(self, w, group, host, G, Ms=None, chain=None, shared=False):
         self.w, self.group, self.host, self.G, self._Ms, self.chain = w, group, host, G, Ms, chain
+        self.shared = shared  # chain through one matrix for every slot (a pooling downsample): groups unchanged
         self._order = None
         self.pending, self.count, self.base, self.out = [], 0, None, None
         self._block = None  # (key, [G, k, D]): the last block's heads' matrices, shared by its heads
@@ -98,7 +112,9 @@ class _GTerm:
             return
         P = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]
         self.pending = []
-        if self._Ms is None:
+        if self._Ms is None and self.shared:
+            self.base = self.chain[1].defer(_rows_mm(P, self.chain[0]))
+        elif self._Ms is None:
             L, up = self.chain
             self.base = up.defer(_rows_mm(P.reshape(*P.shape[:-2], self.G // 4, 4 * P.shape[-1]), L))
         else:
@@ -113,7 +129,10 @@ class _GTerm:
     @property
     def Ms(self) -> torch.Tensor:
         """``[G, C, D]``: each group's matrix to z (composed through the merges on first use, then kept)."""
-        if self._Ms is None:
+        if self._Ms is None and self.shared:
+            L, up = self.chain  # L [C, C'], the same for every slot
+            self._Ms = torch.matmul(L.unsqueeze(0), up.Ms)
+        elif self._Ms is None:
             L, up = self.chain  # L [4C, C']: slot k's block is rows k·C:(k+1)·C
             C = L.shape[0] // 4
             M = torch.matmul(L.view(1, 4, C, -1), up.Ms.unsqueeze(1))  # [G', 4, C, D]
@@ -152,6 +171,8 @@ class _GTerm:
 
     def pool(self, u: torch.Tensor) -> torch.Tensor:
         """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
+        if self.G == 1 and u.ndim == 3:  # one batched product, no weighted copy of u
+            return torch.bmm(self.w.unsqueeze(1), u)
         wu = u * self.w.view(*self.w.shape, *([1] * (u.ndim - 2)))
         out = u.new_zeros(u.shape[0], self.G, *u.shape[2:])
         return out.index_add_(1, self.group, wu)
@@ -208,15 +229,42 @@ class GroupedRows(TokenDetail):
 
 
 class Lazy:
-    """A component's value still queued on grouped terms: ``Σ (term, index)`` (see :func:`resolve`)."""
+    """A component's value still queued on grouped terms: ``Σ (term, index)`` plus ``Σ factor · part`` (parts:
+    other lazy values or tensors; ``bias="paper"`` adds constants' even shares this way). See :func:`resolve`."""
 
-    __slots__ = ("refs",)
+    __slots__ = ("refs", "extra")
 
-    def __init__(self, refs=None):
+    def __init__(self, refs=None, extra=None):
         self.refs = list(refs or [])
+        self.extra = list(extra or [])
 
-    def __add__(self, other: "Lazy") -> "Lazy":
-        return Lazy(self.refs + other.refs)
+    def __add__(self, other) -> "Lazy":
+        if isinstance(other, Lazy):
+            return Lazy(self.refs + other.refs, self.extra + other.extra)
+        return Lazy(self.refs, self.extra + [(other, 1.0)])
+
+    __radd__ = __add__
+
+    def __truediv__(self, n) -> "Lazy":
+        return Lazy([], [(self, 1.0 / n)])
+
+    def terms(self):
+        for t, _ in self.refs:
+            yield t
+        for x, _ in self.extra:
+            if isinstance(x, Lazy):
+                yield from x.terms()
+
+    def value(self):
+        total = None
+        for t, i in self.refs:
+            x = t.value(i)
+            total = x if total is None else total + x
+        for x, f in self.extra:
+            x = x.value() if isinstance(x, Lazy) else x
+            x = x if f == 1.0 else x * f
+            total = x if total is None else total + x
+        return total
 
 
 def resolve(values: list) -> list:
@@ -225,23 +273,14 @@ def resolve(values: list) -> list:
     terms, seen = [], set()
     for v in values:
         if isinstance(v, Lazy):
-            for t, _ in v.refs:
+            for t in v.terms():
                 while t is not None and id(t) not in seen:
                     seen.add(id(t))
                     terms.append(t)
                     t = t.chain[1] if t.chain is not None else None
     for t in sorted(terms, key=lambda t: -t.depth()):
         t.finish()
-    out = []
-    for v in values:
-        if isinstance(v, Lazy):
-            total = None
-            for t, i in v.refs:
-                x = t.value(i)
-                total = x if total is None else total + x
-            v = total
-        out.append(v)
-    return out
+    return [v.value() if isinstance(v, Lazy) else v for v in values]
 
 
 def _const(terms, c, wscale=None):
@@ -276,10 +315,13 @@ def head_weights(op, dtype):
     return H, Wo, Wg, gamma
 
 
-def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
+def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None, paper=False):
     """Window (or any query-placed) heads on a hierarchical stream, with an optional post-norm inside the branch
     (SwinV2: ``x + norm(attn(x))``): ``<name>.head.<h>`` at their query rows, ``<name>.bias`` = the output bias
-    (through the post-norm's linear part) and the post-norm's β."""
+    (through the post-norm's linear part) and the post-norm's β. ``paper`` (``bias="paper"``): no ``.bias``
+    component; the output bias, and the post-norm's β and centring −γ·μ/σ (its leaves are the H heads: the norm
+    is inside the branch), go 1/H to each head. A source with ``rows`` and captured attention (``rec.attn``,
+    ``rec.v`` in partition order) also splits each head by the position it reads (``rec.sources``)."""
     H, Wo, Wg, gamma = head_weights(op, dtype)
     C = Wo.shape[0]
     A = None
@@ -287,7 +329,7 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
     if post_fn is not None:
         inv = post_fn.inv_scale.reshape(post_fn.inv_scale.shape[0], -1)
         A = torch.eye(C, device=device, dtype=dtype)
-        if post_fn.center:
+        if post_fn.center and not paper:
             A = A - 1.0 / C
         if post_fn.weight is not None:
             A = A * post_fn.weight
@@ -300,21 +342,15 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
     starts = []
     for t in terms:
         w = t.w if inv is None else t.w * inv
-        pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
-            1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
+        if t.G == 1:  # one batched product, no weighted copy of o
+            pooled = torch.einsum("bhrk,br->bhk", o, w).unsqueeze(1)
+        else:
+            pooled = o.new_zeros(o.shape[0], t.G, H, o.shape[-1]).index_add_(
+                1, t.group, o.permute(0, 2, 1, 3) * w[:, :, None, None])  # [B, G, H, dh]
         hv = torch.einsum("bghk,chk->bhgc", pooled, Wg)
         if A is not None:
             hv = _rows_mm(hv, A)
         starts.append((t, t.defer(hv)))
-    for h in range(H):
-        detail = None
-        if tokens:
-            dh = Wg.shape[-1]
-            pre = full[h * dh:(h + 1) * dh]  # [dh, C]
-            detail = GroupedRows([(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms],
-                                 shared=(op.name, full, slice(h * dh, (h + 1) * dh)))
-        emitted.append((Component(f"{op.name}.head.{h}", "head", block=op.block, head=h, **op.extra.get("cargs", {})),
-                        Lazy([(t, at + h) for t, at in starts]), detail))
     total, parts = None, []
     b = op.extra["bias"]
     if b is not None:
@@ -326,14 +362,95 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None):
         tb, pb = _const(terms, post_fn.bias)
         total = tb if total is None else total + tb
         parts += pb
-    if total is not None:
-        emitted.append((Component(f"{op.name}.bias", "const", block=op.block, **op.extra.get("cargs", {})), total,
+    if paper and post_fn is not None and post_fn.center:
+        g = post_fn.weight if post_fn.weight is not None else torch.ones(C, device=device, dtype=dtype)
+        tc, pc = _const(terms, g, -rec.post_mu.reshape(inv.shape) * inv)
+        total = tc if total is None else total + tc
+        parts += pc
+    srcs = source_split(op, rec, terms, full, inv) if tokens and getattr(rec, "attn", None) is not None else None
+    cargs = op.extra.get("cargs", {})
+    for h in range(H):
+        detail = None
+        if tokens:
+            dh = Wg.shape[-1]
+            pre = full[h * dh:(h + 1) * dh]  # [dh, C]
+            hp = [(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms]
+            if paper:
+                hp += [(t, w / H, v, c) for t, w, v, c in parts]
+            detail = GroupedRows(hp, shared=(op.name, full, slice(h * dh, (h + 1) * dh)))
+        value = Lazy([(t, at + h) for t, at in starts])
+        if paper and total is not None:
+            value = value + total / H
+        name = f"{op.name}.head.{h}"
+        emitted.append((Component(name, "head", block=op.block, head=h, **cargs), value, detail))
+        if srcs is not None:
+            rec.sources[name] = srcs[h]
+    if total is not None and not paper:
+        emitted.append((Component(f"{op.name}.bias", "const", block=op.block, **cargs), total,
                         GroupedRows(parts) if tokens else None))
 
 
-def merge(op, rec, terms_dst, device, dtype, tokens):
+def source_split(op, rec, terms, full, inv):
+    """Each head of a partitioned attention split by the position it *reads*: ``a[b, j] · (v_j @ pre_h) @ Ms[g]``
+    with ``a[b, j] = Σ_{q ∈ g} w[b, q] A_qj`` over the queries of j's own partition (the attention of the forward,
+    ``rec.attn`` [B·nW, H, N, N], and values ``rec.v`` [B·nW, H, N, dh] in partition order; ``op.module.rows``:
+    the grid position of each partitioned row). Returns one detail per head."""
+    from ..decomposition import FactorTokens, _Summed
+
+    src = op.module
+    rows = np.asarray(src.rows)
+    R = int(terms[0].w.shape[1])
+    nwn = rows.size
+    inv_map = np.empty(R, dtype=np.int64)
+    inv_map[rows[rows >= 0]] = np.nonzero(rows >= 0)[0]
+    device = terms[0].w.device
+    take = _dev(np.where(rows >= 0, rows, R), device)  # padding rows read a zero weight
+    back = _dev(inv_map, device)
+    attn, v = rec.attn, rec.v
+    Hh, N = attn.shape[1], attn.shape[-1]
+    B = terms[0].w.shape[0]
+    vg = v.permute(0, 2, 1, 3).reshape(B, nwn, Hh, -1).index_select(1, back)  # [B, R, H, dh] grid order
+    dh = vg.shape[-1]
+    parts = [[] for _ in range(Hh)]
+    for t in terms:
+        w = t.w if inv is None else t.w * inv
+        for g in range(t.G):
+            wg = w if t.G == 1 else w * (t.group == g).to(w.dtype)
+            wp = torch.cat([wg, wg.new_zeros(B, 1)], 1).index_select(1, take).reshape(-1, N)  # [B·nW, N]
+            a = torch.einsum("pq,phqj->pjh", wp, attn).reshape(B, nwn, Hh).index_select(1, back)  # [B, R, H]
+            for h in range(Hh):
+                M = (full[h * dh:(h + 1) * dh] @ t.Ms[g]).T  # [D, dh]
+                parts[h].append(FactorTokens(weight=a[..., h].contiguous(), values=vg[:, :, h], matrix=M))
+    return [p[0] if len(p) == 1 else _Summed(p) for p in parts]
+
+
+class SourceTokens(Mapping):
+    """Head name → :class:`TokenDetail` splitting the head by the position it reads from (``dec.meta
+    ["source_tokens"]``). A read-only mapping rather than a dict, so that ``Decomposition.save`` records a
+    one-line summary of it instead of trying to serialise tensors into the JSON header."""
+
+    def __init__(self, details):
+        self._d = dict(details)
+
+    def __getitem__(self, name):
+        return self._d[name]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __repr__(self):
+        return f"<source-token splits of {len(self._d)} attention heads>"
+
+    __str__ = __repr__
+
+
+def merge(op, rec, terms_dst, device, dtype, tokens, paper=False):
     """A 2×2 patch merging read backwards: its constant on the merged stream, and the grouped terms of the stream
-    it reads. Returns ``(component entry or None, terms of the source stream)``."""
+    it reads. Returns ``(component entry or None, terms of the source stream)``. ``paper``: the norm does not
+    centre each leaf; the stream's centring −γ·μ/σ (through the reduction for V1) joins the constant."""
     x = op.extra
     dst = op.stream
     fn = freeze_norm(x["norm"], rec.val) if rec.val is not None else None
@@ -344,22 +461,32 @@ def merge(op, rec, terms_dst, device, dtype, tokens):
         if fn is not None:
             if fn.weight is not None:
                 L = fn.weight.unsqueeze(1) * L
-            if fn.center:
+            if fn.center and not paper:
                 L = L - L.mean(0, keepdim=True)
         const = None if fn is None or fn.bias is None else fn.bias @ red.T
+        cen = None if fn is None or not fn.center else (fn.weight if fn.weight is not None
+                                                        else torch.ones(C4, device=device, dtype=dtype)) @ red.T
     else:  # γ ⊙ centre(reduction(x4)) / σ + β
         L = red.T.clone()
         if fn is not None:
-            if fn.center:
+            if fn.center and not paper:
                 L = L - L.mean(1, keepdim=True)
             if fn.weight is not None:
                 L = L * fn.weight
         const = None if fn is None else fn.bias
+        cen = None if fn is None or not fn.center else (fn.weight if fn.weight is not None
+                                                        else torch.ones(Cn, device=device, dtype=dtype))
     L = L.contiguous()  # [4C, C'] on row vectors: slot k's block is rows k·C:(k+1)·C
     terms = gterms(terms_dst, dst, device, Cn)
     entry = None
+    total, parts = None, []
     if const is not None:
         total, parts = _const(terms, const)
+    if paper and cen is not None:  # −γ·μ/σ at each merged position
+        tc, pc = _const(terms, cen, -rec.val.mean(-1) * fn.inv_scale.reshape(rec.val.shape[0], -1))
+        total = tc if total is None else total + tc
+        parts += pc
+    if total is not None:
         entry = (Component(op.name, "const", **x.get("cargs", {})), total, GroupedRows(parts) if tokens else None)
     parent, slot, out_hw = x["geometry"]
     pi = _dev(parent, device)
@@ -370,3 +497,23 @@ def merge(op, rec, terms_dst, device, dtype, tokens):
         new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(L, t)))
     return entry, new
 
+
+
+def downsample(op, rec, terms_dst, device, dtype, tokens):
+    """A 2×2 average pool then a per-position linear map ``weight`` [C', C] (+ ``bias``) from grid stream ``src``
+    into ``dst`` (MaxViT's stride-2 shortcut), read backwards: the same matrix for all four slots, so the grouped
+    terms keep their groups (``w'[p] = w[P(p)] / 4``, ``Ms'[g] = weightᵀ @ Ms[g]``). Returns ``(component entry or
+    None, terms of the source stream)``."""
+    x = op.extra
+    W = x["weight"]
+    L = torch.eye(x["channels"], device=device, dtype=dtype) if W is None else W.detach().to(dtype).T.contiguous()
+    terms = gterms(terms_dst, op.stream, device, L.shape[1])
+    entry = None
+    if x["bias"] is not None:
+        total, parts = _const(terms, x["bias"].detach().to(dtype))
+        entry = (Component(op.name, "const", **x.get("cargs", {})), total, GroupedRows(parts) if tokens else None)
+    parent = x["geometry"][0]
+    pi = _dev(parent, device)
+    new = [_GTerm(t.w.index_select(1, pi) * 0.25, t.group.index_select(0, pi), t.host[parent], t.G, chain=(L, t),
+                  shared=True) for t in terms]
+    return entry, new

@@ -11,7 +11,8 @@ Sources here cover fused-qkv timm attention (:class:`ProjInput` + :class:`FusedQ
 product is recorded while it runs (:class:`TracedAttention`: the auto adapter's head splits), talking-heads attention
 (:class:`TalkingHeads`), separate q/k/v projections (:class:`SeparateQKV`, Hugging Face) and attention modules
 that do not call their output projection as a module (:class:`InProj`: ``nn.MultiheadAttention``, open_clip) and
-shifted-window attention on a grid stream (:class:`WindowHeads`: Swin; heads placed at their query rows).
+shifted-window attention on a grid stream (:class:`WindowHeads`: Swin; heads placed at their query rows) and any
+partitioned attention given by its row map (:class:`PartitionHeads`: MaxViT's block and grid attention).
 A new attention flavour is a new source (any object with ``num_heads`` and ``install``).
 """
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedModelError
 
 __all__ = ["HeadSource", "ProjInput", "FusedQKV", "TracedAttention", "TalkingHeads", "SeparateQKV", "InProj",
-           "WindowHeads"]
+           "WindowHeads", "PartitionHeads"]
 
 
 class HeadSource:
@@ -322,3 +323,46 @@ class WindowHeads(HeadSource):
             rec.o = reduce(o) if reduce is not None else o
 
         hooks.pre(self.proj, on_proj_in)
+
+
+@attrs.define(eq=False)
+class PartitionHeads(HeadSource):
+    """Attention over partitions of a grid stream, given by a row map (MaxViT's block windows and grid cells):
+    the head outputs are the input of ``proj`` in partition order (``[B·nP, ..., H·dh]``, any shape whose leading
+    axes flatten to ``rows.size`` rows per image), and ``rows[i]`` is the grid position partitioned row ``i``
+    holds (−1: padding), e.g. :func:`vitdecomp.graph.window_rows` / :func:`vitdecomp.graph.grid_rows`. Heads sit
+    at their query rows (``detail = "query"``). With ``attention`` (an object whose ``install(hooks, rec, H)``
+    sets ``rec.attn`` [B·nP, H, N, N] and ``rec.v`` [B·nP, H, N, dh] in partition order) token detail also
+    splits each head by the position it reads, in ``dec.meta["source_tokens"]``."""
+
+    proj: torch.nn.Module
+    num_heads: int
+    rows: object  # numpy int array
+    attention: Optional[object] = None
+    detail = "query"
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        import numpy as np
+
+        from ..engine import to_device
+
+        win = np.asarray(self.rows, dtype=np.int64)
+        valid = win >= 0
+        R = int(valid.sum())
+        inv = np.empty(R, dtype=np.int64)
+        inv[win[valid]] = np.nonzero(valid)[0]
+        inv = inv[rows.cpu().numpy()] if rows.numel() != R else inv
+        inv_t = to_device(torch.from_numpy(np.ascontiguousarray(inv)), rows.device)
+        Hh = self.num_heads
+
+        def on_proj_in(x):
+            C = x.shape[-1]
+            x = x.reshape(-1, win.size, C)  # [B, partitions · rows, H·dh] per image
+            o = x.index_select(1, inv_t)
+            o = o.view(o.shape[0], o.shape[1], Hh, C // Hh).permute(0, 2, 1, 3)
+            rec.o = reduce(o) if reduce is not None else o
+
+        hooks.pre(self.proj, on_proj_in)
+        if tokens and self.attention is not None:
+            rec.sources = {}
+            self.attention.install(hooks, rec, Hh)

@@ -52,7 +52,6 @@ def _parts(S, b, layer, v2):
 class HFSwinAdapter(GraphAdapter):
     name = "transformers-swin"
     families = ("Swin (transformers)", "SwinV2 (transformers)")
-    paper_bias = False  # the paper's split is not implemented for grid streams (patch merging) yet
 
     def supports(self, model) -> bool:
         return hf_class(model, _CLASSES) is not None
