@@ -60,11 +60,11 @@ def main():
             for mode in a.modes:
                 kw = all_modes[mode]
                 for ad in adapters:
-                    dec = vitdecomp.decompose(m, x, adapter=ad, **kw)  # warm-up (and the fx traces)
+                    dec = vitdecomp.decompose(m, x, adapter=ad, fingerprint=False, **kw)  # warm-up (and the fx traces)
                     f, d = [], []
                     for _ in range(a.reps):
                         f.append(timed(fwd))
-                        d.append(timed(lambda: vitdecomp.decompose(m, x, adapter=ad, **kw)))
+                        d.append(timed(lambda: vitdecomp.decompose(m, x, adapter=ad, fingerprint=False, **kw)))
                     F, D = statistics.median(f), statistics.median(d)
                     print(f"{name:28s} {mode:9s} {ad:8s} batch {a.batch}: forward {F * 1e3:8.1f} ms  decompose "
                           f"{D * 1e3:8.1f} ms  ratio {D / F:.2f}×  components {len(dec)}  error {dec.error:.1e}  "

@@ -49,10 +49,10 @@ def _setup(args):
             return ad.representation(model, x)
 
     def component():
-        return vitdecomp.decompose(model, x)
+        return vitdecomp.decompose(model, x, fingerprint=False)  # the decomposition itself
 
     def spatial(with_sources=False):
-        dec = vitdecomp.decompose(model, x, tokens="source")
+        dec = vitdecomp.decompose(model, x, tokens="source", fingerprint=False)
         with torch.no_grad():
             for name in dec.names:
                 dec.spatial_map(name)

@@ -66,7 +66,8 @@ def worker(model_name: str, mode: str, batch: int, reps: int, device: str, dtype
     def run():
         if mode == "forward":
             return fwd()
-        return vitdecomp.decompose(model, x, heads=mode != "branch", tokens="source" if mode == "token" else None)
+        return vitdecomp.decompose(model, x, heads=mode != "branch", tokens="source" if mode == "token" else None,
+                                   fingerprint=False)  # the decomposition itself (the fingerprint: fingerprint.py)
 
     if os.environ.get("VITDECOMP_BENCH_MEMORY") and not device.startswith("cuda"):
         # CPU memory: a warm-up call first (one-time kernel/library initialisation is not working memory), then

@@ -79,10 +79,10 @@ def main():
             return model.forward_head(model.forward_features(x), pre_logits=True)
 
     def component():
-        return vitdecomp.decompose(model, x)
+        return vitdecomp.decompose(model, x, fingerprint=False)  # the decomposition itself
 
     def spatial():
-        dec = vitdecomp.decompose(model, x, tokens="source")
+        dec = vitdecomp.decompose(model, x, tokens="source", fingerprint=False)
         heat = {}
         for name in dec.names:
             heat[name] = dec.spatial_map(name).norm(dim=-1)
