@@ -278,7 +278,7 @@ def test_goals_report_misses_by_how_much():
             "retrieval_oracle": 0.8, "spearman_aligned_truth": 0.9, "spearman_score_aligned_attribution": 0.75}
     results = {"models": {"deit": {"properties": {"shape": prop, "color": dict(prop, spearman_score_attribution=0.9,
                                                                                  retrieval_components=0.7)},
-                                   "textspan": {"carrying_agreement": 0.85, "n_carrying": 12}}},
+                                   "textspan": {"carrying_agreement": 0.85, "n_carrying": 12, "carrying_misses": {}}}},
                "spurious": {"deit": {"spearman_difference": 0.4, "by_k": {
                    1: {"share_of_oracle_gain": 0.5}, 3: {"share_of_oracle_gain": 0.9}}}}}
     rows = {(r["model"], r["property"], r["goal"]): r for r in E.goals(results)}

@@ -263,7 +263,7 @@ def textspan_agreement(run: ModelRun, encoder, *, min_share: float = 0.01) -> di
     var = (run.contributions - run.contributions.mean(0)).pow(2).sum((0, 2))
     keep = [i for i in range(len(run.names)) if var[i] >= min_share * var.max()]
     props = [f for f in D.FACTOR_NAMES if f in run.truth]
-    hits, picks, carry_hits, carry = 0, {}, 0, 0
+    hits, picks, carry_hits, carry, wrong = 0, {}, 0, 0, {}
     for i in keep:
         pick = textspan(run.aligned[:, i], T, pool, iters=1, rank=80)
         if not pick:
@@ -275,8 +275,11 @@ def textspan_agreement(run: ModelRun, encoder, *, min_share: float = 0.01) -> di
         if float(run.truth[best]["r2"][i]) >= CARRY_R2:
             carry += 1
             carry_hits += fac == best
+            if fac != best:
+                wrong[f"{best} → {fac}"] = wrong.get(f"{best} → {fac}", 0) + 1
     return {"agreement": hits / max(1, len(picks)), "n_components": len(picks), "picks": picks,
-            "carrying_agreement": carry_hits / carry if carry else None, "n_carrying": carry}
+            "carrying_agreement": carry_hits / carry if carry else None, "n_carrying": carry,
+            "carrying_misses": dict(sorted(wrong.items(), key=lambda kv: -kv[1]))}
 
 
 def evaluate(run: ModelRun, *, k: Optional[int] = None, queries: int = 200, seed: int = 0,
@@ -415,7 +418,9 @@ def goals(results: dict) -> List[dict]:
             rows.append({"model": name, "property": "(all)", "goal": "TextSpan first pick", "value": v,
                          "target": GOALS["textspan"], "met": bool(v >= GOALS["textspan"]),
                          "short_by": max(0.0, GOALS["textspan"] - v),
-                         "why": None if v >= GOALS["textspan"] else f"{ts['n_carrying']} carrying components"})
+                         "why": None if v >= GOALS["textspan"] else
+                         f"of {ts['n_carrying']} carrying components, wrong picks (true factor → picked): " +
+                         (", ".join(f"{k} ×{n}" for k, n in ts.get("carrying_misses", {}).items()) or "none")})
     for arch, sp in results.get("spurious", {}).items():
         shares = {k: r["share_of_oracle_gain"] for k, r in sp["by_k"].items() if r.get("share_of_oracle_gain") is not None}
         if not shares:
