@@ -118,3 +118,26 @@ def test_window_rows_follow_the_models_roll_pad_partition(pad_first):
     want = x.view(1, Hp // 2, 2, Wp // 3, 3, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1).long()
     assert window_rows(H, W, win, sh, pad_first).tolist() == want.tolist()
     assert (window_rows(H, W, win, sh, True) != window_rows(H, W, win, sh, False)).any()
+
+
+@pytest.mark.parametrize("G", [1, 5])
+def test_grouped_rows_apply_each_rows_group_matrix_in_place(G):
+    """Token detail on a grid stream: row r of a map is ``v[r] @ mats[group[r]]`` (groups of unequal size, one
+    empty), written into a fresh map or added into the one given (a component's several parts), against a
+    row-by-row product."""
+    import numpy as np
+
+    from vitdecomp.graph._hier import _GTerm
+
+    R, k, D = 23, 3, 4
+    host = np.random.default_rng(0).choice([0, 1, 3, 4][:G], size=R) if G > 1 else np.zeros(R, dtype=np.int64)
+    t = _GTerm(torch.ones(2, R, dtype=torch.float64), torch.from_numpy(host), host, G)
+    v = torch.randn(2, R, k, dtype=torch.float64)
+    mats = torch.randn(G, k, D, dtype=torch.float64)
+    want = torch.stack([v[:, r] @ mats[host[r]] for r in range(R)], 1)
+    got = t.apply_rows(v, mats)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    base = torch.randn(2, R, D, dtype=torch.float64)
+    acc = base.clone()
+    assert t.apply_rows(v, mats, acc) is acc
+    torch.testing.assert_close(acc, base + want, rtol=0, atol=1e-13)

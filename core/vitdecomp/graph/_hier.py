@@ -8,7 +8,9 @@ row ``r`` reaches z as ``w[b, r] · u[b, r] @ Ms[group[r]]``. A plain term ``(w,
 ``group'[p] = 4·group[P(p)] + k(p)`` and ``Ms'[4g + k] = A_k @ Ms[g]`` (``A_k``: the slot's block of the merge's
 linear part). A write is pooled over rows by group, weighted by ``w`` (``[B, G, C]``), and the pooled groups are
 carried merge by merge through the slot blocks ``A_k`` to z, so component level never forms ``Ms`` and stays near
-one forward; token detail composes ``Ms`` once per stream (lazily) and applies ``Ms[group[r]]`` row by row.
+one forward; token detail composes ``Ms`` once per stream (lazily) and applies ``Ms[group[r]]`` group by group,
+each group's product written straight into the component's ``[B, R, D]`` map at its rows (the map and one group's
+product are all it holds; several parts of a component add into the same map).
 """
 
 from __future__ import annotations
@@ -121,34 +123,37 @@ class _GTerm:
         return self._Ms
 
     def layout(self):
-        """(order, counts) of the rows sorted by group (host arithmetic only)."""
+        """Each non-empty group and the rows it holds, as device index tensors (host arithmetic only)."""
         if self._order is None:
             order = np.argsort(self.host, kind="stable")
-            counts = np.bincount(self.host, minlength=self.G).tolist()
-            self._order = (_dev(order, self.w.device), counts, _dev(np.argsort(order), self.w.device))
+            counts = np.bincount(self.host, minlength=self.G)
+            at = np.concatenate([[0], np.cumsum(counts)])
+            self._order = [(g, _dev(order[at[g]:at[g + 1]], self.w.device)) for g in range(self.G) if counts[g]]
         return self._order
 
-    def apply_rows(self, v: torch.Tensor, mats: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``out[b, r] = v[b, r] @ mats[group[r]]`` for ``v`` [B, R, k] (weights already applied; ``mats``
-        [G, k, D], default ``Ms``)."""
+    def apply_rows(self, v: torch.Tensor, mats: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out[b, r] (+)= v[b, r] @ mats[group[r]]`` for ``v`` [B, R, k] (weights already applied; ``mats``
+        [G, k, D], default ``Ms``). Group by group, written in place at the group's rows: beside ``out`` only one
+        group's product is held (no sorted copy of the map, no gather back to grid order); with ``out`` given the
+        products are added to it."""
         mats = self.Ms if mats is None else mats
+        B, R, k = v.shape
         if self.G == 1:
-            return v @ mats[0]
-        order, counts, back = self.layout()
-        B, R, C = v.shape
-        vs = v.index_select(1, order)
-        if len(set(counts)) == 1:  # equal groups: one bmm with the groups as its batch (no broadcast copies of Ms)
-            n = counts[0]
-            xs = vs.view(B, self.G, n, C).transpose(0, 1).reshape(self.G, B * n, C)
-            ys = torch.bmm(xs, mats).view(self.G, B, n, -1).transpose(0, 1).reshape(B, R, -1)
-        else:
-            parts, at = [], 0
-            for g, c in enumerate(counts):
-                if c:
-                    parts.append(vs[:, at:at + c] @ mats[g])
-                at += c
-            ys = torch.cat(parts, 1)
-        return ys.index_select(1, back)  # back to grid order (a gather: cheaper than scattering)
+            if out is None:
+                return _rows_mm(v, mats[0])
+            out.view(-1, out.shape[-1]).addmm_(v.reshape(-1, k), mats[0])
+            return out
+        first = out is None
+        if first:
+            out = v.new_empty(B, R, mats.shape[-1])
+        for g, idx in self.layout():
+            y = _rows_mm(v.index_select(1, idx), mats[g])
+            if first:
+                out.index_copy_(1, idx, y)
+            else:
+                out.index_add_(1, idx, y)
+        return out
 
     def pool(self, u: torch.Tensor) -> torch.Tensor:
         """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
@@ -182,26 +187,25 @@ class GroupedRows(TokenDetail):
         self.shared = shared  # (key, all heads' pre [H·dh, C], column slice of this head) for heads
 
     def materialize(self, num_tokens: int) -> torch.Tensor:
-        out = None
+        out = None  # every part is added into one [B, R, D] map in place
         for term, w, v, pre in self.parts:
             if v is None:
                 cm = torch.einsum("c,gcd->gd", pre, term.Ms)  # [G, D]
                 y = cm.index_select(0, term.group).unsqueeze(0) * w.unsqueeze(-1)
-            else:
-                u = v * w.unsqueeze(-1)
-                B, R, k = u.shape
-                C, D = term.Ms.shape[1], term.Ms.shape[2]
-                if pre is not None and self.shared is not None:
-                    key, full, cols = self.shared
-                    # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
-                    if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
-                        y = term.apply_rows(u, term.block_mats(key, full)[:, cols])
-                        out = y if out is None else out + y
-                        continue
-                if pre is not None:
-                    u = u @ pre
-                y = term.apply_rows(u)
-            out = y if out is None else out + y
+                out = y if out is None else out.add_(y)
+                continue
+            u = v * w.unsqueeze(-1)
+            B, R, k = u.shape
+            C, D = term.Ms.shape[1], term.Ms.shape[2]
+            mats = None
+            if pre is not None and self.shared is not None:
+                key, full, cols = self.shared
+                # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
+                if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
+                    mats = term.block_mats(key, full)[:, cols]
+            if mats is None and pre is not None:
+                u = _rows_mm(u, pre)
+            out = term.apply_rows(u, mats, out)
         if out.shape[1] != num_tokens:
             raise ValueError(f"the stream has {out.shape[1]} rows, the grid {num_tokens} positions")
         return out
