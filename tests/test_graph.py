@@ -145,3 +145,34 @@ def test_downsample_checks_its_geometry():
     with pytest.raises(GraphError, match=r"node 'short'.*shape \(6, 8\).*expected \[16, C\]"):
         g.downsample(a, b, weight=torch.zeros(6, 8), channels=16, name="short")
     g.downsample(a, b, weight=torch.zeros(16, 8, 1, 1), channels=16, name="short")
+
+
+@pytest.mark.parametrize("G,tiled", [(1, False), (5, False), (4, True)])
+def test_grouped_rows_apply_each_rows_group_matrix_in_place(G, tiled):
+    """Token detail on a grid stream: row r of a map is ``v[r] @ mats[group[r]]`` (groups of unequal size, one
+    empty; or a 2×2 tile of permuted groups on a 4×6 grid, as patch merging makes), written into a fresh map or
+    added into the one given (a component's several parts), against a row-by-row product."""
+    import numpy as np
+
+    from vitdecomp.graph._hier import _GTerm, _Tile, _tiled
+
+    R, k, D = (24 if tiled else 23), 3, 4
+    if tiled:
+        host = np.array([[2, 0], [3, 1]])[np.arange(4)[:, None] % 2, np.arange(6)[None, :] % 2].reshape(-1)
+    elif G > 1:
+        host = np.random.default_rng(0).choice([0, 1, 3, 4], size=R)
+    else:
+        host = np.zeros(R, dtype=np.int64)
+    t = _GTerm(torch.ones(2, R, dtype=torch.float64), torch.from_numpy(host), host, G)
+    if tiled:
+        t._order = _tiled(host, G, (4, 6), "cpu")
+        assert isinstance(t.layout(), _Tile) and _tiled(host, G, (6, 4), "cpu") is None
+    v = torch.randn(2, R, k, dtype=torch.float64)
+    mats = torch.randn(G, k, D, dtype=torch.float64)
+    want = torch.stack([v[:, r] @ mats[host[r]] for r in range(R)], 1)
+    got = t.apply_rows(v, mats)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    base = torch.randn(2, R, D, dtype=torch.float64)
+    acc = base.clone()
+    assert t.apply_rows(v, mats, acc) is acc
+    torch.testing.assert_close(acc, base + want, rtol=0, atol=1e-13)

@@ -8,7 +8,10 @@ row ``r`` reaches z as ``w[b, r] · u[b, r] @ Ms[group[r]]``. A plain term ``(w,
 ``group'[p] = 4·group[P(p)] + k(p)`` and ``Ms'[4g + k] = A_k @ Ms[g]`` (``A_k``: the slot's block of the merge's
 linear part). A write is pooled over rows by group, weighted by ``w`` (``[B, G, C]``), and the pooled groups are
 carried merge by merge through the slot blocks ``A_k`` to z, so component level never forms ``Ms`` and stays near
-one forward; token detail composes ``Ms`` once per stream (lazily) and applies ``Ms[group[r]]`` row by row.
+one forward; token detail composes ``Ms`` once per stream (lazily) and applies ``Ms[group[r]]`` written straight
+into the component's ``[B, R, D]`` map at each group's rows — a row of ``t × t`` merge tiles at a time on even
+grids, group by group otherwise — so the map and a slice of products are all it holds (several parts of a
+component add into the same map).
 """
 
 from __future__ import annotations
@@ -81,6 +84,31 @@ def _rows_mm(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return (x.reshape(-1, x.shape[-1]) @ M).view(*x.shape[:-1], M.shape[-1])
 
 
+class _Tile:
+    """A grid whose rows' groups depend only on the position inside a ``t × t`` tile (``H``, ``W`` multiples of
+    ``t``): the group of position ``(y, x)`` is ``cells[(y mod t)·t + x mod t]`` (``cells`` None: the identity)."""
+
+    __slots__ = ("t", "H", "W", "cells")
+
+    def __init__(self, t, H, W, cells):
+        self.t, self.H, self.W, self.cells = t, H, W, cells
+
+
+def _tiled(host: np.ndarray, G: int, hw, device) -> Optional[_Tile]:
+    """The tiled layout of groups ``host`` on an ``hw`` grid, or None (patch merging makes one whenever every
+    merge on the way saw even sides: the group is the path of merge slots, a function of ``(y, x) mod 2^m``)."""
+    H, W = hw
+    t = int(round(G ** 0.5))
+    if G < 4 or t * t != G or H % t or W % t or host.size != H * W:
+        return None
+    g = host.reshape(H // t, t, W // t, t)
+    cells = g[0, :, 0, :]
+    if not (g == cells.reshape(1, t, 1, t)).all() or np.unique(cells).size != G:
+        return None
+    cells = cells.reshape(-1)
+    return _Tile(t, H, W, None if (cells == np.arange(G)).all() else _dev(cells, device))
+
+
 class _GTerm:
     __slots__ = ("w", "group", "host", "G", "_Ms", "chain", "_order", "pending", "count", "base", "out", "_block",
                  "shared")
@@ -140,34 +168,54 @@ class _GTerm:
         return self._Ms
 
     def layout(self):
-        """(order, counts) of the rows sorted by group (host arithmetic only)."""
+        """Each non-empty group and the rows it holds, as device index tensors (host arithmetic only); a tiled
+        layout (:func:`_tiled`) when the merge that made this term set one."""
         if self._order is None:
             order = np.argsort(self.host, kind="stable")
-            counts = np.bincount(self.host, minlength=self.G).tolist()
-            self._order = (_dev(order, self.w.device), counts, _dev(np.argsort(order), self.w.device))
+            counts = np.bincount(self.host, minlength=self.G)
+            at = np.concatenate([[0], np.cumsum(counts)])
+            self._order = [(g, _dev(order[at[g]:at[g + 1]], self.w.device)) for g in range(self.G) if counts[g]]
         return self._order
 
-    def apply_rows(self, v: torch.Tensor, mats: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``out[b, r] = v[b, r] @ mats[group[r]]`` for ``v`` [B, R, k] (weights already applied; ``mats``
-        [G, k, D], default ``Ms``)."""
+    def apply_rows(self, v: torch.Tensor, mats: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out[b, r] (+)= v[b, r] @ mats[group[r]]`` for ``v`` [B, R, k] (weights already applied; ``mats``
+        [G, k, D], default ``Ms``), written in place at each group's rows: beside ``out`` only a slice of the
+        products is held (no sorted copy of the map, no gather back to grid order); with ``out`` given the
+        products are added to it. On a tiled grid one row of tile cells at a time (a batched product per tile
+        row, copied into ``out`` through a strided view); otherwise group by group."""
         mats = self.Ms if mats is None else mats
+        B, R, k = v.shape
+        D = mats.shape[-1]
         if self.G == 1:
-            return v @ mats[0]
-        order, counts, back = self.layout()
-        B, R, C = v.shape
-        vs = v.index_select(1, order)
-        if len(set(counts)) == 1:  # equal groups: one bmm with the groups as its batch (no broadcast copies of Ms)
-            n = counts[0]
-            xs = vs.view(B, self.G, n, C).transpose(0, 1).reshape(self.G, B * n, C)
-            ys = torch.bmm(xs, mats).view(self.G, B, n, -1).transpose(0, 1).reshape(B, R, -1)
-        else:
-            parts, at = [], 0
-            for g, c in enumerate(counts):
-                if c:
-                    parts.append(vs[:, at:at + c] @ mats[g])
-                at += c
-            ys = torch.cat(parts, 1)
-        return ys.index_select(1, back)  # back to grid order (a gather: cheaper than scattering)
+            if out is None:
+                return _rows_mm(v, mats[0])
+            out.view(-1, D).addmm_(v.reshape(-1, k), mats[0])
+            return out
+        first = out is None
+        if first:
+            out = v.new_empty(B, R, D)
+        lay = self.layout()
+        if isinstance(lay, _Tile):
+            t, H, W = lay.t, lay.H, lay.W
+            mt = mats if lay.cells is None else mats.index_select(0, lay.cells)  # [t·t, k, D], cell (i, j) at i·t + j
+            xs = v.reshape(B, H // t, t, W // t, t, k).permute(2, 4, 0, 1, 3, 5).reshape(t * t, -1, k)
+            o6 = out.view(B, H // t, t, W // t, t, D)
+            for i in range(t):
+                ys = torch.bmm(xs[i * t:(i + 1) * t], mt[i * t:(i + 1) * t])  # [t (cell column), B·n, D]
+                ys = ys.view(t, B, H // t, W // t, D).permute(1, 2, 3, 0, 4)
+                if first:
+                    o6[:, :, i].copy_(ys)
+                else:
+                    o6[:, :, i].add_(ys)
+            return out
+        for g, idx in lay:
+            y = _rows_mm(v.index_select(1, idx), mats[g])
+            if first:
+                out.index_copy_(1, idx, y)
+            else:
+                out.index_add_(1, idx, y)
+        return out
 
     def pool(self, u: torch.Tensor) -> torch.Tensor:
         """``Σ_{r∈g} w[b, r] u[b, r, ...]`` → [B, G, ...] for ``u`` [B, R, ...]."""
@@ -203,26 +251,25 @@ class GroupedRows(TokenDetail):
         self.shared = shared  # (key, all heads' pre [H·dh, C], column slice of this head) for heads
 
     def materialize(self, num_tokens: int) -> torch.Tensor:
-        out = None
+        out = None  # every part is added into one [B, R, D] map in place
         for term, w, v, pre in self.parts:
             if v is None:
                 cm = torch.einsum("c,gcd->gd", pre, term.Ms)  # [G, D]
                 y = cm.index_select(0, term.group).unsqueeze(0) * w.unsqueeze(-1)
-            else:
-                u = v * w.unsqueeze(-1)
-                B, R, k = u.shape
-                C, D = term.Ms.shape[1], term.Ms.shape[2]
-                if pre is not None and self.shared is not None:
-                    key, full, cols = self.shared
-                    # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
-                    if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
-                        y = term.apply_rows(u, term.block_mats(key, full)[:, cols])
-                        out = y if out is None else out + y
-                        continue
-                if pre is not None:
-                    u = u @ pre
-                y = term.apply_rows(u)
-            out = y if out is None else out + y
+                out = y if out is None else out.add_(y)
+                continue
+            u = v * w.unsqueeze(-1)
+            B, R, k = u.shape
+            C, D = term.Ms.shape[1], term.Ms.shape[2]
+            mats = None
+            if pre is not None and self.shared is not None:
+                key, full, cols = self.shared
+                # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
+                if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
+                    mats = term.block_mats(key, full)[:, cols]
+            if mats is None and pre is not None:
+                u = _rows_mm(u, pre)
+            out = term.apply_rows(u, mats, out)
         if out.shape[1] != num_tokens:
             raise ValueError(f"the stream has {out.shape[1]} rows, the grid {num_tokens} positions")
         return out
@@ -494,7 +541,11 @@ def merge(op, rec, terms_dst, device, dtype, tokens, paper=False):
     for t in terms:
         w = t.w if fn is None else t.w * fn.inv_scale.reshape(t.w.shape[0], -1)
         host = t.host[parent] * 4 + slot
-        new.append(_GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(L, t)))
+        nt = _GTerm(w.index_select(1, pi), _dev(host, device), host, t.G * 4, chain=(L, t))
+        src = x["src"].grid
+        if tokens and src is not None:
+            nt._order = _tiled(host, nt.G, (src.h, src.w), device)  # None: grouped lazily, row lists
+        new.append(nt)
     return entry, new
 
 

@@ -1,7 +1,8 @@
 """Model strings ``hf:<repo id or local dir>``: ``from_pretrained`` plus the checkpoint's image processor.
 
 The model class is the one the checkpoint's ``config.architectures`` names when this pack supports it
-(``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ``Dinov2Model``, ``CLIPModel``, ...),
+(``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ``Dinov2Model``, ``CLIPModel``,
+``SwinForImageClassification``, ``Swinv2Model``, ...),
 else the base model of its ``model_type``. ``random_init=True`` (or ``pretrained=False``) builds that class from
 the checkpoint's config with random weights; ``weights=DIR`` loads from a local directory instead of ``spec``.
 """
@@ -16,14 +17,16 @@ from vitdecomp.errors import UnknownModelError, WeightsUnavailableError
 
 from .clip import _CLASSES as _CLIP
 from .dinov2 import _CLASSES as _DINOV2
+from .swin import _CLASSES as _SWIN
 from .vit import _CLASSES as _VIT
 
 __all__ = ["load_hf", "HFImagePreprocess"]
 
-SUPPORTED_ARCHITECTURES = _VIT + _DINOV2 + _CLIP
+SUPPORTED_ARCHITECTURES = _VIT + _DINOV2 + _CLIP + _SWIN
 _BASE_OF_TYPE = {
     "vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
     "dinov2_with_registers": "Dinov2WithRegistersModel", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
+    "swin": "SwinModel", "swinv2": "Swinv2Model",
 }
 
 _OFFLINE_HINT = (
