@@ -41,7 +41,13 @@ def _maps(C, D, d, g):
 
 
 def write_cache(out, N, C, D, d, noise=0.1, shard=500, seed=0):
-    """Write a planted extraction cache to ``out`` (must not exist) and the planted maps beside it."""
+    """Write a planted extraction cache to ``out`` (must not exist) and the planted maps beside it.
+
+    The cache is in the current format (``vitdecomp.extraction/2``: settings digest and checksum in every shard,
+    written by the library's own shard writer), so :meth:`ExtractionCache.open` verifies it like any other."""
+    import hashlib
+
+    from vitdecomp import extraction as X
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -53,6 +59,15 @@ def write_cache(out, N, C, D, d, noise=0.1, shard=500, seed=0):
     bias = 0.2 * torch.randn(d, generator=g)
     names = [f"planted.{i}" for i in range(C)]
     num = math.ceil(N / shard)
+    ident = f"planted:N{N}-C{C}-D{D}-d{d}-noise{noise}-seed{seed}"
+    settings = {"format": X._FORMAT, "model": f"planted:C{C}-D{D}",
+                "model_fingerprint": hashlib.sha256(ident.encode()).hexdigest()[:32],
+                "decompose": {"heads": True, "start": None, "tokens": None, "bias": "explicit"}, "dtype": "float16",
+                "clip_model": f"planted-clip:d{d}", "clip_fingerprint": None, "shard_size": shard, "num_images": N,
+                "num_shards": num, "data_fingerprint": f"dataset:{N}", "autocast": None,
+                "data": {"kind": "dataset", "class": "benchmarks.aligner_training.planted"}}
+    settings = json.loads(json.dumps(settings))
+    digest = X._settings_digest(settings)
     for j in range(num):
         a, b = j * shard, min(N, (j + 1) * shard)
         c = (torch.randn(b - a, C, D, generator=g) * scale + offset).half()
@@ -60,15 +75,17 @@ def write_cache(out, N, C, D, d, noise=0.1, shard=500, seed=0):
         eps = torch.randn(b - a, d, generator=g)
         eps = eps * (noise * clean.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True))
         t = torch.nn.functional.normalize(clean + bias + eps, dim=-1)
-        meta = {"start": a, "stop": b, "labels": [None] * (b - a), "max_error": 0.0}
-        save_file({"contributions": c.contiguous(), "representation": c.float().sum(1).contiguous(),
-                   "targets": t.contiguous()}, str(out / f"shard-{j:05d}.safetensors"),
-                  metadata={"vitdecomp": json.dumps(meta)})
-    meta = {"format": "vitdecomp.extraction/1", "model": f"planted:C{C}-D{D}", "clip_model": f"planted-clip:d{d}",
-            "names": names, "dim": D, "target_dim": d, "dtype": "float16", "num_shards": num, "complete": True,
-            "index": [{"file": f"shard-{j:05d}.safetensors", "start": j * shard, "stop": min(N, (j + 1) * shard),
-                       "rank": 0} for j in range(num)], "world_size": 1}
-    (out / "meta.json").write_text(json.dumps(meta))
+        tensors = {"contributions": c.contiguous(), "representation": c.float().sum(1).contiguous(),
+                   "targets": t.contiguous()}
+        shard_meta = {"start": a, "stop": b, "labels": [None] * (b - a), "max_error": 0.0, "settings": digest,
+                      "inputs": [hashlib.sha256(f"{ident}:{i}".encode()).hexdigest()[:32] for i in range(a, b)],
+                      "skipped": []}
+        shard_meta["checksum"] = X._checksum(tensors, shard_meta)
+        X._write_shard(out, j, tensors, shard_meta, j)
+    meta = {**settings, "names": names, "dim": D, "target_dim": d, "complete": True, "world_size": 1,
+            "index": [{"file": X._shard_name(j), "start": j * shard, "stop": min(N, (j + 1) * shard), "rank": 0}
+                      for j in range(num)]}
+    X._atomic_write_json(out / "meta.json", meta)
     save_file({"maps": maps.contiguous()}, str(out / "planted_maps.safetensors"))
     return out
 

@@ -23,3 +23,19 @@ def test_cuda_without_a_gpu_is_refused_clearly(script, args):
                        env=env, timeout=300)
     assert r.returncode != 0
     assert "no usable CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_planted_aligner_cache_is_a_current_verified_cache(tmp_path, monkeypatch):
+    """benchmarks/aligner_training.py writes its planted data as a cache of the current format, which the library
+    opens and verifies like one extract wrote (a format-1 cache would be refused)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import aligner_training as A
+    from safetensors.torch import load_file
+
+    from vitdecomp.extraction import ExtractionCache
+
+    A.write_cache(tmp_path / "c", 250, 3, 8, 8, shard=100)
+    cache = ExtractionCache.open(tmp_path / "c", verify=True)
+    assert len(cache) == 250 and cache.names == tuple(f"planted.{i}" for i in range(3))
+    maps = load_file(str(tmp_path / "c" / "planted_maps.safetensors"))["maps"]
+    assert maps.shape == (3, 8, 8)
