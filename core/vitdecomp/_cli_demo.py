@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["add_commands", "run_demo", "write_atlas"]
 
 _EPILOG = """examples:
-  vitdecomp demo                          # full report in ./vitdecomp-demo/ (a few minutes on 2 CPU cores)
+  vitdecomp demo                          # full report in ./vitdecomp-demo/ (under a minute on 2 CPU cores)
   vitdecomp demo --quick --out /tmp/demo  # one model, few images (under a minute)
   vitdecomp demo --models deit swin maxvit clip --images 2000
 Everything runs offline: the models (a small CLIP and DeiT / Swin / MaxViT classifiers, a few MB) ship with
