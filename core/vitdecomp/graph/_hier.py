@@ -445,12 +445,31 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None, paper=Fa
                         GroupedRows(parts) if tokens else None))
 
 
+def _narrow_factor():
+    import attrs
+
+    from ..decomposition import FactorTokens
+
+    @attrs.define(eq=False)
+    class NarrowFactor(FactorTokens):
+        """:class:`FactorTokens` with the weight applied on the narrow side (``dh`` channels) before the product
+        to D: ``(values · weight) @ matrix.T`` (same value; a [B, T, dh] product instead of a [B, T, D] one)."""
+
+        def materialize(self, num_tokens: int) -> torch.Tensor:
+            return (self.values * self.weight.unsqueeze(-1)) @ self.matrix.T
+
+    return NarrowFactor
+
+
+_NarrowFactor = _narrow_factor()
+
+
 def source_split(op, rec, terms, made, inv):
     """Each head of a partitioned attention split by the position it *reads*: ``a[b, j] · (v_j @ pre_h) @ Ms[g]``
     with ``a[b, j] = Σ_{q ∈ g} w[b, q] A_qj`` over the queries of j's own partition (the attention of the forward,
     ``rec.attn`` [B·nW, H, N, N], and values ``rec.v`` [B·nW, H, N, dh] in partition order; ``op.module.rows``:
     the grid position of each partitioned row). Returns one detail per head."""
-    from ..decomposition import FactorTokens, _Summed
+    from ..decomposition import _Summed
 
     src = op.module
     rows = np.asarray(src.rows)
@@ -475,7 +494,7 @@ def source_split(op, rec, terms, made, inv):
             a = torch.einsum("pq,phqj->pjh", wp, attn).reshape(B, nwn, Hh).index_select(1, back)  # [B, R, H]
             for h in range(Hh):
                 M = made[t][g, h * dh:(h + 1) * dh].T  # [D, dh]: head h's rows of the block's pre @ Ms[g]
-                parts[h].append(FactorTokens(weight=a[..., h].contiguous(), values=vg[:, :, h], matrix=M))
+                parts[h].append(_NarrowFactor(weight=a[..., h].contiguous(), values=vg[:, :, h], matrix=M))
     return [p[0] if len(p) == 1 else _Summed(p) for p in parts]
 
 
