@@ -255,7 +255,8 @@ class GroupedRows(TokenDetail):
         for term, w, v, pre in self.parts:
             if v is None:
                 cm = torch.einsum("c,gcd->gd", pre, term.Ms)  # [G, D]
-                y = cm.index_select(0, term.group).unsqueeze(0) * w.unsqueeze(-1)
+                # one group: the vector broadcast over the rows (no [R, D] gather of it)
+                y = (cm if term.G == 1 else cm.index_select(0, term.group)).unsqueeze(0) * w.unsqueeze(-1)
                 out = y if out is None else out.add_(y)
                 continue
             u = v * w.unsqueeze(-1)
@@ -263,9 +264,11 @@ class GroupedRows(TokenDetail):
             C, D = term.Ms.shape[1], term.Ms.shape[2]
             mats = None
             if pre is not None and self.shared is not None:
-                key, full, cols = self.shared
+                key, full, cols, made = self.shared
+                if made is not None and term in made:  # the composite the source split already computed
+                    mats = made[term][:, cols]
                 # cheaper of (u @ pre) then Ms row by row, or the block's composite pre @ Ms (shared by its heads)
-                if B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
+                elif B * R * (k * C + C * D) > term.G * full.shape[0] * C * D / (full.shape[0] / k) + B * R * k * D:
                     mats = term.block_mats(key, full)[:, cols]
             if mats is None and pre is not None:
                 u = _rows_mm(u, pre)
@@ -414,7 +417,12 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None, paper=Fa
         tc, pc = _const(terms, g, -rec.post_mu.reshape(inv.shape) * inv)
         total = tc if total is None else total + tc
         parts += pc
-    srcs = source_split(op, rec, terms, full, inv) if tokens and getattr(rec, "attn", None) is not None else None
+    srcs, made = None, None
+    if tokens and getattr(rec, "attn", None) is not None:
+        # every head's composite pre_h @ Ms[g], one product per term for the whole block: the source split's
+        # matrices are views of it, and the query maps reuse it (not recomputed per head or per map)
+        made = {t: torch.matmul(full.unsqueeze(0), t.Ms) for t in terms}  # [G, H·dh, D]
+        srcs = source_split(op, rec, terms, made, inv)
     cargs = op.extra.get("cargs", {})
     for h in range(H):
         detail = None
@@ -424,7 +432,7 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None, paper=Fa
             hp = [(t, t.w if inv is None else t.w * inv, o[:, h], pre) for t in terms]
             if paper:
                 hp += [(t, w / H, v, c) for t, w, v, c in parts]
-            detail = GroupedRows(hp, shared=(op.name, full, slice(h * dh, (h + 1) * dh)))
+            detail = GroupedRows(hp, shared=(op.name, full, slice(h * dh, (h + 1) * dh), made))
         value = Lazy([(t, at + h) for t, at in starts])
         if paper and total is not None:
             value = value + total / H
@@ -437,12 +445,31 @@ def heads(op, rec, terms, emitted, tokens, device, dtype, post_fn=None, paper=Fa
                         GroupedRows(parts) if tokens else None))
 
 
-def source_split(op, rec, terms, full, inv):
+def _narrow_factor():
+    import attrs
+
+    from ..decomposition import FactorTokens
+
+    @attrs.define(eq=False)
+    class NarrowFactor(FactorTokens):
+        """:class:`FactorTokens` with the weight applied on the narrow side (``dh`` channels) before the product
+        to D: ``(values · weight) @ matrix.T`` (same value; a [B, T, dh] product instead of a [B, T, D] one)."""
+
+        def materialize(self, num_tokens: int) -> torch.Tensor:
+            return (self.values * self.weight.unsqueeze(-1)) @ self.matrix.T
+
+    return NarrowFactor
+
+
+_NarrowFactor = _narrow_factor()
+
+
+def source_split(op, rec, terms, made, inv):
     """Each head of a partitioned attention split by the position it *reads*: ``a[b, j] · (v_j @ pre_h) @ Ms[g]``
     with ``a[b, j] = Σ_{q ∈ g} w[b, q] A_qj`` over the queries of j's own partition (the attention of the forward,
     ``rec.attn`` [B·nW, H, N, N], and values ``rec.v`` [B·nW, H, N, dh] in partition order; ``op.module.rows``:
     the grid position of each partitioned row). Returns one detail per head."""
-    from ..decomposition import FactorTokens, _Summed
+    from ..decomposition import _Summed
 
     src = op.module
     rows = np.asarray(src.rows)
@@ -466,8 +493,8 @@ def source_split(op, rec, terms, full, inv):
             wp = torch.cat([wg, wg.new_zeros(B, 1)], 1).index_select(1, take).reshape(-1, N)  # [B·nW, N]
             a = torch.einsum("pq,phqj->pjh", wp, attn).reshape(B, nwn, Hh).index_select(1, back)  # [B, R, H]
             for h in range(Hh):
-                M = (full[h * dh:(h + 1) * dh] @ t.Ms[g]).T  # [D, dh]
-                parts[h].append(FactorTokens(weight=a[..., h].contiguous(), values=vg[:, :, h], matrix=M))
+                M = made[t][g, h * dh:(h + 1) * dh].T  # [D, dh]: head h's rows of the block's pre @ Ms[g]
+                parts[h].append(_NarrowFactor(weight=a[..., h].contiguous(), values=vg[:, :, h], matrix=M))
     return [p[0] if len(p) == 1 else _Summed(p) for p in parts]
 
 
