@@ -283,6 +283,31 @@ class InProj(HeadSource):
         hooks.pre_kw(m, on_in)
 
 
+def _heads_from_partitions(hooks, rec, proj, num_heads, win, rows, reduce) -> None:
+    """Record ``rec.o`` [B, H, rows, dh]: ``proj``'s input (head outputs in partition order, any shape whose leading
+    axes flatten to ``win.size`` rows per image) brought back to grid order by the row map ``win`` (the grid
+    position each partitioned row holds, −1 for padding), restricted to the stream rows ``rows``."""
+    import numpy as np
+
+    from ..engine import to_device
+
+    valid = win >= 0
+    R = int(valid.sum())
+    inv = np.empty(R, dtype=np.int64)
+    inv[win[valid]] = np.nonzero(valid)[0]
+    inv = inv[rows.cpu().numpy()] if rows.numel() != R else inv
+    inv_t = to_device(torch.from_numpy(np.ascontiguousarray(inv)), rows.device)
+
+    def on_proj_in(x):
+        C = x.shape[-1]
+        x = x.reshape(-1, win.size, C)  # [B, partitions · rows, H·dh] per image
+        o = x.index_select(1, inv_t)
+        o = o.view(o.shape[0], o.shape[1], num_heads, C // num_heads).permute(0, 2, 1, 3)
+        rec.o = reduce(o) if reduce is not None else o
+
+    hooks.pre(proj, on_proj_in)
+
+
 @attrs.define(eq=False)
 class WindowHeads(HeadSource):
     """Shifted-window attention (Swin) on a stream with its own ``h × w`` grid: head outputs are the input of
@@ -301,28 +326,11 @@ class WindowHeads(HeadSource):
     detail = "query"
 
     def install(self, hooks, rec, rows, tokens, reduce):
-        import numpy as np
-
-        from ..engine import to_device
         from ._hier import window_rows
 
         H, W = self.hw
         win = window_rows(H, W, tuple(self.window), tuple(self.shift), self.pad_first)
-        valid = win >= 0
-        inv = np.empty(H * W, dtype=np.int64)
-        inv[win[valid]] = np.nonzero(valid)[0]
-        inv = inv[rows.cpu().numpy()] if rows.numel() != H * W else inv
-        inv_t = to_device(torch.from_numpy(np.ascontiguousarray(inv)), rows.device)
-        Hh = self.num_heads
-
-        def on_proj_in(x):
-            C = x.shape[-1]
-            x = x.reshape(-1, win.size, C)  # [B, windows · rows, H·dh] per image
-            o = x.index_select(1, inv_t)
-            o = o.view(o.shape[0], o.shape[1], Hh, C // Hh).permute(0, 2, 1, 3)
-            rec.o = reduce(o) if reduce is not None else o
-
-        hooks.pre(self.proj, on_proj_in)
+        _heads_from_partitions(hooks, rec, self.proj, self.num_heads, win, rows, reduce)
 
 
 @attrs.define(eq=False)
@@ -344,25 +352,8 @@ class PartitionHeads(HeadSource):
     def install(self, hooks, rec, rows, tokens, reduce):
         import numpy as np
 
-        from ..engine import to_device
-
-        win = np.asarray(self.rows, dtype=np.int64)
-        valid = win >= 0
-        R = int(valid.sum())
-        inv = np.empty(R, dtype=np.int64)
-        inv[win[valid]] = np.nonzero(valid)[0]
-        inv = inv[rows.cpu().numpy()] if rows.numel() != R else inv
-        inv_t = to_device(torch.from_numpy(np.ascontiguousarray(inv)), rows.device)
-        Hh = self.num_heads
-
-        def on_proj_in(x):
-            C = x.shape[-1]
-            x = x.reshape(-1, win.size, C)  # [B, partitions · rows, H·dh] per image
-            o = x.index_select(1, inv_t)
-            o = o.view(o.shape[0], o.shape[1], Hh, C // Hh).permute(0, 2, 1, 3)
-            rec.o = reduce(o) if reduce is not None else o
-
-        hooks.pre(self.proj, on_proj_in)
+        _heads_from_partitions(hooks, rec, self.proj, self.num_heads, np.asarray(self.rows, dtype=np.int64), rows,
+                               reduce)
         if tokens and self.attention is not None:
             rec.sources = {}
-            self.attention.install(hooks, rec, Hh)
+            self.attention.install(hooks, rec, self.num_heads)
