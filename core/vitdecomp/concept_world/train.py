@@ -173,19 +173,26 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _own_checkpoint(path: Path) -> dict:
+    """The state saved at ``path`` by this script; an error for an unreadable file or one it did not write (which
+    is never reused nor deleted)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise RuntimeError(f"{path} is not a readable concept-world training checkpoint ({type(e).__name__}: {e}); "
+                           "it is left alone: move it away or use another --checkpoints") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RuntimeError(f"{path} is not a concept-world training checkpoint (format {CHECKPOINT_FORMAT!r}); "
+                           "it was not written by this script, so it is left alone: use another --checkpoints")
+    return state
+
+
 def _load_checkpoint(path: Path, identity: dict) -> Optional[dict]:
     """The checkpoint at ``path`` if it continues a run with ``identity``; None if there is none; an error if
     there is one made with other settings or a file that is no checkpoint of this script."""
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file
-        raise RuntimeError(f"{path} is not a readable concept-world training checkpoint ({type(e).__name__}: {e}); "
-                           "move it away or pass --restart to overwrite it") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"{path} is not a concept-world training checkpoint (format {CHECKPOINT_FORMAT!r}); "
-                           "it was not written by this script, so it is left alone: use another --checkpoints")
+    state = _own_checkpoint(path)
     if state["identity"] != identity:
         diff = sorted(k for k in identity if state["identity"].get(k) != identity[k])
         raise RuntimeError(f"{path} continues a run with other settings (differs in {diff}); pass --restart to "
@@ -246,13 +253,7 @@ def train_model(name: str, cfg: dict, *, seed: int = 0, cache: Optional[Path] = 
     start_epoch, wall_before, history = 0, 0.0, []
     identity = _identity(name, cfg, seed)
     if checkpoint is not None and restart and checkpoint.exists():
-        try:
-            foreign = torch.load(checkpoint, map_location="cpu", weights_only=True).get("format") != CHECKPOINT_FORMAT
-        except Exception:  # noqa: BLE001
-            foreign = True
-        if foreign:
-            raise RuntimeError(f"{checkpoint} is not a concept-world training checkpoint; it was not written by "
-                               "this script, so --restart leaves it alone: use another --checkpoints")
+        _own_checkpoint(checkpoint)  # --restart discards only what this script wrote
         checkpoint.unlink()
     state = _load_checkpoint(checkpoint, identity) if checkpoint is not None else None
     if state is not None:
@@ -323,15 +324,21 @@ def train_model(name: str, cfg: dict, *, seed: int = 0, cache: Optional[Path] = 
     return model
 
 
+def _group_accuracy(model, ds, X: torch.Tensor):
+    """Mean accuracy of a spurious model on prepared images ``X`` of split ``ds`` and its accuracy per group."""
+    pred = torch.cat([model(X[i:i + 256]).argmax(1) for i in range(0, len(X), 256)])
+    correct = (pred == ds.labels("label")).float()
+    groups = ds.groups()
+    return float(correct.mean()), {ds.group_names[g]: float(correct[groups == g].mean()) for g in range(4)}
+
+
 @torch.no_grad()
 def _accuracy(name: str, model, ds, X: torch.Tensor) -> Dict[str, float]:
     """Held-out accuracy of ``model`` on prepared images ``X`` of ``ds``: per factor (zero-shot for the CLIP), or
     ``{"mean": ..., "worst_group": ...}`` for a spurious model."""
     if name.endswith("_spurious"):
-        pred = torch.cat([model(X[i:i + 256]).argmax(1) for i in range(0, len(X), 256)])
-        correct = (pred == ds.labels("label")).float()
-        groups = ds.groups()
-        return {"mean": float(correct.mean()), "worst_group": min(float(correct[groups == g].mean()) for g in range(4))}
+        mean, per_group = _group_accuracy(model, ds, X)
+        return {"mean": mean, "worst_group": min(per_group.values())}
     table = ds.factor_table()
     if name == "clip":
         return clip_zero_shot(model, X, table)
@@ -361,11 +368,8 @@ def evaluate_model(name: str, model, *, seed: int = 0, cache: Optional[Path] = N
     if name.endswith("_spurious"):
         ds = D.SpuriousConceptWorld(N_EVAL_SPURIOUS, seed + 3, split="test")
         X = M.prepare(name, D.normalize(generate(ds, cache)))
-        pred = torch.cat([model(X[i:i + 256]).argmax(1) for i in range(0, len(X), 256)])
-        correct = (pred == ds.labels("label")).float()
-        groups = ds.groups()
-        per_group = {ds.group_names[g]: float(correct[groups == g].mean()) for g in range(4)}
-        return {"test_accuracy": float(correct.mean()), "worst_group_accuracy": min(per_group.values()),
+        mean, per_group = _group_accuracy(model, ds, X)
+        return {"test_accuracy": mean, "worst_group_accuracy": min(per_group.values()),
                 "group_accuracy": per_group, "n_test": len(ds)}
     ds = D.ConceptWorld(N_EVAL, seed + 3)
     X = M.prepare(name, D.normalize(generate(ds, cache)))
