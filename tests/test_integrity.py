@@ -207,6 +207,32 @@ def test_extract_refuses_folders_it_does_not_own_and_keeps_foreign_files(tmp_pat
     assert (out / "user.tmp").read_text() == "keep me" and not (out / ".vitdecomp-leftover.tmp").exists()
 
 
+def test_a_folder_claimed_at_the_same_moment_by_another_process_is_not_foreign(tmp_path, monkeypatch):
+    """Two ranks of one torchrun launch (two nodes, one shared folder) claim the same --out at once: the other's
+    marker can appear between the look for it and the listing of the folder (seen in CI: rank 1 refused the folder
+    rank 0 had just claimed, and the launch failed)."""
+    from vitdecomp import extraction
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    real = Path.is_file
+
+    def marker_appears_just_after_the_look(self):
+        seen = real(self)
+        if self.name == extraction._MARKER and not seen:
+            (self.parent / extraction._MARKER).write_text('{"written_by": "vitdecomp.extract"}')  # the other rank
+        return seen
+
+    monkeypatch.setattr(Path, "is_file", marker_appears_just_after_the_look)
+    extraction._claim(out)  # not refused
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == [extraction._MARKER]
+    (out / "user.txt").write_text("a user's file")
+    (out / extraction._MARKER).unlink()
+    with pytest.raises(OutputError, match="not empty"):  # a foreign file beside no marker is still refused
+        extraction._claim(out)
+
+
 def test_output_paths_are_checked_before_the_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="cannot create the output folder"):

@@ -635,7 +635,9 @@ def check_out(out: Path) -> None:
 def _refuse_foreign(out: Path) -> None:
     marker = out / _MARKER
     if not marker.is_file():
-        others = sorted(p.name for p in out.iterdir() if not _is_ours(p))
+        # the marker itself may appear between the two looks: another process (a rank of the same torchrun launch,
+        # on another node) claiming the same folder at the same moment; that folder is still ours
+        others = sorted(p.name for p in out.iterdir() if not _is_ours(p) and p.name != _MARKER)
         if others:
             old = out / "meta.json"
             if old.is_file() and '"vitdecomp.extraction/1"' in old.read_text(errors="replace"):
