@@ -17,7 +17,8 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   several streams, at the forward's attention weights), attention pooling with learned queries
   (:meth:`Graph.attention_pool`: a MAP head's value path at the forward's weights), a 2×2 patch merging from one
   grid stream into the next (:meth:`Graph.merge`: gather + norm + reduction, four routes per merge) and a stride-2
-  shortcut (:meth:`Graph.downsample`: 2×2 average pool + 1×1 conv, MaxViT);
+  shortcut (:meth:`Graph.downsample`: 2×2 average pool + 1×1 conv, MaxViT) and a convolution between grid
+  streams (:meth:`Graph.conv`: a patch convolution as an s×s merge, any other carried forward);
 * a **readout** (:meth:`Graph.output`): the one-row stream that is z, with ``run(images) -> z`` the model
   library's own forward.
 
@@ -329,6 +330,35 @@ class Graph:
                                    "bias": bias, "geometry": geo,
                                    "cargs": dict(self._cargs(), **({} if self._blk() is None
                                                                    else {"block": self._blk()}))}))
+
+    def conv(self, src: Stream, dst: Stream, conv: torch.nn.Conv2d, *, name: str,
+             stage: Optional[int] = None) -> None:
+        """A ``Conv2d`` from grid stream ``src`` into grid stream ``dst`` (a stage transition: a strided patch
+        embedding, a downsampling conv). Kernel == stride without padding is a patch merging with ``sh·sw``
+        slots (token detail as for Swin); any other convolution carries the writes of ``src`` forward through
+        its weights (exact, one convolution per live write; no token detail). Its bias is the component
+        ``name`` (kind ``const``, ``stage``). A norm before or after it is :meth:`norm` on ``src`` / ``dst``."""
+        from ._conv import is_patch_conv, patch_geometry
+
+        if src.grid is None or dst.grid is None:
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: conv joins two streams with their own grids")
+        patch = is_patch_conv(conv)
+        geo = None
+        if patch:
+            geo = patch_geometry(src.grid.h, src.grid.w, *conv.stride)
+            out_hw = geo[2]
+        else:
+            with torch.no_grad():
+                out_hw = tuple(torch.nn.functional.conv2d(
+                    torch.zeros(1, conv.in_channels, src.grid.h, src.grid.w), torch.zeros_like(conv.weight, device="cpu"),
+                    None, conv.stride, conv.padding, conv.dilation, conv.groups).shape[-2:])
+        if tuple(out_hw) != (dst.grid.h, dst.grid.w):
+            raise GraphError(f"pack {self.pack!r}, node {name!r}: the convolution maps the {src.grid.h}×{src.grid.w} "
+                             f"grid of {src.name!r} to {out_hw[0]}×{out_hw[1]}; stream {dst.name!r} declares "
+                             f"{dst.grid.h}×{dst.grid.w}")
+        self.ops.append(_Op("merge", dst, name=name, module=None,
+                            extra={"src": src, "norm": None, "conv": conv, "patch": patch, "geometry": geo,
+                                   "cargs": {} if stage is None else {"stage": int(stage)}}))
 
     def output(self, stream: Stream) -> None:
         """z is the one row of ``stream``."""

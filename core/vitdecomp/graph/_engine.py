@@ -352,6 +352,15 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
             _grid_op(op, rec, terms, emitted[i], tokens, device, dtype,
                      (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
             continue
+        if op.kind == "norm" and s.grid is not None and any(not isinstance(t, _Term) for t in terms.get(k, ())):
+            from . import _conv  # a norm on a grid stream between its writes and a stage transition
+
+            entry, terms[k] = _conv.norm(op, rec, terms[k], device, dtype, tokens, paper)
+            if entry is not None and paper:
+                share(i, *entry)
+            elif entry is not None:
+                emitted[i].append((Component(f"{op.name}.bias", "const"), *entry))
+            continue
         if op.kind == "project":
             P = op.value.detach().to(device=device, dtype=dtype)
             for t in terms[k]:
@@ -506,7 +515,11 @@ def _grid_op(op, rec, terms, emitted, tokens, device, dtype, share=None):
 
     s = op.stream
     if op.kind == "merge":
-        if op.extra.get("pool"):
+        if op.extra.get("conv") is not None:
+            from . import _conv
+
+            entry, new = _conv.conv(op, rec, terms[id(s)], device, dtype, tokens)
+        elif op.extra.get("pool"):
             entry, new = _hier.downsample(op, rec, terms[id(s)], device, dtype, tokens)
         else:
             entry, new = _hier.merge(op, rec, terms[id(s)], device, dtype, tokens, paper=share is not None)

@@ -67,6 +67,13 @@ def _is_timm_model(model) -> bool:
             and isinstance(blocks, (torch.nn.Sequential, torch.nn.ModuleList)) and len(blocks) > 0)
 
 
+def _is_staged_timm_model(model) -> bool:
+    """A timm model with a list of stages, each with a ``blocks`` list (see :mod:`._autostage`)."""
+    from ._autostage import stage_list
+
+    return "timm" in sys.modules and not _is_timm_model(model) and stage_list(model) is not None
+
+
 def _where(node, prefix: str = "") -> str:
     """``op target`` of an fx node, its module path and the last source line of its stack trace."""
     what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
@@ -382,11 +389,14 @@ class AutoAdapter(GraphAdapter):
     fallback = True
 
     def supports(self, model) -> bool:
-        return _is_timm_model(model)
+        return _is_timm_model(model) or _is_staged_timm_model(model)
 
     def explain(self, model) -> str:
+        if _is_staged_timm_model(model):
+            return ("a staged timm model (stages with blocks lists): graph derived from a torch.fx trace through its "
+                    "stages and checked for exactness")
         if not _is_timm_model(model):
-            return "not a timm model with a blocks list and forward_head"
+            return "not a timm model with a blocks list (or stages with blocks lists) and forward_head"
         return "a timm model with a blocks list: graph derived from a torch.fx trace and checked for exactness"
 
     def validate(self, model, images):
@@ -673,11 +683,15 @@ class AutoAdapter(GraphAdapter):
             ) from exc
 
     def _describe(self, model, images, tokens) -> Graph:
+        if _is_staged_timm_model(model):
+            from ._autostage import describe_staged
+
+            return describe_staged(self, model, images, tokens)
         if not _is_timm_model(model):
             raise UnsupportedModelError(
                 f"auto adapter: {type(model).__name__} is not a timm model with a non-empty `blocks` list "
-                f"(nn.Sequential / nn.ModuleList) and forward_features/forward_head; this version derives graphs "
-                f"only for those")
+                f"(nn.Sequential / nn.ModuleList), or with `stages`/`layers` whose stages have `blocks` lists, and "
+                f"forward_features/forward_head; this version derives graphs only for those")
         N = self._probe(model, images)
         grid = self._grid(model, images, N)
         arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__) \

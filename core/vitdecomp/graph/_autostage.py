@@ -1,0 +1,378 @@
+"""The ``auto`` adapter on staged (hierarchical) timm models: a list of stages (``stages`` or ``layers``), each with
+a ``blocks`` list of residual blocks, on an image-shaped stream (``[B, C, H, W]``, ``[B, H, W, C]`` or ``[B, N, C]``
+inside a stage) that changes grid between stages.
+
+How the graph is derived: ``forward_head(forward_features(x), pre_logits=True)`` is traced once with torch.fx,
+every block (``<stages>.i.blocks.j``), norm, identity and torch.nn layer a leaf and the stages, their transitions
+(``downsample`` or the model's own name) and the head traced through, and run once on one image to read every
+value's shape. The stream is followed from where the first stage reads it (everything before is the embedding):
+
+* a block is a residual add chain (derived as for plain ViTs: writes named by the model's own module paths,
+  ``stages.1.blocks.0.mlp``, heads split where the attention is a standard one);
+* a ``Conv2d`` on the stream starts a new grid stream (:meth:`Graph.conv`: a patch conv, kernel == stride, is an
+  ``s×s`` merge; any other conv carries the writes forward through its weights);
+* a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
+* reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed;
+* the mean over all positions (``x.mean((2, 3))``, ``x.mean(1)``, adaptive average pooling to 1×1) is the pool
+  that makes z, then norms, flattens and identities on the pooled row.
+
+Anything else on the stream's path (an activation, a padding, a max-pool, a second reader of the stream) is
+refused with an :class:`~vitdecomp.errors.UnsupportedModelError` naming the operation, its module path and source
+line. Token detail (``tokens="source"``) lives on each stage's own grid; it is refused through a convolution
+that is not a patch convolution.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+
+from .._records import TokenGrid
+from ..errors import UnsupportedModelError
+from . import Graph
+
+_LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
+
+
+def stage_list(model):
+    """``(attribute name, stages)`` of a staged timm model (every stage with a non-empty ``blocks`` list), or None."""
+    if not (callable(getattr(model, "forward_head", None)) and callable(getattr(model, "forward_features", None))):
+        return None
+    for attr in ("stages", "layers"):
+        st = getattr(model, attr, None)
+        if isinstance(st, (torch.nn.Sequential, torch.nn.ModuleList)) and len(st) and all(
+                isinstance(getattr(s, "blocks", None), (torch.nn.Sequential, torch.nn.ModuleList)) for s in st) \
+                and any(len(s.blocks) for s in st):
+            return attr, st
+    return None
+
+
+def _bn(mod) -> bool:
+    return isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+
+
+class _StageTracer(torch.fx.Tracer):
+    """Blocks, norms, identities and torch.nn layers are leaves; the stages, their other children and the head
+    are traced through; everything else (the stem) is a leaf."""
+
+    def __init__(self, attr):
+        super().__init__()
+        self.record_stack_traces = True
+        self.attr = attr
+        self.block = re.compile(rf"^model\.{attr}\.\d+\.blocks\.\d+$")
+
+    def is_leaf_module(self, m, q):
+        from ..engine import supported_norm
+        from .auto import _identity
+
+        if self.block.match(q) or supported_norm(m) or _identity(m) or _bn(m):
+            return True
+        inside = q in ("", "model") or q.startswith(f"model.{self.attr}") or q.startswith("model.head")
+        if not inside:
+            return True
+        if type(m).__module__.startswith("torch.nn"):
+            return not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
+        return False
+
+
+def _derive(model):
+    """(graph module, graph, stages attribute), traced once (cached by the caller)."""
+    from .auto import _Readout
+
+    attr, _ = stage_list(model)
+    root = _Readout(model)
+    try:
+        graph = _StageTracer(attr).trace(root)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
+        raise UnsupportedModelError(
+            f"auto adapter: forward_features/forward_head of {type(model).__name__} cannot be traced with torch.fx "
+            f"through its stages ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); write a model pack "
+            f"for it (CONTRIBUTING.md, 'Writing a model pack')") from exc
+    return torch.fx.GraphModule(root, graph), graph, attr
+
+
+def _shapes(gm, graph, images, watch):
+    """Every node's output shape for one image, and the output shapes of the modules in ``watch``."""
+    shapes, outs = {}, {}
+
+    class _Run(torch.fx.Interpreter):
+        def run_node(self, n):
+            r = super().run_node(n)
+            if isinstance(r, torch.Tensor):
+                shapes[n] = tuple(r.shape)
+            return r
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, p=p: outs.__setitem__(
+        p, tuple((o[0] if isinstance(o, tuple) else o).shape))) for p, m in watch.items()]
+    try:
+        with torch.no_grad():
+            _Run(gm).run(images[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes, outs
+
+
+class _Grid:
+    """A grid stream's shape: channels C on an h × w grid; ``layout`` of a value names its axes."""
+
+    def __init__(self, stream, C, h, w):
+        self.stream, self.C, self.h, self.w = stream, C, h, w
+
+    def layout(self, shape, prefer=None):
+        """The layout ``shape`` is of this stream (ambiguous when C equals a side: ``prefer``, the layout of the
+        value it is computed from, wins), or None."""
+        B = shape[0]
+        C, h, w = self.C, self.h, self.w
+        cands = {"nchw": (B, C, h, w), "nhwc": (B, h, w, C), "nlc": (B, h * w, C), "ncl": (B, C, h * w)}
+        hit = [k for k, v in cands.items() if tuple(shape) == v]
+        return hit[0] if len(hit) == 1 else prefer if prefer in hit else None
+
+
+def describe_staged(adapter, model, images, tokens):
+    """The contribution graph of a staged timm model (module docstring)."""
+    from .auto import (FusedQKV, ProjInput, TracedAttention, _block_writes, _cached, _identity, _proj_of_heads,
+                       _split_heads, _where)
+    from ..engine import supported_norm
+
+    gm, graph, attr = _cached(model, "staged", lambda: _derive(model))
+    prefix_of = f"model.{attr}."
+    nodes = list(graph.nodes)
+
+    def stage_of(n):
+        stack = n.meta.get("nn_module_stack") or {}
+        for key in stack:
+            path = key if isinstance(key, str) else str(key)
+            if path.startswith(prefix_of):
+                return int(path[len(prefix_of):].split(".")[0])
+        if n.op == "call_module" and n.target.startswith(prefix_of):
+            return int(n.target[len(prefix_of):].split(".")[0])
+        return None
+
+    first = next((n for n in nodes if stage_of(n) == 0), None)
+    if first is None:
+        raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never enters {attr}.0")
+    start = next((a for a in first.all_input_nodes if stage_of(a) != 0), None)
+    blocks = {n.target: model.get_submodule(n.target[len("model."):]) for n in nodes
+              if n.op == "call_module" and re.match(rf"^model\.{attr}\.\d+\.blocks\.\d+$", n.target)}
+    writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".") for t, b in blocks.items()}
+    watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
+    shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
+                           lambda: _shapes(gm, graph, images, watch))
+    H, W = images.shape[-2:]
+
+    def refuse(n, why=""):
+        raise UnsupportedModelError(f"auto adapter: on the residual stream of {type(model).__name__}, "
+                                    f"{_where(n, '')} {why or 'is not a step the auto adapter can freeze'}")
+
+    arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__) \
+        if isinstance(getattr(model, "default_cfg", None), dict) else type(model).__name__
+    g = None
+    streams = []
+
+    def new_stream(C, h, w, si):
+        ph, pw = H // h, W // w
+        s = g.stream(f"{attr}.{si}" if si is not None else "embed", h * w, grid=TokenGrid(0, h, w, (ph, pw)))
+        gs = _Grid(s, C, h, w)
+        streams.append(gs)
+        return gs
+
+    # the embedding's shape: [B, C, h, w] (NCHW) or [B, h, w, C] (NHWC); a token stream needs its grid from the
+    # first conv, so only image-shaped starts are accepted
+    shp = shapes.get(start)
+    if shp is None or len(shp) != 4:
+        raise UnsupportedModelError(f"auto adapter: {attr}.0 of {type(model).__name__} reads {shp}; the staged "
+                                    f"derivation needs an image-shaped map [B, C, H, W] or [B, H, W, C] there")
+    # NCHW or NHWC: decided by the channel count the first module reading it expects
+    g = Graph(adapter.name, run=lambda im: adapter.representation(model, im), grid=None,
+              meta={"adapter": adapter.name, "model": arch, "derived": "torch.fx (stages)", "head_tokens": "query"})
+    val = {}
+    cands = [("nchw", shp[1], shp[2], shp[3]), ("nhwc", shp[3], shp[1], shp[2])]
+    lay0 = _start_layout(model, nodes, start, shapes, cands)
+    _, C0, h0, w0 = next(c for c in cands if c[0] == lay0)
+    g0 = new_stream(C0, h0, w0, 0)
+    g.grid = g0.stream.grid
+    val[start] = ("s", g0, lay0)
+    embedded = False
+    nb = 0
+    z = None
+    seen_reader = {}
+    for n in nodes:
+        if n is start:
+            continue
+        followed = [a for a in n.all_input_nodes if a in val]
+        if not followed:
+            continue
+        if n.op == "output":
+            v = val[followed[0]]
+            if v[0] != "p":
+                refuse(n, "returns the stream itself, not one pooled row")
+            z = v[1]
+            break
+        if n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device"):
+            continue
+        if n.op == "call_method" and n.target in ("size", "dim"):
+            continue
+        v = val[followed[0]]
+        other = [a for a in n.all_input_nodes if a not in val and not _static(a)]
+        key = followed[0]
+        seen_reader[key] = seen_reader.get(key, 0) + 1
+        if seen_reader[key] > 1 or len(followed) > 1:
+            refuse(n, "is a second reader of the stream (a residual add outside a block, or a branch that reads "
+                      "the stream outside the blocks list)")
+        if n.op in ("call_method", "call_function") and _name(n) in _LAYOUT:
+            shp = shapes.get(n)
+            if v[0] == "p":
+                val[n] = v
+                continue
+            lay = v[1].layout(shp, v[2] if _name(n) == "contiguous" else None) if shp is not None else None
+            if lay is None:
+                refuse(n, f"reshapes the {v[1].C}×{v[1].h}×{v[1].w} stream to {shp}, not one of its layouts")
+            val[n] = ("s", v[1], lay)
+            continue
+        if n.op == "call_module":
+            path = n.target[len("model."):]
+            mod = model.get_submodule(path)
+            arg = next(i for i, a in enumerate(n.args) if a is key) if key in n.args else None
+            if arg is None:
+                refuse(n, "reads the stream by keyword")
+            if _identity(mod):
+                val[n] = v
+                continue
+            if v[0] == "p":  # the pooled row: norms, flattens
+                if supported_norm(mod):
+                    g.norm(v[1], mod, name=path, nchw=len(shapes.get(key, ())) == 4)
+                    val[n] = v
+                    continue
+                if isinstance(mod, torch.nn.Flatten):
+                    val[n] = v
+                    continue
+                refuse(n, f"({type(mod).__name__}) is not a norm, flatten or identity on the pooled row")
+            gs, lay = v[1], v[2]
+            if not embedded:
+                g.embed(gs.stream, mod, entry_arg=arg, nchw=lay == "nchw")
+                embedded = True
+            if path in writes:  # a residual block
+                si = int(path[len(attr) + 1:].split(".")[0])
+                if lay == "ncl":
+                    refuse(n, "reads the stream as [B, C, N]")
+                with g.block(nb, path, gs.stream, entry=mod, entry_arg=arg, stage=si, nchw=lay == "nchw"):
+                    for sub, wm, gamma in writes[path]:
+                        oshape = outs.get(f"{path}.{sub}")
+                        wl = None if oshape is None else gs.layout(oshape, lay)
+                        w_nchw = wl == "nchw"
+                        if wl not in ("nchw", "nhwc", "nlc"):
+                            refuse(n, f"writes {path}.{sub} of shape {oshape}, not a map of the stream")
+                        proj = None if _split_heads(wm) or w_nchw else _proj_of_heads(wm)
+                        if _split_heads(wm) and not w_nchw:
+                            att = FusedQKV(wm.qkv, wm.q_norm, wm.k_norm, getattr(wm, "scale", wm.head_dim ** -0.5))
+                            g.heads(gs.stream, ProjInput(wm.proj, wm.num_heads, att), wm.proj.weight, wm.proj.bias,
+                                    gamma=gamma, name=sub)
+                        elif proj is not None:
+                            g.heads(gs.stream, ProjInput(proj, wm.num_heads, TracedAttention(wm)), proj.weight,
+                                    proj.bias, gamma=gamma, name=sub)
+                        else:
+                            g.branch(gs.stream, wm, name=sub, kind="attn" if "attn" in sub else "mlp", gamma=gamma,
+                                     nchw=w_nchw)
+                nb += 1
+                shp = shapes.get(n)
+                lay2 = gs.layout(shp, lay) if shp is not None else None
+                if lay2 is None:
+                    refuse(n, f"returns {shp}, not a layout of the stream it reads")
+                val[n] = ("s", gs, lay2)
+                continue
+            if isinstance(mod, torch.nn.Conv2d):
+                if lay != "nchw":
+                    refuse(n, "is a convolution reading the stream in a layout other than [B, C, H, W]")
+                shp = shapes[n]
+                si = stage_of(n)
+                ns = new_stream(shp[1], shp[2], shp[3], si)
+                g.conv(gs.stream, ns.stream, mod, name=f"{path}.bias", stage=si)
+                val[n] = ("s", ns, "nchw")
+                continue
+            if supported_norm(mod) or (_bn(mod) and not mod.training and isinstance(mod, torch.nn.BatchNorm2d)):
+                if _bn(mod) and lay != "nchw":
+                    refuse(n, "is a BatchNorm2d reading the stream in a layout other than [B, C, H, W]")
+                if type(mod).__name__ == "LayerNorm2d" and lay != "nchw" or \
+                        (isinstance(mod, torch.nn.LayerNorm) and type(mod).__name__ != "LayerNorm2d" and lay == "nchw"):
+                    refuse(n, f"normalises an axis other than the channels ({type(mod).__name__} on {lay})")
+                g.norm(gs.stream, mod, name=path, nchw=lay == "nchw")
+                val[n] = v
+                continue
+            if isinstance(mod, (torch.nn.AdaptiveAvgPool2d,)) and lay == "nchw" and _pair1(mod.output_size):
+                val[n] = ("p", g.pool(gs.stream, range(gs.stream.rows), [1.0 / gs.stream.rows] * gs.stream.rows))
+                continue
+            if type(mod).__name__ == "SelectAdaptivePool2d":
+                refuse(n, "is a pooling module the trace did not open")
+            refuse(n, f"({type(mod).__name__}) is not a block, convolution, norm or average pool")
+        if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
+            if v[0] != "s":
+                refuse(n, "averages a pooled row")
+            gs, lay = v[1], v[2]
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+            dims = tuple(sorted(d % 4 if lay in ("nchw", "nhwc") else d % 3
+                                for d in (dim if isinstance(dim, (tuple, list)) else (dim,))))
+            want = {"nchw": (2, 3), "nhwc": (1, 2), "nlc": (1,), "ncl": (2,)}[lay]
+            if dims != want or n.kwargs.get("keepdim", False):
+                refuse(n, f"averages dims {dim!r} of the {lay} stream (supported: the mean over all positions)")
+            val[n] = ("p", g.pool(gs.stream, range(gs.stream.rows), [1.0 / gs.stream.rows] * gs.stream.rows))
+            continue
+        refuse(n)
+    if z is None:
+        raise UnsupportedModelError(f"auto adapter: z of {type(model).__name__} is not one pooled row of the stream")
+    if nb == 0:
+        raise UnsupportedModelError(f"auto adapter: the stream of {type(model).__name__} passes through no block")
+    g.output(z)
+    if tokens and any(op.kind == "merge" and op.extra.get("conv") is not None and not op.extra["patch"]
+                      for op in g.ops):
+        bad = next(op.name[:-len(".bias")] for op in g.ops if op.kind == "merge" and op.extra.get("conv") is not None
+                   and not op.extra["patch"])
+        raise UnsupportedModelError(f"auto adapter: token detail (tokens='source') through {bad} of "
+                                    f"{type(model).__name__} (an overlapping or padded convolution) is not supported; "
+                                    "decompose without token detail")
+    return g
+
+
+def _pair1(s):
+    return s == 1 or s == (1, 1) or s == [1, 1]
+
+
+def _static(n) -> bool:
+    return not isinstance(n, torch.fx.Node) or n.op == "get_attr"
+
+
+def _name(n) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _start_layout(model, nodes, start, shapes, cands):
+    """NCHW or NHWC for the stream where the first stage reads it: the one whose channel count the first
+    module reading it (through layout steps) expects."""
+    if len({c[1:] for c in cands}) == 1:
+        return "nchw"
+    cur = start
+    for n in nodes:
+        if cur not in n.all_input_nodes:
+            continue
+        if n.op == "call_module":
+            mod = model.get_submodule(n.target[len("model."):])
+            ch = getattr(mod, "in_channels", None) or getattr(mod, "num_features", None) or getattr(mod, "dim", None)
+            shp = shapes.get(cur)
+            if isinstance(ch, int) and shp is not None and len(shp) == 4:
+                if shp[1] == ch and shp[3] != ch:
+                    return "nchw"
+                if shp[3] == ch and shp[1] != ch:
+                    return "nhwc"
+            break
+        if n.op in ("call_method", "call_function") and _name(n) in _LAYOUT:
+            shp0, shp1 = shapes.get(start), shapes.get(n)
+            if shp0 is not None and shp1 is not None and len(shp1) == 3:  # reshape(B, -1, C): C is the last axis
+                return "nhwc" if shp1[-1] == shp0[-1] else "nchw"
+            cur = n
+            continue
+        if _name(n) in ("getattr", "size"):
+            continue
+        break
+    return "nchw"
