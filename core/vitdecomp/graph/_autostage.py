@@ -57,17 +57,20 @@ class _StageTracer(torch.fx.Tracer):
     """Blocks, norms, identities and torch.nn layers are leaves; the stages, their other children and the head
     are traced through; everything else (the stem) is a leaf."""
 
-    def __init__(self, attr):
+    def __init__(self, attr, residual):
         super().__init__()
         self.record_stack_traces = True
         self.attr = attr
         self.block = re.compile(rf"^model\.{attr}\.\d+\.blocks\.\d+$")
+        self.residual = residual  # block paths that are leaves (decided before tracing: no nested trace)
 
     def is_leaf_module(self, m, q):
         from ..engine import supported_norm
         from .auto import _identity
 
-        if self.block.match(q) or supported_norm(m) or _identity(m) or _bn(m):
+        if self.block.match(q):  # a residual block; any other member of a blocks list (EfficientFormer's Flat) is
+            return q[len("model."):] in self.residual  # traced through
+        if supported_norm(m) or _identity(m) or _bn(m):
             return True
         inside = q in ("", "model") or q.startswith(f"model.{self.attr}") or q.startswith("model.head")
         if not inside:
@@ -77,14 +80,37 @@ class _StageTracer(torch.fx.Tracer):
         return False
 
 
+def _residual(m, path) -> bool:
+    from .auto import _block_writes
+
+    try:
+        return len(_block_writes(m, path + ".")) > 0
+    except UnsupportedModelError:
+        return not _layout_only(m)
+
+
+def _layout_only(m) -> bool:
+    """A module without parameters or children whose forward only changes the layout (a ``Flat``)."""
+    if any(True for _ in m.children()) or any(True for _ in m.parameters()):
+        return False
+    try:
+        graph = torch.fx.symbolic_trace(m).graph
+    except Exception:  # noqa: BLE001
+        return False
+    return all(n.op in ("placeholder", "output") or (n.op == "call_method" and n.target in _LAYOUT)
+               for n in graph.nodes)
+
+
 def _derive(model):
     """(graph module, graph, stages attribute), traced once (cached by the caller)."""
     from .auto import _Readout
 
-    attr, _ = stage_list(model)
+    attr, stages = stage_list(model)
     root = _Readout(model)
+    residual = {f"{attr}.{i}.blocks.{j}" for i, st in enumerate(stages) for j, b in enumerate(st.blocks)
+                if _residual(b, f"{attr}.{i}.blocks.{j}")}
     try:
-        graph = _StageTracer(attr).trace(root)
+        graph = _StageTracer(attr, residual).trace(root)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
         raise UnsupportedModelError(
             f"auto adapter: forward_features/forward_head of {type(model).__name__} cannot be traced with torch.fx "
@@ -157,6 +183,7 @@ def describe_staged(adapter, model, images, tokens):
     start = next((a for a in first.all_input_nodes if stage_of(a) != 0), None)
     blocks = {n.target: model.get_submodule(n.target[len("model."):]) for n in nodes
               if n.op == "call_module" and re.match(rf"^model\.{attr}\.\d+\.blocks\.\d+$", n.target)}
+    # a leaf block that is not a residual add chain: refused here, with the derivation's reason
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".") for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
     shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
@@ -227,9 +254,10 @@ def describe_staged(adapter, model, images, tokens):
             if v[0] == "p":
                 val[n] = v
                 continue
-            lay = v[1].layout(shp, v[2] if _name(n) == "contiguous" else None) if shp is not None else None
+            lay = _relayout(n, v[2], v[1], shp)
             if lay is None:
-                refuse(n, f"reshapes the {v[1].C}×{v[1].h}×{v[1].w} stream to {shp}, not one of its layouts")
+                refuse(n, f"reshapes the {v[1].C}×{v[1].h}×{v[1].w} stream ({v[2]}) to {shp}, not one of its layouts "
+                          "(a reshape that mixes positions and channels, or an unknown permutation)")
             val[n] = ("s", v[1], lay)
             continue
         if n.op == "call_module":
@@ -333,6 +361,36 @@ def describe_staged(adapter, model, images, tokens):
                                     f"{type(model).__name__} (an overlapping or padded convolution) is not supported; "
                                     "decompose without token detail")
     return g
+
+
+_AXES = {"nchw": "bchw", "nhwc": "bhwc", "nlc": "blc", "ncl": "bcl"}
+_FAMILY = {"nchw": ("nchw", "ncl"), "ncl": ("nchw", "ncl"), "nhwc": ("nhwc", "nlc"), "nlc": ("nhwc", "nlc")}
+
+
+def _relayout(n, lay, gs, shp):
+    """The layout after a layout step ``n`` on a value of layout ``lay``, or None: a reshape keeps the memory
+    order (NCHW ↔ [B, C, N], NHWC ↔ [B, N, C]); a permute / transpose moves the axes."""
+    if shp is None:
+        return None
+    name = _name(n)
+    if name == "contiguous":
+        return lay if gs.layout(shp, lay) == lay else None
+    if name in ("permute", "transpose"):
+        axes = _AXES[lay]
+        args = [a for a in n.args[1:]] or list(n.kwargs.values())
+        if name == "permute":
+            dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
+        else:
+            a, b = (d % len(axes) for d in args[:2])
+            dims = list(range(len(axes)))
+            dims[a], dims[b] = dims[b], dims[a]
+        if not all(isinstance(d, int) for d in dims) or sorted(d % len(axes) for d in dims) != list(range(len(axes))):
+            return None
+        new = "".join(axes[d % len(axes)] for d in dims)
+        out = next((k for k, v in _AXES.items() if v == new), None)
+        return out if out is not None and gs.layout(shp, out) == out else None
+    out = [k for k in _FAMILY[lay] if gs.layout(shp, k) == k]
+    return out[0] if out else None
 
 
 def _pair1(s):

@@ -141,7 +141,7 @@ def _peel(node, block, prefix):
             if _identity(mod):
                 node = node.args[0]
                 continue
-            if type(mod).__name__ == "LayerScale" and gamma is None and not getattr(mod, "inplace", False):
+            if type(mod).__name__ in ("LayerScale", "LayerScale2d") and gamma is None and not getattr(mod, "inplace", False):
                 gamma = mod.gamma
                 node = node.args[0]
                 continue
@@ -402,6 +402,8 @@ class AutoAdapter(GraphAdapter):
     def validate(self, model, images):
         """Image size against a fixed-size patch embedding (the rest: describe() refuses what it cannot follow
         and decompose() checks exactness)."""
+        if _is_staged_timm_model(model):  # the staged derivation follows whatever grids the stages produce
+            return
         pe = getattr(model, "patch_embed", None)
         H, W = images.shape[-2:]
         size = _pair(getattr(pe, "img_size", None))
