@@ -84,7 +84,7 @@ def _residual(m, path) -> bool:
     from .auto import _block_writes
 
     try:
-        return len(_block_writes(m, path + ".")) > 0
+        return len(_block_writes(m, path + ".", relayout=True)) > 0
     except UnsupportedModelError:
         return not _layout_only(m)
 
@@ -184,7 +184,7 @@ def describe_staged(adapter, model, images, tokens):
     blocks = {n.target: model.get_submodule(n.target[len("model."):]) for n in nodes
               if n.op == "call_module" and re.match(rf"^model\.{attr}\.\d+\.blocks\.\d+$", n.target)}
     # a leaf block that is not a residual add chain: refused here, with the derivation's reason
-    writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".") for t, b in blocks.items()}
+    writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
     shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
                            lambda: _shapes(gm, graph, images, watch))

@@ -132,10 +132,16 @@ class _Readout(torch.nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-def _peel(node, block, prefix):
-    """Peel a branch node down to the module computing it: (module path, module, gamma)."""
+def _peel(node, block, prefix, relayout=False):
+    """Peel a branch node down to the module computing it: (module path, module, gamma). ``relayout``: also
+    through layout steps (permute / reshape of a grid map, for staged models: the engine reads each write in the
+    layout its module returns)."""
     gamma = None
     while True:
+        if relayout and node.op == "call_method" and node.target in ("permute", "reshape", "view", "contiguous",
+                                                                     "flatten", "transpose"):
+            node = node.args[0]
+            continue
         if node.op == "call_module":
             mod = block.get_submodule(node.target)
             if _identity(mod):
@@ -182,12 +188,12 @@ def _cached(module, key, make):
     return entry[1][key]
 
 
-def _block_writes(block, prefix: str):
+def _block_writes(block, prefix: str, relayout: bool = False):
     """[(module path within block, module, gamma)] in forward order, or UnsupportedModelError (cached per block)."""
-    return _cached(block, ("writes", prefix), lambda: _derive_block_writes(block, prefix))
+    return _cached(block, ("writes", prefix, relayout), lambda: _derive_block_writes(block, prefix, relayout))
 
 
-def _derive_block_writes(block, prefix: str):
+def _derive_block_writes(block, prefix: str, relayout: bool = False):
     sig = inspect.signature(block.forward)
     params = list(sig.parameters.values())
     concrete = {}
@@ -220,7 +226,7 @@ def _derive_block_writes(block, prefix: str):
         if not chain(stream):
             raise UnsupportedModelError(f"auto adapter: in {prefix[:-1]} neither operand of {_where(cur, prefix)} "
                                         f"is the residual stream")
-        writes.append(_peel(branch, block, prefix)[:3])
+        writes.append(_peel(branch, block, prefix, relayout)[:3])
         cur = stream
     return writes[::-1]
 
