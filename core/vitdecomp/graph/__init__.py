@@ -348,10 +348,11 @@ class Graph:
             geo = patch_geometry(src.grid.h, src.grid.w, *conv.stride)
             out_hw = geo[2]
         else:
-            with torch.no_grad():
-                out_hw = tuple(torch.nn.functional.conv2d(
-                    torch.zeros(1, conv.in_channels, src.grid.h, src.grid.w), torch.zeros_like(conv.weight, device="cpu"),
-                    None, conv.stride, conv.padding, conv.dilation, conv.groups).shape[-2:])
+            pad = conv.padding if not isinstance(conv.padding, str) else (
+                (0, 0) if conv.padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation,
+                                                                                             conv.kernel_size)))
+            out_hw = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+                (src.grid.h, src.grid.w), pad, conv.dilation, conv.kernel_size, conv.stride))
         if tuple(out_hw) != (dst.grid.h, dst.grid.w):
             raise GraphError(f"pack {self.pack!r}, node {name!r}: the convolution maps the {src.grid.h}×{src.grid.w} "
                              f"grid of {src.name!r} to {out_hw[0]}×{out_hw[1]}; stream {dst.name!r} declares "
