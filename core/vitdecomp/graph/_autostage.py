@@ -36,17 +36,31 @@ from . import Graph
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
 
+_LISTS = (torch.nn.Sequential, torch.nn.ModuleList)
+
+
 def stage_list(model):
-    """``(attribute name, stages)`` of a staged timm model (every stage with a non-empty ``blocks`` list), or None."""
+    """``[(path of a stage's blocks list, blocks list)]`` of a staged timm model, or None: ``stages`` / ``layers``
+    whose every stage has a ``blocks`` list (FocalNet, PVTv2, EdgeNeXt, EfficientFormer), or attributes
+    ``stage1``, ``stage2``, ... that are lists of blocks themselves (Visformer)."""
     if not (callable(getattr(model, "forward_head", None)) and callable(getattr(model, "forward_features", None))):
         return None
     for attr in ("stages", "layers"):
         st = getattr(model, attr, None)
-        if isinstance(st, (torch.nn.Sequential, torch.nn.ModuleList)) and len(st) and all(
-                isinstance(getattr(s, "blocks", None), (torch.nn.Sequential, torch.nn.ModuleList)) for s in st) \
+        if isinstance(st, _LISTS) and len(st) and all(isinstance(getattr(s, "blocks", None), _LISTS) for s in st) \
                 and any(len(s.blocks) for s in st):
-            return attr, st
-    return None
+            return [(f"{attr}.{i}.blocks", s.blocks) for i, s in enumerate(st)]
+    out = []
+    for i in range(1, 9):
+        st = getattr(model, f"stage{i}", None)
+        if not isinstance(st, _LISTS):
+            break
+        out.append((f"stage{i}", st))
+    return out if out and any(len(b) for _, b in out) else None
+
+
+#: children of the model traced as one leaf: the stem before the first stage
+_STEM = re.compile(r"^model\.(stem\w*|patch_embed1?|pos_drop)(\.|$)")
 
 
 def _bn(mod) -> bool:
@@ -57,23 +71,21 @@ class _StageTracer(torch.fx.Tracer):
     """Blocks, norms, identities and torch.nn layers are leaves; the stages, their other children and the head
     are traced through; everything else (the stem) is a leaf."""
 
-    def __init__(self, attr, residual):
+    def __init__(self, members, residual):
         super().__init__()
         self.record_stack_traces = True
-        self.attr = attr
-        self.block = re.compile(rf"^model\.{attr}\.\d+\.blocks\.\d+$")
-        self.residual = residual  # block paths that are leaves (decided before tracing: no nested trace)
+        self.members = members  # every member of a blocks list
+        self.residual = residual  # those that are residual blocks: leaves (decided before tracing: no nested trace)
 
     def is_leaf_module(self, m, q):
         from ..engine import supported_norm
         from .auto import _identity
 
-        if self.block.match(q):  # a residual block; any other member of a blocks list (EfficientFormer's Flat) is
-            return q[len("model."):] in self.residual  # traced through
+        if q[len("model."):] in self.members:  # a residual block; any other member of a blocks list
+            return q[len("model."):] in self.residual  # (EfficientFormer's Flat) is traced through
         if supported_norm(m) or _identity(m) or _bn(m):
             return True
-        inside = q in ("", "model") or q.startswith(f"model.{self.attr}") or q.startswith("model.head")
-        if not inside:
+        if _STEM.match(q):
             return True
         if type(m).__module__.startswith("torch.nn"):
             return not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
@@ -105,18 +117,18 @@ def _derive(model):
     """(graph module, graph, stages attribute), traced once (cached by the caller)."""
     from .auto import _Readout
 
-    attr, stages = stage_list(model)
+    stages = stage_list(model)
     root = _Readout(model)
-    residual = {f"{attr}.{i}.blocks.{j}" for i, st in enumerate(stages) for j, b in enumerate(st.blocks)
-                if _residual(b, f"{attr}.{i}.blocks.{j}")}
+    members = {f"{p}.{j}": b for p, blocks in stages for j, b in enumerate(blocks)}
+    residual = {p for p, b in members.items() if _residual(b, p)}
     try:
-        graph = _StageTracer(attr, residual).trace(root)
+        graph = _StageTracer(set(members), residual).trace(root)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
         raise UnsupportedModelError(
             f"auto adapter: forward_features/forward_head of {type(model).__name__} cannot be traced with torch.fx "
             f"through its stages ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); write a model pack "
             f"for it (CONTRIBUTING.md, 'Writing a model pack')") from exc
-    return torch.fx.GraphModule(root, graph), graph, attr
+    return torch.fx.GraphModule(root, graph), graph, stages[0][0], residual
 
 
 def _shapes(gm, graph, images, watch):
@@ -163,26 +175,25 @@ def describe_staged(adapter, model, images, tokens):
                        _split_heads, _where)
     from ..engine import supported_norm
 
-    gm, graph, attr = _cached(model, "staged", lambda: _derive(model))
-    prefix_of = f"model.{attr}."
+    gm, graph, first_list, residual = _cached(model, "staged", lambda: _derive(model))
+    # the first stage: the module holding the first blocks list (FocalNet's layers.0), or the list itself
+    stage0 = "model." + (first_list[:-len(".blocks")] if first_list.endswith(".blocks") else first_list)
     nodes = list(graph.nodes)
 
-    def stage_of(n):
+    def in_stage0(n):
         stack = n.meta.get("nn_module_stack") or {}
-        for key in stack:
-            path = key if isinstance(key, str) else str(key)
-            if path.startswith(prefix_of):
-                return int(path[len(prefix_of):].split(".")[0])
-        if n.op == "call_module" and n.target.startswith(prefix_of):
-            return int(n.target[len(prefix_of):].split(".")[0])
-        return None
+        paths = [k if isinstance(k, str) else str(k) for k in stack]
+        if n.op == "call_module":
+            paths.append(n.target)
+        return any(p == stage0 or p.startswith(stage0 + ".") for p in paths)
 
-    first = next((n for n in nodes if stage_of(n) == 0), None)
+    first = next((n for n in nodes if in_stage0(n)), None)
     if first is None:
-        raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never enters {attr}.0")
-    start = next((a for a in first.all_input_nodes if stage_of(a) != 0), None)
+        raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never enters "
+                                    f"{stage0[len('model.'):]}")
+    start = next((a for a in first.all_input_nodes if not in_stage0(a)), None)
     blocks = {n.target: model.get_submodule(n.target[len("model."):]) for n in nodes
-              if n.op == "call_module" and re.match(rf"^model\.{attr}\.\d+\.blocks\.\d+$", n.target)}
+              if n.op == "call_module" and n.target[len("model."):] in residual}
     # a leaf block that is not a residual add chain: refused here, with the derivation's reason
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
@@ -201,7 +212,7 @@ def describe_staged(adapter, model, images, tokens):
 
     def new_stream(C, h, w, si):
         ph, pw = H // h, W // w
-        s = g.stream(f"{attr}.{si}" if si is not None else "embed", h * w, grid=TokenGrid(0, h, w, (ph, pw)))
+        s = g.stream(f"stage {si}", h * w, grid=TokenGrid(0, h, w, (ph, pw)))
         gs = _Grid(s, C, h, w)
         streams.append(gs)
         return gs
@@ -210,7 +221,7 @@ def describe_staged(adapter, model, images, tokens):
     # first conv, so only image-shaped starts are accepted
     shp = shapes.get(start)
     if shp is None or len(shp) != 4:
-        raise UnsupportedModelError(f"auto adapter: {attr}.0 of {type(model).__name__} reads {shp}; the staged "
+        raise UnsupportedModelError(f"auto adapter: {stage0[6:]} of {type(model).__name__} reads {shp}; the staged "
                                     f"derivation needs an image-shaped map [B, C, H, W] or [B, H, W, C] there")
     # NCHW or NHWC: decided by the channel count the first module reading it expects
     g = Graph(adapter.name, run=lambda im: adapter.representation(model, im), grid=None,
@@ -283,7 +294,7 @@ def describe_staged(adapter, model, images, tokens):
                 g.embed(gs.stream, mod, entry_arg=arg, nchw=lay == "nchw")
                 embedded = True
             if path in writes:  # a residual block
-                si = int(path[len(attr) + 1:].split(".")[0])
+                si = len(streams) - 1
                 if lay == "ncl":
                     refuse(n, "reads the stream as [B, C, N]")
                 with g.block(nb, path, gs.stream, entry=mod, entry_arg=arg, stage=si, nchw=lay == "nchw"):
@@ -315,7 +326,7 @@ def describe_staged(adapter, model, images, tokens):
                 if lay != "nchw":
                     refuse(n, "is a convolution reading the stream in a layout other than [B, C, H, W]")
                 shp = shapes[n]
-                si = stage_of(n)
+                si = len(streams)
                 ns = new_stream(shp[1], shp[2], shp[3], si)
                 g.conv(gs.stream, ns.stream, mod, name=f"{path}.bias", stage=si)
                 val[n] = ("s", ns, "nchw")
@@ -343,9 +354,23 @@ def describe_staged(adapter, model, images, tokens):
             dims = tuple(sorted(d % 4 if lay in ("nchw", "nhwc") else d % 3
                                 for d in (dim if isinstance(dim, (tuple, list)) else (dim,))))
             want = {"nchw": (2, 3), "nhwc": (1, 2), "nlc": (1,), "ncl": (2,)}[lay]
-            if dims != want or n.kwargs.get("keepdim", False):
+            if dims != want:
                 refuse(n, f"averages dims {dim!r} of the {lay} stream (supported: the mean over all positions)")
             val[n] = ("p", g.pool(gs.stream, range(gs.stream.rows), [1.0 / gs.stream.rows] * gs.stream.rows))
+            continue
+        if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add) and v[0] == "s" \
+                and len(n.args) == 2 and not n.kwargs and any(getattr(a, "op", None) == "get_attr" for a in n.args):
+            p = next(a for a in n.args if getattr(a, "op", None) == "get_attr")
+            gs, lay = v[1], v[2]
+            pname = p.target[len("model."):]
+            param = model.get_parameter(pname) if pname in dict(model.named_parameters()) else None
+            if param is None or param.dim() != len(shapes[key]) or param.shape[0] != 1:
+                refuse(n, "adds a tensor that is not a parameter of the stream's shape")
+            value = param.flatten(2).transpose(1, 2) if lay == "nchw" else param.reshape(1, -1, param.shape[-1])
+            if lay not in ("nchw", "nhwc", "nlc") or tuple(value.shape[1:]) != (gs.stream.rows, gs.C):
+                refuse(n, f"adds {pname} of shape {tuple(param.shape)} to the {lay} stream")
+            g.param(gs.stream, value, name=pname)
+            val[n] = v
             continue
         refuse(n)
     if z is None:
