@@ -184,12 +184,14 @@ class Graph:
                             extra={"arg": int(entry_arg), "nchw": bool(nchw)}))
 
     def branch(self, stream: Stream, module: torch.nn.Module, *, name: str = "mlp", kind: str = "mlp",
-               gamma: Optional[torch.Tensor] = None, nchw: bool = False, branch: Optional[str] = None) -> None:
+               gamma: Optional[torch.Tensor] = None, nchw: bool = False, branch: Optional[str] = None,
+               copy: bool = False) -> None:
         """``module``'s output (times the LayerScale vector ``gamma`` if given) is added to ``stream``
         (``nchw``: the output is a ``[B, C, h, w]`` map, e.g. MaxViT's MBConv ``conv3_1x1``; ``branch``: the
-        component's :attr:`Component.branch` label)."""
+        component's :attr:`Component.branch` label; ``copy``: the forward later changes the output in place,
+        e.g. ``x = proj(s); x += s``, so it is copied when captured)."""
         self.ops.append(_Op("branch", stream, name=self._name(name), block=self._blk(), comp_kind=kind, module=module,
-                            gamma=gamma, extra={"cargs": self._cargs(branch), "nchw": bool(nchw)}))
+                            gamma=gamma, extra={"cargs": self._cargs(branch), "nchw": bool(nchw), "copy": bool(copy)}))
 
     def param(self, stream: Stream, value: torch.Tensor, *, name: str, kind: str = "embed") -> None:
         """A parameter ``value`` (``[rows, D]`` or ``[1, rows, D]``) is added to ``stream``."""

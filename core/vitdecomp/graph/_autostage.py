@@ -50,6 +50,9 @@ def stage_list(model):
         if isinstance(st, _LISTS) and len(st) and all(isinstance(getattr(s, "blocks", None), _LISTS) for s in st) \
                 and any(len(s.blocks) for s in st):
             return [(f"{attr}.{i}.blocks", s.blocks) for i, s in enumerate(st)]
+    bl = getattr(model, "blocks", None)  # Twins: blocks is a list of per-stage lists
+    if isinstance(bl, _LISTS) and len(bl) and all(isinstance(b, _LISTS) for b in bl):
+        return [(f"blocks.{i}", b) for i, b in enumerate(bl)]
     out = []
     for i in range(1, 9):
         st = getattr(model, f"stage{i}", None)
@@ -220,23 +223,33 @@ def describe_staged(adapter, model, images, tokens):
     # the embedding's shape: [B, C, h, w] (NCHW) or [B, h, w, C] (NHWC); a token stream needs its grid from the
     # first conv, so only image-shaped starts are accepted
     shp = shapes.get(start)
+    start_tokens = False
+    if shp is not None and len(shp) == 3:  # tokens [B, N, C]: the grid of the last convolution before it (Twins)
+        conv = next((n for n in reversed(nodes[:nodes.index(start)]) if n.op == "call_module"
+                     and isinstance(model.get_submodule(n.target[6:]), torch.nn.Conv2d)), None)
+        cs = shapes.get(conv)
+        if cs is not None and cs[1] == shp[2] and cs[2] * cs[3] == shp[1]:
+            shp = (shp[0], cs[2], cs[3], shp[2])  # as NHWC: the same memory order as [B, N, C]
+            start_tokens = True
     if shp is None or len(shp) != 4:
         raise UnsupportedModelError(f"auto adapter: {stage0[6:]} of {type(model).__name__} reads {shp}; the staged "
-                                    f"derivation needs an image-shaped map [B, C, H, W] or [B, H, W, C] there")
+                                    f"derivation needs an image-shaped map [B, C, H, W] or [B, H, W, C] there (or "
+                                    f"tokens [B, N, C] of the convolution before it)")
     # NCHW or NHWC: decided by the channel count the first module reading it expects
     g = Graph(adapter.name, run=lambda im: adapter.representation(model, im), grid=None,
               meta={"adapter": adapter.name, "model": arch, "derived": "torch.fx (stages)", "head_tokens": "query"})
     val = {}
     cands = [("nchw", shp[1], shp[2], shp[3]), ("nhwc", shp[3], shp[1], shp[2])]
-    lay0 = _start_layout(model, nodes, start, shapes, cands)
+    lay0 = "nhwc" if start_tokens else _start_layout(model, nodes, start, shapes, cands)
     _, C0, h0, w0 = next(c for c in cands if c[0] == lay0)
     g0 = new_stream(C0, h0, w0, 0)
     g.grid = g0.stream.grid
-    val[start] = ("s", g0, lay0)
+    val[start] = ("s", g0, "nlc" if start_tokens else lay0)
+    skip = set()  # nodes inside a residual branch outside the blocks (a position-encoding conv): not followed
     embedded = False
     nb = 0
     z = None
-    seen_reader = {}
+    residual_adds = {}
     for n in nodes:
         if n is start:
             continue
@@ -253,13 +266,40 @@ def describe_staged(adapter, model, images, tokens):
             continue
         if n.op == "call_method" and n.target in ("size", "dim"):
             continue
+        if n in skip:
+            continue
         v = val[followed[0]]
-        other = [a for a in n.all_input_nodes if a not in val and not _static(a)]
         key = followed[0]
-        seen_reader[key] = seen_reader.get(key, 0) + 1
-        if seen_reader[key] > 1 or len(followed) > 1:
-            refuse(n, "is a second reader of the stream (a residual add outside a block, or a branch that reads "
-                      "the stream outside the blocks list)")
+        if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
+            found = _residual_add(key, nodes)
+            if found is None:
+                refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
+                          "'stream + module(stream)' are supported outside the blocks)")
+            add, branch, inside = found
+            residual_adds[add] = (branch, key)
+            skip |= inside
+            if n in skip:
+                continue
+        if n in residual_adds:  # stream + module output computed from it: a write
+            bnode, src = residual_adds.pop(n)
+            gs = v[1]
+            bpath, bmod = _branch_module(model, bnode)
+            if bmod is None:
+                refuse(n, f"adds {_where(bnode, '')} to the stream, which is not a module output")
+            bl = gs.layout(shapes[bnode], v[2])
+            if bl not in ("nchw", "nhwc", "nlc"):
+                refuse(n, f"adds a branch of shape {shapes[bnode]} to the stream")
+            if not embedded:
+                refuse(n, "adds a branch to the stream before the first module reads it")
+            # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in place
+            g.branch(gs.stream, bmod, name=bpath, kind="mlp", nchw=bl == "nchw", copy=True)
+            lay = gs.layout(shapes[n], bl)
+            if lay is None:
+                refuse(n, f"gives {shapes[n]}, not a layout of the stream")
+            val[n] = ("s", gs, lay)
+            continue
+        if len(followed) > 1:
+            refuse(n, "combines two values of the stream")
         if n.op in ("call_method", "call_function") and _name(n) in _LAYOUT:
             shp = shapes.get(n)
             if v[0] == "p":
@@ -416,6 +456,61 @@ def _relayout(n, lay, gs, shp):
         return out if out is not None and gs.layout(shp, out) == out else None
     out = [k for k in _FAMILY[lay] if gs.layout(shp, k) == k]
     return out[0] if out else None
+
+
+def _meta_use(n) -> bool:
+    return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
+
+
+def _readers(n):
+    return [u for u in n.users if not _meta_use(u)]
+
+
+def _residual_add(key, nodes):
+    """``(add node, branch node, nodes computing the branch)`` for ``s' + b`` where ``s'`` is ``key`` through
+    layout steps only and ``b`` is computed from ``key`` (a residual outside the blocks: Twins' position conv,
+    ``x = proj(x) + x``), or None."""
+    at = nodes.index(key)
+    desc = {key}
+    for nd in nodes[at + 1:]:
+        if any(a in desc for a in nd.all_input_nodes) and not _meta_use(nd):
+            desc.add(nd)
+    for nd in nodes[at + 1:]:
+        if nd not in desc or not (nd.op == "call_function" and nd.target in (operator.add, operator.iadd, torch.add)) \
+                or len(nd.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in nd.args):
+            continue
+        for sa, ba in (nd.args, nd.args[::-1]):
+            chain, cur = [], sa
+            while cur is not key and cur.op in ("call_method", "call_function") and _name(cur) in _LAYOUT:
+                chain.append(cur)
+                cur = cur.args[0]
+            if cur is key and ba in desc:
+                inside, todo = set(), [ba]
+                while todo:
+                    x = todo.pop()
+                    if x in inside or x is key or x in chain or x not in desc:
+                        continue
+                    inside.add(x)
+                    todo.extend(x.all_input_nodes)
+                if any(u not in inside and u is not nd for x in inside for u in _readers(x)):
+                    return None  # the branch's values are read elsewhere too
+                return nd, ba, inside
+    return None
+
+
+def _branch_module(model, node):
+    """(module path, module) whose output ``node`` is (through identities), or (None, None)."""
+    from .auto import _identity
+
+    while node.op == "call_module":
+        mod = model.get_submodule(node.target[len("model."):])
+        if _identity(mod) and node.args:
+            node = node.args[0]
+            continue
+        if isinstance(mod, torch.nn.Sequential):
+            return None, None
+        return node.target[len("model."):], mod
+    return None, None
 
 
 def _pair1(s):

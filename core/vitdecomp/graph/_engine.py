@@ -739,10 +739,12 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
     elif op.kind == "branch":
         g = op.gamma
 
-        def on_out(out):
+        def on_out(out, copy=op.extra.get("copy", False)):
             v = _take(graph, op, out, s, ri, s.seq_first)
             if g is not None:
                 v = v * g.detach().to(v.dtype)
+            elif copy:  # the forward adds into the module's output in place (``x = proj(x); x += s``)
+                v = v.clone()
             rec.val = reduce(v) if reduce is not None else v
 
         hooks.post(op.module, on_out)

@@ -71,7 +71,9 @@ def _is_staged_timm_model(model) -> bool:
     """A timm model with a list of stages, each with a ``blocks`` list (see :mod:`._autostage`)."""
     from ._autostage import stage_list
 
-    return "timm" in sys.modules and not _is_timm_model(model) and stage_list(model) is not None
+    if "timm" not in sys.modules or stage_list(model) is None:
+        return False
+    return not _is_timm_model(model) or isinstance(model.blocks[0], (torch.nn.Sequential, torch.nn.ModuleList))
 
 
 def _where(node, prefix: str = "") -> str:
