@@ -86,7 +86,7 @@ class _StageTracer(torch.fx.Tracer):
 
         if q[len("model."):] in self.members:  # a residual block; any other member of a blocks list
             return q[len("model."):] in self.residual  # (EfficientFormer's Flat) is traced through
-        if supported_norm(m) or _identity(m) or _bn(m):
+        if supported_norm(m) or _identity(m) or _bn(m) or type(m).__name__ in ("LayerScale", "LayerScale2d"):
             return True
         if _STEM.match(q):
             return True
@@ -100,8 +100,8 @@ def _residual(m, path) -> bool:
 
     try:
         return len(_block_writes(m, path + ".", relayout=True)) > 0
-    except UnsupportedModelError:
-        return not _layout_only(m)
+    except UnsupportedModelError:  # traced through: the walk follows its steps (and names the first it cannot)
+        return False
 
 
 def _layout_only(m) -> bool:
@@ -131,7 +131,8 @@ def _derive(model):
             f"auto adapter: forward_features/forward_head of {type(model).__name__} cannot be traced with torch.fx "
             f"through its stages ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); write a model pack "
             f"for it (CONTRIBUTING.md, 'Writing a model pack')") from exc
-    return torch.fx.GraphModule(root, graph), graph, stages[0][0], residual
+    opened = {p: b for p, b in members.items() if p not in residual and not _layout_only(b)}
+    return torch.fx.GraphModule(root, graph), graph, stages[0][0], residual, opened
 
 
 def _shapes(gm, graph, images, watch):
@@ -178,7 +179,7 @@ def describe_staged(adapter, model, images, tokens):
                        _split_heads, _where)
     from ..engine import supported_norm
 
-    gm, graph, first_list, residual = _cached(model, "staged", lambda: _derive(model))
+    gm, graph, first_list, residual, opened = _cached(model, "staged", lambda: _derive(model))
     # the first stage: the module holding the first blocks list (FocalNet's layers.0), or the list itself
     stage0 = "model." + (first_list[:-len(".blocks")] if first_list.endswith(".blocks") else first_list)
     nodes = list(graph.nodes)
@@ -250,6 +251,14 @@ def describe_staged(adapter, model, images, tokens):
     nb = 0
     z = None
     residual_adds = {}
+    cur = [None, None]  # (opened member, its block context)
+
+    def rel(path):  # a write's name inside an opened member's block context
+        if cur[1] is None:
+            return path
+        if not path.startswith(cur[0] + "."):
+            refuse(n, f"writes {path} inside {cur[0]}, from outside it")
+        return path[len(cur[0]) + 1:]
     for n in nodes:
         if n is start:
             continue
@@ -270,6 +279,19 @@ def describe_staged(adapter, model, images, tokens):
             continue
         v = val[followed[0]]
         key = followed[0]
+        mem = _member(n, opened)
+        if mem != cur[0]:  # entering / leaving a member of a blocks list that is traced through (not an add chain)
+            if cur[1] is not None:
+                cur[1].__exit__(None, None, None)
+            cur[:] = [mem, None]
+            if mem is not None and v[0] == "s":
+                if not embedded:
+                    g.embed(v[1].stream, opened[mem], nchw=v[2] == "nchw")
+                    embedded = True
+                cur[1] = g.block(nb, mem, v[1].stream, entry=opened[mem], stage=len(streams) - 1,
+                                 nchw=v[2] == "nchw")
+                cur[1].__enter__()
+                nb += 1
         if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
             found = _residual_add(key, nodes)
             if found is None:
@@ -283,16 +305,18 @@ def describe_staged(adapter, model, images, tokens):
         if n in residual_adds:  # stream + module output computed from it: a write
             bnode, src = residual_adds.pop(n)
             gs = v[1]
-            bpath, bmod = _branch_module(model, bnode)
+            bpath, bmod, onode = _branch_module(model, bnode)
             if bmod is None:
                 refuse(n, f"adds {_where(bnode, '')} to the stream, which is not a module output")
-            bl = gs.layout(shapes[bnode], v[2])
+            bl = gs.layout(shapes[onode], v[2])
             if bl not in ("nchw", "nhwc", "nlc"):
-                refuse(n, f"adds a branch of shape {shapes[bnode]} to the stream")
+                refuse(n, f"adds the output of {bpath} (shape {shapes[onode]}, not a map of the stream in grid "
+                          f"order) to the stream")
             if not embedded:
                 refuse(n, "adds a branch to the stream before the first module reads it")
             # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in place
-            g.branch(gs.stream, bmod, name=bpath, kind="mlp", nchw=bl == "nchw", copy=True)
+            g.branch(gs.stream, bmod, name=rel(bpath), kind="attn" if "attn" in bpath.rsplit(".", 1)[-1] else "mlp",
+                     nchw=bl == "nchw", copy=True)
             lay = gs.layout(shapes[n], bl)
             if lay is None:
                 refuse(n, f"gives {shapes[n]}, not a layout of the stream")
@@ -380,6 +404,13 @@ def describe_staged(adapter, model, images, tokens):
                 g.norm(gs.stream, mod, name=path, nchw=lay == "nchw")
                 val[n] = v
                 continue
+            if isinstance(mod, torch.nn.AvgPool2d) and lay == "nchw":  # a patch pool: a patch conv of 1/s² taps
+                conv = _pool_conv(mod, gs.C, shapes[key], n, refuse)
+                shp = shapes[n]
+                ns = new_stream(shp[1], shp[2], shp[3], len(streams))
+                g.conv(gs.stream, ns.stream, conv, name=path, stage=len(streams) - 1)
+                val[n] = ("s", ns, "nchw")
+                continue
             if isinstance(mod, (torch.nn.AdaptiveAvgPool2d,)) and lay == "nchw" and _pair1(mod.output_size):
                 val[n] = ("p", g.pool(gs.stream, range(gs.stream.rows), [1.0 / gs.stream.rows] * gs.stream.rows))
                 continue
@@ -409,10 +440,12 @@ def describe_staged(adapter, model, images, tokens):
             value = param.flatten(2).transpose(1, 2) if lay == "nchw" else param.reshape(1, -1, param.shape[-1])
             if lay not in ("nchw", "nhwc", "nlc") or tuple(value.shape[1:]) != (gs.stream.rows, gs.C):
                 refuse(n, f"adds {pname} of shape {tuple(param.shape)} to the {lay} stream")
-            g.param(gs.stream, value, name=pname)
+            g.param(gs.stream, value, name=rel(pname))
             val[n] = v
             continue
         refuse(n)
+    if cur[1] is not None:
+        cur[1].__exit__(None, None, None)
     if z is None:
         raise UnsupportedModelError(f"auto adapter: z of {type(model).__name__} is not one pooled row of the stream")
     if nb == 0:
@@ -458,6 +491,47 @@ def _relayout(n, lay, gs, shp):
     return out[0] if out else None
 
 
+def _pool_conv(mod, C, shape, n, refuse):
+    """``AvgPool2d`` with kernel == stride and no padding as a bias-free patch conv (tap weights 1/(kh·kw))."""
+    k = _pair(mod.kernel_size)
+    st = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+    ragged = shape[2] % k[0] or shape[3] % k[1]  # ceil mode changes nothing when the pool tiles the map
+    if k != st or _pair(mod.padding) != (0, 0) or (getattr(mod, "ceil_mode", False) and ragged) or \
+            getattr(mod, "divisor_override", None) is not None:
+        refuse(n, f"is an average pool with kernel {k}, stride {st}, padding {mod.padding} (supported: kernel == "
+                  "stride, no padding, no ceil mode)")
+    conv = torch.nn.Conv2d(C, C, k, stride=k, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[torch.arange(C), torch.arange(C)] = 1.0 / (k[0] * k[1])
+    conv.requires_grad_(False)
+    return conv
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _member(n, opened):
+    """The opened member of a blocks list that node ``n`` runs in, or None."""
+    if not opened:
+        return None
+    paths = []
+    for k, v in (n.meta.get("nn_module_stack") or {}).items():
+        paths += [k] if isinstance(k, str) else []
+        if isinstance(v, tuple) and v and isinstance(v[0], str):
+            paths.append(v[0])
+    if n.op == "call_module":
+        paths.append(n.target)
+    for p in paths[::-1]:
+        q = p[len("model."):] if p.startswith("model.") else p
+        while q:
+            if q in opened:
+                return q
+            q = q.rpartition(".")[0]
+    return None
+
+
 def _meta_use(n) -> bool:
     return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
 
@@ -499,18 +573,23 @@ def _residual_add(key, nodes):
 
 
 def _branch_module(model, node):
-    """(module path, module) whose output ``node`` is (through identities), or (None, None)."""
+    """(module path, module, its output node) whose output ``node`` is, through identities and layout steps
+    (the caller checks that the module's output is a layout of the stream), or (None, None, None)."""
     from .auto import _identity
 
-    while node.op == "call_module":
+    while True:
+        if node.op in ("call_method", "call_function") and _name(node) in _LAYOUT and node.args:
+            node = node.args[0]
+            continue
+        if node.op != "call_module":
+            return None, None, None
         mod = model.get_submodule(node.target[len("model."):])
         if _identity(mod) and node.args:
             node = node.args[0]
             continue
         if isinstance(mod, torch.nn.Sequential):
-            return None, None
-        return node.target[len("model."):], mod
-    return None, None
+            return None, None, None
+        return node.target[len("model."):], mod, node
 
 
 def _pair1(s):
