@@ -660,7 +660,8 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
             t = out[0] if isinstance(out, tuple) else out
             leaf = t.detach().requires_grad_()
             leaves[key] = leaf
-            return (leaf,) + tuple(out[1:]) if isinstance(out, tuple) else leaf
+            t = leaf.clone()  # the forward may add into the output in place (Twins' ``x = proj(s); x += s``)
+            return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
         return post
 
     try:

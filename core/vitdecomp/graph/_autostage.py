@@ -31,7 +31,7 @@ import torch
 
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
-from . import Graph
+from . import Graph, ProjInput
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -175,8 +175,7 @@ class _Grid:
 
 def describe_staged(adapter, model, images, tokens):
     """The contribution graph of a staged timm model (module docstring)."""
-    from .auto import (FusedQKV, ProjInput, TracedAttention, _block_writes, _cached, _identity, _proj_of_heads,
-                       _split_heads, _where)
+    from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
 
     gm, graph, first_list, residual, opened = _cached(model, "staged", lambda: _derive(model))
@@ -368,14 +367,11 @@ def describe_staged(adapter, model, images, tokens):
                         w_nchw = wl == "nchw"
                         if wl not in ("nchw", "nhwc", "nlc"):
                             refuse(n, f"writes {path}.{sub} of shape {oshape}, not a map of the stream")
-                        proj = None if _split_heads(wm) or w_nchw else _proj_of_heads(wm)
-                        if _split_heads(wm) and not w_nchw:
-                            att = FusedQKV(wm.qkv, wm.q_norm, wm.k_norm, getattr(wm, "scale", wm.head_dim ** -0.5))
-                            g.heads(gs.stream, ProjInput(wm.proj, wm.num_heads, att), wm.proj.weight, wm.proj.bias,
-                                    gamma=gamma, name=sub)
-                        elif proj is not None:
-                            g.heads(gs.stream, ProjInput(proj, wm.num_heads, TracedAttention(wm)), proj.weight,
-                                    proj.bias, gamma=gamma, name=sub)
+                        # heads at the rows they write (their token detail: query rows of the stage's grid)
+                        proj = None if w_nchw else wm.proj if _split_heads(wm) else _proj_of_heads(wm, loose=True)
+                        if proj is not None:
+                            g.heads(gs.stream, _QueryHeads(proj, wm.num_heads), proj.weight, proj.bias, gamma=gamma,
+                                    name=sub)
                         else:
                             g.branch(gs.stream, wm, name=sub, kind="attn" if "attn" in sub else "mlp", gamma=gamma,
                                      nchw=w_nchw)
@@ -489,6 +485,16 @@ def _relayout(n, lay, gs, shp):
         return out if out is not None and gs.layout(shp, out) == out else None
     out = [k for k in _FAMILY[lay] if gs.layout(shp, k) == k]
     return out[0] if out else None
+
+
+class _QueryHeads(ProjInput):
+    """Head outputs at the input of ``proj`` (rows: the stream's positions in grid order), placed at the rows they
+    write; no split by the position each head reads."""
+
+    detail = "query"
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        super().install(hooks, rec, rows, False, reduce)
 
 
 def _pool_conv(mod, C, shape, n, refuse):

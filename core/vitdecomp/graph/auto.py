@@ -344,24 +344,36 @@ def _pair(v):
     return None
 
 
-def _proj_of_heads(mod):
+def _proj_of_heads(mod, loose: bool = False):
     """The output projection of an attention module whose output is ``proj(o)`` (through identities) with
     ``o = transpose(attn_out, 1, 2).reshape(B, N, H·dh)`` and ``attn_out`` ``[B, H, N, dh]`` from
     ``scaled_dot_product_attention`` or a ``matmul``: heads contiguous in proj's input, so proj's columns split
-    them. None if the trace does not show exactly that (the module is then one block-level write)."""
+    them. None if the trace does not show exactly that (the module is then one block-level write). ``loose``
+    (staged models): required arguments besides the input (a feature size) are traced as placeholders, or else
+    as ``(2, 2)`` — only the structure of the output end is read; exactness is checked on the forward."""
     H = getattr(mod, "num_heads", None)
     if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
         return None
 
     def derive():
         params = list(inspect.signature(mod.forward).parameters.values())[1:]
-        if any(p.default is inspect.Parameter.empty for p in params):
+        required = [p for p in params if p.default is inspect.Parameter.empty]
+        if required and not loose:
             return None
-        try:
-            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
-        except Exception:  # noqa: BLE001 - not traceable: no head split
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        graph = None
+        for fill in ((lambda p: None), (lambda p: (2, 2))) if required else ((lambda p: None),):
+            concrete = dict(defaults, **{p.name: fill(p) for p in required if fill(p) is not None})
+            try:
+                graph = _LeafTracer().trace(mod, concrete_args=concrete or None)
+                break
+            except Exception:  # noqa: BLE001 - not traceable: no head split
+                graph = None
+        if graph is None:
             return None
         out = next(n for n in graph.nodes if n.op == "output").args[0]
+        if loose and isinstance(out, (list, tuple)) and len(out) == 1:  # pytree-flattened concrete arguments
+            out = out[0]
         node = out
 
         def peel(n):
@@ -386,7 +398,7 @@ def _proj_of_heads(mod):
             return None
         return mod.proj
 
-    return _cached(mod, "heads", derive)
+    return _cached(mod, ("heads", loose), derive)
 
 
 class AutoAdapter(GraphAdapter):
