@@ -104,6 +104,14 @@ def _residual(m, path) -> bool:
         return False
 
 
+def _traceable(m) -> bool:
+    try:
+        _StageTracer(set(), set()).trace(m)
+        return True
+    except Exception:  # noqa: BLE001 - control flow on values, ...
+        return False
+
+
 def _layout_only(m) -> bool:
     """A module without parameters or children whose forward only changes the layout (a ``Flat``)."""
     if any(True for _ in m.children()) or any(True for _ in m.parameters()):
@@ -124,6 +132,10 @@ def _derive(model):
     root = _Readout(model)
     members = {f"{p}.{j}": b for p, blocks in stages for j, b in enumerate(blocks)}
     residual = {p for p, b in members.items() if _residual(b, p)}
+    # a member that is no add chain is traced through, unless it cannot be traced: then it stays a leaf, and the
+    # walk refuses it with the derivation's reason
+    stuck = {p for p, b in members.items() if p not in residual and not _traceable(b)}
+    residual |= stuck
     try:
         graph = _StageTracer(set(members), residual).trace(root)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
@@ -132,7 +144,7 @@ def _derive(model):
             f"through its stages ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); write a model pack "
             f"for it (CONTRIBUTING.md, 'Writing a model pack')") from exc
     opened = {p: b for p, b in members.items() if p not in residual and not _layout_only(b)}
-    return torch.fx.GraphModule(root, graph), graph, stages[0][0], residual, opened
+    return torch.fx.GraphModule(root, graph), graph, stages[0][0], residual, opened, stuck
 
 
 def _shapes(gm, graph, images, watch):
@@ -151,6 +163,12 @@ def _shapes(gm, graph, images, watch):
     try:
         with torch.no_grad():
             _Run(gm).run(images[:1])
+    except Exception as exc:  # noqa: BLE001 - the model's own forward rejects this input (e.g. its image size)
+        from ..errors import InputError
+
+        raise InputError(f"{type(gm.model).__name__}'s forward fails on images of size "
+                         f"{images.shape[-2]}×{images.shape[-1]} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); use the image size the model was built for") from exc
     finally:
         for h in hooks:
             h.remove()
@@ -178,7 +196,7 @@ def describe_staged(adapter, model, images, tokens):
     from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
 
-    gm, graph, first_list, residual, opened = _cached(model, "staged", lambda: _derive(model))
+    gm, graph, first_list, residual, opened, stuck = _cached(model, "staged", lambda: _derive(model))
     # the first stage: the module holding the first blocks list (FocalNet's layers.0), or the list itself
     stage0 = "model." + (first_list[:-len(".blocks")] if first_list.endswith(".blocks") else first_list)
     nodes = list(graph.nodes)
@@ -197,6 +215,7 @@ def describe_staged(adapter, model, images, tokens):
     start = next((a for a in first.all_input_nodes if not in_stage0(a)), None)
     blocks = {n.target: model.get_submodule(n.target[len("model."):]) for n in nodes
               if n.op == "call_module" and n.target[len("model."):] in residual}
+    blocks = {t: b for t, b in blocks.items() if t[len("model."):] not in stuck}
     # a leaf block that is not a residual add chain: refused here, with the derivation's reason
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
@@ -356,6 +375,9 @@ def describe_staged(adapter, model, images, tokens):
             if not embedded:
                 g.embed(gs.stream, mod, entry_arg=arg, nchw=lay == "nchw")
                 embedded = True
+            if path in stuck:  # raises the derivation's reason (no add chain, and not traceable through)
+                _block_writes(mod, path + ".", relayout=True)
+                refuse(n, "is a block the auto adapter can neither derive nor trace through")
             if path in writes:  # a residual block
                 si = len(streams) - 1
                 if lay == "ncl":
@@ -401,7 +423,7 @@ def describe_staged(adapter, model, images, tokens):
                 val[n] = v
                 continue
             if isinstance(mod, torch.nn.AvgPool2d) and lay == "nchw":  # a patch pool: a patch conv of 1/s² taps
-                conv = _pool_conv(mod, gs.C, shapes[key], n, refuse)
+                conv = _pool_conv(mod, gs.C, shapes[key], n, refuse).to(images.device, images.dtype)
                 shp = shapes[n]
                 ns = new_stream(shp[1], shp[2], shp[3], len(streams))
                 g.conv(gs.stream, ns.stream, conv, name=path, stage=len(streams) - 1)
