@@ -31,6 +31,7 @@ MODELS = {
     "vit_base_patch16_siglip_224": None,  # MAP (attention-pool) head
     "focalnet_tiny_srf": None,  # hierarchical: 2×2 / 4×4 patch convs between stages (grouped terms)
     "pvt_v2_b0": None,  # hierarchical: overlapping 3×3 stride-2 convs (writes carried forward through them)
+    "twins_pcpvt_small": None,  # hierarchical with heads split: patch convs, position convs outside the blocks
 }
 
 

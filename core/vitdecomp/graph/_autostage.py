@@ -216,7 +216,6 @@ def describe_staged(adapter, model, images, tokens):
     blocks = {n.target: model.get_submodule(n.target[len("model."):]) for n in nodes
               if n.op == "call_module" and n.target[len("model."):] in residual}
     blocks = {t: b for t, b in blocks.items() if t[len("model."):] not in stuck}
-    # a leaf block that is not a residual add chain: refused here, with the derivation's reason
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
     shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
@@ -225,7 +224,8 @@ def describe_staged(adapter, model, images, tokens):
 
     def refuse(n, why=""):
         raise UnsupportedModelError(f"auto adapter: on the residual stream of {type(model).__name__}, "
-                                    f"{_where(n, '')} {why or 'is not a step the auto adapter can freeze'}")
+                                    f"{_where(n, '').replace('module model.', 'module ', 1)} "
+                                    f"{why or 'is not a step the auto adapter can freeze'}")
 
     arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__) \
         if isinstance(getattr(model, "default_cfg", None), dict) else type(model).__name__
@@ -239,8 +239,8 @@ def describe_staged(adapter, model, images, tokens):
         streams.append(gs)
         return gs
 
-    # the embedding's shape: [B, C, h, w] (NCHW) or [B, h, w, C] (NHWC); a token stream needs its grid from the
-    # first conv, so only image-shaped starts are accepted
+    # the embedding's shape: [B, C, h, w] (NCHW) or [B, h, w, C] (NHWC), or tokens [B, N, C] placed on the grid of
+    # the convolution that made them
     shp = shapes.get(start)
     start_tokens = False
     if shp is not None and len(shp) == 3:  # tokens [B, N, C]: the grid of the last convolution before it (Twins)
@@ -325,7 +325,8 @@ def describe_staged(adapter, model, images, tokens):
             gs = v[1]
             bpath, bmod, onode = _branch_module(model, bnode)
             if bmod is None:
-                refuse(n, f"adds {_where(bnode, '')} to the stream, which is not a module output")
+                refuse(n, f"adds {_where(bnode, '').replace('module model.', 'module ', 1)} to the stream, which is "
+                          "not a module output")
             bl = gs.layout(shapes[onode], v[2])
             if bl not in ("nchw", "nhwc", "nlc"):
                 refuse(n, f"adds the output of {bpath} (shape {shapes[onode]}, not a map of the stream in grid "

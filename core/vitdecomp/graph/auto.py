@@ -3,7 +3,9 @@
 Used as ``adapter="auto"``, and by dispatch when no family adapter claims a model (it is a *fallback* adapter).
 Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
 the timm head interface (CLS / mean / attention-pool readouts); z is
-``model.forward_head(model.forward_features(x), pre_logits=True)``.
+``model.forward_head(model.forward_features(x), pre_logits=True)``. Staged (hierarchical) models — a list of
+stages with ``blocks`` lists on an image-shaped stream, with convolutions between stages — are derived by
+:mod:`._autostage` (one trace through the stages; the blocks are derived as below).
 
 How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
 forward):
