@@ -61,6 +61,19 @@ def test_focalnet_patch_convs_exact_with_tokens_on_each_stage_grid():
     assert start.names[0] == "init" and start.error <= 1e-10
 
 
+def test_patch_convs_on_odd_grids_drop_the_positions_they_never_read():
+    # 76 px: a 19×19 first stage; each 2×2 conv reads 18×18 of it (floor), the rest reach z by no path
+    model = focalnet(depths=(1, 1, 1, 1)).double()
+    x = images(size=76)
+    for kw in ({"tokens": "source"}, {"tokens": "source", "bias": "paper"}):
+        dec = vitdecomp.decompose(model, x, adapter="auto", **kw)
+        assert dec.error <= 1e-10
+        testing.check_token_sums(dec)
+    assert (dec.grid_of("layers.1.blocks.0.mlp").h, dec.grid.h) == (9, 19)
+    res = testing.check_attributions(model.float(), x[:1].float(), adapter="auto", start=None)
+    assert res and all(err <= 1e-6 for _, err, _ in res) and res[0][2] > 0, res
+
+
 def test_overlapping_convs_carry_the_writes_forward_and_refuse_token_detail():
     # FocalNet with overlapping downsampling convs (3×3 stride 2, padding 1): the general mixer, same model
     model = focalnet(use_overlap_down=True).double()

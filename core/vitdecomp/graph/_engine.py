@@ -490,17 +490,20 @@ def _spread_back(graph, ops, fine: Stream, coarse: Stream, detail: TokenDetail, 
     earlier grid stream ``fine``, placed on the leaf's grid through the merges between them."""
     import numpy as np
 
-    down = {id(op.extra["src"]): (op.stream, op.extra["geometry"][0]) for op in ops if op.kind == "merge"}
+    down = {id(op.extra["src"]): (op.stream, op.extra["geometry"][0]) for op in ops
+            if op.kind == "merge" and op.extra.get("geometry") is not None}
     p, cur = np.arange(fine.rows), fine
     while cur is not coarse:
         if id(cur) not in down:
             raise GraphError(f"pack {graph.pack!r}: stream {coarse.name!r} is not merged from {fine.name!r}; a "
                              "constant's share cannot be placed on its leaf's grid")
         cur, parent = down[id(cur)]
-        p = parent[p]
-    counts = np.bincount(p, minlength=coarse.rows)
-    return _SpreadBack(detail, to_device(torch.from_numpy(p), device),
-                       to_device(torch.from_numpy(1.0 / counts[p]), device), coarse.rows)
+        p = np.where(p >= 0, parent[np.maximum(p, 0)], -1)  # −1: a position the merge never reads (Graph.conv)
+    read = p >= 0
+    counts = np.bincount(p[read], minlength=coarse.rows)
+    share = np.where(read, 1.0 / np.maximum(counts[np.maximum(p, 0)], 1), 0.0)
+    return _SpreadBack(detail, to_device(torch.from_numpy(np.maximum(p, 0)), device),
+                       to_device(torch.from_numpy(share), device), coarse.rows)
 
 
 def _hier_lazy():
