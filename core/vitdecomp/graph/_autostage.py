@@ -311,7 +311,7 @@ def describe_staged(adapter, model, images, tokens):
                 cur[1].__enter__()
                 nb += 1
         if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
-            found = _residual_add(key, nodes)
+            found = _residual_add(key, nodes, model)
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
                           "'stream + module(stream)' are supported outside the blocks)")
@@ -569,10 +569,12 @@ def _readers(n):
     return [u for u in n.users if not _meta_use(u)]
 
 
-def _residual_add(key, nodes):
+def _residual_add(key, nodes, model):
     """``(add node, branch node, nodes computing the branch)`` for ``s' + b`` where ``s'`` is ``key`` through
     layout steps only and ``b`` is computed from ``key`` (a residual outside the blocks: Twins' position conv,
     ``x = proj(x) + x``), or None."""
+    from .auto import _identity
+
     at = nodes.index(key)
     desc = {key}
     for nd in nodes[at + 1:]:
@@ -584,8 +586,9 @@ def _residual_add(key, nodes):
             continue
         for sa, ba in (nd.args, nd.args[::-1]):
             chain, cur = [], sa
-            while cur is not key and cur.op in ("call_method", "call_function") and _name(cur) in _LAYOUT:
-                chain.append(cur)
+            while cur is not key and ((cur.op in ("call_method", "call_function") and _name(cur) in _LAYOUT)
+                                      or (cur.op == "call_module" and _identity(model.get_submodule(cur.target[6:])))):
+                chain.append(cur)  # layout steps and identities (ConvNeXt's ``shortcut``)
                 cur = cur.args[0]
             if cur is key and ba in desc:
                 inside, todo = set(), [ba]
