@@ -434,7 +434,7 @@ def _frozen_functions(state):
     F = torch.nn.functional
     orig = {k: getattr(F, k) for k in ("layer_norm", "group_norm", "rms_norm", "scaled_dot_product_attention")
             if hasattr(F, k)}
-    orig_matmul, orig_tmatmul = torch.matmul, torch.Tensor.__matmul__
+    orig_matmul, orig_tmatmul, orig_bmm = torch.matmul, torch.Tensor.__matmul__, torch.bmm
 
     def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         dims = tuple(range(-len(tuple(normalized_shape)), 0))
@@ -501,17 +501,21 @@ def _frozen_functions(state):
     def tmatmul(a, b):
         return attention_product(a, b, orig_tmatmul(a, b))
 
+    def bmm(a, b, *args, **kw):  # nn.MultiheadAttention with need_weights (SigLIP's MAP head): softmax, then bmm
+        out = orig_bmm(a, b, *args, **kw)
+        return attention_product(a, b, out) if not args and not kw else out
+
     repl = {"layer_norm": layer_norm, "group_norm": group_norm, "rms_norm": rms_norm,
             "scaled_dot_product_attention": sdpa}
     try:
         for k in orig:
             setattr(F, k, repl[k])
-        torch.matmul, torch.Tensor.__matmul__ = matmul, tmatmul
+        torch.matmul, torch.Tensor.__matmul__, torch.bmm = matmul, tmatmul, bmm
         yield
     finally:
         for k, v in orig.items():
             setattr(F, k, v)
-        torch.matmul, torch.Tensor.__matmul__ = orig_matmul, orig_tmatmul
+        torch.matmul, torch.Tensor.__matmul__, torch.bmm = orig_matmul, orig_tmatmul, orig_bmm
 
 
 @attrs.define(eq=False)
