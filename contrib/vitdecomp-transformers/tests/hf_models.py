@@ -75,5 +75,5 @@ def siglip_config(attn="sdpa", **vision):
 
 
 def vitmae_config(attn="sdpa", **kw):
-    return transformers.ViTMAEConfig(intermediate_size=64, mask_ratio=0.0, attn_implementation=attn,
-                                     **{**COMMON, **kw})
+    return transformers.ViTMAEConfig(intermediate_size=64, attn_implementation=attn,
+                                     **{**COMMON, "mask_ratio": 0.0, **kw})
