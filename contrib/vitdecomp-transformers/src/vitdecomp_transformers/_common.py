@@ -48,9 +48,9 @@ class BlockParts:
 
 
 def layer_scale(value, like: torch.Tensor, where: str) -> Optional[torch.Tensor]:
-    """A LayerScale factor as a vector like ``like`` (``[D]``), or None when it is absent or the number 1 (BEiT stores ``1.0``
-    when ``layer_scale_init_value`` is 0)."""
-    if value is None or isinstance(value, torch.nn.Module) and is_identity(value):
+    """A LayerScale factor as a vector like ``like`` (``[D]``), or None when it is absent or the number 1 (BEiT
+    stores ``1.0`` when ``layer_scale_init_value`` is 0)."""
+    if value is None or (isinstance(value, torch.nn.Module) and is_identity(value)):
         return None
     if isinstance(value, torch.Tensor):
         return value

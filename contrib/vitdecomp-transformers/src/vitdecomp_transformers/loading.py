@@ -4,8 +4,9 @@ The model class is the one the checkpoint's ``config.architectures`` names when 
 (``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ``Dinov2Model``, ``CLIPModel``,
 ``SwinForImageClassification``, ``Swinv2Model``, ``BeitForImageClassification``, ``SiglipModel``, ...),
 else the base model of its ``model_type`` (a ``ViTMAEForPreTraining`` checkpoint loads as ``ViTMAEModel``, with
-``config.mask_ratio`` set to 0 so that every patch is kept). ``random_init=True`` (or ``pretrained=False``) builds that class from
-the checkpoint's config with random weights; ``weights=DIR`` loads from a local directory instead of ``spec``.
+``config.mask_ratio`` set to 0 so that every patch is kept). ``random_init=True`` (or ``pretrained=False``)
+builds that class from the checkpoint's config with random weights; ``weights=DIR`` loads from a local directory
+instead of ``spec``.
 """
 
 from __future__ import annotations
