@@ -59,11 +59,11 @@ import torch
 from ..adapter import Adapter
 from ..errors import InputError, VitDecompError
 from .sources import (FusedQKV, HeadSource, InProj, PartitionHeads, ProjInput, SeparateQKV, TalkingHeads,
-                      TracedAttention, WindowHeads)
+                      TokenwiseHeads, TracedAttention, WindowHeads)
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads", "window_rows",
-           "grid_rows"]
+           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads", "TokenwiseHeads",
+           "window_rows", "grid_rows"]
 
 
 def window_rows(H: int, W: int, window, shift=(0, 0), pad_first: bool = False):
