@@ -20,7 +20,8 @@ def _ref(m, x):
     return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
-@pytest.mark.parametrize("name,img,size", [("xcit_nano_12_p16_224", 64, (64, 48)), ("xcit_nano_12_p8_224", 32, (32, 24))])
+@pytest.mark.parametrize("name,img,size", [("xcit_nano_12_p16_224", 64, (64, 48)),
+                                           ("xcit_nano_12_p8_224", 32, (32, 24))])
 def test_conformance(name, img, size):
     # non-square images: the Fourier position encoding and the LPI convolutions follow the image's own grid
     results = testing.run_conformance(build(name, img), size, adapter="auto", fixed_size=False, reference=_ref)

@@ -12,7 +12,8 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   outputs, and for token detail the attention rows and values, are read);
 * **frozen linear mixers**: a norm at the statistics the forward used, with the module's own eps
   (:meth:`Graph.norm`), a stream plus its own frozen norm (:meth:`Graph.norm_residual`: ``x + γ ⊙ norm(x)``,
-  XCiT's patch rows in its class-attention blocks), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
+  XCiT's patch rows in its class-attention blocks), pooling into a new stream (:meth:`Graph.pool`), a projection
+  (:meth:`Graph.project`),
   pooled groups side by side (:meth:`Graph.concat`),
   a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
   several streams, at the forward's attention weights), attention pooling with learned queries
@@ -62,8 +63,8 @@ from .sources import (FusedQKV, HeadSource, InProj, PartitionHeads, ProjInput, S
                       TokenwiseHeads, TracedAttention, WindowHeads)
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads", "TokenwiseHeads",
-           "window_rows", "grid_rows"]
+           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads",
+           "TokenwiseHeads", "window_rows", "grid_rows"]
 
 
 def window_rows(H: int, W: int, window, shift=(0, 0), pad_first: bool = False):
