@@ -80,3 +80,13 @@ def test_an_unknown_class_block_is_refused_by_name():
     with pytest.raises(UnsupportedModelError,
                        match=r"module model\.cls_attn_blocks\.1 .*xcit\.py.*class-attention block whose parts"):
         vitdecomp.decompose(m, torch.randn(1, 3, 64, 64), adapter="auto")
+
+
+def test_fused_cross_covariance_attention_matches_the_oracle():
+    # timm's experimental fused path: scaled_dot_product_attention(q̂·τ, k̂, v, scale=1) over channels
+    m = build("xcit_nano_12_p16_224", 64)
+    for blk in list(m.blocks) + list(m.cls_attn_blocks):
+        blk.attn.fused_attn = True
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert vitdecomp.decompose(m, x, adapter="auto").names.count("blocks.1.attn.head.0") == 1
+    testing.check_attributions(m, x, adapter="auto", start=None)
