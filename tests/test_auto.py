@@ -145,13 +145,15 @@ def test_refusals_name_the_operation_module_and_source_line():
 
 
 def test_blocks_with_extra_arguments_are_derived():
-    # XCiT's blocks take (x, H, W): the grid size stays a placeholder of the trace, the stream is followed alone;
-    # the model is then refused where its class-attention tail concatenates the class token
+    # XCiT's blocks take (x, H, W): the grid size stays a placeholder of the trace, the stream is followed alone
+    # (the whole model: tests/test_auto_xcit.py); a class token concatenated after the blocks that is not a
+    # parameter expanded over the batch is refused at the cat
     from vitdecomp.graph.auto import derived_writes
 
     xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=2).eval()
     assert derived_writes(xcit) == [f"blocks.{i}.{w}" for i in (0, 1) for w in ("attn", "local_mp", "mlp")]
-    with pytest.raises(UnsupportedModelError, match=r"call_function cat .*xcit.py.*concatenates something other"):
+    xcit.forward_cls = lambda x: type(xcit).forward_cls(xcit, torch.cat((x[:, :1], x), dim=1))
+    with pytest.raises(UnsupportedModelError, match=r"call_function cat .*concatenates something other"):
         vitdecomp.decompose(xcit, images(torch.float32), adapter="auto")
 
 

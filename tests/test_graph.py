@@ -176,3 +176,97 @@ def test_grouped_rows_apply_each_rows_group_matrix_in_place(G, tiled):
     acc = base.clone()
     assert t.apply_rows(v, mats, acc) is acc
     torch.testing.assert_close(acc, base + want, rtol=0, atol=1e-13)
+
+
+class _NormResidual(torch.nn.Module):
+    """``x + γ ⊙ norm(x)`` on the stream's own path (the patch rows of XCiT's class-attention blocks)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.gamma = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return x + self.gamma * self.norm(x)
+
+
+def _vit_with_norm_residual():
+    m = tiny_vit()
+    torch.manual_seed(1)
+    m.blocks = torch.nn.Sequential(m.blocks[0], testing.perturb_parameters(_NormResidual(48)), m.blocks[1])
+    return m.eval()
+
+
+def _describe_norm_residual(m, name="blocks.1"):
+    grid = TokenGrid(num_prefix=1, h=4, w=4, patch_size=(8, 8))
+    g = Graph("test-pack", run=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=grid)
+    x = g.stream("tokens", 17)
+    g.embed(x, m.blocks[0])
+    for i, path in ((0, "blocks.0"), (1, "blocks.2")):
+        blk, a = m.get_submodule(path), m.get_submodule(path).attn
+        with g.block(i, path, x, entry=blk):
+            g.heads(x, ProjInput(a.proj, a.num_heads, FusedQKV(a.qkv, a.q_norm, a.k_norm, a.scale)), a.proj.weight,
+                    a.proj.bias)
+            g.branch(x, blk.mlp, name="mlp")
+        if i == 0:
+            g.norm_residual(x, m.blocks[1].norm, gamma=m.blocks[1].gamma, name=name)
+    g.norm(x, m.norm, name="norm")
+    g.output(g.pool(x, list(range(1, 17)), [1.0 / 16] * 16))
+    return g
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_norm_residual_is_exact_and_matches_the_oracle(dtype, tol):
+    """Graph.norm_residual: the stream plus its own frozen norm. Exact with and without token detail and in the
+    paper's convention; every component (the writes before it pass through I + γ·norm, its offset γ⊙β is a
+    constant) equals the attribution oracle's value, computed from the model's forward by autograd alone."""
+    from vitdecomp.graph import GraphAdapter
+
+    m = _vit_with_norm_residual().to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    for kw in ({}, {"tokens": True}, {"bias": "paper"}, {"tokens": True, "bias": "paper"}):
+        with torch.no_grad():
+            dec = execute(_describe_norm_residual(m), x, **kw)
+        assert dec.error <= tol, (kw, dec.error)
+        assert ("blocks.1.bias" in dec.names) == (kw.get("bias") != "paper")
+        if kw.get("tokens"):
+            testing.check_token_sums(dec)
+    if dtype != torch.float64:
+        return
+
+    class Pack(GraphAdapter):
+        name = "test-pack"
+
+        def supports(self, model):
+            return True
+
+        def representation(self, model, images):
+            return model.forward_head(model.forward_features(images), pre_logits=True)
+
+        def describe(self, model, images):
+            return _describe_norm_residual(model)
+
+    with torch.no_grad():
+        dec = execute(_describe_norm_residual(m), x[:1])
+    orc = testing.attribution_oracle(m, x[:1], dec, adapter=Pack(), writes={"blocks.1.bias": ["blocks.1.norm.bias"]})
+    for name in dec.names:
+        torch.testing.assert_close(dec[name][0], orc.contributions[name], rtol=1e-8, atol=1e-10 * float(orc.z.norm()))
+
+
+def test_constants_under_one_name_are_one_component():
+    """norm_residual's offset named like the attention constant of the block it belongs to joins it: one
+    component, the sum of both constants (the oracle: both parameters' writes)."""
+    m = _vit_with_norm_residual().double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        sep = execute(_describe_norm_residual(m), x, tokens=True)
+        one = execute(_describe_norm_residual(m, name="blocks.0.attn"), x, tokens=True)
+    assert "blocks.1.bias" not in one.names and len(one.names) == len(sep.names) - 1
+    assert one.names.count("blocks.0.attn.bias") == 1
+    torch.testing.assert_close(one["blocks.0.attn.bias"], sep["blocks.0.attn.bias"] + sep["blocks.1.bias"])
+    torch.testing.assert_close(one.token_contributions("blocks.0.attn.bias"),
+                               sep.token_contributions("blocks.0.attn.bias") + sep.token_contributions("blocks.1.bias"))
+    assert one.error <= 1e-10
+    with pytest.raises(GraphError, match="norm_residual needs a norm"):
+        Graph("p", run=lambda x: x, grid=TokenGrid(0, 1, 1, (1, 1))).norm_residual(
+            Graph("p", run=lambda x: x, grid=TokenGrid(0, 1, 1, (1, 1))).stream("s", 1), torch.nn.Identity(), name="n")

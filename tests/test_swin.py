@@ -1,4 +1,4 @@
-"""The timm Swin (V1 / V2) plugin: conformance, options, and spatial maps checked against brute force.
+"""The timm Swin (V1 / V2 / V2-Cr) plugin: conformance, options, and spatial maps checked against brute force.
 
 Tiny real timm architectures with random weights and perturbed norms. The brute-force maps do not use the plugin:
 they freeze every norm at its forward statistics and every branch at its forward output (hooks on the model's own
@@ -40,12 +40,12 @@ def _build(arch: str, window: int = 2, img=IMG):
 
 
 def model(kind: str = "v1", **kw):
-    arch = {"v1": "swin_tiny_patch4_window7_224", "v2": "swinv2_tiny_window8_256"}[kind]
+    arch = {"v1": "swin_tiny_patch4_window7_224", "v2": "swinv2_tiny_window8_256", "cr": "swinv2_cr_tiny_224"}[kind]
     return copy.deepcopy(_build(arch, **kw))
 
 
 # ------------------------------------------------------------------------------------------------ conformance
-@pytest.mark.parametrize("kind", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["v1", "v2", "cr"])
 def test_conformance(kind):
     # Swin components live on their own stage's grid (dec.grid_of(name)); the kit checks token sums there.
     results = testing.run_conformance(model(kind), IMG, reference=_ref)
@@ -57,7 +57,7 @@ def test_conformance(kind):
 def test_adapter_dispatch_and_readout():
     m = model("v1")
     ad = vitdecomp.find_adapter(m)
-    assert isinstance(ad, TimmSwinAdapter) and ad.name == "timm-swin" and ad.families == ("Swin", "SwinV2")
+    assert isinstance(ad, TimmSwinAdapter) and ad.name == "timm-swin" and ad.families == ("Swin", "SwinV2", "SwinV2-Cr")
     assert ad.readout(m) is m.head.fc
     assert ad.middle_start(m) == 3
     assert vitdecomp.find_adapter(model("v2")).name == "timm-swin"
@@ -135,13 +135,21 @@ def test_batch_rows_are_independent():
 
 
 # ------------------------------------------------------------------------------------------------ spatial maps
+def _layers(m):
+    return m.stages if type(m).__name__ == "SwinTransformerV2Cr" else m.layers
+
+
+def _is_v2(m):
+    return type(m).__name__ in ("SwinTransformerV2", "SwinTransformerV2Cr")
+
+
 def _norms(m):
     return [mod for n, mod in m.named_modules() if isinstance(mod, torch.nn.LayerNorm) and not n.startswith("patch_embed")]
 
 
 def _branch_modules(m, blk):
     """(attention point, attention branch output module, MLP branch output module)."""
-    v2 = type(m).__name__ == "SwinTransformerV2"
+    v2 = _is_v2(m)
     return (blk.norm1, blk.norm1, blk.norm2) if v2 else (blk.drop_path1, blk.drop_path1, blk.drop_path2)
 
 
@@ -152,9 +160,9 @@ def brute_force_map(m, x, target, head=None):
     ``[B, h, w, D]``: batch row ``b·N + n`` of the replicated pass adds the component's value at position ``n`` only.
     """
     B = x.shape[0]
-    v2 = type(m).__name__ == "SwinTransformerV2"
+    v2 = _is_v2(m)
     norms = _norms(m)
-    branch_out = [mod for st in m.layers for blk in st.blocks for mod in _branch_modules(m, blk)[1:]]
+    branch_out = [mod for st in _layers(m) for blk in st.blocks for mod in _branch_modules(m, blk)[1:]]
     stats, outs, hs = {}, {}, []
     try:
         for ln in norms:
@@ -171,9 +179,11 @@ def brute_force_map(m, x, target, head=None):
     mode = "out"
     if target == "embed":
         point, value = m.patch_embed, outs[m.patch_embed]
+        if type(m).__name__ == "SwinTransformerV2Cr":  # its patch embedding writes [B, C, h, w]
+            value, mode = value.permute(0, 2, 3, 1), "out_nchw"
     else:
         S, b, what = target
-        blk = m.layers[S].blocks[b]
+        blk = _layers(m)[S].blocks[b]
         a_in, a_out, m_out = _branch_modules(m, blk)
         if what == "mlp":
             point, value = m_out, outs[m_out]
@@ -216,6 +226,9 @@ def brute_force_map(m, x, target, head=None):
         if mode == "out":
             base = rep(outs[point])
             hs.append(point.register_forward_hook(lambda mod_, a, out: base + delta.view_as(base)))
+        elif mode == "out_nchw":
+            base = rep(outs[point])
+            hs.append(point.register_forward_hook(lambda mod_, a, out: base + delta.permute(0, 3, 1, 2)))
         else:
             hs.append(point.register_forward_pre_hook(lambda mod_, a: (a[0] + delta,)))
         with torch.no_grad():
@@ -238,7 +251,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["v1", "v2", "cr"])
 def test_spatial_maps_match_brute_force(kind):
     m, x = model(kind).double(), torch.randn(1, 3, *IMG, dtype=torch.float64)
     dec = vitdecomp.decompose(m, x, tokens="source")
@@ -284,3 +297,18 @@ def test_saved_spatial_maps_keep_their_stage_grids(tmp_path):
     other = next(n for n in dec.names if dec.grid_of(n) != dec.grid)  # a component on another stage's grid
     assert back.grid_of(other) == dec.grid_of(other)
     torch.testing.assert_close(back.spatial_map(other), dec.spatial_map(other))
+
+
+def test_v2_cr_names_stages_and_refuses_stage_norms():
+    """SwinV2-Cr: names from its own module paths (``stages.S.blocks.B``), its last block's ``norm3`` (the final
+    norm) frozen on the stream; a ``norm3`` before a later patch merging (``extra_norm_stage``) is refused, named."""
+    m = model("cr")
+    dec = vitdecomp.decompose(m, torch.randn(1, 3, *IMG), tokens="source")
+    assert dec.names[0] == "embed" and "stages.1.downsample.norm.bias" in dec.names
+    assert dec.names[-1] == "stages.2.blocks.1.norm3.bias" and "stages.2.blocks.1.attn.head.3" in dec.names
+    assert dec.grid_of("stages.1.blocks.0.mlp").h == 4 and dec.grid_of("stages.1.blocks.0.mlp").w == 5
+    torch.manual_seed(0)
+    ns = timm.create_model("swinv2_cr_tiny_224", img_size=IMG, window_size=2, embed_dim=16, depths=(2, 2, 2),
+                           num_heads=(2, 2, 4), extra_norm_stage=True).eval()
+    with pytest.raises(UnsupportedModelError, match=r"stages\.0\.blocks\.1\.norm3 .*last stage only"):
+        vitdecomp.decompose(ns, torch.randn(1, 3, *IMG))

@@ -434,7 +434,7 @@ def _frozen_functions(state):
     F = torch.nn.functional
     orig = {k: getattr(F, k) for k in ("layer_norm", "group_norm", "rms_norm", "scaled_dot_product_attention")
             if hasattr(F, k)}
-    orig_matmul, orig_tmatmul = torch.matmul, torch.Tensor.__matmul__
+    orig_matmul, orig_tmatmul, orig_bmm = torch.matmul, torch.Tensor.__matmul__, torch.bmm
 
     def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         dims = tuple(range(-len(tuple(normalized_shape)), 0))
@@ -501,17 +501,21 @@ def _frozen_functions(state):
     def tmatmul(a, b):
         return attention_product(a, b, orig_tmatmul(a, b))
 
+    def bmm(a, b, *args, **kw):  # nn.MultiheadAttention with need_weights (SigLIP's MAP head): softmax, then bmm
+        out = orig_bmm(a, b, *args, **kw)
+        return attention_product(a, b, out) if not args and not kw else out
+
     repl = {"layer_norm": layer_norm, "group_norm": group_norm, "rms_norm": rms_norm,
             "scaled_dot_product_attention": sdpa}
     try:
         for k in orig:
             setattr(F, k, repl[k])
-        torch.matmul, torch.Tensor.__matmul__ = matmul, tmatmul
+        torch.matmul, torch.Tensor.__matmul__, torch.bmm = matmul, tmatmul, bmm
         yield
     finally:
         for k, v in orig.items():
             setattr(F, k, v)
-        torch.matmul, torch.Tensor.__matmul__ = orig_matmul, orig_tmatmul
+        torch.matmul, torch.Tensor.__matmul__, torch.bmm = orig_matmul, orig_tmatmul, orig_bmm
 
 
 @attrs.define(eq=False)
@@ -723,9 +727,15 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
         g = G[key]
         return (g * value.detach()).reshape(D, -1).sum(-1)
 
+    channel = set(dec.meta.get("channel_heads", ()))
     for g, comps_g in head_groups.items():
         probs, value, leaf = state.calls[owners[g]]
         Gd = G[("attn", g)]  # [D, R, H, Nq, dh]
+        outs = None
+        if g in channel:  # attention over channels (XCiT): the product is [.., H, dh, N], tokens last
+            leaf, value, Gd = leaf.transpose(-1, -2), value.transpose(-1, -2), Gd.transpose(-1, -2)
+            outs = leaf  # each token's head output is its own values through the frozen weights: read at that token
+            probs = torch.eye(leaf.shape[-2], dtype=leaf.dtype).expand(*leaf.shape[:-1], leaf.shape[-2])
         H = leaf.shape[-3]
         if sorted(c.head for c in comps_g) != list(range(H)):
             raise AssertionError(f"{ad.name}: the attention product in {owners[g]!r} has {H} heads; the decomposition "
@@ -742,7 +752,7 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
             continue
         R = leaf.reshape(-1, *leaf.shape[-3:]).shape[0]
         Gr = Gd.reshape(D, R, *leaf.shape[-3:])
-        vv = value.detach().reshape(R, *value.shape[-3:])
+        vv = (value if outs is None else outs).detach().reshape(R, *value.shape[-3:])
         A = probs.reshape(R, *probs.shape[-3:])
         splits = {"query": torch.einsum("drhqc,rhqc->dhrq", Gr, leaf.detach().reshape(R, *leaf.shape[-3:])),
                   "source": torch.einsum("rhqj,drhqc,rhjc->dhrj", A, Gr, vv)}
@@ -872,7 +882,9 @@ def check_attributions(model, images: torch.Tensor, *, dtype: torch.dtype = torc
     Token splits are compared position by position where the oracle can place them: every component at the
     positions it writes, heads by the token they read (or, when the family declares
     ``dec.meta["head_tokens"] = "query"``, at the rows they write, with ``dec.meta["source_tokens"]`` then checked
-    by source); components listed in ``dec.meta["spread_tokens"]`` (written at no position, e.g. into an
+    by source; heads of the attention modules listed in ``dec.meta["channel_heads"]`` — attention over channels,
+    XCiT's XCA, whose product is ``[.., H, dh, N]`` — at the token each output row belongs to, by source and by
+    query alike); components listed in ``dec.meta["spread_tokens"]`` (written at no position, e.g. into an
     attention pool's latent query, and spread evenly by convention) are not compared by position.
     Returns ``[(options, worst relative error, number of checked token splits), ...]``."""
     rt, fl = ATTRIBUTION_TOLERANCE.get(dtype, ATTRIBUTION_TOLERANCE[torch.float32])

@@ -1,6 +1,7 @@
-"""timm Swin Transformer family (V1 and V2).
+"""timm Swin Transformer family (V1, V2 and V2-Cr).
 
-Supported (by structure: any timm ``SwinTransformer`` or ``SwinTransformerV2`` with average pooling):
+Supported (by structure: any timm ``SwinTransformer``, ``SwinTransformerV2`` or ``SwinTransformerV2Cr`` with
+average pooling):
 
 * Swin V1: ``swin_{tiny,small,base,large}_patch4_window7_224``, ``swin_{base,large}_patch4_window12_384``,
   ``swin_s3_*`` (per-stage windows); blocks ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``; patch merging
@@ -8,13 +9,17 @@ Supported (by structure: any timm ``SwinTransformer`` or ``SwinTransformerV2`` w
 * Swin V2: ``swinv2_*`` (cosine attention, continuous position bias); res-post-norm blocks
   ``x + norm1(attn(x))``, ``x + norm2(mlp(x))`` — the norm sits inside the branch, so a branch's output (norm
   included) is still a component; patch merging gather 2×2 → Linear → LayerNorm.
+* Swin V2-Cr: ``swinv2_cr_*`` (``timm.models.swin_transformer_v2_cr``; module paths ``stages.S.blocks.B``): the
+  V2 res-post-norm blocks on ``[B, h, w, C]`` maps, patch merging gather 2×2 → LayerNorm(4C) → Linear as in V1,
+  and a block's optional main-branch ``norm3`` (the last block's is the final norm, ``stages.S.blocks.B.norm3.bias``)
+  frozen on the stream. Refused: a ``norm3`` before a later patch merging (``extra_norm_period`` /
+  ``extra_norm_stage``, the ``*_ns_*`` and huge/giant models).
 
 The family is a description on the core's graph engine (:meth:`describe`): one grid stream per stage
 (``Graph.stream(..., grid=)``), ``Graph.merge`` between them, window heads (``vitdecomp.graph.WindowHeads``), V2's
 post-norm as ``Graph.heads(..., post_norm=)``.
 
-Not supported: ``SwinTransformerV2Cr`` (a different class), ``global_pool`` other than ``'avg'``, features-only
-wrappers.
+Not supported: ``global_pool`` other than ``'avg'``, features-only wrappers.
 
 Representation: ``model.forward_head(model.forward_features(x), pre_logits=True)`` — the mean over final-stage
 positions of the final norm.
@@ -27,7 +32,7 @@ Components, in forward order (``stages.S`` is ``model.layers[S]``; ``B`` is the 
 * per block ``stages.S.blocks.B.attn.head.H`` (heads), ``stages.S.blocks.B.attn.bias`` (the output projection's
   bias; in V2 passed through the frozen ``norm1`` together with ``norm1``'s β) and ``stages.S.blocks.B.mlp``
   (the whole MLP branch; in V2 ``norm2`` included);
-* ``norm.bias``: the final norm's β;
+* ``norm.bias``: the final norm's β (V2-Cr: ``stages.S.blocks.B.norm3.bias``);
 * with ``start=k`` (a global block index, a ``(stage, block)`` pair or ``"stages.S.blocks.B"``): the residual
   stream entering that block is ``init`` (kind ``residual``) and replaces ``embed`` and every component before it
   (a patch merging right before the block is inside ``init``).
@@ -65,13 +70,20 @@ def _swin_classes():
         return ()
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.swin_transformer_v2 import SwinTransformerV2
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
-    return SwinTransformer, SwinTransformerV2
+    return SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr
 
 
 def _is_v2(model) -> bool:
+    """Res-post-norm blocks (SwinV2 and SwinV2-Cr)."""
     classes = _swin_classes()
-    return len(classes) == 2 and isinstance(model, classes[1])
+    return len(classes) == 3 and isinstance(model, classes[1:])
+
+
+def _is_cr(model) -> bool:
+    classes = _swin_classes()
+    return len(classes) == 3 and isinstance(model, classes[2])
 
 
 def _stages(model):
@@ -81,8 +93,8 @@ def _stages(model):
 def _problems(model) -> list:
     """Structural features this adapter cannot decompose exactly (empty list: fully supported)."""
     out = []
-    pool = getattr(model, "global_pool", None)
-    head_pool = getattr(getattr(getattr(model, "head", None), "global_pool", None), "pool_type", pool)
+    head_pool = getattr(getattr(getattr(model, "head", None), "global_pool", None), "pool_type", None)
+    pool = getattr(model, "global_pool", head_pool)
     if pool != "avg" or head_pool != "avg":
         out.append(f"global_pool={pool!r} (supported: 'avg')")
     for name in ("norm",):
@@ -111,6 +123,13 @@ def _problems(model) -> list:
                 return out
             if _is_v2(model) and not supported_norm(blk.norm1):
                 out.append(f"stages.{S}.blocks.{B}.norm1 of type {type(blk.norm1).__name__}")
+            n3 = getattr(blk, "norm3", None)  # SwinV2-Cr's norm on the main branch (extra_norm)
+            if n3 is not None and not is_identity(n3):
+                if not supported_norm(n3):
+                    out.append(f"stages.{S}.blocks.{B}.norm3 of type {type(n3).__name__}")
+                elif S != len(_stages(model)) - 1:
+                    out.append(f"stages.{S}.blocks.{B}.norm3 (a norm on the main branch before a later patch "
+                               f"merging: extra_norm_period / extra_norm_stage; supported in the last stage only)")
     return out
 
 
@@ -139,7 +158,7 @@ def _parse_start(model, start):
 
 class TimmSwinAdapter(GraphAdapter):
     name = "timm-swin"
-    families = ("Swin", "SwinV2")
+    families = ("Swin", "SwinV2", "SwinV2-Cr")
 
     def supports(self, model) -> bool:
         classes = _swin_classes()
@@ -147,7 +166,7 @@ class TimmSwinAdapter(GraphAdapter):
 
     def explain(self, model) -> str:
         if not self.supports(model):
-            return "not a timm SwinTransformer / SwinTransformerV2"
+            return "not a timm SwinTransformer / SwinTransformerV2 / SwinTransformerV2Cr"
         probs = _problems(model)
         return f"timm {type(model).__name__}" + (f" with unsupported parts: {probs}" if probs else "")
 
@@ -186,9 +205,10 @@ class TimmSwinAdapter(GraphAdapter):
         if not _is_v2(model):
             return {}
         out = {}
+        top = "stages" if _is_cr(model) else "layers"
         for S, st in enumerate(_stages(model)):
             for b in range(len(st.blocks)):
-                p, q = f"stages.{S}.blocks.{b}", f"layers.{S}.blocks.{b}"
+                p, q = f"stages.{S}.blocks.{b}", f"{top}.{S}.blocks.{b}"
                 out[f"{p}.mlp"] = f"{q}.norm2"
                 out[f"{p}.attn.bias"] = [f"{q}.attn.proj.bias", f"{q}.norm1.bias"]
         return out
@@ -200,7 +220,7 @@ class TimmSwinAdapter(GraphAdapter):
     # ---------------------------------------------------------------- decomposition
     def describe(self, model, images):
         """One grid stream per stage (merges between them), window heads, MLP branches, final norm, mean pool."""
-        v2 = _is_v2(model)
+        v2, cr = _is_v2(model), _is_cr(model)
         pe = model.patch_embed
         ph, pw = pe.patch_size
         H, W = images.shape[-2:]
@@ -219,10 +239,10 @@ class TimmSwinAdapter(GraphAdapter):
             if s is None or ds is not None:
                 prev = s
                 s = g.stream(f"stages.{S}", h * w, grid=TokenGrid(0, h, w, (ph * scale, pw * scale)))
-                if prev is None:
-                    g.embed(s, st)  # the patch embedding with its norm, as the first stage reads it
+                if prev is None:  # the patch embedding with its norm, as the first stage reads it
+                    g.embed(s, st, nchw=cr)  # SwinV2-Cr's stages read [B, C, h, w] maps
                 else:
-                    g.merge(prev, s, norm=ds.norm, reduction=ds.reduction, norm_first=not v2,
+                    g.merge(prev, s, norm=ds.norm, reduction=ds.reduction, norm_first=cr or not v2,
                             name=f"stages.{S}.downsample.norm.bias", stage=S)
             for b, blk in enumerate(st.blocks):
                 at = blk.attn
@@ -232,7 +252,10 @@ class TimmSwinAdapter(GraphAdapter):
                     g.heads(s, src, at.proj.weight, at.proj.bias, post_norm=blk.norm1 if v2 else None)
                     g.branch(s, blk.norm2 if v2 else blk.mlp, name="mlp", kind="mlp")
                 gi += 1
-        g.norm(s, model.norm, name="norm")
+                if cr:  # SwinV2-Cr: an optional norm on the main branch after the block (its final norm)
+                    g.norm(s, blk.norm3, name=f"stages.{S}.blocks.{b}.norm3")
+        if not cr:
+            g.norm(s, model.norm, name="norm")
         g.output(g.pool(s, range(s.rows), [1.0 / s.rows] * s.rows))
         return g
 

@@ -49,3 +49,31 @@ def build(cls_name, config, seed=0, **kw):
     model = getattr(transformers, cls_name)(config, **kw).eval()
     testing.perturb_parameters(model, seed=seed)
     return model
+
+
+def beit_config(attn="sdpa", **kw):
+    """Relative position bias per layer, absolute position embeddings, LayerScale; mean pooling by default."""
+    kw = {"use_relative_position_bias": True, "use_absolute_position_embeddings": True, "layer_scale_init_value": 0.5,
+          **kw}
+    return transformers.BeitConfig(intermediate_size=64, attn_implementation=attn, **{**COMMON, **kw})
+
+
+def data2vec_vision_config(attn="sdpa", **kw):
+    kw = {"use_relative_position_bias": True, "layer_scale_init_value": 0.5, **kw}
+    return transformers.Data2VecVisionConfig(intermediate_size=64, attn_implementation=attn, **{**COMMON, **kw})
+
+
+def siglip_vision_config(attn="sdpa", **kw):
+    return transformers.SiglipVisionConfig(intermediate_size=64, attn_implementation=attn, **{**COMMON, **kw})
+
+
+def siglip_config(attn="sdpa", **vision):
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16)
+    return transformers.SiglipConfig(text_config=text, vision_config=dict(intermediate_size=64, **COMMON, **vision),
+                                     attn_implementation=attn)
+
+
+def vitmae_config(attn="sdpa", **kw):
+    return transformers.ViTMAEConfig(intermediate_size=64, attn_implementation=attn,
+                                     **{**COMMON, "mask_ratio": 0.0, **kw})

@@ -11,7 +11,9 @@ A family *describes* its model; the core's one engine (:func:`execute`) does the
   by its output projection, with a :mod:`head source <vitdecomp.graph.sources>` saying where the per-head
   outputs, and for token detail the attention rows and values, are read);
 * **frozen linear mixers**: a norm at the statistics the forward used, with the module's own eps
-  (:meth:`Graph.norm`), pooling into a new stream (:meth:`Graph.pool`), a projection (:meth:`Graph.project`),
+  (:meth:`Graph.norm`), a stream plus its own frozen norm (:meth:`Graph.norm_residual`: ``x + γ ⊙ norm(x)``,
+  XCiT's patch rows in its class-attention blocks), pooling into a new stream (:meth:`Graph.pool`), a projection
+  (:meth:`Graph.project`),
   pooled groups side by side (:meth:`Graph.concat`),
   a class-attention value path (:meth:`Graph.class_attention`: attention from one query row over rows of
   several streams, at the forward's attention weights), attention pooling with learned queries
@@ -59,11 +61,11 @@ import torch
 from ..adapter import Adapter
 from ..errors import InputError, VitDecompError
 from .sources import (FusedQKV, HeadSource, InProj, PartitionHeads, ProjInput, SeparateQKV, TalkingHeads,
-                      TracedAttention, WindowHeads)
+                      TokenwiseHeads, TracedAttention, WindowHeads)
 
 __all__ = ["Graph", "Stream", "GraphAdapter", "GraphError", "execute", "HeadSource", "ProjInput", "FusedQKV",
-           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads", "window_rows",
-           "grid_rows"]
+           "TalkingHeads", "TracedAttention", "SeparateQKV", "InProj", "WindowHeads", "PartitionHeads",
+           "TokenwiseHeads", "window_rows", "grid_rows"]
 
 
 def window_rows(H: int, W: int, window, shift=(0, 0), pad_first: bool = False):
@@ -104,7 +106,7 @@ class Stream:
 
 @attrs.define(eq=False)
 class _Op:
-    kind: str  # entry | branch | param | heads | norm | pool | concat | project | cattn | apool | block
+    kind: str  # entry | branch | param | heads | norm | nres | pool | concat | project | cattn | apool | block
     stream: Optional[Stream]
     name: str = ""
     block: Optional[int] = None
@@ -223,6 +225,23 @@ class Graph:
 
         if not is_identity(module):
             self.ops.append(_Op("norm", stream, name=name, module=module, extra={"at": int(at), "nchw": bool(nchw)}))
+
+    def norm_residual(self, stream: Stream, module: torch.nn.Module, *, gamma: Optional[torch.Tensor] = None,
+                      name: str, at: int = 0) -> None:
+        """``stream ← stream + γ ⊙ norm(stream)``, the norm ``module`` frozen at the statistics of its input in the
+        forward (rows from ``at``, as in :meth:`norm`): a linear step on the stream's own path, not a write (XCiT's
+        class-attention blocks add ``γ1 ⊙ norm1(x)`` to the patch rows). Every write reaching it passes through
+        ``I + diag(1/σ) · centre · diag(γ_norm · γ)``; the norm's offset, ``γ ⊙ β``, is the constant
+        ``<name>.bias`` (kind ``const``, in the current block). Constants emitted under one name are one component
+        (their sum), so the offset can join the constant of the branch it belongs to (XCiT: ``<block>.attn.bias``,
+        with the class row's attention constants)."""
+        from ..engine import is_identity
+
+        if is_identity(module):
+            raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: norm_residual needs a norm (got "
+                             f"{type(module).__name__}); an identity would double the stream")
+        self.ops.append(_Op("nres", stream, name=self._name(name), block=self._blk(), module=module, gamma=gamma,
+                            extra={"at": int(at), "nchw": False}))
 
     def pool(self, stream: Stream, rows: Sequence[int], weights, *, name: str = "pool") -> Stream:
         """A new one-row stream ``Σ_r weights[r] · stream[rows[r]]`` (CLS selection, mean pooling); ``weights`` a

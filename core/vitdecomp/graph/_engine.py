@@ -95,7 +95,8 @@ def _cut(graph, start) -> List[_Op]:
             dead.add(id(op.extra["src"]))
     out = []
     for op in ops[:at]:
-        touches = id(op.stream) in dead and op.kind in ("entry", "branch", "param", "heads", "norm", "cattn", "merge")
+        touches = id(op.stream) in dead and op.kind in ("entry", "branch", "param", "heads", "norm", "nres", "cattn",
+                                                        "merge")
         reads = (op.kind == "pool" and op.stream is s) or (op.kind == "concat" and s in op.extra["reads"]) or (op.kind in ("cattn", "apool") and op.stream is not s
                                                                  and s in op.extra["reads"])
         if reads:
@@ -185,7 +186,7 @@ def _analyse(graph, ops):
         if not live:
             raise GraphError(f"{_where(graph, op)}: stream {s.name!r} never reaches the readout at this point; expected "
                              f"a later mixer (pool, class_attention) connecting it to the output stream {graph.out.name!r}")
-        if op.kind == "norm" and len(need[id(s)]) > 1:
+        if (op.kind == "norm" and len(need[id(s)]) > 1) or op.kind == "nres":
             state[id(s)] = "dynamic"
         op_state[i] = state.get(id(s))
     rows = {k: sorted(v) for k, v in need.items()}
@@ -219,7 +220,7 @@ def _leaves_at(graph, ops) -> Dict[int, list]:
             d = have.setdefault(id(s), {})
             for r in op.extra["reads"]:
                 d.update(have.get(id(r), {}))
-        elif op.kind in ("norm", "cattn", "apool"):
+        elif op.kind in ("norm", "nres", "cattn", "apool"):
             d = have.setdefault(id(s), {})
             if op.kind in ("cattn", "apool"):
                 for r in op.extra["reads"]:
@@ -420,6 +421,9 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
                     else:
                         t.ws = t.f = None
                 t.M = _mm(A, t.M)
+        elif op.kind == "nres":
+            _norm_residual(op, rec, terms[k], emitted[i], tokens, paper, device, dtype, row_detail, s,
+                           (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
         elif op.kind == "cattn":
             _class_attention(graph, op, rec, terms, rows, emitted[i], tokens, device, dtype, row_detail,
                              (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
@@ -438,6 +442,7 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
                    stacked(k) if multi(k) and i not in reducers else None, paper)
 
     comps, values, details, grids = [], [], {}, {}
+    consts: Dict[str, int] = {}  # constants emitted under one name are one component (Graph.norm_residual)
     for i, (op, lst) in enumerate(zip(ops, emitted)):
         for comp, val, det in lst:
             for sv, sd, where in shares.get((i, comp.head if comp.kind == "head" else None), ()):
@@ -445,6 +450,15 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
                 if sd is not None and where is not None and op.stream.grid is not None and where is not op.stream:
                     sd = _spread_back(graph, ops, op.stream, where, sd, device)
                 det = None if det is None or sd is None else _Summed([det, sd])
+            if comp.kind == "const" and comp.name in consts and op.stream.grid is None:
+                j = consts[comp.name]
+                values[j] = values[j] + val
+                prev = details.pop(comp.name, None)
+                if prev is not None and det is not None:
+                    details[comp.name] = _Summed([prev, det])
+                continue
+            if comp.kind == "const" and op.stream.grid is None:
+                consts[comp.name] = len(comps)
             comps.append(comp)
             values.append(val)
             if det is not None:
@@ -606,6 +620,39 @@ def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, devic
             emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
 
 
+def _norm_residual(op, rec, tlist, emitted, tokens, paper, device, dtype, row_detail, s, share=None):
+    """``x + γ ⊙ norm(x)`` (:meth:`Graph.norm_residual`): every term gains a twin through the frozen norm's linear
+    part times γ; the offset γ ⊙ β (and in the paper's convention the stream's centring) is the constant."""
+    fn = freeze_norm(op.module, rec.val)
+    D = rec.val.shape[-1]
+    g = None if op.gamma is None else op.gamma.detach().to(device=device, dtype=dtype).reshape(-1)
+    vec = [] if fn.bias is None else [(None, fn.bias.unsqueeze(0))]
+    if paper and fn.center:
+        gn = fn.weight if fn.weight is not None else torch.ones(D, device=device, dtype=dtype)
+        vec.append((-rec.val.mean(-1) * fn.inv_scale, gn.unsqueeze(0)))
+    total, per_row = None, None
+    for t in tlist:
+        for f, v in vec:
+            bm = _apply(v if g is None else v * g, t.M)
+            w = t.w if f is None else t.w * f
+            c = w.sum(1, keepdim=True) * bm
+            total = c if total is None else total + c
+            if tokens:
+                pr = w.unsqueeze(-1) * bm.unsqueeze(0)
+                per_row = pr if per_row is None else per_row + pr
+    A = _norm_matrix(fn, D, device, dtype, center=not paper)
+    if g is not None:
+        A = A * g
+    tlist.extend([_Term(t.w * fn.inv_scale, _mm(A, t.M)) for t in list(tlist)])
+    if total is None:  # no offset (a norm without β): nothing to emit
+        return
+    detail = row_detail(s, per_row) if tokens else None
+    if share is not None:
+        share(total, detail)
+    else:
+        emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
+
+
 def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype, row_detail, share=None):
     """Class attention as a mixer: the query row's update is linear in every read row at frozen σ and A.
     ``share`` (``bias="paper"``): called with the branch's constant instead of emitting it; its norm then does not
@@ -677,7 +724,7 @@ def _class_attention(graph, op, rec, terms, rows, emitted, tokens, device, dtype
 
 # ---------------------------------------------------------------------------------------------- hooks
 def _check_fired(graph, op, rec, tokens):
-    if op.kind in ("entry", "branch", "norm", "cattn"):
+    if op.kind in ("entry", "branch", "norm", "nres", "cattn"):
         missing = rec.val is None or (op.kind == "cattn" and (rec.q is None or rec.k is None))
     elif op.kind == "heads":
         missing = rec.o is None or (tokens and getattr(op.module, "detail", "source") == "source"
@@ -771,7 +818,7 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
 
         if op.extra["norm"] is not None:
             hooks.pre(op.extra["norm"], on_merge_norm)
-    elif op.kind == "norm":
+    elif op.kind in ("norm", "nres"):
         at = op.extra["at"]
         sel = index_tensor([at + r for r in rows[k]], ri.device)
 

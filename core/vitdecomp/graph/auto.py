@@ -21,7 +21,10 @@ forward):
    when its own trace ends ``proj(transpose(attn_out, 1, 2).reshape(B, N, C))`` with ``attn_out`` from
    ``scaled_dot_product_attention`` or a ``matmul`` (heads contiguous in proj's input: BEiT, EVA-02, relpos
    ViT); their token detail comes from :class:`~vitdecomp.graph.sources.TracedAttention`, which records the
-   attention product (fused, or softmax then weights @ values) while the module runs. Any other attention
+   attention product (fused, or softmax then weights @ values) while the module runs. Attention over channels
+   whose trace ends ``proj(permute(attn_out, 0, 3, 1, 2).reshape(B, N, C))`` (XCiT's XCA: ``[dh, dh]`` weights
+   per head) splits the same way, each head's token detail at its own tokens
+   (:class:`~vitdecomp.graph.sources.TokenwiseHeads`; listed in ``meta["channel_heads"]``). Any other attention
    module is one block-level write.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
    the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
@@ -32,7 +35,11 @@ forward):
    class-attention blocks ``blk(x, x_cls)`` (CaiT; traced: an add chain on ``x_cls`` whose attention branch
    reads ``norm(cat((x_cls, x), 1))`` with q/k/v/proj), which become a class stream (the expanded parameter
    ``cls_token``) reading the patch stream through :meth:`Graph.class_attention`, then ``cat`` + norm + one
-   row. Any other step is refused the same way.
+   row; and XCiT's tail: ``cat((cls_token.expand(B, -1, -1), x), 1)`` (a class stream), then timm's
+   ``xcit.ClassAttentionBlock`` on the concatenation (recognised by class, as its forward slices rows: class
+   attention for the class row, :meth:`Graph.norm_residual` for the patch rows, ``norm2``, the class row's MLP,
+   the patch rows doubled by its last add), ``norm`` and ``x[:, 0]`` or the patch rows' mean; steps of streams
+   that no longer reach z are dropped. Any other step is refused the same way.
 3. **Cache.** Traces are cached per module while its structure (which module and parameter objects sit where)
    is unchanged; only the first call pays for tracing, and one extra forward of one image per image size finds
    the stream's row count.
@@ -53,7 +60,7 @@ import torch
 
 from .._records import TokenGrid
 from ..errors import InputError, UnsupportedModelError
-from . import FusedQKV, Graph, GraphAdapter, ProjInput, TracedAttention, execute
+from . import FusedQKV, Graph, GraphAdapter, ProjInput, TokenwiseHeads, TracedAttention, execute
 
 __all__ = ["AutoAdapter"]
 
@@ -301,17 +308,30 @@ def _ancestors(node, stop):
     return seen
 
 
-def _cat_value(n, val, refuse):
-    """``torch.cat((s1, s2, ...), dim=1)`` of followed streams: ("cat", [(stream, row offset)], pending norms)."""
+def _expanded_param(nd):
+    """The parameter path of ``param.expand(B, -1, -1)`` (a class token joined to the stream), else None."""
+    if (isinstance(nd, torch.fx.Node) and nd.op == "call_method" and nd.target == "expand"
+            and getattr(nd.args[0], "op", None) == "get_attr"):
+        return nd.args[0].target
+    return None
+
+
+def _cat_value(n, val, refuse, param_stream=None):
+    """``torch.cat((s1, s2, ...), dim=1)`` of followed streams: ("cat", [(stream, row offset)], pending norms).
+    ``param_stream(path)``: the stream for a part that is a parameter expanded over the batch (XCiT's class token
+    joined after the blocks), else such a part is refused."""
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-    if dim not in (1, -2) or not all(isinstance(p, torch.fx.Node) and p in val and val[p][0] == "stream"
-                                      for p in parts):
-        refuse(n, "concatenates something other than whole streams along the token axis")
+    ok = lambda p: (isinstance(p, torch.fx.Node) and p in val and val[p][0] == "stream") or (  # noqa: E731
+        param_stream is not None and _expanded_param(p) is not None)
+    if dim not in (1, -2) or not all(ok(p) for p in parts) or not any(p in val for p in parts):
+        refuse(n, "concatenates something other than whole streams (or a parameter expanded over the batch) "
+                  "along the token axis")
     out, at = [], 0
     for p in parts:
-        out.append((val[p][1], at))
-        at += val[p][1].rows
+        st = val[p][1] if p in val else param_stream(_expanded_param(p))
+        out.append((st, at))
+        at += st.rows
     return ("cat", out, [])
 
 
@@ -403,6 +423,89 @@ def _proj_of_heads(mod, loose: bool = False):
     return _cached(mod, ("heads", loose), derive)
 
 
+def _proj_of_channel_heads(mod):
+    """The output projection of an attention that mixes channels within each token (XCiT's ``XCA``): its trace
+    ends ``proj(permute(attn_out, 0, 3, 1, 2).reshape(B, N, H·dh))`` with ``attn_out`` ``[B, H, dh, N]`` from a
+    ``matmul`` or ``scaled_dot_product_attention`` (tokens on the last axis: the weights are ``[dh, dh]`` per
+    head). Heads are contiguous in proj's input, so proj's columns split them; token detail is
+    :class:`~vitdecomp.graph.sources.TokenwiseHeads`. None if the trace does not show exactly that."""
+    H = getattr(mod, "num_heads", None)
+    if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
+        return None
+
+    def derive():
+        params = list(inspect.signature(mod.forward).parameters.values())[1:]
+        if any(p.default is inspect.Parameter.empty for p in params):
+            return None
+        try:
+            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
+        except Exception:  # noqa: BLE001 - not traceable: no head split
+            return None
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
+                n = n.args[0]
+            return n
+
+        node = peel(next(n for n in graph.nodes if n.op == "output").args[0])
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
+            return None
+        node = peel(node.args[0])
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")
+                and len(node.args) == 4):
+            return None
+        t = node.args[0]
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "permute"
+                and tuple(t.args[1:]) == (0, 3, 1, 2)):
+            return None
+        a = t.args[0]
+        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
+        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
+                                                   or (a.op == "call_method" and a.target == "matmul"))):
+            return None
+        return mod.proj
+
+    return _cached(mod, "channel-heads", derive)
+
+
+def _xcit_class_block(mod) -> bool:
+    """timm's XCiT ``ClassAttentionBlock`` (``timm.models.xcit``), recognised by its class: its forward slices the
+    concatenated rows (class row: ``x + γ1 ⊙ attn(norm1(x))``, then ``norm2`` and ``+ γ2 ⊙ mlp``; patch rows:
+    ``x + γ1 ⊙ norm1(x)``, ``norm2`` too when ``tokens_norm``), which the row-level trace walk does not follow."""
+    from ..engine import supported_norm
+
+    if type(mod).__name__ != "ClassAttentionBlock" or type(mod).__module__ != "timm.models.xcit":
+        return False
+    return (all(hasattr(mod, a) for a in ("norm1", "attn", "norm2", "mlp", "gamma1", "gamma2", "tokens_norm"))
+            and _class_attention_module(mod.attn) and supported_norm(mod.norm1) and supported_norm(mod.norm2)
+            and _identity(getattr(mod, "drop_path1", torch.nn.Identity()))
+            and _identity(getattr(mod, "drop_path2", torch.nn.Identity())))
+
+
+def _prune_dead(g) -> None:
+    """Drop the steps of streams that no longer reach z (XCiT's class-attention blocks update the class row and
+    the patch rows; after the last one only the rows the readout takes matter: a token readout never reads the
+    patch rows again, a mean of the patches never reads the class row, whose writes then contribute nothing)."""
+    live, keep = {id(g.out)}, []
+    for op in reversed(g.ops):
+        s = op.stream
+        if op.kind == "block":
+            keep.append(op)
+            continue
+        if op.kind == "pool":
+            out = op.extra["out"]
+            if id(out) in live:
+                live.add(id(s))
+                keep.append(op)
+            continue
+        if id(s) not in live:
+            continue
+        if op.kind in ("cattn", "concat", "apool"):
+            live.update(id(r) for r in op.extra["reads"])
+        keep.append(op)
+    g.ops[:] = keep[::-1]
+
+
 class AutoAdapter(GraphAdapter):
     """Derives the contribution graph of a timm residual-block model from a torch.fx trace (module docstring)."""
 
@@ -456,6 +559,9 @@ class AutoAdapter(GraphAdapter):
             if _attention_pool(mod):
                 names = [f"{path}.{n}" for n in ("kv.bias", "proj.bias", "pos_embed")]
                 out[f"{path}.bias"] = [n for n in names if n in params]
+            elif _xcit_class_block(mod):  # the class row's attention constants and the patch rows' γ1 ⊙ β of norm1
+                names = [f"{path}.norm1.bias"] + [f"{path}.attn.{n}.bias" for n in ("q", "k", "v", "proj")]
+                out[f"{path}.attn.bias"] = [n for n in names if n in params]
             elif _class_block(mod):  # class attention: its norm's β and the value/output biases
                 for sub, att in mod.named_children():
                     if _class_attention_module(att):
@@ -549,20 +655,41 @@ class AutoAdapter(GraphAdapter):
                 val[n] = ("stream", self._class_block(model, g, n, val, refuse, nb))
                 continue
             if n.op == "call_function" and n.target is torch.cat:
-                val[n] = _cat_value(n, val, refuse)
+                val[n] = _cat_value(n, val, refuse, lambda path: self._class_stream(model, g, x, path))
                 continue
             if len(followed) != len(n.all_input_nodes) and not (n.op == "call_function" and n.target in _MUL):
                 refuse(n, "mixes the stream with values computed elsewhere")
             v = val[followed[0]]
             if v[0] == "cat":  # streams side by side (CaiT: class token and patches): norms wait for a row pick
+                if n.op == "call_module" and _xcit_class_block(model.get_submodule(n.target[len("model."):])):
+                    val[n] = self._xcit_block(model, g, n, v, refuse, nb)
+                    continue
+                if n.op == "call_module" and type(model.get_submodule(n.target[len("model."):])).__name__ \
+                        == "ClassAttentionBlock":
+                    refuse(n, "is a class-attention block whose parts the derivation does not know (expected timm's "
+                              "xcit.ClassAttentionBlock: norms norm1/norm2, a q/k/v/proj class attention, identity "
+                              "drop paths)")
                 if n.op == "call_module" and supported_norm(model.get_submodule(n.target[len("model."):])):
                     val[n] = ("cat", v[1], v[2] + [(model.get_submodule(n.target[len("model."):]),
                                                     n.target[len("model."):])])
                     continue
                 idx = n.args[1] if n.op == "call_function" and n.target is operator.getitem else None
+                if (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], slice)
+                        and idx[1].step in (None, 1)):  # x[:, a:b] inside one of the streams (XCiT's 'avg')
+                    rows = list(range(sum(st.rows for st, _ in v[1])))[idx[1]]
+                    part = next(((st, at) for st, at in v[1] if rows and at <= rows[0] and rows[-1] < at + st.rows),
+                                None)
+                    if part is None:
+                        refuse(n, f"reads rows {idx[1]} across the concatenated streams (supported: a row range "
+                                  f"inside one of them)")
+                    st, at = part
+                    for mod, name in v[2]:
+                        g.norm(st, mod, name=name, at=at)
+                    val[n] = ("range", st, [r - at for r in rows])
+                    continue
                 if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], int)
                         and idx[1] >= 0):
-                    refuse(n, "reads concatenated streams other than by one row x[:, i]")
+                    refuse(n, "reads concatenated streams other than by one row x[:, i] or a row range x[:, a:b]")
                 part = next(((st, at) for st, at in v[1] if at <= idx[1] < at + st.rows), None)
                 if part is None:
                     refuse(n, f"reads row {idx[1]} beyond the concatenated streams")
@@ -667,6 +794,52 @@ class AutoAdapter(GraphAdapter):
         return cls
 
     @staticmethod
+    def _class_stream(model, g, x, path):
+        """A class stream for the parameter ``path`` expanded over the batch and joined to the patch stream ``x``
+        after the blocks (XCiT): its rows come first on the grid."""
+        name = path[len("model."):] if path.startswith("model.") else path
+        param = model.get_parameter(name)
+        cls = g.stream(name, param.shape[-2] if param.dim() == 3 else 1, tokens=0)
+        g.param(cls, param, name=name)
+        x.tokens = cls.rows
+        g.meta["class_rows"] = cls.rows
+        return cls
+
+    def _xcit_block(self, model, g, n, v, refuse, nb):
+        """XCiT's class-attention block on ``cat((cls, x), 1)``: the class row gets the class attention over both
+        streams (:meth:`Graph.class_attention`, frozen weights), the patch rows ``x + γ1 ⊙ norm1(x)``
+        (:meth:`Graph.norm_residual`, whose offset joins ``<block>.attn.bias``: both are the branch
+        ``γ1 ⊙ cat(attn(norm1(x)), norm1(x)[:, 1:])``), then ``norm2`` on the class row (on both streams with
+        ``tokens_norm``) and the class row's MLP; the forward's last add (``x_res + cat((γ2 ⊙ mlp(cls), x[:, 1:]))``)
+        doubles the patch rows, a frozen ×2 (if a timm version changes that, the exactness check refuses)."""
+        path = n.target[len("model."):]
+        blk = model.get_submodule(path)
+        parts = v[1]
+        if v[2] or len(n.args) != 1 or n.kwargs or len(parts) != 2 or parts[0][0].rows != 1 \
+                or parts[1][0].rows < 1:
+            refuse(n, "is an XCiT class-attention block not called on cat((class token, patches), dim=1) alone")
+        (cls, _), (x, at) = parts
+        gamma1 = blk.gamma1 if isinstance(blk.gamma1, torch.Tensor) else None
+        gamma2 = blk.gamma2 if isinstance(blk.gamma2, torch.Tensor) else None
+        if (gamma1 is None and blk.gamma1 != 1.0) or (gamma2 is None and blk.gamma2 != 1.0):
+            refuse(n, "has a LayerScale that is neither a parameter nor 1")
+        at_ = blk.attn
+        index = nb + sum(1 for op in g.ops if op.kind == "block" and op.block >= nb)
+        g.meta.setdefault("first_class_block", index)
+        with g.block(index, path, cls, entry=blk):
+            g.class_attention([cls, x], cls, norm=blk.norm1, q=at_.q, k=at_.k, v=at_.v, proj=at_.proj,
+                              num_heads=at_.num_heads, scale=at_.scale, gamma=gamma1, name="attn")
+            g.norm_residual(x, blk.norm1, gamma=gamma1, name="attn", at=at)
+            g.norm(cls, blk.norm2, name=f"{path}.norm2")
+            if blk.tokens_norm:
+                g.norm(x, blk.norm2, name=f"{path}.norm2", at=at)
+            g.branch(cls, blk.mlp, name="mlp", kind="mlp", gamma=gamma2)
+            # timm's forward ends x_res + cat((γ2 ⊙ mlp(cls), x[:, 1:])) with x_res = x: the patch rows leave doubled
+            w = at_.proj.weight
+            g.project(x, 2.0 * torch.eye(w.shape[0], dtype=w.dtype, device=w.device), name=f"{path}.patch_rows")
+        return ("cat", parts, [])
+
+    @staticmethod
     def _attention_pool(g, mod, path, x, rows, n, refuse):
         """timm's ``AttentionPoolLatent`` (MAP head) on ``rows`` of stream ``x``: the value path at the forward's
         attention weights into a stream of its latent queries, the pool's MLP residual ``p + mlp(norm(p))`` a
@@ -730,7 +903,12 @@ class AutoAdapter(GraphAdapter):
             with g.block(i, f"blocks.{i}", x, entry=blk):
                 for path, mod, gamma in writes:
                     proj = None if _split_heads(mod) else _proj_of_heads(mod)
-                    if _split_heads(mod):
+                    cproj = None if _split_heads(mod) or proj is not None else _proj_of_channel_heads(mod)
+                    if cproj is not None:  # channel attention (XCiT's XCA): heads by proj's columns, tokenwise
+                        g.heads(x, ProjInput(cproj, mod.num_heads, TokenwiseHeads(cproj)), cproj.weight, cproj.bias,
+                                gamma=gamma, name=path)
+                        g.meta.setdefault("channel_heads", []).append(f"blocks.{i}.{path}")
+                    elif _split_heads(mod):
                         att = FusedQKV(mod.qkv, mod.q_norm, mod.k_norm, getattr(mod, "scale", mod.head_dim ** -0.5))
                         g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
                                 gamma=gamma, name=path)
@@ -744,6 +922,8 @@ class AutoAdapter(GraphAdapter):
         if "class_rows" in g.meta:  # a class stream joined after the blocks: the grid has its rows first
             g.grid = self._grid(model, images, N + g.meta.pop("class_rows"))
         g.output(z)
+        if "first_class_block" in g.meta:
+            _prune_dead(g)
         return g
 
     def decompose(self, model, images, options):
@@ -758,6 +938,11 @@ class AutoAdapter(GraphAdapter):
                                   or not 0 <= start < graph.num_blocks):
             raise InputError(f"start={start!r} is out of range: {type(model).__name__} ({self.name}) has blocks "
                              f"0..{graph.num_blocks - 1}")
+        first_cls = graph.meta.get("first_class_block")
+        if start is not None and first_cls is not None and start >= first_cls:
+            raise InputError(f"start={start!r}: blocks {first_cls}..{graph.num_blocks - 1} of {type(model).__name__} "
+                             f"are class-attention blocks reading the class and patch streams together; start must "
+                             f"be a block 0..{first_cls - 1}")
         dec = execute(graph, images, start=start, tokens=tokens,
                       bias="paper" if options.bias == "paper" else "explicit")
 

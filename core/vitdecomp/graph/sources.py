@@ -12,7 +12,8 @@ product is recorded while it runs (:class:`TracedAttention`: the auto adapter's 
 (:class:`TalkingHeads`), separate q/k/v projections (:class:`SeparateQKV`, Hugging Face) and attention modules
 that do not call their output projection as a module (:class:`InProj`: ``nn.MultiheadAttention``, open_clip) and
 shifted-window attention on a grid stream (:class:`WindowHeads`: Swin; heads placed at their query rows) and any
-partitioned attention given by its row map (:class:`PartitionHeads`: MaxViT's block and grid attention).
+partitioned attention given by its row map (:class:`PartitionHeads`: MaxViT's block and grid attention) and
+attention that mixes channels within each token (:class:`TokenwiseHeads`: XCiT's cross-covariance attention).
 A new attention flavour is a new source (any object with ``num_heads`` and ``install``).
 """
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedModelError
 
 __all__ = ["HeadSource", "ProjInput", "FusedQKV", "TracedAttention", "TalkingHeads", "SeparateQKV", "InProj",
-           "WindowHeads", "PartitionHeads"]
+           "WindowHeads", "PartitionHeads", "TokenwiseHeads"]
 
 
 class HeadSource:
@@ -176,6 +177,26 @@ class TracedAttention:
 
         hooks.pre(self.module, enter)
         hooks.post(self.module, leave, always=True)
+
+
+@attrs.define(eq=False)
+class TokenwiseHeads:
+    """Token detail for attention that mixes *channels* within each token (XCiT's cross-covariance attention,
+    ``softmax(q̂ᵀk̂ · τ)`` of shape ``[B, H, dh, dh]`` applied to every token's values): at the forward's
+    attention weights, head ``h``'s output at token ``n`` is a linear function of token ``n``'s own values only,
+    so its token split is exact and lies at that token. Recorded from ``proj``'s input (``[B, N, H·dh]``, heads
+    contiguous): ``v`` is each head's output per token, ``attn`` the identity over tokens (an expanded view)."""
+
+    proj: torch.nn.Module
+
+    def install(self, hooks, rec, rows, H):
+        def on_proj_in(x):
+            B, N, C = x.shape
+            rec.v = x.reshape(B, N, H, C // H).permute(0, 2, 1, 3).contiguous()
+            eye = torch.eye(N, device=x.device, dtype=x.dtype).index_select(0, rows)
+            rec.attn = eye.expand(B, H, -1, -1)
+
+        hooks.pre(self.proj, on_proj_in)
 
 
 @attrs.define(eq=False)

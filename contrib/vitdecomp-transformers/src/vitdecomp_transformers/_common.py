@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import attrs
 import torch
@@ -43,6 +43,21 @@ class BlockParts:
     scaling: float
     gamma: Optional[torch.Tensor]
     mlp_out: torch.nn.Module
+    gamma2: Optional[torch.Tensor] = None  # LayerScale of the MLP branch when ``mlp_out`` does not apply it (BEiT)
+    detail: Optional[object] = None  # token-detail attention source; None: SeparateQKV(q, k, v, attention, scaling)
+
+
+def layer_scale(value, like: torch.Tensor, where: str) -> Optional[torch.Tensor]:
+    """A LayerScale factor as a vector like ``like`` (``[D]``), or None when it is absent or the number 1 (BEiT
+    stores ``1.0`` when ``layer_scale_init_value`` is 0)."""
+    if value is None or (isinstance(value, torch.nn.Module) and is_identity(value)):
+        return None
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)):
+        return None if float(value) == 1.0 else torch.full((like.shape[0],), float(value), dtype=like.dtype,
+                                                           device=like.device)
+    raise UnsupportedModelError(f"{where}: LayerScale of type {type(value).__name__}; expected a tensor or a number")
 
 
 def block_parts(i: int, layer) -> BlockParts:
@@ -65,8 +80,12 @@ def block_parts(i: int, layer) -> BlockParts:
     mlp_out = ls2 if ls2 is not None and not is_identity(ls2) else getattr(layer, "mlp", None)
     if mlp_out is None:
         raise UnsupportedModelError(f"{where} has no 'mlp' submodule")
+    gamma2 = None
+    if hasattr(layer, "lambda_1"):  # BEiT: the layer multiplies each branch output by lambda_1 / lambda_2
+        gamma = layer_scale(layer.lambda_1, o.bias if o.bias is not None else o.weight[:, 0], f"{where}.lambda_1")
+        gamma2 = layer_scale(layer.lambda_2, o.bias if o.bias is not None else o.weight[:, 0], f"{where}.lambda_2")
     return BlockParts(layer=layer, attention=attn, q=q, k=k, v=v, o=o, num_heads=int(H), scaling=float(scaling),
-                      gamma=gamma, mlp_out=mlp_out)
+                      gamma=gamma, mlp_out=mlp_out, gamma2=gamma2)
 
 
 @attrs.define(eq=False)
@@ -80,6 +99,9 @@ class Layout:
     the pooled vector; ``proj``: a projection matrix ``[G·D, d]`` or None; ``head``: the linear
     classifier on z or None; ``read(outputs)``: z from the base model's output; ``dynamic``: accepts any
     multiple of the patch size (position embeddings are interpolated) instead of only ``image_size``.
+    ``parts(i, layer)``: reads one layer (default :func:`block_parts`); ``call(images)``: the base model's
+    outputs (default ``base(pixel_values=images)``); ``tail(graph, stream)``: the readout after the per-token
+    norm when it is not a weighted pooling (SigLIP's attention-pool head), returning z's one-row stream.
     """
 
     base: torch.nn.Module
@@ -97,6 +119,15 @@ class Layout:
     dynamic: bool = False
     z_doc: str = ""
     norm_after_pool: bool = False
+    parts: Callable = None
+    call: Optional[Callable] = None
+    tail: Optional[Callable] = None
+
+    def __attrs_post_init__(self):
+        if self.parts is None:
+            self.parts = block_parts
+        if self.call is None:
+            self.call = lambda images: self.base(pixel_values=images)
 
 
 class HFAdapter(GraphAdapter):
@@ -151,7 +182,7 @@ class HFAdapter(GraphAdapter):
         if lay.norm is not None and not supported_norm(lay.norm):
             raise UnsupportedModelError(f"final norm {lay.norm_name} of type {type(lay.norm).__name__}")
         for i, layer in enumerate(lay.layers):
-            block_parts(i, layer)
+            lay.parts(i, layer)
         self.grid(lay, images)
 
     def readout(self, model):
@@ -161,7 +192,7 @@ class HFAdapter(GraphAdapter):
     # ---------------------------------------------------------------- z and its decomposition
     def representation(self, model, images):
         lay = self._layout(model)
-        return lay.read(lay.base(pixel_values=images))
+        return lay.read(lay.call(images))
 
     def describe(self, model, images) -> Graph:
         lay = self._layout(model)
@@ -169,15 +200,19 @@ class HFAdapter(GraphAdapter):
         meta = {"adapter": self.name, "model": type(model).__name__,
                 "checkpoint": getattr(getattr(model, "config", None), "_name_or_path", "") or None,
                 "attn_implementation": getattr(getattr(lay.base, "config", None), "_attn_implementation", None)}
-        g = Graph(self.name, run=lambda x: lay.read(lay.base(pixel_values=x)), grid=grid, meta=meta)
+        g = Graph(self.name, run=lambda x: lay.read(lay.call(x)), grid=grid, meta=meta)
         x = g.stream("tokens", grid.num_tokens)
         g.embed(x, lay.layers[0])
         for i, layer in enumerate(lay.layers):
-            bp = block_parts(i, layer)
+            bp = lay.parts(i, layer)
             with g.block(i, f"blocks.{i}", x, entry=layer):
-                source = ProjInput(bp.o, bp.num_heads, SeparateQKV(bp.q, bp.k, bp.v, bp.attention, bp.scaling))
-                g.heads(x, source, bp.o.weight, bp.o.bias, gamma=bp.gamma)
-                g.branch(x, bp.mlp_out, name="mlp")
+                detail = bp.detail or SeparateQKV(bp.q, bp.k, bp.v, bp.attention, bp.scaling)
+                g.heads(x, ProjInput(bp.o, bp.num_heads, detail), bp.o.weight, bp.o.bias, gamma=bp.gamma)
+                g.branch(x, bp.mlp_out, name="mlp", gamma=bp.gamma2)
+        if lay.tail is not None:
+            g.norm(x, lay.norm, name=lay.norm_name)
+            g.output(lay.tail(g, x))
+            return g
         if not lay.norm_after_pool:
             g.norm(x, lay.norm, name=lay.norm_name)
         groups = lay.groups(grid)

@@ -2,9 +2,11 @@
 
 The model class is the one the checkpoint's ``config.architectures`` names when this pack supports it
 (``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``, ``Dinov2Model``, ``CLIPModel``,
-``SwinForImageClassification``, ``Swinv2Model``, ...),
-else the base model of its ``model_type``. ``random_init=True`` (or ``pretrained=False``) builds that class from
-the checkpoint's config with random weights; ``weights=DIR`` loads from a local directory instead of ``spec``.
+``SwinForImageClassification``, ``Swinv2Model``, ``BeitForImageClassification``, ``SiglipModel``, ...),
+else the base model of its ``model_type`` (a ``ViTMAEForPreTraining`` checkpoint loads as ``ViTMAEModel``, with
+``config.mask_ratio`` set to 0 so that every patch is kept). ``random_init=True`` (or ``pretrained=False``)
+builds that class from the checkpoint's config with random weights; ``weights=DIR`` loads from a local directory
+instead of ``spec``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ import warnings
 from vitdecomp import LoadedModel, hookimpl
 from vitdecomp.errors import UnknownModelError, WeightsUnavailableError
 
+from .beit import _CLASSES as _BEIT
 from .clip import _CLASSES as _CLIP
 from .dinov2 import _CLASSES as _DINOV2
+from .siglip import _CLASSES as _SIGLIP
 from .swin import _CLASSES as _SWIN
 from .vit import _CLASSES as _VIT
+from .vitmae import _CLASSES as _VITMAE
 
 __all__ = ["load_hf", "HFImagePreprocess"]
 
-SUPPORTED_ARCHITECTURES = _VIT + _DINOV2 + _CLIP + _SWIN
+SUPPORTED_ARCHITECTURES = _VIT + _DINOV2 + _CLIP + _SWIN + _BEIT + _SIGLIP + _VITMAE
 _BASE_OF_TYPE = {
     "vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model",
     "dinov2_with_registers": "Dinov2WithRegistersModel", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
-    "swin": "SwinModel", "swinv2": "Swinv2Model",
+    "swin": "SwinModel", "swinv2": "Swinv2Model", "beit": "BeitModel", "data2vec-vision": "Data2VecVisionModel",
+    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel", "vit_mae": "ViTMAEModel",
 }
 
 _OFFLINE_HINT = (
@@ -102,11 +108,13 @@ def load_hf(spec, *, pretrained=True, weights=None, random_init=False, device="c
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all mean: not obtainable here
         raise WeightsUnavailableError(_OFFLINE_HINT.format(what=what, err=f"{type(exc).__name__}: {exc}", repo=spec)) from exc
     cls = _model_class(config, what)
+    if getattr(config, "model_type", None) == "vit_mae":
+        config.mask_ratio = 0.0  # keep every patch: the encoder as a feature extractor (see vitmae.py)
     if random_init or not pretrained:
         model = cls._from_config(config, **kwargs)
     else:
         try:
-            model = cls.from_pretrained(source, **kwargs)
+            model = cls.from_pretrained(source, **{"config": config, **kwargs})
         except Exception as exc:  # noqa: BLE001
             raise WeightsUnavailableError(_OFFLINE_HINT.format(what=what, err=f"{type(exc).__name__}: {exc}", repo=spec)) from exc
     model = model.to(device).eval()

@@ -58,7 +58,14 @@ class HFViTAdapter(HFAdapter):
 
 @hookimpl
 def register_adapters(register):
-    from .swin import HFSwinAdapter  # the installed entry points are fixed: Swin registers from here
+    # the installed entry points are fixed: Swin, BEiT / Data2Vec-vision, SigLIP and ViT-MAE register from here
+    from .beit import HFBeitAdapter
+    from .siglip import HFSiglipVisionAdapter
+    from .swin import HFSwinAdapter
+    from .vitmae import HFViTMAEAdapter
 
     register(HFViTAdapter())
     register(HFSwinAdapter())
+    register(HFBeitAdapter())
+    register(HFSiglipVisionAdapter())
+    register(HFViTMAEAdapter())
