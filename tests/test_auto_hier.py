@@ -93,6 +93,19 @@ def test_staged_attributions_match_the_oracle():
     assert res and all(err <= 1e-6 for _, err, _ in res), res
 
 
+def test_batchnorm_transitions_match_the_oracle():
+    # eval BatchNorm on the stream: its constant β − γ·μ/σ is attributed by the oracle through the running mean;
+    # Visformer's position tables are written on the NCHW grid
+    vis = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
+    res = testing.check_attributions(vis, images(torch.float32, 1), adapter="auto", start=None)
+    assert res and all(err <= 1e-6 for _, err, _ in res) and res[0][2] > 0, res
+    from timm.models.efficientformer import EfficientFormer
+
+    eff = testing.perturb_parameters(EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1).eval())
+    res = testing.check_attributions(eff, images(torch.float32, 1, size=224), adapter="auto", tokens=False, start=None)
+    assert res and all(err <= 1e-6 for _, err, _ in res), res
+
+
 def test_conformance_kit_on_a_staged_model():
     results = testing.run_conformance(focalnet(), (64, 64), adapter="auto", fixed_size=False,
                                       reference=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))

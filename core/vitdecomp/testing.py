@@ -432,8 +432,8 @@ def _positions(x: torch.Tensor, grid) -> Optional[torch.Tensor]:
 def _frozen_functions(state):
     """Patch torch's norm and attention entry points for the oracle's pass (restored on exit)."""
     F = torch.nn.functional
-    orig = {k: getattr(F, k) for k in ("layer_norm", "group_norm", "rms_norm", "scaled_dot_product_attention")
-            if hasattr(F, k)}
+    orig = {k: getattr(F, k) for k in ("layer_norm", "group_norm", "rms_norm", "scaled_dot_product_attention",
+                                       "batch_norm") if hasattr(F, k)}
     orig_matmul, orig_tmatmul, orig_bmm = torch.matmul, torch.Tensor.__matmul__, torch.bmm
 
     def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -455,6 +455,17 @@ def _frozen_functions(state):
         y = ((g - g.mean(-1, keepdim=True)) * torch.rsqrt(g.var(-1, unbiased=False, keepdim=True).detach() + eps))
         y = y.reshape(input.shape)
         shape = (1, C) + (1,) * (input.ndim - 2)
+        y = y * weight.reshape(shape) if weight is not None else y
+        return y + bias.reshape(shape) if bias is not None else y
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5):
+        # eval mode: an affine map per channel, written out so the running mean can be a gradient input (the
+        # constant −γ·μ/σ of an eval BatchNorm is attributed through it)
+        if training or running_mean is None or running_var is None:
+            return orig["batch_norm"](input, running_mean, running_var, weight, bias, training, momentum, eps)
+        shape = (1, -1) + (1,) * (input.ndim - 2)
+        y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.detach().reshape(shape) + eps)
         y = y * weight.reshape(shape) if weight is not None else y
         return y + bias.reshape(shape) if bias is not None else y
 
@@ -506,7 +517,7 @@ def _frozen_functions(state):
         return attention_product(a, b, out) if not args and not kw else out
 
     repl = {"layer_norm": layer_norm, "group_norm": group_norm, "rms_norm": rms_norm,
-            "scaled_dot_product_attention": sdpa}
+            "scaled_dot_product_attention": sdpa, "batch_norm": batch_norm}
     try:
         for k in orig:
             setattr(F, k, repl[k])
@@ -581,6 +592,7 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
     head_groups: dict = {}
     branches: dict = {}
     consts: dict = {}
+    stats: list = []  # BatchNorm running means taken as gradient inputs for the oracle's pass
     param_writes: set = set()  # embed components that are parameters: placed on the grid where they are written
     starts = []
     for c in comps:
@@ -604,6 +616,10 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
                 raise OracleError(f"{ad.name}: cannot locate the module of constant {c.name!r} in "
                                   f"{type(root).__name__}; pass writes={{{c.name!r}: [parameter paths]}}")
             direct = [p for n, p in mod.named_parameters(recurse=False) if n == "bias"]  # a norm's β, a Linear's b
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and not mod.training \
+                    and mod.running_mean is not None:  # eval BatchNorm: β − γ·μ/σ, μ a gradient input too
+                direct = direct + [mod.running_mean]
+                stats.append(mod.running_mean)
             consts[c.name] = direct or [p for n, p in mod.named_parameters() if _BIAS.search(n)]
             if not consts[c.name]:
                 raise OracleError(f"{ad.name}: module {path!r} of constant {c.name!r} has no bias parameter; "
@@ -683,8 +699,14 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
             handles.append(mod.register_forward_hook(leaf_output(name)))
         if starts and first is not None:
             handles.append(bmod.register_forward_pre_hook(capture_input(("start",)), with_kwargs=True))
+        for t in stats:
+            t.requires_grad_(True)
         with torch.enable_grad(), _frozen_functions(state):
             z = ad.representation(root, image)
+    except BaseException:
+        for t in stats:
+            t.requires_grad_(False)
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -721,6 +743,8 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
         for i, gv in enumerate(gs):
             grads[i].append(torch.zeros_like(inputs[i]) if gv is None else gv)
     G = {k: torch.stack(grads[i]).detach() for k, i in index.items()}  # [D, *shape]
+    for t in stats:
+        t.requires_grad_(False)
     contrib, tokens, sources, notes = {}, {}, {}, []
 
     def dot(key, value):
@@ -779,9 +803,11 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
     for name, ps in consts.items():
         contrib[name] = sum(dot(("const", name, i), p) for i, p in enumerate(ps))
         if name in param_writes and len(ps) == 1:
-            pos = _positions(ps[0].reshape(1, -1, ps[0].shape[-1]), dec.grid_of(name))
+            # a [1, C, h, w] position table added to an NCHW stream (Visformer) keeps its shape
+            shape = tuple(ps[0].shape) if ps[0].ndim == 4 else (1, -1, ps[0].shape[-1])
+            pos = _positions(ps[0].reshape(shape), dec.grid_of(name))
             if pos is not None:
-                gp = _positions_d(G[("const", name, 0)].reshape(D, 1, -1, ps[0].shape[-1]), dec.grid_of(name))
+                gp = _positions_d(G[("const", name, 0)].reshape(D, *shape), dec.grid_of(name))
                 tokens[name] = (gp * pos.detach()).sum(-1).T
     if starts:
         c0 = starts[0]
