@@ -8,8 +8,8 @@ Run by hand (not a test):
 
 Forward = ``forward_head(forward_features(x), pre_logits=True)``; each mode runs interleaved with forwards so
 both see the same machine load; medians of ``--reps`` after one warm-up call (the auto adapter's fx traces are
-cached by then; ``min/min`` is the ratio of the fastest of each). Modes: ``component`` (heads split), ``branch`` (``heads=False``), ``token``
-(``tokens="source"``). Random weights (timings do not depend on them).
+cached by then; ``min/min`` is the ratio of the fastest of each). Modes: ``component`` (heads split), ``branch``
+(``heads=False``), ``token`` (``tokens="source"``). Random weights (timings do not depend on them).
 """
 
 from __future__ import annotations

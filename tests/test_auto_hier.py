@@ -101,7 +101,8 @@ def test_batchnorm_transitions_match_the_oracle():
     assert res and all(err <= 1e-6 for _, err, _ in res) and res[0][2] > 0, res
     from timm.models.efficientformer import EfficientFormer
 
-    eff = testing.perturb_parameters(EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1).eval())
+    eff = EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1)
+    eff = testing.perturb_parameters(eff.eval())
     res = testing.check_attributions(eff, images(torch.float32, 1, size=224), adapter="auto", tokens=False, start=None)
     assert res and all(err <= 1e-6 for _, err, _ in res), res
 

@@ -353,8 +353,9 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
             _grid_op(op, rec, terms, emitted[i], tokens, device, dtype,
                      (lambda total, detail, i=i: share(i, total, detail)) if paper else None)
             continue
-        if op.kind == "norm" and s.grid is not None and (any(not isinstance(t, _Term) for t in terms.get(k, ()))
-                                                         or isinstance(op.module, torch.nn.modules.batchnorm._BatchNorm)):
+        if op.kind == "norm" and s.grid is not None and (
+                any(not isinstance(t, _Term) for t in terms.get(k, ()))
+                or isinstance(op.module, torch.nn.modules.batchnorm._BatchNorm)):
             from . import _conv  # a norm on a grid stream between its writes and a stage transition
 
             entry, terms[k] = _conv.norm(op, rec, terms[k], device, dtype, tokens, paper)

@@ -158,7 +158,8 @@ def _peel(node, block, prefix, relayout=False):
             if _identity(mod):
                 node = node.args[0]
                 continue
-            if type(mod).__name__ in ("LayerScale", "LayerScale2d") and gamma is None and not getattr(mod, "inplace", False):
+            if (type(mod).__name__ in ("LayerScale", "LayerScale2d") and gamma is None
+                    and not getattr(mod, "inplace", False)):
                 gamma = mod.gamma
                 node = node.args[0]
                 continue
