@@ -1,16 +1,20 @@
-"""MaxViT decomposition phases, two source trees side by side in lockstep (e.g. before / after an engine change).
+"""Decomposition phases of one timm model, two source trees side by side in lockstep (e.g. before / after an engine
+change).
 
-    python benchmarks/maxvit_lockstep.py --old /tmp/oldtree --new . [--model maxvit_small_tf_224] [--batch 2]
+    python benchmarks/lockstep.py --old /tmp/oldtree --new . [--model maxvit_small_tf_224] [--batch 2]
         [--rounds 6] [--env MALLOC_TRIM_THRESHOLD_=...]
 
-Each tree runs in its own worker process (``PYTHONPATH`` = its ``core`` and ``plugins``; one torch thread) and the
+Each tree runs in its own worker process (``PYTHONPATH`` = its ``core``, ``plugins`` and ``contrib/*/src``; one
+torch thread) and the
 driver sends both the same phase one after the other — forward, ``decompose`` (component level),
-``decompose(tokens="source")``, every ``spatial_map``, every head's ``maxvit.source_map`` — swapping which tree
+``decompose(tokens="source")``, every ``spatial_map``, every head's ``maxvit.source_map`` (MaxViT models; 0 for
+others) — swapping which tree
 goes first every round, so that load from other processes on a shared machine hits both alike (a whole benchmark
 run per tree, one after the other, sees load that moves by tens of percent between them). Per phase it prints the
 min and median wall time, process CPU time (user + system) and system time, the median count of minor page faults
 (fresh pages the allocator had to map), and the per-round CPU difference new − old. ``tokens`` = the three
-token-level phases together (what ``maxvit_overhead.py``'s ``sources`` mode times). The first round is a warm-up.
+token-level phases together (what ``maxvit_overhead.py``'s ``sources`` mode times for MaxViT, and
+``swin_overhead.py``'s ``spatial`` mode for Swin). The first round is a warm-up.
 ``--env`` sets variables for both workers (e.g. glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``,
 to see the engines' work without the allocator returning memory to the system and faulting it back).
 """
@@ -36,12 +40,12 @@ def worker(model_name: str, batch: int) -> None:
     import torch
 
     import vitdecomp
-    from vitdecomp_plugins.maxvit import source_map
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
-    x = torch.randn(batch, 3, *model.img_size)
+    size = getattr(model, "img_size", None) or model.pretrained_cfg["input_size"][1:]
+    x = torch.randn(batch, 3, *tuple(size))
     # trees from before the weight fingerprint have no such argument (and compute none)
     kw = {"fingerprint": False} if "fingerprint" in inspect.signature(vitdecomp.decompose).parameters else {}
     ad = vitdecomp.find_adapter(model)
@@ -65,6 +69,10 @@ def worker(model_name: str, batch: int) -> None:
 
     def source_maps():
         dec = state.pop("dec")
+        if "source_tokens" not in dec.meta:  # only MaxViT splits heads by the position they read
+            return
+        from vitdecomp_plugins.maxvit import source_map
+
         with torch.no_grad():
             for name in dec.names:
                 if name in dec.meta["source_tokens"]:
@@ -104,7 +112,13 @@ def main() -> None:
     procs = {}
     for tag, root in (("old", args.old), ("new", args.new)):
         root = os.path.abspath(root)
-        env = dict(env0, PYTHONPATH=os.pathsep.join([os.path.join(root, "core"), os.path.join(root, "plugins")]))
+        # the tree's own core, built-in plugins and contrib packs (an installed pack from another tree would be
+        # loaded through its entry point against this tree's core)
+        paths = [os.path.join(root, "core"), os.path.join(root, "plugins")]
+        contrib = os.path.join(root, "contrib")
+        paths += sorted(os.path.join(contrib, d, "src") for d in (os.listdir(contrib) if os.path.isdir(contrib) else ())
+                        if os.path.isdir(os.path.join(contrib, d, "src")))
+        env = dict(env0, PYTHONPATH=os.pathsep.join(paths))
         procs[tag] = subprocess.Popen([sys.executable, __file__, "--worker", "--model", args.model, "--batch",
                                        str(args.batch), "--old", args.old, "--new", args.new], env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
