@@ -12,7 +12,9 @@ Random-init timm model, float32, CPU (or --device cuda). Modes, each measured in
 
 Time: all modes run in one process, interleaved (forward, component, spatial, sources, forward, ...) after one
 warm-up each, and the minimum over ``--repeats`` rounds is kept, so that load from other processes on a shared
-machine hits every mode alike. Peak memory: each mode once more in a fresh subprocess, as the peak RSS increase
+machine hits every mode alike. Beside wall time, each call's process CPU time (user + system, the minimum over the
+rounds; on a loaded machine it moves much less than wall time) and minor page faults (the median; fresh pages the
+allocator had to map, whose cost is in the system time) are printed. Peak memory: each mode once more in a fresh subprocess, as the peak RSS increase
 over the state after building the model and the input (CPU), or ``torch.cuda.max_memory_allocated`` (GPU).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -80,21 +83,30 @@ def run_memory(args) -> dict:
     return res
 
 
-def run_times(args, modes) -> dict:
+def _usage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def run_times(args, modes):
+    """Per mode: wall times, and per call (user s, system s, minor faults)."""
     torch, fns = _setup(args)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times = {m: [] for m in modes}
+    usage = {m: [] for m in modes}
     for m in modes:
         fns[m]()  # warm-up
     for _ in range(args.repeats):
         for m in modes:
             sync()
+            u0 = _usage()
             t = time.perf_counter()
             out = fns[m]()
             sync()
             times[m].append(time.perf_counter() - t)
             del out
-    return times
+            usage[m].append(tuple(b - a for a, b in zip(u0, _usage())))
+    return times, usage
 
 
 def main():
@@ -121,21 +133,27 @@ def main():
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[mode] = json.loads(out)
         print(json.dumps(results[mode]), flush=True)
-    times = run_times(args, modes)
+    times, usage = run_times(args, modes)
     for mode in modes:
         results[mode]["time_s"] = min(times[mode])
         results[mode]["times"] = [round(t, 3) for t in times[mode]]
+        results[mode]["cpu_s"] = min(u + s for u, s, _ in usage[mode])
+        results[mode]["sys_s"] = statistics.median(s for _, s, _ in usage[mode])
+        results[mode]["faults"] = int(statistics.median(f for _, _, f in usage[mode]))
         print(mode, results[mode]["times"], flush=True)
     fwd = results.get("forward")
     import torch
 
     threads = args.threads or torch.get_num_threads()
     print(f"\n{args.model}, batch {args.batch}, {args.device}, float32, {threads} threads, {args.repeats} rounds")
-    print(f"{'mode':<10} {'time (s)':>9} {'÷ forward':>10} {'peak MB':>9} {'÷ forward':>10}")
+    print(f"{'mode':<10} {'time (s)':>9} {'÷ forward':>10} {'peak MB':>9} {'÷ forward':>10} {'cpu (s)':>8} "
+          f"{'÷ forward':>10} {'sys (s)':>8} {'faults':>8}")
     for mode, r in results.items():
         rt = r["time_s"] / fwd["time_s"] if fwd else float("nan")
         rm = r["peak_mb"] / fwd["peak_mb"] if fwd and fwd["peak_mb"] > 0 else float("nan")
-        print(f"{mode:<10} {r['time_s']:>9.3f} {rt:>10.2f} {r['peak_mb']:>9.0f} {rm:>10.2f}")
+        rc = r["cpu_s"] / fwd["cpu_s"] if fwd and fwd["cpu_s"] > 0 else float("nan")
+        print(f"{mode:<10} {r['time_s']:>9.3f} {rt:>10.2f} {r['peak_mb']:>9.0f} {rm:>10.2f} {r['cpu_s']:>8.3f} "
+              f"{rc:>10.2f} {r['sys_s']:>8.3f} {r['faults']:>8d}")
     if "component" in results:
         print(f"components: {results['component']['components']}, relative error {results['component']['error']:.2e}")
 
