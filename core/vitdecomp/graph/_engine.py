@@ -393,21 +393,8 @@ def run_graph(graph, images: torch.Tensor, *, start=None, tokens: bool = False, 
             fn = freeze_norm(op.module, rec.val)
             D = rec.val.shape[-1]
             if fn.bias is not None or (paper and fn.center):
-                # β, and in the paper's convention the stream's centring −γ·μ/σ: constants at the norm's output
-                vec = [] if fn.bias is None else [(None, fn.bias.unsqueeze(0))]
-                if paper and fn.center:
-                    g = fn.weight if fn.weight is not None else torch.ones(D, device=device, dtype=dtype)
-                    vec.append((-rec.val.mean(-1) * fn.inv_scale, g.unsqueeze(0)))  # row factor [B, R], vector
-                total, per_row = None, None
-                for t in terms[k]:
-                    for f, v in vec:
-                        bm = _apply(v, t.M)  # [1, d]
-                        w = t.w if f is None else t.w * f
-                        c = w.sum(1, keepdim=True) * bm
-                        total = c if total is None else total + c
-                        if tokens:
-                            pr = w.unsqueeze(-1) * bm.unsqueeze(0)
-                            per_row = pr if per_row is None else per_row + pr
+                vec = _norm_offsets(fn, rec.val, paper, device, dtype)
+                total, per_row = _offset_through(terms[k], vec, tokens)
                 detail = row_detail(s, per_row) if tokens else None
                 if paper:
                     share(i, total, detail)
@@ -621,26 +608,40 @@ def _heads(graph, op, rec, s, tlist, emitted, tokens, reduced, contribute, devic
             emitted.append((Component(f"{op.name}.bias", "const", block=op.block), total, detail))
 
 
-def _norm_residual(op, rec, tlist, emitted, tokens, paper, device, dtype, row_detail, s, share=None):
-    """``x + γ ⊙ norm(x)`` (:meth:`Graph.norm_residual`): every term gains a twin through the frozen norm's linear
-    part times γ; the offset γ ⊙ β (and in the paper's convention the stream's centring) is the constant."""
-    fn = freeze_norm(op.module, rec.val)
-    D = rec.val.shape[-1]
-    g = None if op.gamma is None else op.gamma.detach().to(device=device, dtype=dtype).reshape(-1)
+def _norm_offsets(fn, val, paper: bool, device, dtype) -> list:
+    """The constants at a frozen norm's output, as ``(row factor [B, R] or None, vector [1, D])`` pairs: β, and in
+    the paper's convention the stream's centring −γ·μ/σ (a per-row factor times γ)."""
     vec = [] if fn.bias is None else [(None, fn.bias.unsqueeze(0))]
     if paper and fn.center:
-        gn = fn.weight if fn.weight is not None else torch.ones(D, device=device, dtype=dtype)
-        vec.append((-rec.val.mean(-1) * fn.inv_scale, gn.unsqueeze(0)))
+        D = val.shape[-1]
+        g = fn.weight if fn.weight is not None else torch.ones(D, device=device, dtype=dtype)
+        vec.append((-val.mean(-1) * fn.inv_scale, g.unsqueeze(0)))
+    return vec
+
+
+def _offset_through(tlist, vec, tokens: bool, scale=None):
+    """The constants ``vec`` (:func:`_norm_offsets`, each times ``scale`` when given) carried to z by the terms of
+    the stream they enter: the total ``[B, d]`` and, with ``tokens``, its share per row ``[B, R, d]`` (or None)."""
     total, per_row = None, None
     for t in tlist:
         for f, v in vec:
-            bm = _apply(v if g is None else v * g, t.M)
+            bm = _apply(v if scale is None else v * scale, t.M)  # [1, d]
             w = t.w if f is None else t.w * f
             c = w.sum(1, keepdim=True) * bm
             total = c if total is None else total + c
             if tokens:
                 pr = w.unsqueeze(-1) * bm.unsqueeze(0)
                 per_row = pr if per_row is None else per_row + pr
+    return total, per_row
+
+
+def _norm_residual(op, rec, tlist, emitted, tokens, paper, device, dtype, row_detail, s, share=None):
+    """``x + γ ⊙ norm(x)`` (:meth:`Graph.norm_residual`): every term gains a twin through the frozen norm's linear
+    part times γ; the offset γ ⊙ β (and in the paper's convention the stream's centring) is the constant."""
+    fn = freeze_norm(op.module, rec.val)
+    D = rec.val.shape[-1]
+    g = None if op.gamma is None else op.gamma.detach().to(device=device, dtype=dtype).reshape(-1)
+    total, per_row = _offset_through(tlist, _norm_offsets(fn, rec.val, paper, device, dtype), tokens, scale=g)
     A = _norm_matrix(fn, D, device, dtype, center=not paper)
     if g is not None:
         A = A * g

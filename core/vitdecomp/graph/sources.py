@@ -19,7 +19,7 @@ A new attention flavour is a new source (any object with ``num_heads`` and ``ins
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import attrs
 import torch
@@ -222,17 +222,33 @@ class TalkingHeads:
 @attrs.define(eq=False)
 class SeparateQKV:
     """Separate ``q``/``k``/``v`` projections; the attention rows are taken from ``attention``'s returned
-    weights when it returns them (``(out, weights)``), else recomputed from queries and keys with ``scale``."""
+    weights when it returns them (``(out, weights)``), else recomputed as ``softmax(scale · q kᵀ + bias)``, where
+    ``bias`` (optional) is the sum of what ``bias_arg(args, kwargs)`` picks from the call of ``attention`` and the
+    output of ``bias_module`` (``[1 or B, H, N, N]``; a boolean one is a mask): relative position biases (BEiT)
+    and attention masks that a fused kernel applies without returning its weights."""
 
     q: torch.nn.Module
     k: torch.nn.Module
     v: torch.nn.Module
     attention: torch.nn.Module
     scale: float
+    bias_arg: Optional[Callable] = None
+    bias_module: Optional[torch.nn.Module] = None
 
     def install(self, hooks, rec, rows, H):
+        state = {}
+
         def heads_of(x):
             return x.view(x.shape[0], x.shape[1], H, -1).transpose(1, 2)
+
+        def on_call(args, kwargs):
+            state.clear()
+            b = self.bias_arg(args, kwargs)
+            if b is not None:
+                state["arg"] = b
+
+        def on_bias(out):
+            state["module"] = out
 
         def on_q(out):
             rec.q = heads_of(out.index_select(1, rows))
@@ -248,9 +264,23 @@ class SeparateQKV:
             if isinstance(weights, torch.Tensor) and weights.ndim == 4:
                 rec.attn = weights.index_select(2, rows)
             else:
-                rec.attn = torch.softmax((rec.q @ rec.k.transpose(-2, -1)) * self.scale, dim=-1)
+                logits = (rec.q @ rec.k.transpose(-2, -1)) * self.scale
+                for b in (state.get("module"), state.get("arg")):
+                    if b is None:
+                        continue
+                    b = b.index_select(-2, rows)
+                    if b.dtype == torch.bool:
+                        logits = logits.masked_fill(~b, float("-inf"))
+                    else:
+                        logits = logits + b.to(logits.dtype)
+                rec.attn = torch.softmax(logits, dim=-1)
             rec.q = rec.k = None
+            state.clear()
 
+        if self.bias_arg is not None:
+            hooks.pre_kw(self.attention, on_call)
+        if self.bias_module is not None:
+            hooks.post(self.bias_module, on_bias)
         hooks.post(self.q, on_q)
         hooks.post(self.k, on_k)
         hooks.post(self.v, on_v)

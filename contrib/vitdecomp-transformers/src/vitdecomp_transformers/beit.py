@@ -29,85 +29,18 @@ queries, keys and the bias the layer adds for fused kernels).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
-import attrs
 import torch
 
 from vitdecomp import hookimpl
 from vitdecomp.errors import UnsupportedModelError
+from vitdecomp.graph import SeparateQKV
 
 from ._common import BlockParts, HFAdapter, Layout, _pair, block_parts, hf_class, layer_scale
 
-__all__ = ["HFBeitAdapter", "BiasedQKV"]
+__all__ = ["HFBeitAdapter"]
 
 _CLASSES = ("BeitModel", "BeitForImageClassification", "Data2VecVisionModel", "Data2VecVisionForImageClassification")
-
-
-@attrs.define(eq=False)
-class BiasedQKV:
-    """Token detail for separate ``q``/``k``/``v`` projections whose attention adds a bias to its logits (BEiT's
-    relative position bias): the rows are the weights ``attention`` returns when it returns them, else
-    ``softmax(scale · q kᵀ + bias)`` with ``bias`` the sum of what ``bias_arg(args, kwargs)`` picks from the
-    call of ``attention`` and the output of ``bias_module`` (each optional, ``[1 or B, H, N, N]``)."""
-
-    q: torch.nn.Module
-    k: torch.nn.Module
-    v: torch.nn.Module
-    attention: torch.nn.Module
-    scale: float
-    bias_arg: Optional[Callable] = None
-    bias_module: Optional[torch.nn.Module] = None
-
-    def install(self, hooks, rec, rows, H):
-        state = {}
-
-        def heads_of(x):
-            return x.view(x.shape[0], x.shape[1], H, -1).transpose(1, 2)
-
-        def on_call(args, kwargs):
-            state.clear()
-            b = self.bias_arg(args, kwargs) if self.bias_arg is not None else None
-            if b is not None:
-                state["arg"] = b
-
-        def on_bias(out):
-            state["module"] = out
-
-        def on_q(out):
-            rec.q = heads_of(out.index_select(1, rows))
-
-        def on_k(out):
-            rec.k = heads_of(out)
-
-        def on_v(out):
-            rec.v = heads_of(out)
-
-        def on_attention(out):
-            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if isinstance(weights, torch.Tensor) and weights.ndim == 4:
-                rec.attn = weights.index_select(2, rows)
-            else:
-                logits = (rec.q @ rec.k.transpose(-2, -1)) * self.scale
-                for b in (state.get("module"), state.get("arg")):
-                    if b is None:
-                        continue
-                    b = b.index_select(-2, rows)
-                    if b.dtype == torch.bool:
-                        logits = logits.masked_fill(~b, float("-inf"))
-                    else:
-                        logits = logits + b.to(logits.dtype)
-                rec.attn = torch.softmax(logits, dim=-1)
-            rec.q = rec.k = None
-            state.clear()
-
-        hooks.pre_kw(self.attention, on_call)
-        if self.bias_module is not None:
-            hooks.post(self.bias_module, on_bias)
-        hooks.post(self.q, on_q)
-        hooks.post(self.k, on_k)
-        hooks.post(self.v, on_v)
-        hooks.post(self.attention, on_attention)
 
 
 def _beit_mask(args, kwargs):
@@ -117,7 +50,7 @@ def _beit_mask(args, kwargs):
 
 def _beit_parts(i, layer) -> BlockParts:
     bp = block_parts(i, layer)
-    bp.detail = BiasedQKV(bp.q, bp.k, bp.v, bp.attention, bp.scaling, bias_arg=_beit_mask)
+    bp.detail = SeparateQKV(bp.q, bp.k, bp.v, bp.attention, bp.scaling, bias_arg=_beit_mask)
     return bp
 
 
@@ -141,7 +74,7 @@ def _d2v_parts(i, layer) -> BlockParts:
         raise UnsupportedModelError(f"{where}: attention projections are not Linear layers")
     like = o.bias if o.bias is not None else o.weight[:, 0]
     scale = 1.0 / math.sqrt(dh)
-    detail = BiasedQKV(q, k, v, sa, scale, bias_arg=_d2v_shared,
+    detail = SeparateQKV(q, k, v, sa, scale, bias_arg=_d2v_shared,
                        bias_module=sa.relative_position_bias if getattr(sa, "has_relative_position_bias", False)
                        else None)
     return BlockParts(layer=layer, attention=sa, q=q, k=k, v=v, o=o, num_heads=H, scaling=scale,
