@@ -28,7 +28,7 @@ STAGED = [
     ("edgenext_xx_small", {}, 64,  # norm before a 2×2 patch conv; branches permuted back to NCHW
      {"stages.1.downsample.0.bias", "stages.1.downsample.1.bias", "stages.2.blocks.1.mlp"}),
     ("visformer_tiny", dict(img_size=64), 64,  # eval BatchNorm on the grid, position tables added on the stream
-     {"patch_embed2.proj.bias", "patch_embed2.norm.bias", "pos_embed2", "stage2.0.attn", "stage3.0.mlp"}),
+     {"patch_embed2.proj.bias", "patch_embed2.norm.bias", "pos_embed2", "stage2.0.attn.head.2", "stage3.0.mlp"}),
 ]
 
 
@@ -93,9 +93,26 @@ def test_staged_attributions_match_the_oracle():
     assert res and all(err <= 1e-6 for _, err, _ in res), res
 
 
+def test_visformer_conv_projection_splits_heads_at_their_query_rows():
+    # a 1×1-conv qkv / proj on [B, C, H, W]: heads are channel groups of proj's input (oracle: next test)
+    model = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
+    model = model.double()
+    dec = vitdecomp.decompose(model, images(), adapter="auto", tokens="source")
+    assert dec.error <= 1e-10 and dec.meta["head_tokens"] == "query"
+    assert {f"stage{s}.{b}.attn.head.{h}" for s in (2, 3) for b in range(4) for h in range(3)} <= set(dec.names)
+    assert not [n for n in dec.names if n.endswith("attn")]  # proj has no bias: no attn.bias component
+    testing.check_token_sums(dec)
+    grid = dec.grid_of("stage3.1.attn.head.0")
+    assert (grid.h, grid.w) == (2, 2) and dec.token_contributions("stage3.1.attn.head.0").shape[1] == 4
+    ref = vitdecomp.decompose(model, images(), adapter="auto", heads=False)
+    for blk in ("stage2.0.attn", "stage3.3.attn"):
+        heads = sum(dec.contributions[:, dec.names.index(f"{blk}.head.{h}")] for h in range(3))
+        assert torch.allclose(heads, ref.contributions[:, ref.names.index(blk)], atol=1e-12)
+
+
 def test_batchnorm_transitions_match_the_oracle():
     # eval BatchNorm on the stream: its constant β − γ·μ/σ is attributed by the oracle through the running mean;
-    # Visformer's position tables are written on the NCHW grid
+    # Visformer's position tables are written on the NCHW grid, its conv-projection heads at their query rows
     vis = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
     res = testing.check_attributions(vis, images(torch.float32, 1), adapter="auto", start=None)
     assert res and all(err <= 1e-6 for _, err, _ in res) and res[0][2] > 0, res

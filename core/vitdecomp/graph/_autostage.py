@@ -24,6 +24,7 @@ that is not a patch convolution.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 
@@ -391,10 +392,11 @@ def describe_staged(adapter, model, images, tokens):
                         if wl not in ("nchw", "nhwc", "nlc"):
                             refuse(n, f"writes {path}.{sub} of shape {oshape}, not a map of the stream")
                         # heads at the rows they write (their token detail: query rows of the stage's grid)
-                        proj = None if w_nchw else wm.proj if _split_heads(wm) else _proj_of_heads(wm, loose=True)
+                        proj = _proj_of_conv_heads(wm) if w_nchw else \
+                            wm.proj if _split_heads(wm) else _proj_of_heads(wm, loose=True)
                         if proj is not None:
-                            g.heads(gs.stream, _QueryHeads(proj, wm.num_heads), proj.weight, proj.bias, gamma=gamma,
-                                    name=sub)
+                            src = (_ConvQueryHeads if w_nchw else _QueryHeads)(proj, wm.num_heads)
+                            g.heads(gs.stream, src, proj.weight.flatten(1), proj.bias, gamma=gamma, name=sub)
                         else:
                             g.branch(gs.stream, wm, name=sub, kind="attn" if "attn" in sub else "mlp", gamma=gamma,
                                      nchw=w_nchw)
@@ -518,6 +520,73 @@ class _QueryHeads(ProjInput):
 
     def install(self, hooks, rec, rows, tokens, reduce):
         super().install(hooks, rec, rows, False, reduce)
+
+
+class _ConvQueryHeads(ProjInput):
+    """As :class:`_QueryHeads` for a 1×1-conv output projection on ``[B, H·dh, h, w]`` (Visformer): heads are
+    contiguous channel groups of proj's input, positions its flattened grid."""
+
+    detail = "query"
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        H = self.num_heads
+
+        def on_proj_in(x):
+            B = x.shape[0]
+            o = x.flatten(2).transpose(1, 2).index_select(1, rows)
+            o = o.reshape(B, -1, H, o.shape[-1] // H).permute(0, 2, 1, 3)
+            rec.o = reduce(o) if reduce is not None else o
+
+        hooks.pre(self.proj, on_proj_in)
+
+
+def _proj_of_conv_heads(mod):
+    """The 1×1-conv output projection of an attention on ``[B, C, h, w]`` whose output is ``proj(o)`` (through
+    identities) with ``o = permute(attn_out, 0, 1, 3, 2).reshape(B, H·dh, h, w)`` and ``attn_out`` ``[B, H, N, dh]``
+    from ``scaled_dot_product_attention`` or a ``matmul`` (timm's Visformer ``Attention``): heads are contiguous
+    channel groups of proj's input, so the conv's columns split them. None if the trace does not show exactly
+    that (the module is then one block-level write)."""
+    from .auto import _LeafTracer, _cached, _identity
+
+    H, proj = getattr(mod, "num_heads", None), getattr(mod, "proj", None)
+    if not isinstance(H, int) or not isinstance(proj, torch.nn.Conv2d) or proj.groups != 1 or \
+            tuple(proj.kernel_size) != (1, 1) or tuple(proj.stride) != (1, 1) or _pair(proj.padding) != (0, 0) or \
+            proj.in_channels % H:
+        return None
+
+    def derive():
+        params = list(inspect.signature(mod.forward).parameters.values())[1:]
+        if any(p.default is inspect.Parameter.empty for p in params):
+            return None
+        try:
+            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
+        except Exception:  # noqa: BLE001 - not traceable: no head split
+            return None
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
+                n = n.args[0]
+            return n
+
+        node = peel(next(n for n in graph.nodes if n.op == "output").args[0])
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
+            return None
+        node = peel(node.args[0])
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")
+                and len(node.args) == 5):
+            return None
+        t = node.args[0]
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "permute"
+                and tuple(t.args[1:]) == (0, 1, 3, 2)):
+            return None
+        a = t.args[0]
+        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
+        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
+                                                   or (a.op == "call_method" and a.target == "matmul"))):
+            return None
+        return proj
+
+    return _cached(mod, "conv-heads", derive)
 
 
 def _pool_conv(mod, C, shape, n, refuse):
