@@ -8,7 +8,10 @@ every block (``<stages>.i.blocks.j``), norm, identity and torch.nn layer a leaf 
 value's shape. The stream is followed from where the first stage reads it (everything before is the embedding):
 
 * a block is a residual add chain (derived as for plain ViTs: writes named by the model's own module paths,
-  ``stages.1.blocks.0.mlp``, heads split where the attention is a standard one);
+  ``stages.1.blocks.0.mlp``, heads split where the attention is a standard one, at their query rows: proj's
+  input holds them as contiguous channel groups — ``proj(transpose(A·V).reshape)``, a 1×1-conv proj on NCHW
+  (Visformer), a window reverse before proj (Twins-SVT); an attention whose output passes through more of its
+  branch, EdgeNeXt's XCA feeding the block's MLP, stays inside that one write);
 * a ``Conv2d`` on the stream starts a new grid stream (:meth:`Graph.conv`: a patch conv, kernel == stride, is an
   ``s×s`` merge; any other conv carries the writes forward through its weights);
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
