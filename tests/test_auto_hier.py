@@ -174,7 +174,7 @@ def twins_svt():
 
 
 def test_twins_svt_locally_grouped_attention_splits_heads_after_the_window_reverse():
-    # 7×7 windows on 16×16 … 2×2 grids (zero-padded to whole windows, cropped after the reverse), then a Linear proj
+    # 7×7 windows on 16×16 … 2×2 grids (zero-padded to whole windows, cropped after the reverse), a Linear proj
     model = twins_svt()
     f32 = vitdecomp.decompose(model, images(torch.float32), adapter="auto")
     assert f32.error <= 1e-5
@@ -195,24 +195,26 @@ def test_twins_svt_locally_grouped_attention_splits_heads_after_the_window_rever
 
 
 class _GroupedAttention(torch.nn.Module):
-    """A minimal attention with a size argument; ``interleave``: channels dh-major (d·H + h), heads not groups."""
+    """A minimal attention with a size argument; ``mode``: "groups" (heads contiguous channel groups of proj's
+    input), "interleaved" (channels dh-major, d·H + h) or "nhwc" (groups, but proj applied on [B, h, w, C])."""
 
-    def __init__(self, interleave):
+    def __init__(self, mode):
         super().__init__()
-        self.num_heads, self.interleave = 2, interleave
+        self.num_heads, self.mode = 2, mode
         self.qkv, self.proj = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
 
     def forward(self, x, size):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        o = o.permute(0, 2, 3, 1) if self.interleave else o.permute(0, 2, 1, 3)
-        return self.proj(o.reshape(B, N, C))
+        o = o.permute(0, 2, 3, 1) if self.mode == "interleaved" else o.permute(0, 2, 1, 3)
+        return self.proj(o.reshape(B, size[0], size[1], C) if self.mode == "nhwc" else o.reshape(B, N, C))
 
 
-def test_grouped_heads_recogniser_reads_the_channel_order():
+def test_grouped_heads_recogniser_reads_the_channel_order_and_the_rows():
     from vitdecomp.graph._autostage import _proj_of_grouped_heads
 
-    ok, bad = _GroupedAttention(False), _GroupedAttention(True)
+    ok = _GroupedAttention("groups")
     assert _proj_of_grouped_heads(ok, 2, 3) is ok.proj
-    assert _proj_of_grouped_heads(bad, 2, 3) is None
+    assert _proj_of_grouped_heads(_GroupedAttention("interleaved"), 2, 3) is None
+    assert _proj_of_grouped_heads(_GroupedAttention("nhwc"), 2, 3) is None

@@ -641,6 +641,8 @@ def _proj_of_grouped_heads(mod, h, w):
         if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
             return None
         node = peel(node.args[0])
+        if shape(node) != (1, int(h) * int(w), C):  # rows of proj's input are the stream's rows, [B, N, C]
+            return None
         for _ in range(64):
             so = shape(node)
             crop = isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem
