@@ -28,7 +28,7 @@ STAGED = [
     ("edgenext_xx_small", {}, 64,  # norm before a 2×2 patch conv; branches permuted back to NCHW
      {"stages.1.downsample.0.bias", "stages.1.downsample.1.bias", "stages.2.blocks.1.mlp"}),
     ("visformer_tiny", dict(img_size=64), 64,  # eval BatchNorm on the grid, position tables added on the stream
-     {"patch_embed2.proj.bias", "patch_embed2.norm.bias", "pos_embed2", "stage2.0.attn", "stage3.0.mlp"}),
+     {"patch_embed2.proj.bias", "patch_embed2.norm.bias", "pos_embed2", "stage2.0.attn.head.2", "stage3.0.mlp"}),
 ]
 
 
@@ -93,9 +93,26 @@ def test_staged_attributions_match_the_oracle():
     assert res and all(err <= 1e-6 for _, err, _ in res), res
 
 
+def test_visformer_conv_projection_splits_heads_at_their_query_rows():
+    # a 1×1-conv qkv / proj on [B, C, H, W]: heads are channel groups of proj's input (oracle: next test)
+    model = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
+    model = model.double()
+    dec = vitdecomp.decompose(model, images(), adapter="auto", tokens="source")
+    assert dec.error <= 1e-10 and dec.meta["head_tokens"] == "query"
+    assert {f"stage{s}.{b}.attn.head.{h}" for s in (2, 3) for b in range(4) for h in range(3)} <= set(dec.names)
+    assert not [n for n in dec.names if n.endswith("attn")]  # proj has no bias: no attn.bias component
+    testing.check_token_sums(dec)
+    grid = dec.grid_of("stage3.1.attn.head.0")
+    assert (grid.h, grid.w) == (2, 2) and dec.token_contributions("stage3.1.attn.head.0").shape[1] == 4
+    ref = vitdecomp.decompose(model, images(), adapter="auto", heads=False)
+    for blk in ("stage2.0.attn", "stage3.3.attn"):
+        heads = sum(dec.contributions[:, dec.names.index(f"{blk}.head.{h}")] for h in range(3))
+        assert torch.allclose(heads, ref.contributions[:, ref.names.index(blk)], atol=1e-12)
+
+
 def test_batchnorm_transitions_match_the_oracle():
     # eval BatchNorm on the stream: its constant β − γ·μ/σ is attributed by the oracle through the running mean;
-    # Visformer's position tables are written on the NCHW grid
+    # Visformer's position tables are written on the NCHW grid, its conv-projection heads at their query rows
     vis = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
     res = testing.check_attributions(vis, images(torch.float32, 1), adapter="auto", start=None)
     assert res and all(err <= 1e-6 for _, err, _ in res) and res[0][2] > 0, res
@@ -148,3 +165,56 @@ def test_staged_bad_image_size_is_an_input_error():
     model = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
     with pytest.raises(InputError, match=r"size 96×96"):
         vitdecomp.decompose(model, images(torch.float32, size=96), adapter="auto")
+
+
+def twins_svt():
+    return testing.perturb_parameters(timm.create_model(
+        "twins_svt_small", pretrained=False, img_size=64, depths=(2, 1, 1, 1), embed_dims=(32, 64, 96, 128),
+        num_heads=(2, 2, 4, 4)).eval())
+
+
+def test_twins_svt_locally_grouped_attention_splits_heads_after_the_window_reverse():
+    # 7×7 windows on 16×16 … 2×2 grids (zero-padded to whole windows, cropped after the reverse), a Linear proj
+    model = twins_svt()
+    f32 = vitdecomp.decompose(model, images(torch.float32), adapter="auto")
+    assert f32.error <= 1e-5
+    model = model.double()
+    dec = vitdecomp.decompose(model, images(), adapter="auto", tokens="source")
+    assert dec.error <= 1e-10
+    assert {"blocks.0.0.attn.head.1", "blocks.0.0.attn.bias", "blocks.3.0.attn.head.3", "blocks.0.1.attn.head.1"} \
+        <= set(dec.names), dec.names
+    testing.check_token_sums(dec)
+    ref = vitdecomp.decompose(model, images(), adapter="auto", heads=False)
+    for blk, H in (("blocks.0.0.attn", 2), ("blocks.2.0.attn", 4)):
+        parts = sum(dec.contributions[:, dec.names.index(f"{blk}.head.{h}")] for h in range(H))
+        parts = parts + dec.contributions[:, dec.names.index(f"{blk}.bias")]
+        assert torch.allclose(parts, ref.contributions[:, ref.names.index(blk)], atol=1e-12)
+    # the oracle places the sub-sampled (global) heads' sources nowhere: token splits unchecked, as for PVTv2
+    res = testing.check_attributions(model.float(), images(torch.float32, 1), adapter="auto", tokens=False, start=None)
+    assert res and all(err <= 1e-6 for _, err, _ in res), res
+
+
+class _GroupedAttention(torch.nn.Module):
+    """A minimal attention with a size argument; ``mode``: "groups" (heads contiguous channel groups of proj's
+    input), "interleaved" (channels dh-major, d·H + h) or "nhwc" (groups, but proj applied on [B, h, w, C])."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.num_heads, self.mode = 2, mode
+        self.qkv, self.proj = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        o = o.permute(0, 2, 3, 1) if self.mode == "interleaved" else o.permute(0, 2, 1, 3)
+        return self.proj(o.reshape(B, size[0], size[1], C) if self.mode == "nhwc" else o.reshape(B, N, C))
+
+
+def test_grouped_heads_recogniser_reads_the_channel_order_and_the_rows():
+    from vitdecomp.graph._autostage import _proj_of_grouped_heads
+
+    ok = _GroupedAttention("groups")
+    assert _proj_of_grouped_heads(ok, 2, 3) is ok.proj
+    assert _proj_of_grouped_heads(_GroupedAttention("interleaved"), 2, 3) is None
+    assert _proj_of_grouped_heads(_GroupedAttention("nhwc"), 2, 3) is None

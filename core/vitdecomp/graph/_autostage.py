@@ -8,7 +8,10 @@ every block (``<stages>.i.blocks.j``), norm, identity and torch.nn layer a leaf 
 value's shape. The stream is followed from where the first stage reads it (everything before is the embedding):
 
 * a block is a residual add chain (derived as for plain ViTs: writes named by the model's own module paths,
-  ``stages.1.blocks.0.mlp``, heads split where the attention is a standard one);
+  ``stages.1.blocks.0.mlp``, heads split where the attention is a standard one, at their query rows: proj's
+  input holds them as contiguous channel groups — ``proj(transpose(A·V).reshape)``, a 1×1-conv proj on NCHW
+  (Visformer), a window reverse before proj (Twins-SVT); an attention whose output passes through more of its
+  branch, EdgeNeXt's XCA feeding the block's MLP, stays inside that one write);
 * a ``Conv2d`` on the stream starts a new grid stream (:meth:`Graph.conv`: a patch conv, kernel == stride, is an
   ``s×s`` merge; any other conv carries the writes forward through its weights);
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
@@ -24,6 +27,7 @@ that is not a patch convolution.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 
@@ -391,10 +395,12 @@ def describe_staged(adapter, model, images, tokens):
                         if wl not in ("nchw", "nhwc", "nlc"):
                             refuse(n, f"writes {path}.{sub} of shape {oshape}, not a map of the stream")
                         # heads at the rows they write (their token detail: query rows of the stage's grid)
-                        proj = None if w_nchw else wm.proj if _split_heads(wm) else _proj_of_heads(wm, loose=True)
+                        proj = _proj_of_conv_heads(wm) if w_nchw else \
+                            wm.proj if _split_heads(wm) else \
+                            _proj_of_heads(wm, loose=True) or _proj_of_grouped_heads(wm, gs.h, gs.w)
                         if proj is not None:
-                            g.heads(gs.stream, _QueryHeads(proj, wm.num_heads), proj.weight, proj.bias, gamma=gamma,
-                                    name=sub)
+                            src = (_ConvQueryHeads if w_nchw else _QueryHeads)(proj, wm.num_heads)
+                            g.heads(gs.stream, src, proj.weight.flatten(1), proj.bias, gamma=gamma, name=sub)
                         else:
                             g.branch(gs.stream, wm, name=sub, kind="attn" if "attn" in sub else "mlp", gamma=gamma,
                                      nchw=w_nchw)
@@ -518,6 +524,176 @@ class _QueryHeads(ProjInput):
 
     def install(self, hooks, rec, rows, tokens, reduce):
         super().install(hooks, rec, rows, False, reduce)
+
+
+class _ConvQueryHeads(ProjInput):
+    """As :class:`_QueryHeads` for a 1×1-conv output projection on ``[B, H·dh, h, w]`` (Visformer): heads are
+    contiguous channel groups of proj's input, positions its flattened grid."""
+
+    detail = "query"
+
+    def install(self, hooks, rec, rows, tokens, reduce):
+        H = self.num_heads
+
+        def on_proj_in(x):
+            B = x.shape[0]
+            o = x.flatten(2).transpose(1, 2).index_select(1, rows)
+            o = o.reshape(B, -1, H, o.shape[-1] // H).permute(0, 2, 1, 3)
+            rec.o = reduce(o) if reduce is not None else o
+
+        hooks.pre(self.proj, on_proj_in)
+
+
+def _proj_of_conv_heads(mod):
+    """The 1×1-conv output projection of an attention on ``[B, C, h, w]`` whose output is ``proj(o)`` (through
+    identities) with ``o = permute(attn_out, 0, 1, 3, 2).reshape(B, H·dh, h, w)`` and ``attn_out`` ``[B, H, N, dh]``
+    from ``scaled_dot_product_attention`` or a ``matmul`` (timm's Visformer ``Attention``): heads are contiguous
+    channel groups of proj's input, so the conv's columns split them. None if the trace does not show exactly
+    that (the module is then one block-level write)."""
+    from .auto import _LeafTracer, _cached, _identity
+
+    H, proj = getattr(mod, "num_heads", None), getattr(mod, "proj", None)
+    if not isinstance(H, int) or not isinstance(proj, torch.nn.Conv2d) or proj.groups != 1 or \
+            tuple(proj.kernel_size) != (1, 1) or tuple(proj.stride) != (1, 1) or _pair(proj.padding) != (0, 0) or \
+            proj.in_channels % H:
+        return None
+
+    def derive():
+        params = list(inspect.signature(mod.forward).parameters.values())[1:]
+        if any(p.default is inspect.Parameter.empty for p in params):
+            return None
+        try:
+            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
+        except Exception:  # noqa: BLE001 - not traceable: no head split
+            return None
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
+                n = n.args[0]
+            return n
+
+        node = peel(next(n for n in graph.nodes if n.op == "output").args[0])
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
+            return None
+        node = peel(node.args[0])
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")
+                and len(node.args) == 5):
+            return None
+        t = node.args[0]
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "permute"
+                and tuple(t.args[1:]) == (0, 1, 3, 2)):
+            return None
+        a = t.args[0]
+        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
+        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
+                                                   or (a.op == "call_method" and a.target == "matmul"))):
+            return None
+        return proj
+
+    return _cached(mod, "conv-heads", derive)
+
+
+def _proj_of_grouped_heads(mod, h, w):
+    """The Linear output projection of an attention on ``[B, N, C]`` with a required ``size`` argument (Twins'
+    locally-grouped attention: windows, attention per window, the window reverse, then ``proj``), traced at the
+    stage's grid ``(h, w)`` and its shapes propagated on one zero input: from proj's input back to the attention
+    product every step must keep proj's channel axis last and whole (reshape / view, transpose / permute,
+    contiguous, a crop), down to the reshape that merges ``[.., H, dh]`` and the transpose / permute that brings
+    the head and value axes of the product ``[.., H, n, dh]`` last. Then heads are contiguous channel groups of
+    proj's input, and proj, applied row by row, writes each row where the block adds it: the rows need no map.
+    None if the trace does not show exactly that."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from .auto import _LeafTracer, _cached, _identity
+
+    H, proj = getattr(mod, "num_heads", None), getattr(mod, "proj", None)
+    if not isinstance(H, int) or not isinstance(proj, torch.nn.Linear) or proj.in_features % H:
+        return None
+    params = list(inspect.signature(mod.forward).parameters.values())[1:]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+    if len(required) != 1:
+        return None
+    C = proj.in_features
+    attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
+
+    def derive():
+        try:
+            graph = _LeafTracer().trace(mod, concrete_args={required[0]: (int(h), int(w))})
+            gm = torch.fx.GraphModule(mod, graph)
+            x = torch.zeros(1, int(h) * int(w), C, dtype=proj.weight.dtype, device=proj.weight.device)
+            with torch.no_grad():
+                extra = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]  # the size, pytree-flattened
+                ShapeProp(gm).propagate(x, *((int(h), int(w)) if len(extra) == 2 else ((int(h), int(w)),) * len(extra)))
+        except Exception:  # noqa: BLE001 - not traceable at this size: no head split
+            return None
+
+        def shape(n):
+            tm = n.meta.get("tensor_meta") if isinstance(n, torch.fx.Node) else None
+            return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
+                n = n.args[0]
+            return n
+
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        node = peel(out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out)
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
+            return None
+        node = peel(node.args[0])
+        if shape(node) != (1, int(h) * int(w), C):  # rows of proj's input are the stream's rows, [B, N, C]
+            return None
+        for _ in range(64):
+            so = shape(node)
+            crop = isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            if not isinstance(node, torch.fx.Node) or not (node.op == "call_method" or crop) or so is None or \
+                    so[-1] != C:
+                return None
+            src = node.args[0]
+            si = shape(src)
+            if si is None:
+                return None
+            if crop:  # x[:, :H, :W, :]: slices only, the channel axis whole
+                idx = node.args[1]
+                if not (isinstance(idx, tuple) and len(idx) == len(si) and all(isinstance(i, slice) for i in idx)
+                        and idx[-1] == slice(None) and si[-1] == C):
+                    return None
+            elif node.target == "contiguous":
+                pass
+            elif node.target in ("reshape", "view"):
+                if si[-1] != C:  # the merge of [.., H, dh] from the product, brought last by a transpose / permute
+                    if si[-2:] != (H, C // H) or not isinstance(src, torch.fx.Node) or src.op != "call_method" or \
+                            src.target not in ("transpose", "permute"):
+                        return None
+                    a = src.args[0]
+                    if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
+                                                              or (a.op == "call_method" and a.target == "matmul"))):
+                        return None
+                    sa, nd = shape(a), len(si)
+                    if sa is None or len(sa) != nd or sa[-3] != H or sa[-1] != C // H:
+                        return None
+                    if src.target == "transpose":
+                        dims = list(range(nd))
+                        i, j = (d % nd for d in src.args[1:3])
+                        dims[i], dims[j] = dims[j], dims[i]
+                    else:
+                        dims = [d % nd for d in (src.args[1] if len(src.args) == 2 else src.args[1:])]
+                    return proj if dims[-2:] == [nd - 3, nd - 1] else None
+            elif node.target in ("transpose", "permute"):
+                nd = len(si)
+                if node.target == "transpose":
+                    if nd - 1 in [d % nd for d in node.args[1:3]]:
+                        return None
+                else:
+                    dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+                    if dims[-1] % nd != nd - 1:
+                        return None
+            else:
+                return None
+            node = src
+        return None
+
+    return _cached(mod, ("grouped-heads", int(h), int(w)), derive)
 
 
 def _pool_conv(mod, C, shape, n, refuse):
