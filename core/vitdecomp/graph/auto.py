@@ -374,6 +374,22 @@ def _proj_of_heads(mod, loose: bool = False):
     them. None if the trace does not show exactly that (the module is then one block-level write). ``loose``
     (staged models): required arguments besides the input (a feature size) are traced as placeholders, or else
     as ``(2, 2)`` — only the structure of the output end is read; exactness is checked on the forward."""
+    return _proj_after(mod, ("transpose", (1, 2)), loose, ("heads", loose))
+
+
+def _proj_of_channel_heads(mod):
+    """The output projection of an attention that mixes channels within each token (XCiT's ``XCA``): its trace
+    ends ``proj(permute(attn_out, 0, 3, 1, 2).reshape(B, N, H·dh))`` with ``attn_out`` ``[B, H, dh, N]`` from a
+    ``matmul`` or ``scaled_dot_product_attention`` (tokens on the last axis: the weights are ``[dh, dh]`` per
+    head). Heads are contiguous in proj's input, so proj's columns split them; token detail is
+    :class:`~vitdecomp.graph.sources.TokenwiseHeads`. None if the trace does not show exactly that."""
+    return _proj_after(mod, ("permute", (0, 3, 1, 2)), False, "channel-heads")
+
+
+def _proj_after(mod, layout, loose: bool, key):
+    """``mod.proj`` when ``mod``'s trace ends ``proj(<layout>(attn_out).reshape(...))`` (``layout``: the method and
+    its axes) with ``attn_out`` from ``scaled_dot_product_attention`` or a ``matmul``; else None. Cached per module
+    under ``key``; ``loose`` as in :func:`_proj_of_heads`."""
     H = getattr(mod, "num_heads", None)
     if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
         return None
@@ -408,56 +424,12 @@ def _proj_of_heads(mod, loose: bool = False):
         if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
             return None
         node = peel(node.args[0])
-        if not (node.op == "call_method" and node.target in ("reshape", "view") and len(node.args) == 4):
-            return None
-        t = node.args[0]
-        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "transpose"
-                and tuple(t.args[1:]) == (1, 2)):
-            return None
-        a = t.args[0]
-        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
-        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
-                                                   or (a.op == "call_method" and a.target == "matmul"))):
-            return None
-        return mod.proj
-
-    return _cached(mod, ("heads", loose), derive)
-
-
-def _proj_of_channel_heads(mod):
-    """The output projection of an attention that mixes channels within each token (XCiT's ``XCA``): its trace
-    ends ``proj(permute(attn_out, 0, 3, 1, 2).reshape(B, N, H·dh))`` with ``attn_out`` ``[B, H, dh, N]`` from a
-    ``matmul`` or ``scaled_dot_product_attention`` (tokens on the last axis: the weights are ``[dh, dh]`` per
-    head). Heads are contiguous in proj's input, so proj's columns split them; token detail is
-    :class:`~vitdecomp.graph.sources.TokenwiseHeads`. None if the trace does not show exactly that."""
-    H = getattr(mod, "num_heads", None)
-    if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
-        return None
-
-    def derive():
-        params = list(inspect.signature(mod.forward).parameters.values())[1:]
-        if any(p.default is inspect.Parameter.empty for p in params):
-            return None
-        try:
-            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
-        except Exception:  # noqa: BLE001 - not traceable: no head split
-            return None
-
-        def peel(n):
-            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
-                n = n.args[0]
-            return n
-
-        node = peel(next(n for n in graph.nodes if n.op == "output").args[0])
-        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
-            return None
-        node = peel(node.args[0])
         if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")
                 and len(node.args) == 4):
             return None
         t = node.args[0]
-        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "permute"
-                and tuple(t.args[1:]) == (0, 3, 1, 2)):
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == layout[0]
+                and tuple(t.args[1:]) == layout[1]):
             return None
         a = t.args[0]
         attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
@@ -466,7 +438,9 @@ def _proj_of_channel_heads(mod):
             return None
         return mod.proj
 
-    return _cached(mod, "channel-heads", derive)
+    return _cached(mod, key, derive)
+
+
 
 
 def _xcit_class_block(mod) -> bool:
