@@ -550,47 +550,14 @@ def _proj_of_conv_heads(mod):
     from ``scaled_dot_product_attention`` or a ``matmul`` (timm's Visformer ``Attention``): heads are contiguous
     channel groups of proj's input, so the conv's columns split them. None if the trace does not show exactly
     that (the module is then one block-level write)."""
-    from .auto import _LeafTracer, _cached, _identity
+    from .auto import _proj_after
 
     H, proj = getattr(mod, "num_heads", None), getattr(mod, "proj", None)
     if not isinstance(H, int) or not isinstance(proj, torch.nn.Conv2d) or proj.groups != 1 or \
             tuple(proj.kernel_size) != (1, 1) or tuple(proj.stride) != (1, 1) or _pair(proj.padding) != (0, 0) or \
             proj.in_channels % H:
         return None
-
-    def derive():
-        params = list(inspect.signature(mod.forward).parameters.values())[1:]
-        if any(p.default is inspect.Parameter.empty for p in params):
-            return None
-        try:
-            graph = _LeafTracer().trace(mod, concrete_args={p.name: p.default for p in params} or None)
-        except Exception:  # noqa: BLE001 - not traceable: no head split
-            return None
-
-        def peel(n):
-            while isinstance(n, torch.fx.Node) and n.op == "call_module" and _identity(mod.get_submodule(n.target)):
-                n = n.args[0]
-            return n
-
-        node = peel(next(n for n in graph.nodes if n.op == "output").args[0])
-        if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and node.target == "proj"):
-            return None
-        node = peel(node.args[0])
-        if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")
-                and len(node.args) == 5):
-            return None
-        t = node.args[0]
-        if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == "permute"
-                and tuple(t.args[1:]) == (0, 1, 3, 2)):
-            return None
-        a = t.args[0]
-        attn_fns = (torch.nn.functional.scaled_dot_product_attention, operator.matmul, torch.matmul)
-        if not (isinstance(a, torch.fx.Node) and ((a.op == "call_function" and a.target in attn_fns)
-                                                   or (a.op == "call_method" and a.target == "matmul"))):
-            return None
-        return proj
-
-    return _cached(mod, "conv-heads", derive)
+    return _proj_after(mod, ("permute", (0, 1, 3, 2)), False, "conv-heads", reshape_dims=4)
 
 
 def _proj_of_grouped_heads(mod, h, w):

@@ -374,6 +374,9 @@ def _proj_of_heads(mod, loose: bool = False):
     them. None if the trace does not show exactly that (the module is then one block-level write). ``loose``
     (staged models): required arguments besides the input (a feature size) are traced as placeholders, or else
     as ``(2, 2)`` — only the structure of the output end is read; exactness is checked on the forward."""
+    H = getattr(mod, "num_heads", None)
+    if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
+        return None
     return _proj_after(mod, ("transpose", (1, 2)), loose, ("heads", loose))
 
 
@@ -383,16 +386,16 @@ def _proj_of_channel_heads(mod):
     ``matmul`` or ``scaled_dot_product_attention`` (tokens on the last axis: the weights are ``[dh, dh]`` per
     head). Heads are contiguous in proj's input, so proj's columns split them; token detail is
     :class:`~vitdecomp.graph.sources.TokenwiseHeads`. None if the trace does not show exactly that."""
-    return _proj_after(mod, ("permute", (0, 3, 1, 2)), False, "channel-heads")
-
-
-def _proj_after(mod, layout, loose: bool, key):
-    """``mod.proj`` when ``mod``'s trace ends ``proj(<layout>(attn_out).reshape(...))`` (``layout``: the method and
-    its axes) with ``attn_out`` from ``scaled_dot_product_attention`` or a ``matmul``; else None. Cached per module
-    under ``key``; ``loose`` as in :func:`_proj_of_heads`."""
     H = getattr(mod, "num_heads", None)
     if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
         return None
+    return _proj_after(mod, ("permute", (0, 3, 1, 2)), False, "channel-heads")
+
+
+def _proj_after(mod, layout, loose: bool, key, reshape_dims: int = 3):
+    """``mod.proj`` when ``mod``'s trace ends ``proj(<layout>(attn_out).reshape(...))`` (``layout``: the method and
+    its axes; the reshape to ``reshape_dims`` dimensions) with ``attn_out`` from ``scaled_dot_product_attention``
+    or a ``matmul``; else None. Cached per module under ``key``; ``loose`` as in :func:`_proj_of_heads`."""
 
     def derive():
         params = list(inspect.signature(mod.forward).parameters.values())[1:]
@@ -425,7 +428,7 @@ def _proj_after(mod, layout, loose: bool, key):
             return None
         node = peel(node.args[0])
         if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("reshape", "view")
-                and len(node.args) == 4):
+                and len(node.args) == reshape_dims + 1):
             return None
         t = node.args[0]
         if not (isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target == layout[0]
