@@ -114,7 +114,8 @@ def fit(path, method, **kw):
             "best": al.config["best_epoch"], "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
             "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
             "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
-            "curve": [h.get("val_cosine") for h in al.history]}
+            "curve": [h.get("val_cosine") for h in al.history], "seconds": [h.get("seconds") for h in al.history],
+            "history": al.history}
 
 
 def planted(N, C, D, d, noise=0.1, seed=0):
@@ -133,7 +134,7 @@ def planted(N, C, D, d, noise=0.1, seed=0):
 
 
 def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
-    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"adam"``, ``"bcd"``
+    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"joint"``, ``"adam"``, ``"bcd"``
     (the plain block steps) or ``"prox:START,DECAY"`` (bcd whose block steps minimise the objective plus the
     proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). Besides the
     fields of :func:`fit`: the training objective at the result and the held-out cosine against the noise-free
@@ -148,7 +149,7 @@ def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
     out = []
     try:
         for run in runs:
-            method = "adam" if run == "adam" else "bcd"
+            method = run if run in ("adam", "joint") else "bcd"
             ca._PROX_START, ca._PROX_DECAY = (0.0, 0.7) if ":" not in run else map(float, run.split(":")[1].split(","))
             t0 = time.perf_counter()
             al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False)
@@ -367,8 +368,9 @@ def main(argv=None):
         p.add_argument("--noise", type=float, default=0.1)
     p = sub.add_parser("fit")
     p.add_argument("cache")
-    p.add_argument("--method", default="bcd", choices=("bcd", "adam"))
+    p.add_argument("--method", default="bcd", choices=("bcd", "adam", "joint"))
     p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the result here")
     p = sub.add_parser("adam-steps")
     p.add_argument("cache")
@@ -407,6 +409,8 @@ def main(argv=None):
         write_cache(args.out, args.n, args.c, args.dim, args.target_dim or args.dim, args.noise)
         print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     elif args.cmd == "fit":
+        if args.threads:
+            torch.set_num_threads(args.threads)
         res = fit(args.cache, args.method, max_epochs=args.max_epochs, progress=True)
         res["load_after"] = os.getloadavg()
         print(json.dumps(res))
