@@ -68,7 +68,7 @@ __all__ = ["AlignConfig", "Aligner", "fit_aligner"]
 
 _FORMAT = "vitdecomp.aligner/1"
 _METHODS = ("bcd", "adam", "joint")
-_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 30)}  # (max_epochs, patience, penalty_warmup) per method
+_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 10)}  # (max_epochs, patience, penalty_warmup) per method
 _UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration"}  # what max_epochs and history count
 _BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D (see fit_aligner)
 _SMALL_VAL = 50  # fewer held-out images than this: the held-out cosine says little (warned)
@@ -914,7 +914,7 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
 # ---------------------------------------------------------------------------------------------------- joint fit
 
 _LBFGS_HISTORY = 5  # L-BFGS correction pairs kept (fewer when memory_gb cannot hold them; at least 1)
-_FLIP_EVERY, _FLIP_TRIES = 10, 3  # D = d: reflection candidates every 10 iterations, until 3 in a row take none
+_FLIP_ROUNDS = 5  # D = d: rounds of reflection candidates, each where descent has stopped (see _fit_joint)
 _PASS_BYTES = 2 ** 28  # float32 bytes of one [B, C·D] batch of a joint pass
 
 
@@ -955,15 +955,15 @@ class _Passes:
         return Ut, Uv
 
     def project(self, w: torch.Tensor):
-        """z_i(x) = c_i(x)·w_i for every training and held-out image ([n, C], [m, C]); ``w`` [C, D]."""
+        """z_ij(x) = c_i(x)·w_ij for every training and held-out image ([n, C, k], [m, C, k]); ``w`` [C, k, D]."""
         C, D = self.data.C, self.data.D
-        Zt = torch.empty(self.n_train, C, device=self.device)
-        Zv = torch.empty(self.n_val, C, device=self.device)
+        Zt = torch.empty(self.n_train, C, w.shape[1], device=self.device)
+        Zv = torch.empty(self.n_val, C, w.shape[1], device=self.device)
         for k, tl, t0, vl, v0 in self.plan:
             chunk = self.data.load(k)
             for local, start, Z in ((tl, t0, Zt), (vl, v0, Zv)):
                 for i, c in self._batches(chunk, local):
-                    Z[start + i:start + i + c.shape[0]] = (c.view(-1, C, D) * w).sum(2)
+                    Z[start + i:start + i + c.shape[0]] = torch.einsum("bcD,ckD->bck", c.view(-1, C, D), w)
         return Zt, Zv
 
     def grad(self, gF: torch.Tensor) -> torch.Tensor:
@@ -1102,23 +1102,30 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
 
         def reflect():
             # D = d: the isometries form two sets (det ±1) that steps under the penalty cannot cross. A map stuck
-            # in the wrong one is one reflection away from the right one; the candidate for map i reflects its
-            # least stretched direction v_i (smallest eigenvector of W_iᵀW_i, so the penalty is unchanged):
-            # W_i ← W_i − 2(W_i v_i)v_iᵀ, which changes f by the rank-one −2·z_i(x)·v_i, z_i = c_i·W_i v_i. One pass
-            # gives every z_i; each candidate's exact change of the training objective follows from per-image
-            # scalars. The candidates that lower it are taken together (or, if together they do not, the best), of
-            # maps that are near an isometry (σ_min ≥ 1/2).
-            ev, V = torch.linalg.eigh(W.transpose(1, 2) @ W)
-            v = V[:, :, 0].contiguous()  # [C, d]
-            w = (W @ v[:, :, None]).squeeze(2)  # [C, D]
-            z, zv = passes.project(w)
+            # in the wrong one is one reflection away from the right one: W_i ← W_i(I − 2 v vᵀ), |v| = 1, which
+            # leaves the penalty unchanged (‖H(G − I)H‖ = ‖G − I‖ for orthogonal H) and changes f by the rank-one
+            # −2·z(x)·vᵀ, z = c_i·W_i v. Two candidates v per map: the direction the data term pushes hardest to
+            # shrink (top eigenvector of sym(W_iᵀ ∂L_data/∂W_i), which the penalty holds up at a trapped map) and
+            # the least stretched one (smallest eigenvector of W_iᵀW_i). One pass gives every z; each candidate's
+            # exact change of the training objective follows from per-image scalars. The best candidate of every
+            # map that lowers it is taken, all together (or, if together they do not lower it, the best one).
+            pg, _ = _penalty_grad(W)
+            S = W.transpose(1, 2) @ (g[0] - mu * pg)
+            V = torch.stack([torch.linalg.eigh(S + S.transpose(1, 2))[1][:, :, -1],
+                             torch.linalg.eigh(W.transpose(1, 2) @ W)[1][:, :, 0]], 1)  # [C, 2, d]
+            del pg, S
+            wk = W @ V.transpose(1, 2)  # [C, D, 2]
+            zk, zvk = passes.project(wk.transpose(1, 2).contiguous())  # [n, C, 2]
             FF, FT = (F * F).sum(1, keepdim=True), (F * T).sum(1, keepdim=True)
             cos0 = FT * FF.clamp_min(1e-30).rsqrt()
-            Fv_, Tv_ = F @ v.T, T @ v.T
-            new = (FT - 2 * z * Tv_) * (FF - 4 * z * Fv_ + 4 * z * z).clamp_min(1e-30).rsqrt()
-            gain = reduce((new - cos0).sum(0, dtype=torch.float64)) / n_total  # rise of the mean cosine, per map
-            # a map whose least stretched direction is already near 0 is crossing by itself: reflecting it is no jump
-            take = torch.nonzero((gain > 1e-9) & (ev[:, 0] >= 0.25)).flatten()
+            Fv_, Tv_ = torch.einsum("nd,ckd->nck", F, V), torch.einsum("nd,ckd->nck", T, V)
+            new = (FT[:, :, None] - 2 * zk * Tv_) * (FF[:, :, None] - 4 * zk * Fv_ + 4 * zk * zk).clamp_min(
+                1e-30).rsqrt()
+            gains = reduce((new - cos0[:, :, None]).sum(0, dtype=torch.float64)) / n_total  # mean cosine rise [C, 2]
+            gain, j = gains.max(1)
+            ar = torch.arange(C, device=W.device)
+            v, w, z, zv = V[ar, j], wk[ar, :, j], zk[:, ar, j], zvk[:, ar, j]
+            take = torch.nonzero(gain > 1e-9).flatten()
             if not take.numel():
                 return 0
             dF = -2 * z[:, take] @ v[take]
@@ -1135,7 +1142,22 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
         # Only where the data determine the maps (as for method="auto"'s bcd): below, a map's determinant is not
         # determined either, and a reflection that fits the training images better fits their noise (planted C =
         # 16, D = d = 48, n = 0.94·C·D: held-out cosine 0.978 with reflections, 0.985 without).
-        flips, tries = D == d and n_total >= _BCD_MIN_RATIO * C * D, 0
+        flips = D == d and n_total >= _BCD_MIN_RATIO * C * D
+        rounds, state = 0, {"reflected": 0}
+
+        def jump():
+            # Where descent has stopped (patience spent, or no descent step left): try the reflections; if any map
+            # jumped, descent goes on from there (new gradient, fresh curvature pairs) with patience restored.
+            nonlocal g, R, train_loss, hist, rounds
+            if not (flips and mu > 0):
+                return False
+            rounds += 1
+            state["reflected"] = reflect()
+            if state["reflected"]:
+                g, R, train_loss = gradient(mu)
+                hist = []
+            return bool(state["reflected"])
+
         mu = mu_of(1)
         g, R, train_loss = gradient(mu)
         hist: List[tuple] = []  # (s, y, 1/sᵀy)
@@ -1179,6 +1201,8 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                     break
                 hist = []  # the quasi-Newton direction did not descend: once more from steepest descent
             if not alpha > 0:
+                if rounds < _FLIP_ROUNDS and it >= warm and jump():
+                    continue
                 reason = "converged"
                 break
             W.add_(P[0], alpha=alpha)
@@ -1195,17 +1219,11 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                 if len(hist) > m:
                     hist.pop(0)
             g = g_new
-            flipped = 0
-            if flips and mu > 0 and it >= warm and it % _FLIP_EVERY == 0 and tries < _FLIP_TRIES:
-                flipped = reflect()
-                tries = 0 if flipped else tries + 1
-                if flipped:  # the maps jumped: new gradient, and the curvature pairs no longer describe this point
-                    g, R, train_loss = gradient(mu)
-                    hist = []
             pen = float(R.pow(2).sum(dtype=torch.float64)) / (C * d)
             entry = {"epoch": it, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": train_loss,
                      "lam": mu * C * d, "decrease": f0 - f1, "step": alpha,
-                     "reflected": flipped}
+                     "reflected": state["reflected"]}
+            state["reflected"] = 0
             if n_val:
                 cos = val_cos()
                 obj = 1.0 - cos + cfg.lam * pen
@@ -1227,6 +1245,9 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                 bar.write(f"iteration {it}: training 1 − cos {train_loss:.5f}{vc}, isometry penalty {pen:.2e} "
                           f"({entry['seconds']:.0f} s)")
             if bad >= cfg.patience and it >= warm:
+                if rounds < _FLIP_ROUNDS and jump():
+                    bad = 0
+                    continue
                 reason = "no held-out improvement" if n_val else "no training improvement"
                 break
         bar.close()
