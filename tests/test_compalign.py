@@ -157,7 +157,7 @@ def test_config_validation_and_inputs():
 
 def test_no_validation_split_and_determinism():
     c, t, _ = _planted(N=300, C=2, D=6, d=6)
-    for method in ("adam", "bcd"):
+    for method in ("adam", "bcd", "joint"):
         a1 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
         a2 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
         assert a1.held_out_cosine is None and len(a1.history) == 4
@@ -284,7 +284,7 @@ def test_baseline_is_the_best_shared_linear_map():
     assert al.init_cosine == pytest.approx(float(cos), abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["bcd", "adam"])
+@pytest.mark.parametrize("method", ["bcd", "adam", "joint"])
 def test_small_held_out_split_warns_and_stops_early(method):
     """36 images: 4 held out, which is warned about; training stops when nothing improves, not after max_epochs."""
     c, t, _ = _planted(N=36, C=2, D=4, d=4, seed=6)
@@ -308,10 +308,10 @@ def test_method_is_checked():
         fit_aligner(c, t, method="sgd", progress=False)
 
 
-def test_auto_takes_adam_when_the_data_do_not_determine_the_maps():
+def test_auto_takes_joint_when_the_data_do_not_determine_the_maps():
     c, t, _ = _planted(N=120, C=4, D=16, d=16, seed=8)  # 108 training images < 2·C·D = 128
     al = fit_aligner(c, t, max_epochs=2, progress=False)
-    assert al.config["method"] == "adam" and al.config["method_requested"] == "auto"
+    assert al.config["method"] == "joint" and al.config["method_requested"] == "auto"
     c, t, _ = _planted(N=160, C=4, D=16, d=16, seed=8)  # 144 ≥ 128
     al = fit_aligner(c, t, max_epochs=2, progress=False)
     assert al.config["method"] == "bcd"

@@ -36,7 +36,18 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
+- ``method="joint"`` (what ``"auto"`` takes with fewer images): L-BFGS on all maps and the bias at once, from
+  the same shared start. f(x) is held for every training and held-out image; an iteration is one pass computing
+  c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an exact line search
+  along it (the data term from five per-image scalars, the penalty a quartic: no further pass) and one pass for
+  the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
+  its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
+  early-stopped joint descent regularises like Adam's small steps (it moves last along the weakly determined
+  directions), where every block solve overfits; it matches or beats Adam there at a fraction of the passes.
+  λ ramps up over ``penalty_warmup`` iterations (default 10; the curvature pairs are reset when it changes).
+  With D = d and the maps determined (≥ 2·C·D images), a map trapped among the isometries of the wrong
+  determinant is found by the data term's gradient and reflected where descent stops (see ``_fit_joint``);
+- ``method="adam"``: the stochastic-gradient reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -119,13 +130,16 @@ class AlignConfig:
     with D > d (a connected set of isometries) the ramp makes no difference. ``bcd`` needs no ramp (default 1:
     none): its Procrustes candidate jumps across.
 
-    ``method``: ``"bcd"`` (block-coordinate sweeps) or ``"adam"``, the one used (:func:`fit_aligner`'s default
-    ``"auto"`` picks by the number of training images); ``max_epochs``, ``patience`` and
-    ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1) and epochs for ``adam`` (200, 5, 20).
+    ``method``: ``"bcd"`` (block-coordinate sweeps), ``"joint"`` (L-BFGS on all maps) or ``"adam"``, the one
+    used (:func:`fit_aligner`'s default ``"auto"`` picks by the number of training images); ``max_epochs``,
+    ``patience`` and ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1), iterations for ``joint``
+    (500, 10, 10) and epochs for ``adam`` (200, 5, 20).
     ``lr``, ``weight_decay``, ``batch_size`` and ``penalty_probes`` are Adam's (``bcd`` uses ``batch_size`` only
-    for its evaluation passes). ``tol``: a sweep/epoch counts as an improvement when the held-out objective falls
-    by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training decrease is below
-    it). ``memory_gb``: ``bcd``'s budget for the contributions it holds at once.
+    for its evaluation passes). ``tol``: a sweep/iteration/epoch counts as an improvement when the held-out
+    objective falls by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training
+    decrease is below it, ``joint`` after ``patience`` such iterations). ``memory_gb``: ``bcd``'s budget for the
+    contributions it holds at once; ``joint``'s for its L-BFGS history (up to 5 correction pairs, two map-sized
+    vectors each: 3 at C = 150, D = d = 768 with the default 2 GiB).
     """
 
     lam: float = attrs.field(default=1.0, validator=_non_negative)
@@ -159,7 +173,8 @@ class Aligner:
     ``names`` the C component names, ``model_name`` the analysed model, ``clip_model`` the target CLIP model,
     ``held_out_cosine`` the mean cos(f(x), t(x)) on held-out images, ``init_cosine`` the same for the
     closed-form initialisation (one shared linear map of Σ_i c_i: the baseline to compare with), ``config`` the
-    training settings (``config["method"]``: ``"bcd"`` or ``"adam"``) and ``history`` one dict per sweep/epoch.
+    training settings (``config["method"]``: ``"bcd"``, ``"joint"`` or ``"adam"``) and ``history`` one dict per
+    sweep/iteration/epoch (``seconds``: since training began, after the shared start).
     """
 
     weight: Optional[torch.Tensor]
@@ -1271,13 +1286,14 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"adam"``
+    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"joint"``
     otherwise. With fewer images than C·D the maps are not determined by the data (C·D·d unknowns, n·d target
     values): each block of bcd's first sweep is solved exactly and fits the noise of the others (planted N =
     10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the shared-map baseline),
-    while Adam's small steps from the shared start regularise implicitly (planted C = 16, D = d = 48: at
-    n = 0.35·C·D Adam reaches 0.50 and bcd 0.33; at 0.94·C·D 0.976 and 0.969; at 3.5·C·D bcd is better, 0.994
-    against 0.992, in 8 sweeps against 67 epochs). ``config["method"]`` records the method used.
+    while early-stopped descent on all maps at once from the shared start regularises implicitly, as Adam's small
+    steps do (planted C = 16, D = d = 48, ``benchmarks/RESULTS.md``: at n = 0.35·C·D joint 0.53, Adam 0.50, bcd
+    0.32; at 0.94·C·D joint 0.98, Adam 0.98, bcd 0.96; at 3.5·C·D bcd and joint 0.994, Adam 0.993, bcd in 8
+    sweeps, joint in ~200 iterations, i.e. ~15× the multiply-adds). ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
 
@@ -1285,9 +1301,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
     data = _Data.of(contributions)
     requested = method
-    if method == "auto":  # bcd where the data determine the maps, Adam's implicit regularisation where not
+    if method == "auto":  # bcd where the data determine the maps, joint descent (early-stopped) where not
         n_train = data.N - (int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0)
-        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "adam"
+        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "joint"
     defaults = _DEFAULTS[method]
     cfg = AlignConfig(lam=lam, method=method, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=defaults[0] if max_epochs is None else max_epochs,
