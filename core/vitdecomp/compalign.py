@@ -1110,10 +1110,10 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
             gW.add_(pg, alpha=mu)
             return (gW, gb), R, 1.0 - float(cos_sum) / n_total
 
-        def val_cos():
-            if not passes.n_val:
+        def val_cos():  # every rank takes part in the sum, also one without held-out images of its own
+            if not n_val:
                 return None
-            s = torch.nn.functional.cosine_similarity(Fv, Tv, dim=-1).sum(dtype=torch.float64)
+            s = torch.nn.functional.cosine_similarity(Fv, Tv.to(Fv.device), dim=-1).sum(dtype=torch.float64)
             return float(reduce(s[None])[0]) / n_val
 
         def reflect():
