@@ -1045,7 +1045,7 @@ def _line_min(F, U, T, pen, n_total, reduce, a0):
     for _ in range(80):  # expand until the value rises or the slope turns
         fa, ga = phi(a)
         if fa > flo or ga >= 0:
-            hi, fhi, ghi = a, fa, ga
+            hi, ghi = a, ga
             break
         lo, flo, glo = a, fa, ga
         a *= 4.0
@@ -1057,7 +1057,7 @@ def _line_min(F, U, T, pen, n_total, reduce, a0):
         m = min(max(m, lo + 0.05 * w), hi - 0.05 * w)
         fm, gm = phi(m)
         if fm > flo or gm >= 0:
-            hi, fhi, ghi = m, fm, gm
+            hi, ghi = m, gm
         else:
             lo, flo, glo = m, fm, gm
         if abs(glo) <= 1e-6 * abs(g0) or hi - lo <= 1e-7 * hi:
@@ -1188,7 +1188,7 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
             if mu_now != mu:  # the penalty weight ramps: same W, other objective; old curvature pairs are stale
                 g[0].add_(_penalty_grad(W)[0], alpha=mu_now - mu)
                 mu, hist = mu_now, []
-            for attempt in range(2):
+            for _ in range(2):  # the quasi-Newton direction, then (if it does not descend) steepest descent
                 if hist:  # two-loop recursion: P = −H·g
                     q0, q1 = g[0].clone(), g[1].clone()
                     alphas = []
