@@ -29,7 +29,7 @@ command continues an interrupted extraction; a cache made with another model or 
 _EPILOG_ALIGN = """examples:
   vitdecomp align cache/deit --out deit_to_vitl14.safetensors
   vitdecomp align cache/deit --out a.safetensors --lam 1 --epochs 20 --patience 2 --val-fraction 0.1
-  vitdecomp align cache/deit --out a.safetensors --method joint   # L-BFGS on all maps (auto's pick below 2·C·D images)
+  vitdecomp align cache/deit --out a.safetensors --method joint   # L-BFGS on all maps at once
   vitdecomp align cache/deit --out a.safetensors --method adam --epochs 200   # the stochastic-gradient reference
   vitdecomp align cache/clip --identity --out clip_identity.safetensors   # the analysed model is the CLIP model
 """
@@ -424,7 +424,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--lam", type=float, default=1.0, help="weight of the isometry penalty (paper: 1)")
     p.add_argument("--method", choices=("auto", "bcd", "joint", "adam"), default="auto",
                    help="bcd: block-coordinate Gauss–Newton sweeps; joint: L-BFGS on all maps at once; adam: "
-                        "stochastic gradients; auto (default): bcd with at least 2·C·D training images, else joint")
+                        "stochastic gradients; auto (default): bcd with at least 2·C·D training images, else adam")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,

@@ -36,18 +36,18 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"`` (what ``"auto"`` takes with fewer images): L-BFGS on all maps and the bias at once, from
+- ``method="joint"``: L-BFGS on all maps and the bias at once, from
   the same shared start. f(x) is held for every training and held-out image; an iteration is one pass computing
   c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an exact line search
   along it (the data term from five per-image scalars, the penalty a quartic: no further pass) and one pass for
   the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
   its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
-  early-stopped joint descent regularises like Adam's small steps (it moves last along the weakly determined
-  directions), where every block solve overfits; it matches or beats Adam there at a fraction of the passes.
+  early-stopped joint descent regularises where every block solve overfits: with C = 16 components it beats
+  Adam's held-out cosine, with C = 150 (D = d = 96) it falls behind Adam (see :func:`fit_aligner`).
   λ ramps up over ``penalty_warmup`` iterations (default 10; the curvature pairs are reset when it changes).
   With D = d and the maps determined (≥ 2·C·D images), a map trapped among the isometries of the wrong
   determinant is found by the data term's gradient and reflected where descent stops (see ``_fit_joint``);
-- ``method="adam"``: the stochastic-gradient reference. Each batch
+- ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -1286,14 +1286,16 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"joint"``
+    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"adam"``
     otherwise. With fewer images than C·D the maps are not determined by the data (C·D·d unknowns, n·d target
     values): each block of bcd's first sweep is solved exactly and fits the noise of the others (planted N =
     10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the shared-map baseline),
-    while early-stopped descent on all maps at once from the shared start regularises implicitly, as Adam's small
-    steps do (planted C = 16, D = d = 48, ``benchmarks/RESULTS.md``: at n = 0.35·C·D joint 0.53, Adam 0.50, bcd
-    0.32; at 0.94·C·D joint 0.98, Adam 0.98, bcd 0.96; at 3.5·C·D bcd and joint 0.994, Adam 0.993, bcd in 8
-    sweeps, joint in ~200 iterations, i.e. ~15× the multiply-adds). ``config["method"]`` records the method used.
+    while early-stopped descent from the shared start regularises implicitly. ``"joint"`` (L-BFGS on all maps)
+    does so best at small C (planted C = 16, D = d = 48, ``benchmarks/RESULTS.md``: at n = 0.35·C·D joint 0.53,
+    Adam 0.50, bcd 0.32; at 0.94·C·D joint and Adam 0.98, bcd 0.96; at 3.5·C·D bcd and joint 0.994, Adam 0.993,
+    bcd in 8 sweeps, joint in ~200 iterations) but falls behind Adam at C = 150 (D = d = 96, n = 0.63·C·D: held-out
+    cosine 0.81 after 10 minutes against Adam's 0.90), so ``"auto"`` keeps Adam there. ``config["method"]``
+    records the method used.
     """
     from tqdm.auto import tqdm
 
@@ -1301,9 +1303,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
     data = _Data.of(contributions)
     requested = method
-    if method == "auto":  # bcd where the data determine the maps, joint descent (early-stopped) where not
+    if method == "auto":  # bcd where the data determine the maps, Adam's implicit regularisation where not
         n_train = data.N - (int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0)
-        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "joint"
+        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "adam"
     defaults = _DEFAULTS[method]
     cfg = AlignConfig(lam=lam, method=method, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=defaults[0] if max_epochs is None else max_epochs,
