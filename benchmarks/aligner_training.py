@@ -1,4 +1,4 @@
-"""CompAlign training: block-coordinate sweeps (``method="bcd"``, the default) against Adam (``method="adam"``).
+"""CompAlign training: joint L-BFGS (``method="joint"``), block-coordinate sweeps (``"bcd"``) and Adam (``"adam"``).
 
 Data: planted targets written as a real extraction cache (float16 shards, exactly what :func:`vitdecomp.extract`
 writes), so ``fit_aligner`` streams it as it would a real one. Component i contributes c_i(x) = s_i·g + o_i
@@ -10,14 +10,14 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
 
     # a cache (≈ N·C·D·2 bytes) under /tmp, then fits on it; delete it afterwards
     python benchmarks/aligner_training.py write /tmp/planted --n 10000 --c 150 --dim 768 --target-dim 768
-    python benchmarks/aligner_training.py fit /tmp/planted --method bcd
+    python benchmarks/aligner_training.py fit /tmp/planted --method joint --threads 2 --max-epochs 25 --json j.json
     python benchmarks/aligner_training.py adam-steps /tmp/planted --steps 3   # Adam's per-step time, extrapolated
     python benchmarks/aligner_training.py bcd-blocks /tmp/planted --blocks 2  # bcd's per-block time, extrapolated
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768   # the same on random data
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768 --adam   # Adam's step there
-    python benchmarks/aligner_training.py compare --n 4000 --c 24 --dim 64 --target-dim 64   # both, to convergence
+    python benchmarks/aligner_training.py compare --n 10000 --c 150 --dim 96 --methods joint adam bcd  # to their stops
     # in memory, one thread: plain bcd, bcd with a proximal schedule κ_k = 16·0.7^(k−1), and Adam on the same data
-    python benchmarks/aligner_training.py schedules --n 300 --c 16 --dim 48 --runs bcd prox:16,0.7 adam
+    python benchmarks/aligner_training.py schedules --n 300 --c 16 --dim 48 --runs joint adam bcd prox:16,0.7
     python benchmarks/aligner_training.py joint-probe --n 300 --c 16 --dim 48   # full-batch GD and L-BFGS, all maps
 """
 
@@ -105,16 +105,17 @@ def fit(path, method, **kw):
 
     cache = vitdecomp.ExtractionCache.open(path)
     maps = load_file(str(Path(path) / "planted_maps.safetensors"))["maps"]
-    t0 = time.perf_counter()
+    t0, p0 = time.perf_counter(), time.process_time()
     al = vitdecomp.fit_aligner(cache, method=method, **kw)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - p0
     pen, worst = _isometry(al.weight)
     rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
-    return {"method": method, "wall_s": round(wall, 1), "steps": len(al.history) - 1,
+    return {"method": method, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": len(al.history) - 1,
             "best": al.config["best_epoch"], "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
             "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
             "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
-            "curve": [h.get("val_cosine") for h in al.history]}
+            "curve": [h.get("val_cosine") for h in al.history], "seconds": [h.get("seconds") for h in al.history],
+            "history": al.history}
 
 
 def planted(N, C, D, d, noise=0.1, seed=0):
@@ -133,7 +134,7 @@ def planted(N, C, D, d, noise=0.1, seed=0):
 
 
 def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
-    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"adam"``, ``"bcd"``
+    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"joint"``, ``"adam"``, ``"bcd"``
     (the plain block steps) or ``"prox:START,DECAY"`` (bcd whose block steps minimise the objective plus the
     proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). Besides the
     fields of :func:`fit`: the training objective at the result and the held-out cosine against the noise-free
@@ -148,16 +149,17 @@ def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
     out = []
     try:
         for run in runs:
-            method = "adam" if run == "adam" else "bcd"
+            method = run if run in ("adam", "joint") else "bcd"
             ca._PROX_START, ca._PROX_DECAY = (0.0, 0.7) if ":" not in run else map(float, run.split(":")[1].split(","))
-            t0 = time.perf_counter()
+            t0, p0 = time.perf_counter(), time.process_time()
             al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - p0
             pen, worst = _isometry(al.weight)
             rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
             clean = torch.einsum("ncD,cDd->nd", c[val], maps) + bias
             out.append({"run": run, "n_train": int((~val).sum()), "ratio": round(int((~val).sum()) / (C * D), 2),
-                        "wall_s": round(wall, 1), "steps": len(al.history) - 1, "best": al.config["best_epoch"],
+                        "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": len(al.history) - 1,
+                        "best": al.config["best_epoch"],
                         "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
                         "train_objective": float(1 - al.cosine(c[~val], t[~val]).mean()) + pen,
                         "cosine_vs_noise_free": float(torch.nn.functional.cosine_similarity(
@@ -367,8 +369,9 @@ def main(argv=None):
         p.add_argument("--noise", type=float, default=0.1)
     p = sub.add_parser("fit")
     p.add_argument("cache")
-    p.add_argument("--method", default="bcd", choices=("bcd", "adam"))
+    p.add_argument("--method", default="bcd", choices=("bcd", "adam", "joint"))
     p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the result here")
     p = sub.add_parser("adam-steps")
     p.add_argument("cache")
@@ -383,6 +386,9 @@ def main(argv=None):
     p.add_argument("--target-dim", type=int, default=768)
     p.add_argument("--adam", action="store_true", help="time Adam steps instead")
     sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
+    sub.choices["compare"].add_argument("--methods", nargs="+", default=["joint", "bcd", "adam"],
+                                        choices=("joint", "bcd", "adam"))
+    sub.choices["compare"].add_argument("--threads", type=int, default=None)
     p = sub.add_parser("joint-probe")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--c", type=int, default=16)
@@ -407,6 +413,8 @@ def main(argv=None):
         write_cache(args.out, args.n, args.c, args.dim, args.target_dim or args.dim, args.noise)
         print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     elif args.cmd == "fit":
+        if args.threads:
+            torch.set_num_threads(args.threads)
         res = fit(args.cache, args.method, max_epochs=args.max_epochs, progress=True)
         res["load_after"] = os.getloadavg()
         print(json.dumps(res))
@@ -426,15 +434,18 @@ def main(argv=None):
     elif args.cmd == "schedules":
         torch.set_num_threads(args.threads)
         schedules(args.n, args.c, args.dim, args.target_dim or args.dim, args.runs, args.noise, args.val_fraction)
-    else:  # compare: both methods on one planted cache in a temporary folder
+    else:  # compare: the methods on one planted cache in a temporary folder
+        if args.threads:
+            torch.set_num_threads(args.threads)
         tmp = Path(tempfile.mkdtemp(prefix="align_bench_"))
         try:
             path = write_cache(tmp / "cache", args.n, args.c, args.dim, args.target_dim or args.dim, args.noise)
-            for method in ("bcd", "adam"):
+            for method in args.methods:
                 kw = {"max_epochs": args.adam_epochs} if method == "adam" and args.adam_epochs else {}
                 res = fit(path, method, progress=False, **kw)
                 res["load_after"] = os.getloadavg()
-                print(json.dumps(res))
+                res.pop("history")
+                print(json.dumps(res), flush=True)
         finally:
             shutil.rmtree(tmp)
 

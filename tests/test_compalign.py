@@ -157,7 +157,7 @@ def test_config_validation_and_inputs():
 
 def test_no_validation_split_and_determinism():
     c, t, _ = _planted(N=300, C=2, D=6, d=6)
-    for method in ("adam", "bcd"):
+    for method in ("adam", "bcd", "joint"):
         a1 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
         a2 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
         assert a1.held_out_cosine is None and len(a1.history) == 4
@@ -284,7 +284,7 @@ def test_baseline_is_the_best_shared_linear_map():
     assert al.init_cosine == pytest.approx(float(cos), abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["bcd", "adam"])
+@pytest.mark.parametrize("method", ["bcd", "adam", "joint"])
 def test_small_held_out_split_warns_and_stops_early(method):
     """36 images: 4 held out, which is warned about; training stops when nothing improves, not after max_epochs."""
     c, t, _ = _planted(N=36, C=2, D=4, d=4, seed=6)
@@ -365,3 +365,152 @@ def test_bcd_where_the_maps_are_underdetermined_keeps_the_shared_baseline(monkey
     expected = [prox_start * 0.7 ** (k - 1) if prox_start * 0.7 ** (k - 1) >= 1e-3 else 0.0
                 for k in range(1, len(al.history))]
     assert [h["prox"] for h in al.history[1:]] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------------- joint fit
+
+
+def _objective(al, c, t, mask):
+    """fit_aligner's objective on the images where ``mask`` (brute force, float64): mean 1 − cos + the penalty."""
+    W = al.weight.double()
+    f = torch.einsum("ncD,cDd->nd", c[mask].double(), W) + al.bias.double()
+    cos = torch.nn.functional.cosine_similarity(f, torch.nn.functional.normalize(t[mask].double(), dim=-1), dim=-1)
+    return float(1 - cos.mean()) + float(_penalty(W))
+
+
+def _split(N, val_fraction=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    val = torch.zeros(N, dtype=torch.bool)
+    val[torch.randperm(N, generator=gen)[:round(N * val_fraction)]] = True
+    return val
+
+
+def test_joint_line_search_is_exact():
+    """_line_min's value and slope are those of the objective along the line (brute force), and it returns a
+    point where the slope vanishes and the value is below the start."""
+    from vitdecomp.compalign import _line_min
+
+    g = torch.Generator().manual_seed(12)
+    n, d = 50, 6
+    F = torch.randn(n, d, generator=g) * 3
+    T = torch.nn.functional.normalize(torch.randn(n, d, generator=g) + F, dim=-1)
+    U = torch.randn(n, d, generator=g) + 0.5 * (T - F / 3)
+    pen = [0.1, -0.05, 0.02, 0.001, 0.0005]
+
+    def phi(a):
+        a = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+        v = (1 - torch.nn.functional.cosine_similarity(F.double() + a * U.double(), T.double(), dim=-1)).sum() / n
+        v = v + sum(c * a ** k for k, c in enumerate(pen))
+        (s,) = torch.autograd.grad(v, a)
+        return float(v.detach()), float(s)
+
+    alpha, f1, f0 = _line_min(F, U, T, pen, float(n), lambda x: x, 1e-3)
+    assert f0 == pytest.approx(phi(0.0)[0], rel=1e-6)  # float32 products summed in float64
+    assert alpha > 0 and f1 < f0
+    assert f1 == pytest.approx(phi(alpha)[0], rel=1e-6)
+    assert abs(phi(alpha)[1]) < 1e-5 * abs(phi(0.0)[1])
+    for a in (0.5 * alpha, 0.9 * alpha, 1.1 * alpha, 2 * alpha):  # a minimum, not only a stationary point
+        assert phi(a)[0] >= f1 - 1e-12
+    back, fb, _ = _line_min(F, -U, T, [pen[0], -pen[1]] + pen[2:], float(n), lambda x: x, 1.0)
+    assert back >= 0  # the reversed direction: still a descent step or none, never a step uphill
+    assert fb <= f0
+
+
+@pytest.mark.parametrize("D,d", [(8, 8), (12, 8), (6, 10)])
+def test_joint_recovers_planted_isometries(D, d):
+    """L-BFGS on all maps at once recovers known maps with orthonormal columns (D ≥ d) or rows (D < d); for D = d
+    half of them have the other determinant than the shared start, and the reflection candidates take them across
+    (every map ends with the planted determinant)."""
+    _, _, maps = _planted(N=10, C=6, D=D, d=d, seed=4)
+    if D == d:
+        maps = _flip_half(maps)
+    c, t = _planted_with(maps, N=1500)
+    al = fit_aligner(c, t, method="joint", progress=False)
+    assert al.config["method"] == "joint"
+    assert al.held_out_cosine >= 0.999 and al.held_out_cosine > al.init_cosine  # exact targets
+    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    assert rel.max() < 0.05  # stopped once the held-out objective improves by < tol = 1e-5 per iteration
+    if D == d:
+        truth = torch.linalg.det(maps).sign()
+        torch.testing.assert_close(torch.linalg.det(al.weight).sign(), truth)
+        # without the penalty ramp the maps are held among the isometries of the start's determinant from the first
+        # step: the reflections alone take them across
+        ramp = fit_aligner(c, t, method="joint", penalty_warmup=0, progress=False)
+        torch.testing.assert_close(torch.linalg.det(ramp.weight).sign(), truth)
+        assert sum(h.get("reflected", 0) for h in ramp.history) >= 1 and ramp.held_out_cosine >= 0.99
+    # the reported held-out cosine is that of the returned maps (brute force)
+    val = _split(1500)
+    assert al.held_out_cosine == pytest.approx(float(al.cosine(c[val], t[val]).mean()), abs=1e-5)
+
+
+def test_joint_near_isometries_and_noise():
+    """Near-isometries and noisy targets: held-out cosine ≥ 0.99, no worse than Adam's, maps close to the planted."""
+    g = torch.Generator().manual_seed(7)
+    _, _, maps = _planted(N=10, C=5, D=10, d=10, seed=5)
+    maps = _flip_half(maps) @ (torch.eye(10) + 0.03 * torch.randn(5, 10, 10, generator=g))
+    c, t = _planted_with(maps, N=2000, noise=0.05)
+    al = fit_aligner(c, t, method="joint", progress=False)
+    ada = fit_aligner(c, t, method="adam", progress=False)
+    assert al.held_out_cosine >= 0.99
+    assert al.held_out_cosine >= ada.held_out_cosine - 1e-4
+    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    assert rel.max() < 0.1
+
+
+def test_joint_every_step_decreases_the_objective():
+    """Without a ramp each iteration lowers the training objective by the line search's own figure (checked
+    against the history's independently computed losses), and the returned maps have the objective the history
+    reports (brute force)."""
+    c, t, _ = _planted(N=400, C=3, D=6, d=5, seed=1)
+    al = fit_aligner(c, t, method="joint", penalty_warmup=0, max_epochs=12, tol=0.0, patience=50, progress=False)
+    hist = al.history[1:]
+    assert len(hist) >= 2
+    objs = [h["train_loss"] + h["penalty"] for h in hist]
+    for prev, cur, h in zip(objs, objs[1:], hist[1:]):
+        assert cur < prev
+        assert prev - cur == pytest.approx(h["decrease"], rel=1e-3, abs=1e-7)
+    best = al.history[al.config["best_epoch"]]
+    val = _split(400)
+    assert _objective(al, c, t, ~val) == pytest.approx(best["train_loss"] + best["penalty"], rel=1e-4, abs=1e-6)
+    assert _objective(al, c, t, val) == pytest.approx(best["val_objective"], rel=1e-4, abs=1e-6)
+
+
+def test_joint_streams_the_cache_with_the_in_memory_result():
+    """From shards (read only through load_shard, two passes per iteration) the fit equals the in-memory one up
+    to float32 rounding."""
+    c, t, maps = _planted(N=600, C=4, D=6, d=6, seed=2)
+    c = c.half()
+    src = _Shards(c, t, size=128)
+    streamed = fit_aligner(src, method="joint", max_epochs=6, tol=0.0, progress=False)
+    in_memory = fit_aligner(c, t, method="joint", max_epochs=6, tol=0.0, progress=False)
+    assert src.reads >= 6 * 2 * 5  # 6 iterations × 2 passes × 5 shards
+    torch.testing.assert_close(streamed.weight, in_memory.weight, rtol=1e-4, atol=1e-5)
+    assert streamed.held_out_cosine == pytest.approx(in_memory.held_out_cosine, abs=1e-5)
+
+
+def test_joint_where_the_maps_are_underdetermined():
+    """Fewer training images than C·D and noisy targets: the joint fit keeps its best iterate by the held-out
+    objective (never above the shared start's), is above the baseline, and no reflections are tried there."""
+    _, _, maps = _planted(N=10, C=8, D=12, d=12, seed=9)
+    c, t = _planted_with(maps, N=120, noise=0.3, seed=9)  # 60 training images < C·D = 96
+    al = fit_aligner(c, t, method="joint", val_fraction=0.5, progress=False)
+    best = al.history[al.config["best_epoch"]]
+    assert best["val_objective"] <= al.history[0]["val_objective"]
+    assert min(h["val_objective"] for h in al.history) == best["val_objective"]
+    assert al.held_out_cosine > al.init_cosine
+    assert not any(h.get("reflected") for h in al.history[1:])
+    assert al.config["stopped"] == "no held-out improvement"
+
+
+def test_joint_progress_and_bad_input(capsys):
+    c, t, _ = _planted(N=300, C=2, D=4, d=4, seed=6)
+    al = fit_aligner(c, t, method="joint", max_epochs=2, tol=0.0, progress=True)
+    out = capsys.readouterr().out
+    assert "iteration 1: " in out and "iteration 2: " in out and "held-out cosine" in out
+    assert "best iteration" in out and f"{al.init_cosine:.5f}" in out
+    bad = c.clone()
+    bad[17, 1, 2] = float("nan")
+    with pytest.raises(InputError, match="image 17 has NaN"):
+        fit_aligner(bad, t, method="joint", progress=False)
+    with pytest.raises(InputError, match="'joint'"):
+        fit_aligner(c, t, method="lbfgs", progress=False)

@@ -46,7 +46,8 @@ SCRIPT = textwrap.dedent('''
     aligner = vitdecomp.fit_aligner(cache, targets, max_epochs=3, penalty_warmup=1, progress=False, val_fraction=0.3,
                                     method="adam")
     bcd = vitdecomp.fit_aligner(cache, targets, max_epochs=2, progress=False, val_fraction=0.3, method="bcd")
-    torch.save({"means": means, "va": acc.variance_attributed("p"), "W0": W0, "b0": b0, "W": aligner.weight,
+    joint = vitdecomp.fit_aligner(cache, targets, max_epochs=3, progress=False, val_fraction=0.3, method="joint")
+    torch.save({"W_joint": joint.weight, "cos_joint": joint.held_out_cosine, "hist_joint": joint.history,"means": means, "va": acc.variance_attributed("p"), "W0": W0, "b0": b0, "W": aligner.weight,
                 "cos": aligner.held_out_cosine, "W_bcd": bcd.weight, "cos_bcd": bcd.held_out_cosine,
                 "world": info.world_size}, f"{out}/rank{info.rank}.pt")
     print("done", info.rank, info.world_size)
@@ -107,6 +108,12 @@ def test_statistics_reduce_across_ranks(runs):
     torch.testing.assert_close(r0["W_bcd"], r1["W_bcd"], rtol=0, atol=0)
     assert r0["cos_bcd"] == r1["cos_bcd"]
     assert one["cos_bcd"] is not None
+    # joint L-BFGS: gradients and line-search sums all-reduced, so both ranks hold the same maps, and those of the
+    # single process up to the order of summation
+    torch.testing.assert_close(r0["W_joint"], r1["W_joint"], rtol=0, atol=0)
+    assert r0["cos_joint"] == r1["cos_joint"]
+    assert [h["val_cosine"] for h in r0["hist_joint"]] == pytest.approx(
+        [h["val_cosine"] for h in one["hist_joint"]], abs=1e-4)
 
 
 def test_interrupted_run_resumes_per_rank(runs):
