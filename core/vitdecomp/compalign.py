@@ -821,6 +821,34 @@ def _prox_weight(sweep: int) -> float:
     return k if k >= _PROX_MIN else 0.0
 
 
+class _Best:
+    """Held-out early stopping as every fitter keeps it: the best held-out objective so far, with its cosine, epoch
+    and maps (a copy), and ``bad``, the evaluations since it last improved by more than ``tol``."""
+
+    def __init__(self, W, b, obj, cos, tol):
+        self.obj, self.cos, self.epoch, self.bad, self.tol = obj, cos, 0, 0, tol
+        self.state = (W.detach().clone(), b.detach().clone())
+
+    def held_out(self, obj, cos, epoch, W, b, count: bool) -> bool:
+        """Record one held-out evaluation; True when it is the new best. A miss counts toward patience only when
+        ``count`` (the objective is comparable only once the penalty is at full strength)."""
+        if obj < self.obj - self.tol:
+            self.obj, self.cos, self.epoch, self.bad = obj, cos, epoch, 0
+            self.state = (W.detach().clone(), b.detach().clone())
+            return True
+        if count:
+            self.bad += 1
+        return False
+
+    def last(self, epoch, W, b) -> None:
+        """Without a held-out split the latest iterate is the result."""
+        self.state, self.epoch = (W.detach().clone(), b.detach().clone()), epoch
+
+    def result(self):
+        """(maps, epoch, held-out cosine) of the best iterate."""
+        return self.state, self.epoch, self.cos
+
+
 def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress, objective_on, history):
     """Block-coordinate Gauss–Newton sweeps (the ``method="bcd"`` path of :func:`fit_aligner`).
 
@@ -871,9 +899,8 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
     n_val = int(local_val.sum()) if not di.active else int(dist.all_reduce_sum(
         torch.tensor([float(local_val.sum())], dtype=torch.float64)).item())
 
-    best_obj = history[0]["val_objective"] if n_val else float("inf")
-    best_cos = history[0]["val_cosine"]
-    best_state, best_epoch, bad, reason = (W.clone(), b.clone()), 0, 0, "max_epochs"
+    best = _Best(W, b, history[0]["val_objective"] if n_val else float("inf"), history[0]["val_cosine"], cfg.tol)
+    reason = "max_epochs"
     factors = [None] * C  # per map: (damping, factorisation of its curvature A), reused between refreshes
     t_start = time.perf_counter()
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (bcd)", unit="sweep",
@@ -901,14 +928,10 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
         if n_val:
             obj, cos, pen = objective_on(local_val)
             entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
-            if obj < best_obj - cfg.tol:
-                best_obj, best_cos, best_epoch, bad = obj, cos, sweep, 0
-                best_state = (W.clone(), b.clone())
-            elif sweep >= warm:
-                bad += 1
-            bar.set_postfix(val_cos=f"{cos:.4f}", best=best_epoch)
+            best.held_out(obj, cos, sweep, W, b, count=sweep >= warm)
+            bar.set_postfix(val_cos=f"{cos:.4f}", best=best.epoch)
         else:
-            best_state, best_epoch = (W.clone(), b.clone()), sweep
+            best.last(sweep, W, b)
             entry.update(penalty=float(_penalty(W)))
             bar.set_postfix(train_loss=f"{entry['train_loss']:.4f}")
         history.append(entry)
@@ -916,14 +939,14 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
             vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
             bar.write(f"sweep {sweep}: training 1 − cos {entry['train_loss']:.5f}{vc}, isometry penalty "
                       f"{entry['penalty']:.2e}")
-        if n_val and bad >= cfg.patience and sweep >= warm:
+        if n_val and best.bad >= cfg.patience and sweep >= warm:
             reason = "no held-out improvement"
             break
         if not n_val and sweep >= max(warm, 1) and abs(gain) <= cfg.tol:
             reason = "no training improvement"
             break
     bar.close()
-    return best_state, best_epoch, best_cos, reason
+    return (*best.result(), reason)
 
 
 # ---------------------------------------------------------------------------------------------------- joint fit
@@ -1177,9 +1200,9 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
         mu = mu_of(1)
         g, R, train_loss = gradient(mu)
         hist: List[tuple] = []  # (s, y, 1/sᵀy)
-        best_obj = history[0]["val_objective"] if n_val else float("inf")
-        best_cos = history[0]["val_cosine"]
-        best_state, best_epoch, bad, reason = (W.clone(), b.clone()), 0, 0, "max_epochs"
+        best = _Best(W, b, history[0]["val_objective"] if n_val else float("inf"), history[0]["val_cosine"],
+                     cfg.tol)
+        reason = "max_epochs"
         t_start = time.perf_counter()
         bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (joint)", unit="iteration",
                    disable=not progress or di.rank != 0)
@@ -1244,30 +1267,26 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                 cos = val_cos()
                 obj = 1.0 - cos + cfg.lam * pen
                 entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
-                if obj < best_obj - cfg.tol:
-                    best_obj, best_cos, best_epoch, bad = obj, cos, it, 0
-                    best_state = (W.clone(), b.clone())
-                elif it >= warm:
-                    bad += 1
-                bar.set_postfix(val_cos=f"{cos:.4f}", best=best_epoch)
+                best.held_out(obj, cos, it, W, b, count=it >= warm)
+                bar.set_postfix(val_cos=f"{cos:.4f}", best=best.epoch)
             else:
-                best_state, best_epoch = (W.clone(), b.clone()), it
+                best.last(it, W, b)
                 entry.update(penalty=pen)
-                bad = bad + 1 if f0 - f1 <= cfg.tol else 0
+                best.bad = best.bad + 1 if f0 - f1 <= cfg.tol else 0
                 bar.set_postfix(train_loss=f"{train_loss:.4f}")
             history.append(entry)
             if progress and di.rank == 0:
                 vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
                 bar.write(f"iteration {it}: training 1 − cos {train_loss:.5f}{vc}, isometry penalty {pen:.2e} "
                           f"({entry['seconds']:.0f} s)")
-            if bad >= cfg.patience and it >= warm:
+            if best.bad >= cfg.patience and it >= warm:
                 if rounds < _FLIP_ROUNDS and jump():
-                    bad = 0
+                    best.bad = 0
                     continue
                 reason = "no held-out improvement" if n_val else "no training improvement"
                 break
         bar.close()
-    return best_state, best_epoch, best_cos, reason
+    return (*best.result(), reason)
 
 
 def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
@@ -1407,8 +1426,7 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     if cfg.method == "joint":
         W, b = W.detach(), b.detach()
         return result(*_fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history))
-    best_state = (W.detach().clone(), b.detach().clone())
-    best_epoch, best_cos, bad = 0, init_cos, 0
+    best = _Best(W, b, best_obj, init_cos, cfg.tol)
     t_start = time.perf_counter()
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (adam)", unit="epoch",
                disable=not progress or di.rank != 0)
@@ -1439,22 +1457,18 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         if n_val:
             obj, cos, pen = objective_on(local_val)
             entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
-            if obj < best_obj - cfg.tol:
-                best_obj, best_cos, best_epoch, bad = obj, cos, epoch, 0
-                best_state = (W.detach().clone(), b.detach().clone())
-            elif epoch >= cfg.penalty_warmup:  # the objective only becomes comparable once λ is at full strength
-                bad += 1
-                if bad % 2 == 0:  # plateau: halve the step before giving up
-                    for group in opt.param_groups:
-                        group["lr"] *= 0.5
-            bar.set_postfix(val_cos=f"{cos:.4f}", best=best_epoch)
+            counted = epoch >= cfg.penalty_warmup  # the objective only becomes comparable once λ is at full strength
+            if not best.held_out(obj, cos, epoch, W, b, count=counted) and counted and best.bad % 2 == 0:
+                for group in opt.param_groups:  # plateau: halve the step before giving up
+                    group["lr"] *= 0.5
+            bar.set_postfix(val_cos=f"{cos:.4f}", best=best.epoch)
         else:
-            best_state, best_epoch = (W.detach().clone(), b.detach().clone()), epoch
+            best.last(epoch, W, b)
             entry.update(penalty=float(_penalty(W.detach())))
             bar.set_postfix(train_loss=f"{entry['train_loss']:.4f}")
         history.append(entry)
-        if n_val and bad >= cfg.patience and epoch >= cfg.penalty_warmup:
+        if n_val and best.bad >= cfg.patience and epoch >= cfg.penalty_warmup:
             stop = "no held-out improvement"
             break
     bar.close()
-    return result(best_state, best_epoch, best_cos, stop)
+    return result(*best.result(), stop)
