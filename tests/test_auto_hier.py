@@ -161,6 +161,15 @@ def test_staged_refusals_name_the_operation_module_and_source_line():
         vitdecomp.decompose(swin, images(torch.float32, size=32), adapter="auto")
 
 
+def test_batchnorm_without_running_statistics_on_the_stream_is_refused():
+    # in eval mode such a BatchNorm normalises by the batch's statistics: no fixed affine map, so it is refused by
+    # name instead of being frozen (it used to reach the affine freeze and fail on running_var None)
+    model = timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval()
+    model.norm = torch.nn.BatchNorm2d(model.norm.num_features, track_running_stats=False).eval()
+    with pytest.raises(UnsupportedModelError, match=r"module norm .*BatchNorm2d"):
+        vitdecomp.decompose(model, images(torch.float32), adapter="auto")
+
+
 def test_staged_bad_image_size_is_an_input_error():
     model = testing.perturb_parameters(timm.create_model("visformer_tiny", pretrained=False, img_size=64).eval())
     with pytest.raises(InputError, match=r"size 96×96"):

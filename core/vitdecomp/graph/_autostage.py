@@ -420,7 +420,10 @@ def describe_staged(adapter, model, images, tokens):
                 g.conv(gs.stream, ns.stream, mod, name=f"{path}.bias", stage=si)
                 val[n] = ("s", ns, "nchw")
                 continue
-            if supported_norm(mod) or (_bn(mod) and not mod.training and isinstance(mod, torch.nn.BatchNorm2d)):
+            # eval BatchNorm is a fixed affine map only with running statistics (without them it normalises by
+            # the batch's, which is refused below like any other step it cannot follow)
+            if supported_norm(mod) or (_bn(mod) and not mod.training and isinstance(mod, torch.nn.BatchNorm2d)
+                                       and mod.running_var is not None):
                 if _bn(mod) and lay != "nchw":
                     refuse(n, "is a BatchNorm2d reading the stream in a layout other than [B, C, H, W]")
                 if type(mod).__name__ == "LayerNorm2d" and lay != "nchw" or \
