@@ -71,6 +71,15 @@ def test_mixers_with_mismatched_rows():
             execute(describe(m, norm_at=1), x)
 
 
+def test_a_batchnorm_that_is_no_fixed_affine_map_is_refused():
+    g = Graph("test-pack", run=lambda x: x, grid=TokenGrid(0, 4, 2, (2, 2)))
+    s = g.stream("tokens", 4)
+    for bn in (torch.nn.BatchNorm1d(8), torch.nn.BatchNorm1d(8, track_running_stats=False).eval()):
+        with pytest.raises(GraphError, match=r"'test-pack'.*node 'bn'.*eval mode with running statistics"):
+            g.norm(s, bn, name="bn")
+    g.norm(s, torch.nn.BatchNorm1d(8).eval(), name="bn")  # eval, running statistics: accepted
+
+
 def test_missing_output_and_hooks_that_never_fire():
     m, x = tiny_vit(), torch.randn(1, 3, 32, 32)
     with pytest.raises(GraphError, match=r"'test-pack'.*no output"):

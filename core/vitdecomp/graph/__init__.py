@@ -220,9 +220,15 @@ class Graph:
         """``stream`` passes through the norm ``module`` (frozen at the statistics of its input in the forward);
         its offset β is the component ``<name>.bias``. ``at``: index of the stream's row 0 in the norm's input
         (a norm applied to several streams concatenated); ``nchw``: the norm sees ``[B, C, h, w]`` and normalises
-        over C (LayerNorm2d). Identity / None is skipped."""
+        over C (LayerNorm2d); an eval-mode BatchNorm is its fixed affine map at the running statistics. Identity /
+        None is skipped."""
         from ..engine import is_identity
 
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (module.training
+                                                                           or module.running_var is None):
+            raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: a BatchNorm on the stream's path must be "
+                             "in eval mode with running statistics (otherwise it normalises by the batch's, which "
+                             "is not a fixed linear map)")
         if not is_identity(module):
             self.ops.append(_Op("norm", stream, name=name, module=module, extra={"at": int(at), "nchw": bool(nchw)}))
 
