@@ -23,50 +23,18 @@ import os
 import subprocess
 import sys
 
+from lockstep import tree_path
+
 PHASES = ("component", "tokens_decompose", "spatial_maps", "source_maps")
 
 
 def worker(model_name: str, batch: int, min_bytes: int) -> None:
-    import inspect
-
-    import timm
     import torch
     from torch._C._profiler import _EventType
 
-    import vitdecomp
+    from lockstep import phases  # this folder's lockstep.py: the same phases, timed there
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval()
-    size = getattr(model, "img_size", None) or model.pretrained_cfg["input_size"][1:]
-    x = torch.randn(batch, 3, *tuple(size))
-    kw = {"fingerprint": False} if "fingerprint" in inspect.signature(vitdecomp.decompose).parameters else {}
-    state = {}
-
-    def component():
-        vitdecomp.decompose(model, x, **kw)
-
-    def tokens_decompose():
-        state["dec"] = vitdecomp.decompose(model, x, tokens="source", **kw)
-
-    def spatial_maps():
-        with torch.no_grad():
-            for name in state["dec"].names:
-                state["dec"].spatial_map(name)
-
-    def source_maps():
-        dec = state.pop("dec")
-        if "source_tokens" not in dec.meta:
-            return
-        from vitdecomp_plugins.maxvit import source_map
-
-        with torch.no_grad():
-            for name in dec.names:
-                if name in dec.meta["source_tokens"]:
-                    source_map(dec, name)
-
-    fns = dict(component=component, tokens_decompose=tokens_decompose, spatial_maps=spatial_maps,
-               source_maps=source_maps)
+    fns = phases(model_name, batch)
     for phase in PHASES:  # warm-up: traces and caches
         fns[phase]()
     out = {}
@@ -109,11 +77,7 @@ def main() -> None:
     res = {}
     for root in args.tree:
         root = os.path.abspath(root)
-        paths = [os.path.join(root, "core"), os.path.join(root, "plugins")]
-        contrib = os.path.join(root, "contrib")
-        paths += sorted(os.path.join(contrib, d, "src") for d in (os.listdir(contrib) if os.path.isdir(contrib) else ())
-                        if os.path.isdir(os.path.join(contrib, d, "src")))
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=tree_path(root))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model, "--batch",
                str(args.batch), "--min-mib", str(args.min_mib)]
         text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout

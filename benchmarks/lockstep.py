@@ -33,7 +33,9 @@ import time
 PHASES = ("forward", "component", "tokens_decompose", "spatial_maps", "source_maps")
 
 
-def worker(model_name: str, batch: int) -> None:
+def phases(model_name: str, batch: int) -> dict:
+    """The phases of one timm model (random weights, one torch thread), by name: each a call that runs it once.
+    Shared with ``big_allocs.py``."""
     import inspect
 
     import timm
@@ -78,8 +80,23 @@ def worker(model_name: str, batch: int) -> None:
                 if name in dec.meta["source_tokens"]:
                     source_map(dec, name)
 
-    fns = dict(forward=forward, component=component, tokens_decompose=tokens_decompose, spatial_maps=spatial_maps,
-               source_maps=source_maps)
+    return dict(forward=forward, component=component, tokens_decompose=tokens_decompose, spatial_maps=spatial_maps,
+                source_maps=source_maps)
+
+
+def tree_path(root: str) -> str:
+    """PYTHONPATH for a worker of the source tree ``root``: its own core, built-in plugins and contrib packs (an
+    installed pack from another tree would be loaded through its entry point against this tree's core)."""
+    root = os.path.abspath(root)
+    paths = [os.path.join(root, "core"), os.path.join(root, "plugins")]
+    contrib = os.path.join(root, "contrib")
+    paths += sorted(os.path.join(contrib, d, "src") for d in (os.listdir(contrib) if os.path.isdir(contrib) else ())
+                    if os.path.isdir(os.path.join(contrib, d, "src")))
+    return os.pathsep.join(paths)
+
+
+def worker(model_name: str, batch: int) -> None:
+    fns = phases(model_name, batch)
     print("ready", flush=True)
     for line in sys.stdin:
         phase = line.strip()
@@ -111,14 +128,7 @@ def main() -> None:
         env0[k] = v
     procs = {}
     for tag, root in (("old", args.old), ("new", args.new)):
-        root = os.path.abspath(root)
-        # the tree's own core, built-in plugins and contrib packs (an installed pack from another tree would be
-        # loaded through its entry point against this tree's core)
-        paths = [os.path.join(root, "core"), os.path.join(root, "plugins")]
-        contrib = os.path.join(root, "contrib")
-        paths += sorted(os.path.join(contrib, d, "src") for d in (os.listdir(contrib) if os.path.isdir(contrib) else ())
-                        if os.path.isdir(os.path.join(contrib, d, "src")))
-        env = dict(env0, PYTHONPATH=os.pathsep.join(paths))
+        env = dict(env0, PYTHONPATH=tree_path(root))
         procs[tag] = subprocess.Popen([sys.executable, __file__, "--worker", "--model", args.model, "--batch",
                                        str(args.batch), "--old", args.old, "--new", args.new], env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
