@@ -90,6 +90,8 @@ class _StageTracer(torch.fx.Tracer):
 
         if q[len("model."):] in self.members:  # a residual block; any other member of a blocks list
             return q[len("model."):] in self.residual  # (EfficientFormer's Flat) is traced through
+        if _attention_module(m) and any(q[len("model."):].startswith(p + ".") for p in self.members):
+            return True  # an attention inside a member traced through: its output is the write (Swin's attn)
         if supported_norm(m) or _identity(m) or _bn(m) or type(m).__name__ in ("LayerScale", "LayerScale2d"):
             return True
         if _STEM.match(q):
@@ -97,6 +99,13 @@ class _StageTracer(torch.fx.Tracer):
         if type(m).__module__.startswith("torch.nn"):
             return not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
         return False
+
+
+def _attention_module(m) -> bool:
+    """An attention module with ``num_heads`` and an output projection ``proj`` (a leaf inside a member of a
+    blocks list that is traced through: a branch reaching the stream through a window reverse is its output)."""
+    return isinstance(getattr(m, "num_heads", None), int) and \
+        isinstance(getattr(m, "proj", None), (torch.nn.Linear, torch.nn.Conv2d))
 
 
 def _residual(m, path) -> bool:
@@ -199,6 +208,7 @@ def describe_staged(adapter, model, images, tokens):
     """The contribution graph of a staged timm model (module docstring)."""
     from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
+    from ._autowindow import is_row_step, outer_module, patch_merge, post_norm_heads, record_values, window_branch
 
     gm, graph, first_list, residual, opened, stuck = _cached(model, "staged", lambda: _derive(model))
     # the first stage: the module holding the first blocks list (FocalNet's layers.0), or the list itself
@@ -225,6 +235,9 @@ def describe_staged(adapter, model, images, tokens):
     shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
                            lambda: _shapes(gm, graph, images, watch))
     H, W = images.shape[-2:]
+
+    def values():  # the forward's sizes at every node, for replaying row steps (one forward, when first needed)
+        return _cached(model, ("values", tuple(images.shape[-2:])), lambda: record_values(gm, images))
 
     def refuse(n, why=""):
         raise UnsupportedModelError(f"auto adapter: on the residual stream of {type(model).__name__}, "
@@ -263,7 +276,12 @@ def describe_staged(adapter, model, images, tokens):
               meta={"adapter": adapter.name, "model": arch, "derived": "torch.fx (stages)", "head_tokens": "query"})
     val = {}
     cands = [("nchw", shp[1], shp[2], shp[3]), ("nhwc", shp[3], shp[1], shp[2])]
-    lay0 = "nhwc" if start_tokens else _start_layout(model, nodes, start, shapes, cands)
+    # a grid whose cells tile the image with one patch size (SwinV2's 16×16×96 map of a 64×64 image is NHWC)
+    tiles = [c for c in cands if H % c[2] == 0 and W % c[3] == 0 and H // c[2] == W // c[3]]
+    if len(tiles) == 1 and tiles != cands:
+        cands = tiles
+    lay0 = "nhwc" if start_tokens else cands[0][0] if len(cands) == 1 else \
+        _start_layout(model, nodes, start, shapes, cands)
     _, C0, h0, w0 = next(c for c in cands if c[0] == lay0)
     g0 = new_stream(C0, h0, w0, 0)
     g.grid = g0.stream.grid
@@ -328,15 +346,34 @@ def describe_staged(adapter, model, images, tokens):
             bnode, src = residual_adds.pop(n)
             gs = v[1]
             bpath, bmod, onode = _branch_module(model, bnode)
-            if bmod is None:
-                refuse(n, f"adds {_where(bnode, '').replace('module model.', 'module ', 1)} to the stream, which is "
-                          "not a module output")
-            bl = gs.layout(shapes[onode], v[2])
-            if bl not in ("nchw", "nhwc", "nlc"):
+            if bmod is not None:  # named by the outermost module returning it (``mlp``, not ``mlp.fc2``)
+                bpath, bmod = outer_module(model, nodes, onode, bpath, cur[0], _identity)
+            bl = None if bmod is None else gs.layout(shapes[onode], v[2])
+            if bl not in ("nchw", "nhwc", "nlc"):  # through row steps (a window reverse, a roll, a crop)?
+                if not embedded:
+                    refuse(n, "adds a branch to the stream before the first module reads it")
+                why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel,
+                                    lambda p: _cached(model, "oracle-writes", dict))
+                if why is None:
+                    lay = gs.layout(shapes[n], v[2])
+                    if lay is None:
+                        refuse(n, f"gives {shapes[n]}, not a layout of the stream")
+                    val[n] = ("s", gs, lay)
+                    continue
+                if bmod is None:
+                    refuse(n, f"adds {_where(bnode, '').replace('module model.', 'module ', 1)} to the stream, "
+                              f"which is not a module output ({why})")
                 refuse(n, f"adds the output of {bpath} (shape {shapes[onode]}, not a map of the stream in grid "
-                          f"order) to the stream")
+                          f"order) to the stream ({why})")
             if not embedded:
                 refuse(n, "adds a branch to the stream before the first module reads it")
+            if post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel,
+                               _cached(model, "oracle-writes", dict)):
+                lay = gs.layout(shapes[n], v[2])
+                if lay is None:
+                    refuse(n, f"gives {shapes[n]}, not a layout of the stream")
+                val[n] = ("s", gs, lay)
+                continue
             # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in place
             g.branch(gs.stream, bmod, name=rel(bpath), kind="attn" if "attn" in bpath.rsplit(".", 1)[-1] else "mlp",
                      nchw=bl == "nchw", copy=True)
@@ -347,6 +384,20 @@ def describe_staged(adapter, model, images, tokens):
             continue
         if len(followed) > 1:
             refuse(n, "combines two values of the stream")
+        if v[0] == "s" and is_row_step(n) and (n.target is torch.nn.functional.pad
+                                               or _relayout(n, v[2], v[1], shapes.get(n)) is None):
+            merged = patch_merge(key, v[1], v[2], nodes, shapes, values(), model, supported_norm)
+            if isinstance(merged, str):
+                refuse(n, merged)
+            if merged is not None:  # a 2×2 patch merging (timm's PatchMerging): a new grid stream
+                norm, red, first, last, oshape, _ = merged
+                si = len(streams)
+                ns = new_stream(red.out_features, oshape[1], oshape[2], si)
+                npath = next(p for p, m in model.named_modules() if m is norm)
+                g.merge(v[1].stream, ns.stream, norm=norm, reduction=red, norm_first=first, name=f"{npath}.bias",
+                        stage=si)
+                val[last] = ("s", ns, "nhwc")
+                continue
         if n.op in ("call_method", "call_function") and _name(n) in _LAYOUT:
             shp = shapes.get(n)
             if v[0] == "p":
@@ -784,7 +835,9 @@ def _name(n) -> str:
 
 def _start_layout(model, nodes, start, shapes, cands):
     """NCHW or NHWC for the stream where the first stage reads it: the one whose channel count the first
-    module reading it (through layout steps) expects."""
+    module reading it (through layout steps and identities) expects."""
+    from .auto import _identity
+
     if len({c[1:] for c in cands}) == 1:
         return "nchw"
     cur = start
@@ -793,7 +846,13 @@ def _start_layout(model, nodes, start, shapes, cands):
             continue
         if n.op == "call_module":
             mod = model.get_submodule(n.target[len("model."):])
+            if _identity(mod):  # a stage's Identity downsample (Swin's first stage)
+                cur = n
+                continue
             ch = getattr(mod, "in_channels", None) or getattr(mod, "num_features", None) or getattr(mod, "dim", None)
+            ns = getattr(mod, "normalized_shape", None)  # a LayerNorm over the channels (Swin's norm1)
+            if ch is None and isinstance(ns, (tuple, list)) and len(ns) == 1:
+                ch = ns[0]
             shp = shapes.get(cur)
             if isinstance(ch, int) and shp is not None and len(shp) == 4:
                 if shp[1] == ch and shp[3] != ch:

@@ -533,6 +533,8 @@ class AutoAdapter(GraphAdapter):
         and output biases, and its positional table, which has no bias-like name)."""
         params = dict(model.named_parameters())
         out = {}
+        # constants the staged derivation placed (a post-norm's β in its attention's .bias: SwinV2)
+        out.update({k: list(v) for k, v in _cached(model, "oracle-writes", dict).items()})
         for path, mod in model.named_modules():
             if _attention_pool(mod):
                 names = [f"{path}.{n}" for n in ("kv.bias", "proj.bias", "pos_embed")]
