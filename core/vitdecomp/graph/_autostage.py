@@ -477,8 +477,8 @@ def describe_staged(adapter, model, images, tokens):
                                        and mod.running_var is not None):
                 if _bn(mod) and lay != "nchw":
                     refuse(n, "is a BatchNorm2d reading the stream in a layout other than [B, C, H, W]")
-                if type(mod).__name__ == "LayerNorm2d" and lay != "nchw" or \
-                        (isinstance(mod, torch.nn.LayerNorm) and type(mod).__name__ != "LayerNorm2d" and lay == "nchw"):
+                two_d = type(mod).__name__.startswith("LayerNorm2d")  # LayerNorm2d, LayerNorm2dNoBias (MetaFormer)
+                if two_d and lay != "nchw" or (isinstance(mod, torch.nn.LayerNorm) and not two_d and lay == "nchw"):
                     refuse(n, f"normalises an axis other than the channels ({type(mod).__name__} on {lay})")
                 g.norm(gs.stream, mod, name=path, nchw=lay == "nchw")
                 val[n] = v
@@ -495,6 +495,12 @@ def describe_staged(adapter, model, images, tokens):
                 continue
             if type(mod).__name__ == "SelectAdaptivePool2d":
                 refuse(n, "is a pooling module the trace did not open")
+            if isinstance(mod, torch.nn.GroupNorm):
+                refuse(n, f"is a GroupNorm ({mod.num_groups} groups) on the stream: frozen at the forward's "
+                          "per-sample, per-group statistics it is linear, but its centring averages each group over "
+                          "all positions, which mixes rows (each write's own group mean would have to be carried to "
+                          "z, and 1/σ is per sample and channel group, not per row); not supported on the stream "
+                          "(inside a branch, as MetaFormer's norm1 / norm2, it is part of that write)")
             refuse(n, f"({type(mod).__name__}) is not a block, convolution, norm or average pool")
         if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
             if v[0] != "s":

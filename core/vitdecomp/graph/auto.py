@@ -163,6 +163,11 @@ def _peel(node, block, prefix, relayout=False):
                 gamma = mod.gamma
                 node = node.args[0]
                 continue
+            if (type(mod).__name__ == "Scale" and gamma is None and isinstance(getattr(mod, "scale", None), torch.Tensor)
+                    and mod.scale.dim() == 1 and not getattr(mod, "inplace", False)):  # MetaFormer's layer scale
+                gamma = mod.scale
+                node = node.args[0]
+                continue
             return node.target, mod, gamma, node
         if node.op == "call_function" and node.target in _MUL and gamma is None and len(node.args) == 2:
             a, b = node.args
@@ -234,13 +239,23 @@ def _derive_block_writes(block, prefix: str, relayout: bool = False):
         a, b = cur.args
         chain = lambda n: n is x or (isinstance(n, torch.fx.Node) and n.op in ("call_function", "call_method")  # noqa: E731
                                      and n.target in _ADD + ("add", "add_"))
-        stream, branch = (a, b) if chain(a) else (b, a)
+        # the stream may pass an identity module on its way (MetaFormer's ``res_scale1(x) + ...``, Identity)
+        sa, sb = _through_identities(a, block), _through_identities(b, block)
+        stream, branch = (sa, b) if chain(sa) else (sb, a)
         if not chain(stream):
             raise UnsupportedModelError(f"auto adapter: in {prefix[:-1]} neither operand of {_where(cur, prefix)} "
                                         f"is the residual stream")
         writes.append(_peel(branch, block, prefix, relayout)[:3])
         cur = stream
     return writes[::-1]
+
+
+def _through_identities(n, block):
+    """``n`` peeled through calls of identity modules (eval Dropout, DropPath, Identity) of ``block``."""
+    while isinstance(n, torch.fx.Node) and n.op == "call_module" and n.args and \
+            _identity(block.get_submodule(n.target)):
+        n = n.args[0]
+    return n
 
 
 def _class_block(mod) -> bool:
