@@ -133,3 +133,41 @@ def test_groupnorm_on_the_stream_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"stages\.1\.downsample\.norm.*GroupNorm \(1 groups\) on the "
                                                     r"stream.*mixes rows"):
         vitdecomp.decompose(m, torch.randn(1, 3, 64, 64), adapter="auto")
+
+
+def test_davit_window_heads_and_channel_attention():
+    """DaViT: spatial blocks (window attention, padded to whole windows, reversed and cropped) split into heads;
+    the channel attention (softmax(kᵀv) applied to q: no head split at proj's input) one write; the conv
+    position encodings ``x + proj(x)`` inside each block are writes of their own."""
+    torch.manual_seed(0)
+    m = timm.create_model("davit_tiny", pretrained=False, depths=(1, 1, 1, 1), embed_dims=(24, 48, 72, 96),
+                          num_heads=(1, 2, 3, 4)).eval()
+    testing.perturb_parameters(m)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    dec = vitdecomp.decompose(m, x, adapter="auto", heads=True)
+    assert float(dec.error) <= 1e-5
+    assert "stages.1.blocks.0.0.attn.head.1" in dec.names  # spatial (window) attention
+    assert "stages.1.blocks.0.1.attn" in dec.names  # channel attention, one write
+    assert "stages.0.blocks.0.0.cpe1.proj" in dec.names
+    assert float(vitdecomp.decompose(m.double(), x.double(), adapter="auto").error) <= 1e-10
+    res = testing.check_attributions(m.float(), x[:1], adapter="auto")
+    assert sum(c for _, _, c in res) > 0
+
+
+def test_gcvit_global_query_is_a_side_input_of_the_blocks():
+    """GCViT computes a global query from each stage's input (MBConvs, max-pools) and feeds it to every block's
+    attention: a side input of those writes, not a step on the stream. Its blocks write in window order (the
+    block is traced through, its window reverse read as a row map)."""
+    torch.manual_seed(0)
+    m = timm.create_model("gcvit_xxtiny", pretrained=False, img_size=64, embed_dim=32).eval()
+    testing.perturb_parameters(m)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    dec = vitdecomp.decompose(m, x, adapter="auto", heads=True)
+    assert float(dec.error) <= 1e-5
+    assert "stages.0.blocks.1.attn.head.1" in dec.names and "stages.2.blocks.5.mlp" in dec.names
+    # the MBConv of a stage's downsample is a residual on the stream (x + conv_pw(...))
+    assert "stages.1.downsample.conv_block.conv_pw" in dec.names
+    # its downsample convs are padded: token detail is refused by name; contributions are oracle-checked
+    with pytest.raises(UnsupportedModelError, match=r"token detail.*stages\.1\.downsample\.reduction"):
+        vitdecomp.decompose(m, x, adapter="auto", tokens="source")
+    testing.check_attributions(m, x, adapter="auto", tokens=False)

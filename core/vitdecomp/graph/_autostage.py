@@ -137,14 +137,15 @@ def _layout_only(m) -> bool:
                for n in graph.nodes)
 
 
-def _derive(model):
-    """(graph module, graph, stages attribute), traced once (cached by the caller)."""
+def _derive(model, reopen=frozenset()):
+    """(graph module, graph, stages attribute), traced once (cached by the caller). ``reopen``: members traced
+    through although they are add chains (their writes are in window order: the walk reads the window reverse)."""
     from .auto import _Readout
 
     stages = stage_list(model)
     root = _Readout(model)
     members = {f"{p}.{j}": b for p, blocks in stages for j, b in enumerate(blocks)}
-    residual = {p for p, b in members.items() if _residual(b, p)}
+    residual = {p for p, b in members.items() if p not in reopen and _residual(b, p)}
     # a member that is no add chain is traced through, unless it cannot be traced: then it stays a leaf, and the
     # walk refuses it with the derivation's reason
     stuck = {p for p, b in members.items() if p not in residual and not _traceable(b)}
@@ -204,13 +205,15 @@ class _Grid:
         return hit[0] if len(hit) == 1 else prefer if prefer in hit else None
 
 
-def describe_staged(adapter, model, images, tokens):
-    """The contribution graph of a staged timm model (module docstring)."""
+def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
+    """The contribution graph of a staged timm model (module docstring). ``reopen``: residual blocks to trace
+    through instead (set on a second pass when a write of theirs is in window order)."""
     from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
-    from ._autowindow import is_row_step, outer_module, patch_merge, post_norm_heads, record_values, window_branch
+    from ._autowindow import is_row_step, outer_module, side_paths, zero_pad, patch_merge, post_norm_heads, record_values, window_branch
 
-    gm, graph, first_list, residual, opened, stuck = _cached(model, "staged", lambda: _derive(model))
+    gm, graph, first_list, residual, opened, stuck = _cached(model, ("staged", reopen) if reopen else "staged",
+                                                             lambda: _derive(model, reopen))
     # the first stage: the module holding the first blocks list (FocalNet's layers.0), or the list itself
     stage0 = "model." + (first_list[:-len(".blocks")] if first_list.endswith(".blocks") else first_list)
     nodes = list(graph.nodes)
@@ -232,12 +235,18 @@ def describe_staged(adapter, model, images, tokens):
     blocks = {t: b for t, b in blocks.items() if t[len("model."):] not in stuck}
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
-    shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
+    shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:]), reopen),
                            lambda: _shapes(gm, graph, images, watch))
+    # a block whose write is a tensor of more than one row group at batch 1 (windows: [nW, n, C]) writes in window
+    # order: traced through instead, where the walk reads the steps after that module (its window reverse)
+    windowed = frozenset(p for p, lst in writes.items() for w, _, _ in lst
+                         if (outs.get(f"{p}.{w}") or (1,))[0] != 1 and _traceable(model.get_submodule(p)))
+    if windowed and not reopen:
+        return describe_staged(adapter, model, images, tokens, reopen=windowed)
     H, W = images.shape[-2:]
 
     def values():  # the forward's sizes at every node, for replaying row steps (one forward, when first needed)
-        return _cached(model, ("values", tuple(images.shape[-2:])), lambda: record_values(gm, images))
+        return _cached(model, ("values", tuple(images.shape[-2:]), reopen), lambda: record_values(gm, images))
 
     def refuse(n, why=""):
         raise UnsupportedModelError(f"auto adapter: on the residual stream of {type(model).__name__}, "
@@ -287,6 +296,7 @@ def describe_staged(adapter, model, images, tokens):
     g.grid = g0.stream.grid
     val[start] = ("s", g0, "nlc" if start_tokens else lay0)
     skip = set()  # nodes inside a residual branch outside the blocks (a position-encoding conv): not followed
+    sided = set()  # stream values whose side readers were looked for
     embedded = False
     nb = 0
     z = None
@@ -332,7 +342,14 @@ def describe_staged(adapter, model, images, tokens):
                                  nchw=v[2] == "nchw")
                 cur[1].__enter__()
                 nb += 1
-        if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
+        if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds and key not in sided:
+            # readers whose values only feed residual blocks as extra arguments (GCViT's global query): inputs
+            # of those blocks' branches, not the stream's path
+            sided.add(key)
+            skip |= side_paths(key, nodes, {t for t in blocks})
+            if n in skip:
+                continue
+        if v[0] == "s" and len([u for u in _readers(key) if u not in skip]) > 1 and n not in residual_adds:
             found = _residual_add(key, nodes, model)
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
@@ -384,6 +401,9 @@ def describe_staged(adapter, model, images, tokens):
             continue
         if len(followed) > 1:
             refuse(n, "combines two values of the stream")
+        if v[0] == "s" and zero_pad(n, values):  # F.pad by zero widths at this size (DaViT's downsample)
+            val[n] = v
+            continue
         if v[0] == "s" and is_row_step(n) and (n.target is torch.nn.functional.pad
                                                or _relayout(n, v[2], v[1], shapes.get(n)) is None):
             merged = patch_merge(key, v[1], v[2], nodes, shapes, values(), model, supported_norm)
@@ -398,6 +418,10 @@ def describe_staged(adapter, model, images, tokens):
                         stage=si)
                 val[last] = ("s", ns, "nhwc")
                 continue
+            if n.target is torch.nn.functional.pad:
+                refuse(n, "pads the stream with zeros at this image size, and the padded map is no window partition "
+                          "of a branch or 2×2 patch merging (supported: zero widths; a padded convolution needs the "
+                          "padding folded into Graph.conv)")
         if n.op in ("call_method", "call_function") and _name(n) in _LAYOUT:
             shp = shapes.get(n)
             if v[0] == "p":

@@ -380,3 +380,47 @@ def outer_module(model, nodes, onode, path, member, identity):
         if x is onode:
             return anc, model.get_submodule(anc)
     return path, model.get_submodule(path)
+
+
+def zero_pad(n, values) -> bool:
+    """``F.pad`` whose widths are all zero in the forward at this image size (an identity: DaViT's downsample pads
+    to the conv's kernel only when a side is odd). ``values``: a callable giving the recorded sizes."""
+    if not (n.op == "call_function" and n.target is F.pad and len(n.args) >= 2):
+        return False
+    widths = n.args[1]
+    if not isinstance(widths, (tuple, list)):
+        return False
+    if any(isinstance(w, torch.fx.Node) for w in widths):
+        vals = values()
+        try:
+            widths = [vals[w] if isinstance(w, torch.fx.Node) else w for w in widths]
+        except KeyError:
+            return False
+    return all(isinstance(w, int) and w == 0 for w in widths)
+
+
+def side_paths(key, nodes, block_targets=None):
+    """Nodes computed from the stream value ``key`` by its readers whose values reach nothing but modules that
+    take them as an argument after their first (``blk(x, side)``, ``attn(x_windows, side)``): a side input of
+    those modules (GCViT's global query, computed from the stage's input and read by every block's attention).
+    A write is its module's output whatever that module reads, so such a side path is no step on the stream's
+    path (the decomposition freezes it like attention weights); a module that takes it and is on the stream's
+    path is still met by the walk, which refuses what it cannot follow. Empty when no reader is one."""
+    meta = (lambda u: (u.op == "call_function" and u.target is getattr)  # noqa: E731
+            or (u.op == "call_method" and u.target in ("size", "dim")))
+    at = {n: i for i, n in enumerate(nodes)}
+    out = set()
+    for r in sorted((u for u in key.users if not meta(u)), key=at.get):
+        seen, ok = {r}, True
+        for x in nodes[at[r] + 1:]:
+            if meta(x) or not any(a in seen for a in x.all_input_nodes):
+                continue
+            if x.op == "output":
+                ok = False
+                break
+            if x.op == "call_module" and x.args and isinstance(x.args[0], torch.fx.Node) and x.args[0] not in seen:
+                continue  # the side value enters a module after its first argument: a stop
+            seen.add(x)
+        if ok:
+            out |= seen
+    return out
