@@ -210,7 +210,7 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
     through instead (set on a second pass when a write of theirs is in window order)."""
     from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
-    from ._autowindow import is_row_step, outer_module, side_paths, zero_pad, patch_merge, post_norm_heads, record_values, window_branch
+    from ._autowindow import is_row_step, layer_scale, outer_module, side_paths, zero_pad, patch_merge, post_norm_heads, record_values, window_branch
 
     gm, graph, first_list, residual, opened, stuck = _cached(model, ("staged", reopen) if reopen else "staged",
                                                              lambda: _derive(model, reopen))
@@ -366,17 +366,20 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             if bmod is not None:  # named by the outermost module returning it (``mlp``, not ``mlp.fc2``)
                 bpath, bmod = outer_module(model, nodes, onode, bpath, cur[0], _identity)
             bl = None if bmod is None else gs.layout(shapes[onode], v[2])
-            if bl not in ("nchw", "nhwc", "nlc"):  # through row steps (a window reverse, a roll, a crop)?
+            scaled = bmod is not None and layer_scale(bmod) is not None  # a LayerScale after a window reverse?
+            if bl not in ("nchw", "nhwc", "nlc") or scaled:  # through row steps (a window reverse, a roll, a crop)?
                 if not embedded:
                     refuse(n, "adds a branch to the stream before the first module reads it")
                 why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel,
-                                    lambda p: _cached(model, "oracle-writes", dict))
+                                    lambda p: _cached(model, "oracle-writes", dict),
+                                    outer=lambda p, m, o: outer_module(model, nodes, o, p, cur[0], _identity))
                 if why is None:
                     lay = gs.layout(shapes[n], v[2])
                     if lay is None:
                         refuse(n, f"gives {shapes[n]}, not a layout of the stream")
                     val[n] = ("s", gs, lay)
                     continue
+            if bl not in ("nchw", "nhwc", "nlc"):
                 if bmod is None:
                     refuse(n, f"adds {_where(bnode, '').replace('module model.', 'module ', 1)} to the stream, "
                               f"which is not a module output ({why})")

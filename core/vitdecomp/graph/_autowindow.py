@@ -59,14 +59,31 @@ def _tensor_inputs(n, values):
     return [a for a in n.all_input_nodes if a not in values]
 
 
-def branch_chain(model, node, values, identity):
+def layer_scale(mod):
+    """The per-channel vector of a layer-scale module (timm's ``LayerScale`` / ``LayerScale2d``, MetaFormer's
+    ``Scale``), else None."""
+    name = type(mod).__name__
+    g = getattr(mod, "gamma", None) if name in ("LayerScale", "LayerScale2d") else \
+        getattr(mod, "scale", None) if name == "Scale" else None
+    if isinstance(g, torch.Tensor) and g.dim() == 1 and not getattr(mod, "inplace", False):
+        return g
+    return None
+
+
+def branch_chain(model, node, values, identity, scales=None):
     """``(module path, module, its output node, [row steps from it to node, in forward order])`` when ``node`` is a
-    module's output through row steps and identities (each with exactly one tensor input), else None."""
+    module's output through row steps and identities (each with exactly one tensor input), else None.
+    ``scales``: a list that receives the vector of one layer-scale module on the way (then peeled too)."""
     chain = []
     while True:
         if node.op == "call_module":
             mod = model.get_submodule(node.target[len("model."):])
             if identity(mod) and node.args:
+                chain.append(node)
+                node = node.args[0]
+                continue
+            if scales is not None and not scales and layer_scale(mod) is not None and node.args:
+                scales.append(layer_scale(mod))  # a per-channel factor commutes with moving rows
                 chain.append(node)
                 node = node.args[0]
                 continue
@@ -283,17 +300,21 @@ def _param_path(model, p):
     return next((n for n, q in model.named_parameters() if q is p), None)
 
 
-def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle):
+def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=None):
     """Register the write of a residual branch whose value ``bnode`` is a module's output through row steps
     (heads at proj's input with the numerically derived row map, else one write with ``rows=``). Returns None
     when registered, else the reason it is not such a branch."""
     from .auto import _identity
     from .sources import PartitionHeads
 
-    found = branch_chain(model, bnode, values, _identity)
+    scales = []
+    found = branch_chain(model, bnode, values, _identity, scales)
     if found is None:
         return "it reaches the stream through a step that computes (not only moves rows), or through no module"
     path, mod, onode, chain = found
+    gamma = scales[0] if scales else None  # (the replay passes the layer scale's call as an identity)
+    if outer is not None:  # named by the outermost module returning it (``mlp``, not ``mlp.fc2``)
+        path, mod = outer(path, mod, onode)
     if shapes.get(bnode) is None:
         return "its shape is unknown"
     win = row_map(chain, onode, shapes, values, model, lay, gs.C, gs.stream.rows)
@@ -301,10 +322,15 @@ def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle):
         return f"the output of {path} reaches it through steps that are no row permutation: {win}"
     proj = _heads_proj(mod)
     if proj is not None and getattr(mod, "num_heads", None):
-        g.heads(gs.stream, PartitionHeads(proj, mod.num_heads, win), proj.weight, proj.bias, name=rel(path))
+        g.heads(gs.stream, PartitionHeads(proj, mod.num_heads, win), proj.weight, proj.bias, gamma=gamma,
+                name=rel(path))
     else:
+        ident = win.size == gs.stream.rows and np.array_equal(win, np.arange(win.size))
+        shp = shapes.get(onode)
+        if ident and shp is not None and len(shp) == 3 and shp[0] == 1:  # rows in grid order already
+            win = None
         g.branch(gs.stream, mod, name=rel(path), kind="attn" if "attn" in path.rsplit(".", 1)[-1] else "mlp",
-                 rows=win)
+                 gamma=gamma, rows=win)
     return None
 
 
