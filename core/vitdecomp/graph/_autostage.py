@@ -12,17 +12,33 @@ value's shape. The stream is followed from where the first stage reads it (every
   input holds them as contiguous channel groups — ``proj(transpose(A·V).reshape)``, a 1×1-conv proj on NCHW
   (Visformer), a window reverse before proj (Twins-SVT); an attention whose output passes through more of its
   branch, EdgeNeXt's XCA feeding the block's MLP, stays inside that one write);
+* a block that is no add chain is traced through (an attention module inside it — ``num_heads`` and a ``proj``
+  — stays a leaf), and so is a residual block whose write comes out in window order (``[nW, n, C]`` at batch 1:
+  GCViT): its residual adds ``stream + branch`` are found on the trace, each branch a write named by the
+  outermost module whose output it is (``layers.0.blocks.0.mlp``), also when it reaches the add through *row
+  steps* — Swin's pad / roll / window partition, the window reverse, the crop, the roll back
+  (:mod:`._autowindow`: the row map is read numerically by replaying those trace nodes on probes, so the
+  model's own steps define it): heads at proj's input placed by that row map
+  (:class:`~vitdecomp.graph.sources.PartitionHeads`, query rows), a LayerScale after the reverse their γ, a
+  norm after the reverse (SwinV2's res-post-norm) their ``post_norm``, else one write (``Graph.branch(...,
+  rows=)``); values computed from the stream that only reach modules as a later argument (GCViT's global
+  query ``blk(x, q_global)``) are inputs of those writes, not steps on the stream;
 * a ``Conv2d`` on the stream starts a new grid stream (:meth:`Graph.conv`: a patch conv, kernel == stride, is an
-  ``s×s`` merge; any other conv carries the writes forward through its weights);
+  ``s×s`` merge; any other conv carries the writes forward through its weights); timm's 2×2 ``PatchMerging``
+  (pad odd sides, gather ``(dw, dh)``-major — checked on a probe — then norm → reduction or reduction → norm)
+  is :meth:`Graph.merge`;
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
-* reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed;
+  a GroupNorm on the stream is refused (its centring averages each group over all positions: it mixes rows, at
+  per-sample, per-group statistics); inside a branch (MetaFormer's norm1 / norm2) it is part of the write;
+* reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed,
+  and so is a padding by zero widths at the image size (DaViT's downsample);
 * the mean over all positions (``x.mean((2, 3))``, ``x.mean(1)``, adaptive average pooling to 1×1) is the pool
   that makes z, then norms, flattens and identities on the pooled row.
 
-Anything else on the stream's path (an activation, a padding, a max-pool, a second reader of the stream) is
-refused with an :class:`~vitdecomp.errors.UnsupportedModelError` naming the operation, its module path and source
-line. Token detail (``tokens="source"``) lives on each stage's own grid; it is refused through a convolution
-that is not a patch convolution.
+Anything else on the stream's path (an activation, a padding by non-zero widths that is no window partition or
+merging, a max-pool, a second reader of the stream) is refused with an :class:`~vitdecomp.errors.UnsupportedModelError`
+naming the operation, its module path and source line. Token detail (``tokens="source"``) lives on each stage's
+own grid; it is refused through a convolution that is not a patch convolution.
 """
 
 from __future__ import annotations
@@ -240,13 +256,34 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
     # a block whose write is a tensor of more than one row group at batch 1 (windows: [nW, n, C]) writes in window
     # order: traced through instead, where the walk reads the steps after that module (its window reverse)
     windowed = frozenset(p for p, lst in writes.items() for w, _, _ in lst
-                         if (outs.get(f"{p}.{w}") or (1,))[0] != 1 and _traceable(model.get_submodule(p)))
+                         if (outs.get(f"{p}.{w}") or (1,))[0] != 1) if not reopen else frozenset()
+    if windowed:  # (traceable ones: checked once)
+        windowed = _cached(model, ("windowed", windowed), lambda: frozenset(
+            p for p in windowed if _traceable(model.get_submodule(p))))
     if windowed and not reopen:
         return describe_staged(adapter, model, images, tokens, reopen=windowed)
     H, W = images.shape[-2:]
 
+    memo = {}
+
     def values():  # the forward's sizes at every node, for replaying row steps (one forward, when first needed)
-        return _cached(model, ("values", tuple(images.shape[-2:]), reopen), lambda: record_values(gm, images))
+        if "values" not in memo:
+            memo["values"] = _cached(model, ("values", tuple(images.shape[-2:]), reopen),
+                                     lambda: record_values(gm, images))
+        return memo["values"]
+
+    # row maps, merges, side paths and write names found on this trace: kept per structure and image size
+    wmemo = _cached(model, ("window-memo", tuple(images.shape[-2:]), reopen), dict)
+
+    def memoized(key, make):
+        if key not in wmemo:
+            wmemo[key] = make()
+        return wmemo[key]
+
+    def oracle_writes():  # constants the attribution oracle cannot locate by name (a post-norm's β)
+        if "oracle" not in memo:
+            memo["oracle"] = _cached(model, "oracle-writes", dict)
+        return memo["oracle"]
 
     def refuse(n, why=""):
         raise UnsupportedModelError(f"auto adapter: on the residual stream of {type(model).__name__}, "
@@ -346,11 +383,11 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             # readers whose values only feed residual blocks as extra arguments (GCViT's global query): inputs
             # of those blocks' branches, not the stream's path
             sided.add(key)
-            skip |= side_paths(key, nodes, {t for t in blocks})
+            skip |= memoized(("side", key), lambda: side_paths(key, nodes))
             if n in skip:
                 continue
         if v[0] == "s" and len([u for u in _readers(key) if u not in skip]) > 1 and n not in residual_adds:
-            found = _residual_add(key, nodes, model)
+            found = memoized(("radd", key), lambda: _residual_add(key, nodes, model))
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
                           "'stream + module(stream)' are supported outside the blocks)")
@@ -364,15 +401,16 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             gs = v[1]
             bpath, bmod, onode = _branch_module(model, bnode)
             if bmod is not None:  # named by the outermost module returning it (``mlp``, not ``mlp.fc2``)
-                bpath, bmod = outer_module(model, nodes, onode, bpath, cur[0], _identity)
+                bpath, bmod = memoized(("outer", onode, cur[0]),
+                                       lambda: outer_module(model, nodes, onode, bpath, cur[0], _identity))
             bl = None if bmod is None else gs.layout(shapes[onode], v[2])
             scaled = bmod is not None and layer_scale(bmod) is not None  # a LayerScale after a window reverse?
             if bl not in ("nchw", "nhwc", "nlc") or scaled:  # through row steps (a window reverse, a roll, a crop)?
                 if not embedded:
                     refuse(n, "adds a branch to the stream before the first module reads it")
-                why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel,
-                                    lambda p: _cached(model, "oracle-writes", dict),
-                                    outer=lambda p, m, o: outer_module(model, nodes, o, p, cur[0], _identity))
+                why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel, oracle_writes(), memo=wmemo,
+                                    outer=lambda p, m, o: memoized(("outer", o, cur[0]), lambda: outer_module(
+                                        model, nodes, o, p, cur[0], _identity)))
                 if why is None:
                     lay = gs.layout(shapes[n], v[2])
                     if lay is None:
@@ -387,8 +425,7 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
                           f"order) to the stream ({why})")
             if not embedded:
                 refuse(n, "adds a branch to the stream before the first module reads it")
-            if post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel,
-                               _cached(model, "oracle-writes", dict)):
+            if post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle_writes(), memo=wmemo):
                 lay = gs.layout(shapes[n], v[2])
                 if lay is None:
                     refuse(n, f"gives {shapes[n]}, not a layout of the stream")
@@ -409,7 +446,8 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             continue
         if v[0] == "s" and is_row_step(n) and (n.target is torch.nn.functional.pad
                                                or _relayout(n, v[2], v[1], shapes.get(n)) is None):
-            merged = patch_merge(key, v[1], v[2], nodes, shapes, values(), model, supported_norm)
+            merged = memoized(("merge", key, v[2]), lambda: patch_merge(key, v[1], v[2], nodes, shapes, values(),
+                                                                        model, supported_norm))
             if isinstance(merged, str):
                 refuse(n, merged)
             if merged is not None:  # a 2×2 patch merging (timm's PatchMerging): a new grid stream

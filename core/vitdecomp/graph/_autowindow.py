@@ -178,7 +178,17 @@ def _source_rows(out_idx, out_rnd, rnd_in, C):
     return src
 
 
-def row_map(chain, onode, shapes, values, model, lay, C, rows):
+def row_map(chain, onode, shapes, values, model, lay, C, rows, memo=None):
+    """Cached in ``memo`` (a dict kept per model structure and image size) under the module output node."""
+    if memo is None:
+        return _row_map(chain, onode, shapes, values, model, lay, C, rows)
+    key = ("rows", onode, tuple(chain), lay)
+    if key not in memo:
+        memo[key] = _row_map(chain, onode, shapes, values, model, lay, C, rows)
+    return memo[key]
+
+
+def _row_map(chain, onode, shapes, values, model, lay, C, rows):
     """For a module output (node ``onode``, shape from ``shapes``) reaching the stream through ``chain``: numpy
     ``win`` with ``win[i]`` the stream position partitioned row ``i`` of the module's output holds (−1: a row
     cut off, e.g. window padding), for :class:`~vitdecomp.graph.sources.PartitionHeads`; or a reason string.
@@ -300,7 +310,7 @@ def _param_path(model, p):
     return next((n for n, q in model.named_parameters() if q is p), None)
 
 
-def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=None):
+def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=None, memo=None):
     """Register the write of a residual branch whose value ``bnode`` is a module's output through row steps
     (heads at proj's input with the numerically derived row map, else one write with ``rows=``). Returns None
     when registered, else the reason it is not such a branch."""
@@ -317,7 +327,7 @@ def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=N
         path, mod = outer(path, mod, onode)
     if shapes.get(bnode) is None:
         return "its shape is unknown"
-    win = row_map(chain, onode, shapes, values, model, lay, gs.C, gs.stream.rows)
+    win = row_map(chain, onode, shapes, values, model, lay, gs.C, gs.stream.rows, memo)
     if isinstance(win, str):
         return f"the output of {path} reaches it through steps that are no row permutation: {win}"
     proj = _heads_proj(mod)
@@ -334,7 +344,7 @@ def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=N
     return None
 
 
-def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle) -> bool:
+def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle, memo=None) -> bool:
     """A branch ``norm(steps(attn(..)))`` whose module is a norm (SwinV2's res-post-norm) and whose input is a
     head-splittable attention's output through row steps: heads with ``post_norm=norm`` (True), else False (the
     norm's output is then one write)."""
@@ -356,7 +366,7 @@ def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracl
     ilay = gs.layout(shapes.get(inp, ()), None) if shapes.get(inp) is not None else None
     if proj is None or not getattr(amod, "num_heads", None) or ilay not in ("nhwc", "nlc"):
         return False
-    win = row_map(chain, aonode, shapes, vals, model, ilay, gs.C, gs.stream.rows)
+    win = row_map(chain, aonode, shapes, vals, model, ilay, gs.C, gs.stream.rows, memo)
     if isinstance(win, str):
         return False
     g.heads(gs.stream, PartitionHeads(proj, amod.num_heads, win), proj.weight, proj.bias, post_norm=bmod,
@@ -368,7 +378,10 @@ def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracl
 
 
 def _scope(n):
-    """Module paths (without ``model.``) node ``n`` runs inside, from its trace metadata."""
+    """Module paths (without ``model.``) node ``n`` runs inside, from its trace metadata (kept in ``n.meta``)."""
+    got = n.meta.get("_vitdecomp_scope")
+    if got is not None:
+        return got
     out = set()
     for k, v in (n.meta.get("nn_module_stack") or {}).items():
         for p in ([k] if isinstance(k, str) else []) + ([v[0]] if isinstance(v, tuple) and v and
@@ -376,6 +389,8 @@ def _scope(n):
             out.add(p[len("model."):] if p.startswith("model.") else p)
     if n.op == "call_module":
         out.add(n.target[len("model."):])
+    out = frozenset(out)
+    n.meta["_vitdecomp_scope"] = out
     return out
 
 

@@ -4,8 +4,10 @@ Used as ``adapter="auto"``, and by dispatch when no family adapter claims a mode
 Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
 the timm head interface (CLS / mean / attention-pool readouts); z is
 ``model.forward_head(model.forward_features(x), pre_logits=True)``. Staged (hierarchical) models — a list of
-stages with ``blocks`` lists on an image-shaped stream, with convolutions between stages — are derived by
-:mod:`._autostage` (one trace through the stages; the blocks are derived as below).
+stages with ``blocks`` lists on an image-shaped stream, with convolutions or patch mergings between stages — are
+derived by :mod:`._autostage` (one trace through the stages; the blocks are derived as below, and windowed
+attention that reaches the stream through rolls, pads, window partitions / reverses and crops — Swin, SwinV2,
+SwinV2-Cr, DaViT, GCViT — by :mod:`._autowindow`).
 
 How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
 forward):
@@ -13,8 +15,9 @@ forward):
 1. **Blocks.** Each ``blocks.i`` is traced with :mod:`torch.fx`, every child module a leaf. Walking back from
    the block's output, every step must be an ``add`` of the stream and a *branch*; anything else on the stream's
    path (a norm after the add, a concatenation, a reshape) is refused, naming the operation, its module path and
-   source line. A branch is peeled down to the module that computes it through identities (eval ``Dropout``,
-   ``DropPath``, ``Identity``) and LayerScale (a ``LayerScale`` module or a multiplication by a parameter, as in
+   source line (the stream may pass an identity module, MetaFormer's Identity ``res_scale``). A branch is peeled
+   down to the module that computes it through identities (eval ``Dropout``, ``DropPath``, ``Identity``) and
+   LayerScale (a ``LayerScale`` module, MetaFormer's ``Scale``, or a multiplication by a parameter, as in
    BEiT's ``gamma_1``), giving a write named by the model's own module path (``blocks.3.mlp``,
    ``blocks.3.attn``). Attention is split into heads (``blocks.3.attn.head.5`` + ``blocks.3.attn.bias``) by its
    output projection when it is timm's fused-qkv ``Attention`` (token detail through :class:`FusedQKV`), or
