@@ -30,7 +30,9 @@ has its token detail on that grid (``dec.grid_of(name)``); window attention is t
 :class:`~vitdecomp.graph.sources.WindowHeads` (cyclic shift and window partition as a row map; heads placed at
 their query rows, ``meta["head_tokens"] = "query"``), any partitioned attention given by its row map is
 :class:`~vitdecomp.graph.sources.PartitionHeads` (MaxViT's block windows and grid cells: :func:`window_rows`,
-:func:`grid_rows`), and a norm inside the branch after the attention (SwinV2's res-post-norm) is
+:func:`grid_rows`; the auto adapter reads the row map off the model's own steps), a branch module whose output is
+in partition order (an attention not split into heads, before its window reverse) is
+``Graph.branch(..., rows=row_map)``, and a norm inside the branch after the attention (SwinV2's res-post-norm) is
 ``Graph.heads(..., post_norm=module)``. Modules that see or write ``[B, C, h, w]`` maps are declared with
 ``nchw=True`` (``embed``, ``branch``, ``block``, ``norm``: a LayerNorm2d normalises over C).
 
