@@ -19,6 +19,8 @@ MODELS = {
     "swin": ("swin_tiny_patch4_window7_224", SWIN),
     "swinv2": ("swinv2_tiny_window8_256", SWIN),
     "swinv2_cr": ("swinv2_cr_tiny_224", {**SWIN, "img_size": 32}),
+    # 16 channels on the 16×16 grid: [B, 16, 16, 16] is NCHW or NHWC by shape alone (the model declares NHWC)
+    "swinv2_c16": ("swinv2_tiny_window8_256", {**SWIN, "img_size": 64}),
 }
 
 

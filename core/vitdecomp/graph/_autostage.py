@@ -326,6 +326,9 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
     tiles = [c for c in cands if H % c[2] == 0 and W % c[3] == 0 and H // c[2] == W // c[3]]
     if len(tiles) == 1 and tiles != cands:
         cands = tiles
+    elif len(cands) == 2 and \
+            str(getattr(model, "output_fmt", "") or "").upper().endswith("NHWC"):
+        cands = cands[1:]  # C equals a side (16 channels on a 16×16 grid): the model's declared NHWC format (Swin)
     lay0 = "nhwc" if start_tokens else cands[0][0] if len(cands) == 1 else \
         _start_layout(model, nodes, start, shapes, cands)
     _, C0, h0, w0 = next(c for c in cands if c[0] == lay0)
@@ -425,7 +428,8 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
                           f"order) to the stream ({why})")
             if not embedded:
                 refuse(n, "adds a branch to the stream before the first module reads it")
-            if post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle_writes(), memo=wmemo):
+            if post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle_writes(), memo=wmemo,
+                               lay=v[2]):
                 lay = gs.layout(shapes[n], v[2])
                 if lay is None:
                     refuse(n, f"gives {shapes[n]}, not a layout of the stream")

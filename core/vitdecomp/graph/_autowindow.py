@@ -344,7 +344,7 @@ def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=N
     return None
 
 
-def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle, memo=None) -> bool:
+def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle, memo=None, lay=None) -> bool:
     """A branch ``norm(steps(attn(..)))`` whose module is a norm (SwinV2's res-post-norm) and whose input is a
     head-splittable attention's output through row steps: heads with ``post_norm=norm`` (True), else False (the
     norm's output is then one write)."""
@@ -363,7 +363,7 @@ def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracl
         return False
     apath, amod, aonode, chain = found
     proj = _heads_proj(amod)
-    ilay = gs.layout(shapes.get(inp, ()), None) if shapes.get(inp) is not None else None
+    ilay = gs.layout(shapes.get(inp, ()), lay) if shapes.get(inp) is not None else None
     if proj is None or not getattr(amod, "num_heads", None) or ilay not in ("nhwc", "nlc"):
         return False
     win = row_map(chain, aonode, shapes, vals, model, ilay, gs.C, gs.stream.rows, memo)
