@@ -184,3 +184,10 @@ def test_gcvit_global_query_is_a_side_input_of_the_blocks():
     with pytest.raises(UnsupportedModelError, match=r"token detail.*stages\.1\.downsample\.reduction"):
         vitdecomp.decompose(m, x, adapter="auto", tokens="source")
     testing.check_attributions(m, x, adapter="auto", tokens=False)
+
+
+def test_swin_auto_on_simulated_cuda():
+    """The row maps are read on host probes, so the derivation also runs while the model is on (simulated) CUDA
+    tensors, without a host synchronisation."""
+    testing.check_cuda_placement(_model("swinv2"), (40, 40), adapter="auto",
+                                 granularities=({"heads": True}, {"heads": True, "tokens": "source"}))

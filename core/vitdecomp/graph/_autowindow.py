@@ -178,13 +178,27 @@ def _source_rows(out_idx, out_rnd, rnd_in, C):
     return src
 
 
+def _host():
+    """Outside any active dispatch mode: the probes are real host tensors even while the model runs on simulated
+    (fake) CUDA tensors (the conformance kit's placement check), where no value could be read."""
+    import contextlib
+
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # pragma: no cover - private torch API moved
+        return contextlib.nullcontext()
+    return _disable_current_modes()
+
+
 def row_map(chain, onode, shapes, values, model, lay, C, rows, memo=None):
     """Cached in ``memo`` (a dict kept per model structure and image size) under the module output node."""
     if memo is None:
-        return _row_map(chain, onode, shapes, values, model, lay, C, rows)
+        with _host():
+            return _row_map(chain, onode, shapes, values, model, lay, C, rows)
     key = ("rows", onode, tuple(chain), lay)
     if key not in memo:
-        memo[key] = _row_map(chain, onode, shapes, values, model, lay, C, rows)
+        with _host():
+            memo[key] = _row_map(chain, onode, shapes, values, model, lay, C, rows)
     return memo[key]
 
 
@@ -241,6 +255,11 @@ def patch_merge(key, gs, lay, nodes, shapes, values, model, supported_norm):
     """A 2×2 patch merging reading the stream value ``key`` (a :class:`._autostage._Grid` ``gs`` in layout
     ``lay``): ``(norm, reduction, norm_first, last node, out shape, nodes consumed)``, a reason string, or None
     when the steps after ``key`` are no gather of 2×2 cells at all."""
+    with _host():
+        return _patch_merge(key, gs, lay, nodes, shapes, values, model, supported_norm)
+
+
+def _patch_merge(key, gs, lay, nodes, shapes, values, model, supported_norm):
     from ._hier import merge_slots
 
     chain, nxt = forward_chain(key, nodes, values)
