@@ -226,7 +226,8 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
     through instead (set on a second pass when a write of theirs is in window order)."""
     from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
-    from ._autowindow import is_row_step, layer_scale, outer_module, side_paths, zero_pad, patch_merge, post_norm_heads, record_values, window_branch
+    from ._autowindow import (is_row_step, layer_scale, outer_module, patch_merge, post_norm_heads, record_values,
+                              side_paths, window_branch, zero_pad)
 
     gm, graph, first_list, residual, opened, stuck = _cached(model, ("staged", reopen) if reopen else "staged",
                                                              lambda: _derive(model, reopen))
@@ -411,7 +412,7 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             if bl not in ("nchw", "nhwc", "nlc") or scaled:  # through row steps (a window reverse, a roll, a crop)?
                 if not embedded:
                     refuse(n, "adds a branch to the stream before the first module reads it")
-                why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel, oracle_writes(), memo=wmemo,
+                why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel, memo=wmemo,
                                     outer=lambda p, m, o: memoized(("outer", o, cur[0]), lambda: outer_module(
                                         model, nodes, o, p, cur[0], _identity)))
                 if why is None:

@@ -329,7 +329,7 @@ def _param_path(model, p):
     return next((n for n, q in model.named_parameters() if q is p), None)
 
 
-def window_branch(g, gs, lay, bnode, model, values, shapes, rel, oracle, outer=None, memo=None):
+def window_branch(g, gs, lay, bnode, model, values, shapes, rel, outer=None, memo=None):
     """Register the write of a residual branch whose value ``bnode`` is a module's output through row steps
     (heads at proj's input with the numerically derived row map, else one write with ``rows=``). Returns None
     when registered, else the reason it is not such a branch."""
@@ -391,8 +391,8 @@ def post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracl
     g.heads(gs.stream, PartitionHeads(proj, amod.num_heads, win), proj.weight, proj.bias, post_norm=bmod,
             name=rel(apath))
     # the attribution oracle's constant: proj's bias and the post-norm's β, both inside this branch
-    oracle[f"{apath}.bias"] = [p for p in (_param_path(model, proj.bias), _param_path(model, getattr(bmod, "bias", None)))
-                               if p is not None]
+    paths = (_param_path(model, proj.bias), _param_path(model, getattr(bmod, "bias", None)))
+    oracle[f"{apath}.bias"] = [p for p in paths if p is not None]
     return True
 
 

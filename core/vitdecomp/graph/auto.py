@@ -166,8 +166,9 @@ def _peel(node, block, prefix, relayout=False):
                 gamma = mod.gamma
                 node = node.args[0]
                 continue
-            if (type(mod).__name__ == "Scale" and gamma is None and isinstance(getattr(mod, "scale", None), torch.Tensor)
-                    and mod.scale.dim() == 1 and not getattr(mod, "inplace", False)):  # MetaFormer's layer scale
+            scale = getattr(mod, "scale", None)  # MetaFormer's layer scale: x * scale.view(shape)
+            if (type(mod).__name__ == "Scale" and gamma is None and isinstance(scale, torch.Tensor)
+                    and scale.dim() == 1 and not getattr(mod, "inplace", False)):
                 gamma = mod.scale
                 node = node.args[0]
                 continue
