@@ -145,14 +145,20 @@ def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
     g = torch.Generator().manual_seed(0)  # fit_aligner's held-out split (seed 0)
     val = torch.zeros(N, dtype=torch.bool)
     val[torch.randperm(N, generator=g)[: round(val_fraction * N)]] = True
-    saved = ca._PROX_START, ca._PROX_DECAY
+    saved = ca._PROX_START, ca._PROX_DECAY, ca._RAMP_RESET, ca._ISO_FINISH
     out = []
     try:
         for run in runs:
-            method = run if run in ("adam", "joint") else "bcd"
-            ca._PROX_START, ca._PROX_DECAY = (0.0, 0.7) if ":" not in run else map(float, run.split(":")[1].split(","))
+            method, kw = run.split(":")[0].split("-")[0], {}
+            ca._PROX_START, ca._PROX_DECAY = 0.0, 0.7
+            ca._RAMP_RESET, ca._ISO_FINISH = "-reset" in run, "-noiso" not in run
+            if method == "prox":
+                method = "bcd"
+                ca._PROX_START, ca._PROX_DECAY = map(float, run.split(":")[1].split(","))
+            elif method in ("joint", "adam") and ":" in run:
+                kw["penalty_warmup"] = int(run.split(":")[1])
             t0, p0 = time.perf_counter(), time.process_time()
-            al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False)
+            al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False, **kw)
             wall, cpu = time.perf_counter() - t0, time.process_time() - p0
             pen, worst = _isometry(al.weight)
             rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
@@ -166,10 +172,14 @@ def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
                             al.total(c[val]), clean, dim=-1).mean()),
                         "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
                         "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
+                        "det_agrees": float((torch.linalg.det(al.weight).sign() == torch.linalg.det(maps).sign())
+                                            .float().mean()) if D == d else None,
+                        "isometric_finish": {k: al.history[-1].get(k) for k in ("taken", "val_cosine")}
+                        if al.history[-1].get("projected") else None,
                         "curve": [round(h.get("val_cosine"), 4) for h in al.history], "load_after": os.getloadavg()})
             print(json.dumps(out[-1]), flush=True)
     finally:
-        ca._PROX_START, ca._PROX_DECAY = saved
+        ca._PROX_START, ca._PROX_DECAY, ca._RAMP_RESET, ca._ISO_FINISH = saved
     return out
 
 
@@ -404,6 +414,9 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--ratio", type=float, default=None,
+                   help="n_train / (C·max(D, d)) instead of --n (then --val-images are held out on top)")
+    p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--runs", nargs="+", default=["bcd", "prox:16,0.7", "adam"])
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
@@ -433,7 +446,12 @@ def main(argv=None):
                                      args.sgd_steps)))
     elif args.cmd == "schedules":
         torch.set_num_threads(args.threads)
-        schedules(args.n, args.c, args.dim, args.target_dim or args.dim, args.runs, args.noise, args.val_fraction)
+        d = args.target_dim or args.dim
+        n, vf = args.n, args.val_fraction
+        if args.ratio is not None:  # a fixed number of held-out images: their mean cosine to ±0.003
+            n = round(args.ratio * args.c * max(args.dim, d)) + args.val_images
+            vf = args.val_images / n
+        schedules(n, args.c, args.dim, d, args.runs, args.noise, vf)
     else:  # compare: the methods on one planted cache in a temporary folder
         if args.threads:
             torch.set_num_threads(args.threads)

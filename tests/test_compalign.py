@@ -160,7 +160,8 @@ def test_no_validation_split_and_determinism():
     for method in ("adam", "bcd", "joint"):
         a1 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
         a2 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
-        assert a1.held_out_cosine is None and len(a1.history) == 4
+        steps = [h for h in a1.history if not h.get("projected")]  # joint: + its isometric finish candidate
+        assert a1.held_out_cosine is None and len(steps) == 4 and len(a1.history) == 4 + (method == "joint")
         torch.testing.assert_close(a1.weight, a2.weight, rtol=0, atol=0)
         assert math.isfinite(a1.history[-1]["train_loss"])
 
@@ -455,6 +456,7 @@ def test_joint_near_isometries_and_noise():
     assert al.held_out_cosine >= ada.held_out_cosine - 1e-4
     rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.1
+    assert al.history[-1]["projected"] and not al.history[-1]["taken"]  # the data see that these are no isometries
 
 
 def test_joint_every_step_decreases_the_objective():
@@ -463,7 +465,7 @@ def test_joint_every_step_decreases_the_objective():
     reports (brute force)."""
     c, t, _ = _planted(N=400, C=3, D=6, d=5, seed=1)
     al = fit_aligner(c, t, method="joint", penalty_warmup=0, max_epochs=12, tol=0.0, patience=50, progress=False)
-    hist = al.history[1:]
+    hist = [h for h in al.history[1:] if not h.get("projected")]  # the isometric finish is a candidate, not a step
     assert len(hist) >= 2
     objs = [h["train_loss"] + h["penalty"] for h in hist]
     for prev, cur, h in zip(objs, objs[1:], hist[1:]):
@@ -500,6 +502,27 @@ def test_joint_where_the_maps_are_underdetermined():
     assert al.held_out_cosine > al.init_cosine
     assert not any(h.get("reflected") for h in al.history[1:])
     assert al.config["stopped"] == "no held-out improvement"
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_joint_with_many_components_where_the_maps_are_underdetermined(seed):
+    """C = 30 maps, 120 training images < C·D = 240, noisy targets, half the maps of the other determinant: the
+    joint fit's held-out cosine is no worse than Adam's on the same data and split (here 0.05–0.16 higher, the
+    regime of the paper's size, benchmarks/RESULTS.md), and where the isometric finish is taken the returned maps
+    are exact isometries with the reported held-out cosine (brute force)."""
+    _, _, maps = _planted(N=10, C=30, D=8, d=8, seed=seed)
+    c, t = _planted_with(_flip_half(maps), N=500, noise=0.1, seed=seed)
+    al = fit_aligner(c, t, method="joint", val_fraction=0.76, progress=False)
+    ada = fit_aligner(c, t, method="adam", val_fraction=0.76, progress=False)
+    assert al.config["n_train"] == 120
+    assert al.held_out_cosine >= ada.held_out_cosine > al.init_cosine
+    finish = al.history[-1]
+    assert finish["projected"] and finish["penalty"] < 1e-9
+    if seed == 0:
+        assert finish["taken"] and al.config["best_epoch"] == finish["epoch"]
+        assert float(_penalty(al.weight)) < 1e-9
+    val = _split(500, 0.76)
+    assert al.held_out_cosine == pytest.approx(float(al.cosine(c[val], t[val]).mean()), abs=1e-5)
 
 
 def test_joint_progress_and_bad_input(capsys):
