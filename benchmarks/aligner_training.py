@@ -149,14 +149,15 @@ def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
     out = []
     try:
         for run in runs:
-            method, kw = run.split(":")[0].split("-")[0], {}
+            base, _, arg = run.partition(":")  # e.g. "prox:16,0.7", "joint-reset-noiso:10"
+            method, kw = base.split("-")[0], {}
             ca._PROX_START, ca._PROX_DECAY = 0.0, 0.7
-            ca._RAMP_RESET, ca._ISO_FINISH = "-reset" in run, "-noiso" not in run
+            ca._RAMP_RESET, ca._ISO_FINISH = "-reset" in base, "-noiso" not in base
             if method == "prox":
                 method = "bcd"
-                ca._PROX_START, ca._PROX_DECAY = map(float, run.split(":")[1].split(","))
-            elif method in ("joint", "adam") and ":" in run:
-                kw["penalty_warmup"] = int(run.split(":")[1])
+                ca._PROX_START, ca._PROX_DECAY = map(float, arg.split(","))
+            elif arg:
+                kw["penalty_warmup"] = int(arg)
             t0, p0 = time.perf_counter(), time.process_time()
             al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False, **kw)
             wall, cpu = time.perf_counter() - t0, time.process_time() - p0

@@ -525,12 +525,32 @@ def test_joint_with_many_components_where_the_maps_are_underdetermined(seed):
     assert al.held_out_cosine == pytest.approx(float(al.cosine(c[val], t[val]).mean()), abs=1e-5)
 
 
+@pytest.mark.parametrize("D,d", [(8, 8), (12, 8), (6, 10)])
+def test_polar_is_the_nearest_isometry(D, d):
+    """_polar (through the Gram matrix's eigendecomposition near isometries, the SVD far from them) equals U·Vᵀ
+    of the SVD and is an isometry on the achievable side."""
+    from vitdecomp.compalign import _polar
+
+    g = torch.Generator().manual_seed(13)
+    k = max(D, d)
+    near = torch.linalg.qr(torch.randn(4, k, k, generator=g))[0][:, :D, :d] + 0.05 * torch.randn(4, D, d, generator=g)
+    far = torch.randn(4, D, d, generator=g)
+    far[0] *= torch.logspace(-2, 0, d)[None, :] if D >= d else torch.logspace(-2, 0, D)[:, None]  # Gram cond. 10⁴
+    for W in (near, far):
+        U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        P = _polar(W)
+        torch.testing.assert_close(P.double(), U @ Vh, rtol=0, atol=1e-4)
+        G = P.transpose(1, 2) @ P if D >= d else P @ P.transpose(1, 2)
+        torch.testing.assert_close(G, torch.eye(min(D, d)).expand_as(G), rtol=0, atol=1e-5)
+
+
 def test_joint_progress_and_bad_input(capsys):
     c, t, _ = _planted(N=300, C=2, D=4, d=4, seed=6)
     al = fit_aligner(c, t, method="joint", max_epochs=2, tol=0.0, progress=True)
     out = capsys.readouterr().out
     assert "iteration 1: " in out and "iteration 2: " in out and "held-out cosine" in out
     assert "best iteration" in out and f"{al.init_cosine:.5f}" in out
+    assert "isometric finish (polar factors)" in out
     bad = c.clone()
     bad[17, 1, 2] = float("nan")
     with pytest.raises(InputError, match="image 17 has NaN"):
