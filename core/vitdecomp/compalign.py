@@ -36,18 +36,21 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"``: L-BFGS on all maps and the bias at once, from
+- ``method="joint"`` (what ``"auto"`` takes with fewer images): L-BFGS on all maps and the bias at once, from
   the same shared start. f(x) is held for every training and held-out image; an iteration is one pass computing
   c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an exact line search
   along it (the data term from five per-image scalars, the penalty a quartic: no further pass) and one pass for
   the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
   its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
-  early-stopped joint descent regularises where every block solve overfits: with C = 16 components it beats
-  Adam's held-out cosine, with C = 150 (D = d = 96) it falls behind Adam (see :func:`fit_aligner`).
-  λ ramps up over ``penalty_warmup`` iterations (default 10; the curvature pairs are reset when it changes).
-  With D = d and the maps determined (≥ 2·C·D images), a map trapped among the isometries of the wrong
-  determinant is found by the data term's gradient and reflected where descent stops (see ``_fit_joint``);
-- ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
+  early-stopped joint descent regularises where every block solve overfits, and beats Adam's held-out cosine
+  (C = 16 and C = 150; see :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 30; the
+  curvature pairs are kept across its steps): with D = d the weak penalty early on lets maps cross between the
+  det ±1 sets of isometries, which is most of what a longer ramp gains. With D = d and the maps determined
+  (≥ 2·C·D images), a map trapped among the isometries of the wrong determinant is found by the data term's
+  gradient and reflected where descent stops (see ``_fit_joint``). After descent, the best iterate's maps
+  replaced by their nearest isometries (polar factors, penalty 0, bias refitted) are a last candidate, kept when
+  the held-out objective says so;
+- ``method="adam"``: the stochastic-gradient reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -81,7 +84,7 @@ _FORMAT = "vitdecomp.aligner/1"
 _METHODS = ("bcd", "adam", "joint")
 _DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 30)}  # (max_epochs, patience, penalty_warmup) per method
 _UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration"}  # what max_epochs and history count
-_BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D (see fit_aligner)
+_BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D, joint below (see fit_aligner)
 _SMALL_VAL = 50  # fewer held-out images than this: the held-out cosine says little (warned)
 
 
@@ -133,7 +136,7 @@ class AlignConfig:
     ``method``: ``"bcd"`` (block-coordinate sweeps), ``"joint"`` (L-BFGS on all maps) or ``"adam"``, the one
     used (:func:`fit_aligner`'s default ``"auto"`` picks by the number of training images); ``max_epochs``,
     ``patience`` and ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1), iterations for ``joint``
-    (500, 10, 10) and epochs for ``adam`` (200, 5, 20).
+    (500, 10, 30) and epochs for ``adam`` (200, 5, 20).
     ``lr``, ``weight_decay``, ``batch_size`` and ``penalty_probes`` are Adam's (``bcd`` uses ``batch_size`` only
     for its evaluation passes). ``tol``: a sweep/iteration/epoch counts as an improvement when the held-out
     objective falls by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training
@@ -1104,8 +1107,12 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
     no further pass); f ← f + αU, for the held-out images too (their cosine per iteration costs no extra pass);
     one pass for the gradient at the new point. So an iteration costs two reads of the source and the multiply-
     adds of one forward and one backward pass over it, like one Adam epoch without its per-batch penalty. During a
-    penalty ramp (``penalty_warmup`` iterations) the history is reset whenever λ changes. Returns
-    (best_state, best_epoch, best_cos, stop_reason)."""
+    penalty ramp (``penalty_warmup`` iterations) the gradient follows λ and the correction pairs are kept (they
+    then mix slightly different objectives; resetting them, ``_RAMP_RESET``, made the first iterations steepest-
+    descent steps and was measured worse at every size). After descent one more pass evaluates the exact-isometry
+    candidate (``_ISO_FINISH``): the best iterate's maps replaced by their polar factors, the bias refitted; it is
+    taken when it lowers the held-out objective (the training objective without a held-out split) and recorded in
+    the history either way (``projected``, ``taken``). Returns (best_state, best_epoch, best_cos, stop_reason)."""
     from tqdm.auto import tqdm
 
     from . import distributed as dist
@@ -1362,16 +1369,16 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"adam"``
+    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"joint"``
     otherwise. With fewer images than C·D the maps are not determined by the data (C·D·d unknowns, n·d target
     values): each block of bcd's first sweep is solved exactly and fits the noise of the others (planted N =
     10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the shared-map baseline),
-    while early-stopped descent from the shared start regularises implicitly. ``"joint"`` (L-BFGS on all maps)
-    does so best at small C (planted C = 16, D = d = 48, ``benchmarks/RESULTS.md``: at n = 0.35·C·D joint 0.53,
-    Adam 0.50, bcd 0.32; at 0.94·C·D joint and Adam 0.98, bcd 0.96; at 3.5·C·D bcd and joint 0.994, Adam 0.993,
-    bcd in 8 sweeps, joint in ~200 iterations) but falls behind Adam at C = 150 (D = d = 96, n = 0.63·C·D: held-out
-    cosine 0.81 after 10 minutes against Adam's 0.90), so ``"auto"`` keeps Adam there. ``config["method"]``
-    records the method used.
+    while early-stopped descent from the shared start regularises implicitly, and joint L-BFGS does so best
+    (planted, ``benchmarks/RESULTS.md``: C = 150, D = d = 32 with 1,000 held-out images, held-out cosine joint /
+    Adam 0.291 / 0.242 at n = 0.078·C·D, the paper's ratio; 0.615 / 0.554 at 0.35; 0.903 / 0.885 at 0.63;
+    C = 16, D = d = 48: 0.53 / 0.50 at 0.35, 0.98 / 0.98 at 0.94). Where the data determine the maps (3.5·C·D)
+    bcd and joint reach the same held-out cosine (0.994, Adam 0.993), bcd in 8 sweeps, joint in ~200 iterations.
+    ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
 
@@ -1379,9 +1386,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
     data = _Data.of(contributions)
     requested = method
-    if method == "auto":  # bcd where the data determine the maps, Adam's implicit regularisation where not
+    if method == "auto":  # bcd where the data determine the maps, early-stopped joint descent where not
         n_train = data.N - (int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0)
-        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "adam"
+        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "joint"
     defaults = _DEFAULTS[method]
     cfg = AlignConfig(lam=lam, method=method, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=defaults[0] if max_epochs is None else max_epochs,
