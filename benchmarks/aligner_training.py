@@ -416,7 +416,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--ratio", type=float, default=None,
-                   help="n_train / (C·max(D, d)) instead of --n (then --val-images are held out on top)")
+                   help="n_train / (C·D) instead of --n (then --val-images are held out on top)")
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--runs", nargs="+", default=["bcd", "prox:16,0.7", "adam"])
     args = ap.parse_args(argv)
@@ -450,7 +450,7 @@ def main(argv=None):
         d = args.target_dim or args.dim
         n, vf = args.n, args.val_fraction
         if args.ratio is not None:  # a fixed number of held-out images: their mean cosine to ±0.003
-            n = round(args.ratio * args.c * max(args.dim, d)) + args.val_images
+            n = round(args.ratio * args.c * args.dim) + args.val_images
             vf = args.val_images / n
         schedules(n, args.c, args.dim, d, args.runs, args.noise, vf)
     else:  # compare: the methods on one planted cache in a temporary folder

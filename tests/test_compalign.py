@@ -309,10 +309,14 @@ def test_method_is_checked():
         fit_aligner(c, t, method="sgd", progress=False)
 
 
-def test_auto_takes_joint_when_the_data_do_not_determine_the_maps():
-    c, t, _ = _planted(N=120, C=4, D=16, d=16, seed=8)  # 108 training images < 2·C·D = 128
-    al = fit_aligner(c, t, max_epochs=2, progress=False)
+def test_auto_chooses_by_how_far_the_data_determine_the_maps():
+    c, t, _ = _planted(N=34, C=4, D=16, d=16, seed=8)  # 31 training images < C·D/2 = 32
+    with pytest.warns(UserWarning, match="held out"):
+        al = fit_aligner(c, t, max_epochs=2, progress=False)
     assert al.config["method"] == "joint" and al.config["method_requested"] == "auto"
+    c, t, _ = _planted(N=120, C=4, D=16, d=16, seed=8)  # 32 ≤ 108 training images < 2·C·D = 128
+    al = fit_aligner(c, t, max_epochs=2, progress=False)
+    assert al.config["method"] == "adam" and al.config["method_requested"] == "auto"
     c, t, _ = _planted(N=160, C=4, D=16, d=16, seed=8)  # 144 ≥ 128
     al = fit_aligner(c, t, max_epochs=2, progress=False)
     assert al.config["method"] == "bcd"

@@ -36,21 +36,23 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"`` (what ``"auto"`` takes with fewer images): L-BFGS on all maps and the bias at once, from
+- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images): L-BFGS on all maps and the bias at once, from
   the same shared start. f(x) is held for every training and held-out image; an iteration is one pass computing
   c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an exact line search
   along it (the data term from five per-image scalars, the penalty a quartic: no further pass) and one pass for
   the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
   its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
   early-stopped joint descent regularises where every block solve overfits, and beats Adam's held-out cosine
-  (C = 16 and C = 150; see :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 30; the
+  and isometry deviation with fewer than C·D/2 images (C = 16 and C = 150; not from 0.63·C·D at D ≥ 64: see
+  :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 60; the
   curvature pairs are kept across its steps): with D = d the weak penalty early on lets maps cross between the
   det ±1 sets of isometries, which is most of what a longer ramp gains. With D = d and the maps determined
   (≥ 2·C·D images), a map trapped among the isometries of the wrong determinant is found by the data term's
   gradient and reflected where descent stops (see ``_fit_joint``). After descent, the best iterate's maps
   replaced by their nearest isometries (polar factors, penalty 0, bias refitted) are a last candidate, kept when
   the held-out objective says so;
-- ``method="adam"``: the stochastic-gradient reference. Each batch
+- ``method="adam"`` (what ``"auto"`` takes from C·D/2 to 2·C·D training images): the stochastic-gradient
+  reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -82,9 +84,10 @@ __all__ = ["AlignConfig", "Aligner", "fit_aligner"]
 
 _FORMAT = "vitdecomp.aligner/1"
 _METHODS = ("bcd", "adam", "joint")
-_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 30)}  # (max_epochs, patience, penalty_warmup) per method
+_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 60)}  # (max_epochs, patience, penalty_warmup) per method
 _UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration"}  # what max_epochs and history count
-_BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D, joint below (see fit_aligner)
+_BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D (see fit_aligner)
+_JOINT_MAX_RATIO = 0.5  # ... joint below this × C·D, Adam in between
 _SMALL_VAL = 50  # fewer held-out images than this: the held-out cosine says little (warned)
 
 
@@ -136,7 +139,7 @@ class AlignConfig:
     ``method``: ``"bcd"`` (block-coordinate sweeps), ``"joint"`` (L-BFGS on all maps) or ``"adam"``, the one
     used (:func:`fit_aligner`'s default ``"auto"`` picks by the number of training images); ``max_epochs``,
     ``patience`` and ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1), iterations for ``joint``
-    (500, 10, 30) and epochs for ``adam`` (200, 5, 20).
+    (500, 10, 60) and epochs for ``adam`` (200, 5, 20).
     ``lr``, ``weight_decay``, ``batch_size`` and ``penalty_probes`` are Adam's (``bcd`` uses ``batch_size`` only
     for its evaluation passes). ``tol``: a sweep/iteration/epoch counts as an improvement when the held-out
     objective falls by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training
@@ -1369,16 +1372,19 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"joint"``
-    otherwise. With fewer images than C·D the maps are not determined by the data (C·D·d unknowns, n·d target
-    values): each block of bcd's first sweep is solved exactly and fits the noise of the others (planted N =
-    10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the shared-map baseline),
-    while early-stopped descent from the shared start regularises implicitly, and joint L-BFGS does so best
-    (planted, ``benchmarks/RESULTS.md``: C = 150, D = d = 32 with 1,000 held-out images, held-out cosine joint /
-    Adam 0.291 / 0.242 at n = 0.078·C·D, the paper's ratio; 0.615 / 0.554 at 0.35; 0.903 / 0.885 at 0.63;
-    C = 16, D = d = 48: 0.53 / 0.50 at 0.35, 0.98 / 0.98 at 0.94). Where the data determine the maps (3.5·C·D)
-    bcd and joint reach the same held-out cosine (0.994, Adam 0.993), bcd in 8 sweeps, joint in ~200 iterations.
-    ``config["method"]`` records the method used.
+    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images, ``"joint"`` with
+    fewer than C·D/2 and ``"adam"`` in between. With fewer images than C·D the maps are not determined by the data
+    (C·D·d unknowns, n·d target values): each block of bcd's first sweep is solved exactly and fits the noise of
+    the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the
+    shared-map baseline), while early-stopped descent from the shared start regularises implicitly. Joint L-BFGS
+    does so best where the maps are far from determined (planted, 1,000 held-out images, ``benchmarks/RESULTS.md``;
+    held-out cosine joint / Adam, C = 150: D = d = 32, 0.285 / 0.242 at n = 0.078·C·D, the paper's ratio, and
+    0.627 / 0.554 at 0.35; D = d = 64, 0.282 / 0.235 and 0.616 / 0.551; with a smaller isometry deviation than
+    Adam's in all four, exact isometries in the 0.35 ones; C = 16, D = d = 48, 30 held-out images: 0.560 / 0.498
+    at 0.35). From about 0.6·C·D neither wins everywhere (C = 150 at 0.63: joint 0.912 / Adam 0.885 at D = 32,
+    but Adam 0.925 against 0.909 at D = 64; C = 16 at 0.94: 0.987 / 0.982), so ``"auto"`` keeps Adam from C·D/2.
+    Where the data determine the maps (3.5·C·D) bcd and joint reach the same held-out cosine (0.994, Adam 0.993),
+    bcd in 8 sweeps, joint in ~200 iterations. ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
 
@@ -1386,9 +1392,10 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
     data = _Data.of(contributions)
     requested = method
-    if method == "auto":  # bcd where the data determine the maps, early-stopped joint descent where not
+    if method == "auto":  # bcd where the data determine the maps, early-stopped descent where not (see above)
         n_train = data.N - (int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0)
-        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "joint"
+        ratio = n_train / (data.C * data.D)
+        method = "bcd" if ratio >= _BCD_MIN_RATIO else "joint" if ratio < _JOINT_MAX_RATIO else "adam"
     defaults = _DEFAULTS[method]
     cfg = AlignConfig(lam=lam, method=method, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=defaults[0] if max_epochs is None else max_epochs,
