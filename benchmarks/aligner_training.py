@@ -318,7 +318,8 @@ def stiefel_probe(N, C, D, d, start="shared", flip_det=False, iters=300, patienc
         s_ = (tangent(Wn, Wn - W), bn - b)
         y_ = (grad_n[0] - tangent(Wn, grad[0]), grad_n[1] - grad[1])
         pairs = [((tangent(Wn, a[0]), a[1]), (tangent(Wn, y[0]), y[1]), None) for a, y, _ in pairs] + [(s_, y_, None)]
-        pairs = [(a, y, 1 / dot(a, y)) for a, y, _ in pairs[-history:] if dot(a, y) > 1e-10 * math.sqrt(dot(a, a) * dot(y, y))]
+        pairs = [(a, y, 1 / dot(a, y)) for a, y, _ in pairs[-history:]
+                 if dot(a, y) > 1e-10 * math.sqrt(dot(a, a) * dot(y, y))]
         W, b, L, grad = Wn, bn, Ln, grad_n
         cos = held_out(W, b)
         curve.append(round(cos, 4))

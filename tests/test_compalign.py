@@ -544,6 +544,7 @@ def test_polar_is_the_nearest_isometry(D, d):
         U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
         P = _polar(W)
         torch.testing.assert_close(P.double(), U @ Vh, rtol=0, atol=1e-4)
+        torch.testing.assert_close(_polar(W, group=3), P, rtol=0, atol=1e-6)  # a few maps at a time, same factors
         G = P.transpose(1, 2) @ P if D >= d else P @ P.transpose(1, 2)
         torch.testing.assert_close(G, torch.eye(min(D, d)).expand_as(G), rtol=0, atol=1e-5)
 

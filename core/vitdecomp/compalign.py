@@ -36,16 +36,16 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images): L-BFGS on all maps and the bias at once, from
-  the same shared start. f(x) is held for every training and held-out image; an iteration is one pass computing
-  c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an exact line search
-  along it (the data term from five per-image scalars, the penalty a quartic: no further pass) and one pass for
-  the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
+- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images): L-BFGS on all maps and the
+  bias at once, from the same shared start. f(x) is held for every training and held-out image; an iteration is
+  one pass computing c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an
+  exact line search along it (the data term from five per-image scalars, the penalty a quartic: no further pass)
+  and one pass for the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
   its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
   early-stopped joint descent regularises where every block solve overfits, and beats Adam's held-out cosine
   and isometry deviation with fewer than C·D/2 images (C = 16 and C = 150; not from 0.63·C·D at D ≥ 64: see
-  :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 60; the
-  curvature pairs are kept across its steps): with D = d the weak penalty early on lets maps cross between the
+  :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 60; the curvature pairs are kept
+  across its steps): with D = d the weak penalty early on lets maps cross between the
   det ±1 sets of isometries, which is most of what a longer ramp gains. With D = d and the maps determined
   (≥ 2·C·D images), a map trapped among the isometries of the wrong determinant is found by the data term's
   gradient and reflected where descent stops (see ``_fit_joint``). After descent, the best iterate's maps
@@ -1308,14 +1308,15 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
             # factor: orthonormal columns, or rows when D < d; penalty 0) and the bias refitted. One pass. Kept when
             # it lowers the held-out objective (without a held-out split: the training objective). Where the maps
             # are underdetermined the fit lies off the isometries by more than the data can tell, and the candidate
-            # is taken (planted C = 150, D = d = 32: held-out cosine within 0.001 of the iterate's, RESULTS.md).
+            # is taken (planted C = 150, D = d = 32 and 64 at 0.35·C·D, 32 at 0.63·C·D; RESULTS.md).
             Wb, bb = best.state
             Wp, bp = _polar(Wb), bb.clone()
             F, Fv = passes.apply(Wp.view(C * D, d), bp)
             _bias_block(F, T, bp, n_total, reduce)
             Fv.add_(bp - bb)  # Fv was computed with the bias before its refit
             pen = float(_penalty(Wp))
-            tr = 1.0 - float(reduce(torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)[None])[0]) / n_total
+            cos_sum = torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)
+            tr = 1.0 - float(reduce(cos_sum[None])[0]) / n_total
             entry = {"epoch": it + 1, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": tr,
                      "lam": cfg.lam, "projected": True, "penalty": pen}
             if n_val:
@@ -1335,11 +1336,14 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
     return (*best.result(), reason)
 
 
-def _polar(W: torch.Tensor) -> torch.Tensor:
+def _polar(W: torch.Tensor, group: int = 16) -> torch.Tensor:
     """The nearest isometry of every map ([C, D, d]): U·Vᵀ from W_i = U·Σ·Vᵀ (orthonormal columns when D ≥ d, rows
     when D < d). Computed as W·(WᵀW)^(−1/2) (or (WWᵀ)^(−1/2)·W) through the eigendecomposition of the small Gram
     matrix, ~5× faster than the SVD at D = d = 768 (150 maps: 17 s against 89 s, one thread); by the SVD when a
-    map is far from an isometry (Gram condition number above 10³), where that loses accuracy."""
+    map is far from an isometry (Gram condition number above 10³), where that loses accuracy. ``group`` maps at
+    a time, so the temporaries stay a few map-sized arrays."""
+    if W.shape[0] > group:
+        return torch.cat([_polar(W[i:i + group], group) for i in range(0, W.shape[0], group)])
     wide = W.shape[1] < W.shape[2]
     G = W @ W.transpose(1, 2) if wide else W.transpose(1, 2) @ W
     try:
