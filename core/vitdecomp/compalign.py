@@ -43,8 +43,8 @@ Training differs from the paper's script in ways that make the defaults converge
   and one pass for the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
   its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
   early-stopped joint descent regularises where every block solve overfits, and beats Adam's held-out cosine
-  and isometry deviation with fewer than C·D/2 images (C = 16 and C = 150; not from 0.63·C·D at D ≥ 64: see
-  :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 60; the curvature pairs are kept
+  with fewer than C·D/2 images, with D = d its isometry deviation too (C = 16 and C = 150; not from 0.63·C·D at
+  D ≥ 64: see :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 60; the curvature pairs are kept
   across its steps): with D = d the weak penalty early on lets maps cross between the
   det ±1 sets of isometries, which is most of what a longer ramp gains. With D = d and the maps determined
   (≥ 2·C·D images), a map trapped among the isometries of the wrong determinant is found by the data term's
@@ -1384,8 +1384,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     does so best where the maps are far from determined (planted, 1,000 held-out images, ``benchmarks/RESULTS.md``;
     held-out cosine joint / Adam, C = 150: D = d = 32, 0.285 / 0.242 at n = 0.078·C·D, the paper's ratio, and
     0.627 / 0.554 at 0.35; D = d = 64, 0.282 / 0.235 and 0.616 / 0.551; with a smaller isometry deviation than
-    Adam's in all four, exact isometries in the 0.35 ones; C = 16, D = d = 48, 30 held-out images: 0.560 / 0.498
-    at 0.35). From about 0.6·C·D neither wins everywhere (C = 150 at 0.63: joint 0.912 / Adam 0.885 at D = 32,
+    Adam's in all four, exact isometries in the 0.35 ones; D ≠ d, 32 → 64 and 64 → 32: 0.27–0.60 against
+    0.23–0.54, with an isometry deviation up to 12× Adam's where Adam's is small; C = 16, D = d = 48, 30 held-out
+    images: 0.560 / 0.498 at 0.35). From about 0.6·C·D neither wins everywhere (C = 150 at 0.63: joint 0.912 / Adam 0.885 at D = 32,
     but Adam 0.925 against 0.909 at D = 64; C = 16 at 0.94: 0.987 / 0.982), so ``"auto"`` keeps Adam from C·D/2.
     Where the data determine the maps (3.5·C·D) bcd and joint reach the same held-out cosine (0.994, Adam 0.993),
     bcd in 8 sweeps, joint in ~200 iterations. ``config["method"]`` records the method used.
