@@ -18,7 +18,12 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
     python benchmarks/aligner_training.py compare --n 10000 --c 150 --dim 96 --methods joint adam bcd  # to their stops
     # in memory, one thread: plain bcd, bcd with a proximal schedule κ_k = 16·0.7^(k−1), and Adam on the same data
     python benchmarks/aligner_training.py schedules --n 300 --c 16 --dim 48 --runs joint adam bcd prox:16,0.7
+    # n_train = 0.078·C·D with 1,000 held-out images on top; joint as shipped, with a 30-iteration ramp, and as it
+    # was before (pairs reset at every ramp step, no isometric finish, 10-iteration ramp)
+    python benchmarks/aligner_training.py schedules --ratio 0.078 --c 150 --dim 32 --runs adam joint joint:30 \
+        joint-reset-noiso:10
     python benchmarks/aligner_training.py joint-probe --n 300 --c 16 --dim 48   # full-batch GD and L-BFGS, all maps
+    python benchmarks/aligner_training.py stiefel --ratio 0.35 --c 150 --dim 32 [--start joint] [--det-oracle]
 """
 
 from __future__ import annotations
@@ -136,23 +141,33 @@ def planted(N, C, D, d, noise=0.1, seed=0):
 def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
     """Fits on one in-memory planted problem (same data and held-out split for every run): ``"joint"``, ``"adam"``, ``"bcd"``
     (the plain block steps) or ``"prox:START,DECAY"`` (bcd whose block steps minimise the objective plus the
-    proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). Besides the
-    fields of :func:`fit`: the training objective at the result and the held-out cosine against the noise-free
-    targets Σ_i c_i Q_i + q."""
+    proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). ``joint`` and
+    ``adam`` take ``:W`` for ``penalty_warmup=W``; ``joint`` also ``-reset`` (its L-BFGS pairs dropped at every
+    ramp step, ``compalign._RAMP_RESET``) and ``-noiso`` (no isometric finish, ``compalign._ISO_FINISH``), e.g.
+    ``joint-reset-noiso:10``, the joint fit as it was before. Besides the fields of :func:`fit`: the training
+    objective at the result, the held-out cosine against the noise-free targets Σ_i c_i Q_i + q, the share of
+    maps with the planted determinant sign (D = d) and what the isometric finish gave."""
     import vitdecomp.compalign as ca
 
     c, t, maps, bias = planted(N, C, D, d, noise)
     g = torch.Generator().manual_seed(0)  # fit_aligner's held-out split (seed 0)
     val = torch.zeros(N, dtype=torch.bool)
     val[torch.randperm(N, generator=g)[: round(val_fraction * N)]] = True
-    saved = ca._PROX_START, ca._PROX_DECAY
+    saved = ca._PROX_START, ca._PROX_DECAY, ca._RAMP_RESET, ca._ISO_FINISH
     out = []
     try:
         for run in runs:
-            method = run if run in ("adam", "joint") else "bcd"
-            ca._PROX_START, ca._PROX_DECAY = (0.0, 0.7) if ":" not in run else map(float, run.split(":")[1].split(","))
+            base, _, arg = run.partition(":")  # e.g. "prox:16,0.7", "joint-reset-noiso:10"
+            method, kw = base.split("-")[0], {}
+            ca._PROX_START, ca._PROX_DECAY = 0.0, 0.7
+            ca._RAMP_RESET, ca._ISO_FINISH = "-reset" in base, "-noiso" not in base
+            if method == "prox":
+                method = "bcd"
+                ca._PROX_START, ca._PROX_DECAY = map(float, arg.split(","))
+            elif arg:
+                kw["penalty_warmup"] = int(arg)
             t0, p0 = time.perf_counter(), time.process_time()
-            al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False)
+            al = ca.fit_aligner(c, t, method=method, val_fraction=val_fraction, progress=False, **kw)
             wall, cpu = time.perf_counter() - t0, time.process_time() - p0
             pen, worst = _isometry(al.weight)
             rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
@@ -166,10 +181,14 @@ def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
                             al.total(c[val]), clean, dim=-1).mean()),
                         "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
                         "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
+                        "det_agrees": float((torch.linalg.det(al.weight).sign() == torch.linalg.det(maps).sign())
+                                            .float().mean()) if D == d else None,
+                        "isometric_finish": {k: al.history[-1].get(k) for k in ("taken", "val_cosine")}
+                        if al.history[-1].get("projected") else None,
                         "curve": [round(h.get("val_cosine"), 4) for h in al.history], "load_after": os.getloadavg()})
             print(json.dumps(out[-1]), flush=True)
     finally:
-        ca._PROX_START, ca._PROX_DECAY = saved
+        ca._PROX_START, ca._PROX_DECAY, ca._RAMP_RESET, ca._ISO_FINISH = saved
     return out
 
 
@@ -218,6 +237,107 @@ def joint_probe(N, C, D, d, sgd_lr=30.0, sgd_steps=1500, lbfgs_iters=30, noise=0
         res[name] = {"best_held_out_cosine": best[1], "at_pass": best[0], "passes": passes[0],
                      "wall_s": round(time.perf_counter() - t0, 1)}
     return res
+
+
+def stiefel_probe(N, C, D, d, start="shared", flip_det=False, iters=300, patience=10, history=5, noise=0.1,
+                  val_fraction=0.1):
+    """Exact-isometry fitting, a probe (not a fitter): Riemannian L-BFGS on the product of Stiefel manifolds (every
+    map kept an isometry: orthonormal columns, or rows when D < d; the penalty is 0 throughout), on the in-memory
+    planted problem of :func:`schedules` (same data and split). Riemannian gradient = the Euclidean one projected
+    on the tangent space; polar retraction (``compalign._polar``); the correction pairs are projected on the new
+    tangent space each iteration; Armijo backtracking on the retracted point; the held-out cosine decides as in
+    fit_aligner (patience ``patience``). ``start``: ``"shared"`` (the polar factor of fit_aligner's shared start,
+    one determinant for every map) or ``"joint"`` (the polar factors of the shipped joint fit's maps: an
+    exact-isometry polish). ``flip_det``: an oracle for D = d, each start map given the planted map's determinant
+    sign (what the det ±1 sets cost)."""
+    import vitdecomp.compalign as ca
+
+    c, t, maps, _ = planted(N, C, D, d, noise)
+    t = torch.nn.functional.normalize(t, dim=-1)
+    g = torch.Generator().manual_seed(0)
+    val = torch.zeros(N, dtype=torch.bool)
+    val[torch.randperm(N, generator=g)[: round(val_fraction * N)]] = True
+    t0 = time.perf_counter()
+    if start == "joint":
+        al = ca.fit_aligner(c, t, method="joint", val_fraction=val_fraction, progress=False)
+        W, b = ca._polar(al.weight), al.bias.clone()
+    else:
+        W0, b = ca._closed_form(ca._Data.of(c), t, ~val, 1e-3, 1024, torch.device("cpu"))
+        W = ca._polar(W0[None]).repeat(C, 1, 1)
+    if flip_det and D == d:
+        W[torch.linalg.det(W).sign() != torch.linalg.det(maps).sign(), :, -1] *= -1
+    ct, tt, n = c[~val].reshape(-1, C * D), t[~val], int((~val).sum())
+    cv, tv = c[val].reshape(-1, C * D), t[val]
+
+    def tangent(W, G):  # projection on the tangent space at W
+        if D >= d:
+            S = W.transpose(1, 2) @ G
+            return G - W @ ((S + S.transpose(1, 2)) / 2)
+        S = G @ W.transpose(1, 2)
+        return G - ((S + S.transpose(1, 2)) / 2) @ W
+
+    def loss_grad(W, b):
+        gF, cos = ca._cos_grad(ct @ W.reshape(C * D, d) + b, tt, n)
+        return 1 - float(cos) / n, (tangent(W, (ct.T @ gF).view(C, D, d)), gF.sum(0))
+
+    def held_out(W, b):
+        return float(torch.nn.functional.cosine_similarity(cv @ W.reshape(C * D, d) + b, tv, dim=-1).mean())
+
+    dot = lambda x, y: float((x[0] * y[0]).sum() + (x[1] * y[1]).sum())  # noqa: E731
+    L, grad = loss_grad(W, b)
+    best, bad, pairs, curve = (held_out(W, b), 0, W, b), 0, [], []
+    curve.append(round(best[0], 4))
+    for it in range(1, iters + 1):
+        q, alphas = [grad[0].clone(), grad[1].clone()], []
+        for s_, y_, rho in reversed(pairs):  # two-loop recursion in the current tangent space
+            a = rho * dot(s_, q)
+            q[0] -= a * y_[0]
+            q[1] -= a * y_[1]
+            alphas.append(a)
+        if pairs:
+            s_, y_, _ = pairs[-1]
+            q = [x * (dot(s_, y_) / dot(y_, y_)) for x in q]
+            for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+                beta = rho * dot(y_, q)
+                q[0] += (a - beta) * s_[0]
+                q[1] += (a - beta) * s_[1]
+            P, step = (tangent(W, -q[0]), -q[1]), 1.0
+        if not pairs or not dot(P, grad) < 0:
+            P = (-grad[0], -grad[1])
+            step = 0.01 * float(W.norm()) / math.sqrt(dot(P, P))
+        slope = dot(P, grad)
+        while True:  # Armijo on the retracted point
+            Wn, bn = ca._polar(W + step * P[0]), b + step * P[1]
+            Ln = float((1 - torch.nn.functional.cosine_similarity(ct @ Wn.reshape(C * D, d) + bn, tt, dim=-1)).mean())
+            if Ln <= L + 1e-4 * step * slope or step < 1e-12:
+                break
+            step *= 0.5
+        if not Ln < L:
+            break
+        Ln, grad_n = loss_grad(Wn, bn)
+        s_ = (tangent(Wn, Wn - W), bn - b)
+        y_ = (grad_n[0] - tangent(Wn, grad[0]), grad_n[1] - grad[1])
+        pairs = [((tangent(Wn, a[0]), a[1]), (tangent(Wn, y[0]), y[1]), None) for a, y, _ in pairs] + [(s_, y_, None)]
+        pairs = [(a, y, 1 / dot(a, y)) for a, y, _ in pairs[-history:]
+                 if dot(a, y) > 1e-10 * math.sqrt(dot(a, a) * dot(y, y))]
+        W, b, L, grad = Wn, bn, Ln, grad_n
+        cos = held_out(W, b)
+        curve.append(round(cos, 4))
+        if cos > best[0] + 1e-5:
+            best, bad = (cos, it, W, b), 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    cos, it_best, Wb, _ = best
+    pen, worst = _isometry(Wb)
+    rel = (Wb - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    return {"run": f"stiefel start={start}" + (" det oracle" if flip_det else ""), "n_train": n,
+            "ratio": round(n / (C * D), 3), "wall_s": round(time.perf_counter() - t0, 1), "steps": len(curve) - 1,
+            "best": it_best, "held_out_cosine": cos, "start_cosine": curve[0], "isometry_penalty": pen,
+            "isometry_max_dev": worst, "map_error_median": float(rel.median()),
+            "det_agrees": float((torch.linalg.det(Wb).sign() == torch.linalg.det(maps).sign()).float().mean())
+            if D == d else None, "load_after": os.getloadavg()}
 
 
 def adam_steps(path, steps, batch=256):
@@ -396,6 +516,15 @@ def main(argv=None):
     p.add_argument("--target-dim", type=int, default=None, help="d (default: D)")
     p.add_argument("--sgd-lr", type=float, default=30.0)
     p.add_argument("--sgd-steps", type=int, default=1500)
+    p = sub.add_parser("stiefel")
+    p.add_argument("--ratio", type=float, required=True, help="n_train / (C·D); --val-images held out on top")
+    p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--c", type=int, default=150)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--target-dim", type=int, default=None, help="d (default: D)")
+    p.add_argument("--start", choices=("shared", "joint"), default="shared")
+    p.add_argument("--det-oracle", action="store_true")
+    p.add_argument("--iters", type=int, default=300)
     p = sub.add_parser("schedules")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--c", type=int, default=16)
@@ -404,6 +533,9 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--ratio", type=float, default=None,
+                   help="n_train / (C·D) instead of --n (then --val-images are held out on top)")
+    p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--runs", nargs="+", default=["bcd", "prox:16,0.7", "adam"])
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
@@ -431,9 +563,19 @@ def main(argv=None):
         torch.set_num_threads(1)
         print(json.dumps(joint_probe(args.n, args.c, args.dim, args.target_dim or args.dim, args.sgd_lr,
                                      args.sgd_steps)))
+    elif args.cmd == "stiefel":
+        torch.set_num_threads(1)
+        n = round(args.ratio * args.c * args.dim) + args.val_images
+        print(json.dumps(stiefel_probe(n, args.c, args.dim, args.target_dim or args.dim, args.start, args.det_oracle,
+                                       args.iters, val_fraction=args.val_images / n)), flush=True)
     elif args.cmd == "schedules":
         torch.set_num_threads(args.threads)
-        schedules(args.n, args.c, args.dim, args.target_dim or args.dim, args.runs, args.noise, args.val_fraction)
+        d = args.target_dim or args.dim
+        n, vf = args.n, args.val_fraction
+        if args.ratio is not None:  # a fixed number of held-out images: their mean cosine to ±0.003
+            n = round(args.ratio * args.c * args.dim) + args.val_images
+            vf = args.val_images / n
+        schedules(n, args.c, args.dim, d, args.runs, args.noise, vf)
     else:  # compare: the methods on one planted cache in a temporary folder
         if args.threads:
             torch.set_num_threads(args.threads)

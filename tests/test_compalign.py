@@ -160,7 +160,8 @@ def test_no_validation_split_and_determinism():
     for method in ("adam", "bcd", "joint"):
         a1 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
         a2 = fit_aligner(c, t, val_fraction=0.0, max_epochs=3, tol=0.0, method=method, progress=False)
-        assert a1.held_out_cosine is None and len(a1.history) == 4
+        steps = [h for h in a1.history if not h.get("projected")]  # joint: + its isometric finish candidate
+        assert a1.held_out_cosine is None and len(steps) == 4 and len(a1.history) == 4 + (method == "joint")
         torch.testing.assert_close(a1.weight, a2.weight, rtol=0, atol=0)
         assert math.isfinite(a1.history[-1]["train_loss"])
 
@@ -308,8 +309,12 @@ def test_method_is_checked():
         fit_aligner(c, t, method="sgd", progress=False)
 
 
-def test_auto_takes_adam_when_the_data_do_not_determine_the_maps():
-    c, t, _ = _planted(N=120, C=4, D=16, d=16, seed=8)  # 108 training images < 2·C·D = 128
+def test_auto_chooses_by_how_far_the_data_determine_the_maps():
+    c, t, _ = _planted(N=34, C=4, D=16, d=16, seed=8)  # 31 training images < C·D/2 = 32
+    with pytest.warns(UserWarning, match="held out"):
+        al = fit_aligner(c, t, max_epochs=2, progress=False)
+    assert al.config["method"] == "joint" and al.config["method_requested"] == "auto"
+    c, t, _ = _planted(N=120, C=4, D=16, d=16, seed=8)  # 32 ≤ 108 training images < 2·C·D = 128
     al = fit_aligner(c, t, max_epochs=2, progress=False)
     assert al.config["method"] == "adam" and al.config["method_requested"] == "auto"
     c, t, _ = _planted(N=160, C=4, D=16, d=16, seed=8)  # 144 ≥ 128
@@ -455,6 +460,7 @@ def test_joint_near_isometries_and_noise():
     assert al.held_out_cosine >= ada.held_out_cosine - 1e-4
     rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.1
+    assert al.history[-1]["projected"] and not al.history[-1]["taken"]  # the data see that these are no isometries
 
 
 def test_joint_every_step_decreases_the_objective():
@@ -463,7 +469,7 @@ def test_joint_every_step_decreases_the_objective():
     reports (brute force)."""
     c, t, _ = _planted(N=400, C=3, D=6, d=5, seed=1)
     al = fit_aligner(c, t, method="joint", penalty_warmup=0, max_epochs=12, tol=0.0, patience=50, progress=False)
-    hist = al.history[1:]
+    hist = [h for h in al.history[1:] if not h.get("projected")]  # the isometric finish is a candidate, not a step
     assert len(hist) >= 2
     objs = [h["train_loss"] + h["penalty"] for h in hist]
     for prev, cur, h in zip(objs, objs[1:], hist[1:]):
@@ -502,12 +508,54 @@ def test_joint_where_the_maps_are_underdetermined():
     assert al.config["stopped"] == "no held-out improvement"
 
 
+@pytest.mark.parametrize("seed", [0, 2])
+def test_joint_with_many_components_where_the_maps_are_underdetermined(seed):
+    """C = 30 maps, 120 training images < C·D = 240, noisy targets, half the maps of the other determinant: the
+    joint fit's held-out cosine is no worse than Adam's on the same data and split (here 0.05–0.16 higher, the
+    regime of the paper's size, benchmarks/RESULTS.md), and where the isometric finish is taken the returned maps
+    are exact isometries with the reported held-out cosine (brute force)."""
+    _, _, maps = _planted(N=10, C=30, D=8, d=8, seed=seed)
+    c, t = _planted_with(_flip_half(maps), N=500, noise=0.1, seed=seed)
+    al = fit_aligner(c, t, method="joint", val_fraction=0.76, progress=False)
+    ada = fit_aligner(c, t, method="adam", val_fraction=0.76, progress=False)
+    assert al.config["n_train"] == 120
+    assert al.held_out_cosine >= ada.held_out_cosine > al.init_cosine
+    finish = al.history[-1]
+    assert finish["projected"] and finish["penalty"] < 1e-9
+    if seed == 0:
+        assert finish["taken"] and al.config["best_epoch"] == finish["epoch"]
+        assert float(_penalty(al.weight)) < 1e-9
+    val = _split(500, 0.76)
+    assert al.held_out_cosine == pytest.approx(float(al.cosine(c[val], t[val]).mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("D,d", [(8, 8), (12, 8), (6, 10)])
+def test_polar_is_the_nearest_isometry(D, d):
+    """_polar (through the Gram matrix's eigendecomposition near isometries, the SVD far from them) equals U·Vᵀ
+    of the SVD and is an isometry on the achievable side."""
+    from vitdecomp.compalign import _polar
+
+    g = torch.Generator().manual_seed(13)
+    k = max(D, d)
+    near = torch.linalg.qr(torch.randn(4, k, k, generator=g))[0][:, :D, :d] + 0.05 * torch.randn(4, D, d, generator=g)
+    far = torch.randn(4, D, d, generator=g)
+    far[0] *= torch.logspace(-2, 0, d)[None, :] if D >= d else torch.logspace(-2, 0, D)[:, None]  # Gram cond. 10⁴
+    for W in (near, far):
+        U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        P = _polar(W)
+        torch.testing.assert_close(P.double(), U @ Vh, rtol=0, atol=1e-4)
+        torch.testing.assert_close(_polar(W, group=3), P, rtol=0, atol=1e-6)  # a few maps at a time, same factors
+        G = P.transpose(1, 2) @ P if D >= d else P @ P.transpose(1, 2)
+        torch.testing.assert_close(G, torch.eye(min(D, d)).expand_as(G), rtol=0, atol=1e-5)
+
+
 def test_joint_progress_and_bad_input(capsys):
     c, t, _ = _planted(N=300, C=2, D=4, d=4, seed=6)
     al = fit_aligner(c, t, method="joint", max_epochs=2, tol=0.0, progress=True)
     out = capsys.readouterr().out
     assert "iteration 1: " in out and "iteration 2: " in out and "held-out cosine" in out
     assert "best iteration" in out and f"{al.init_cosine:.5f}" in out
+    assert "isometric finish (polar factors)" in out
     bad = c.clone()
     bad[17, 1, 2] = float("nan")
     with pytest.raises(InputError, match="image 17 has NaN"):

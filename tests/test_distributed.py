@@ -112,8 +112,11 @@ def test_statistics_reduce_across_ranks(runs):
     # single process up to the order of summation
     torch.testing.assert_close(r0["W_joint"], r1["W_joint"], rtol=0, atol=0)
     assert r0["cos_joint"] == r1["cos_joint"]
-    assert [h["val_cosine"] for h in r0["hist_joint"]] == pytest.approx(
-        [h["val_cosine"] for h in one["hist_joint"]], abs=1e-4)
+    # (the isometric finish projects the best iterate, whose choice among near-tied ones may depend on the order of
+    # summation: compared on the ranks above, not against the single process)
+    steps = lambda hist: [h["val_cosine"] for h in hist if not h.get("projected")]  # noqa: E731
+    assert steps(r0["hist_joint"]) == pytest.approx(steps(one["hist_joint"]), abs=1e-4)
+    assert r0["hist_joint"][-1]["projected"] and one["hist_joint"][-1]["projected"]
 
 
 def test_interrupted_run_resumes_per_rank(runs):

@@ -424,7 +424,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--lam", type=float, default=1.0, help="weight of the isometry penalty (paper: 1)")
     p.add_argument("--method", choices=("auto", "bcd", "joint", "adam"), default="auto",
                    help="bcd: block-coordinate Gauss–Newton sweeps; joint: L-BFGS on all maps at once; adam: "
-                        "stochastic gradients; auto (default): bcd with at least 2·C·D training images, else adam")
+                        "stochastic gradients; auto (default): bcd with at least 2·C·D training images, joint with "
+                        "fewer than C·D/2, adam in between")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,

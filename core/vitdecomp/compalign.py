@@ -36,18 +36,23 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"``: L-BFGS on all maps and the bias at once, from
-  the same shared start. f(x) is held for every training and held-out image; an iteration is one pass computing
-  c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an exact line search
-  along it (the data term from five per-image scalars, the penalty a quartic: no further pass) and one pass for
-  the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
+- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images): L-BFGS on all maps and the
+  bias at once, from the same shared start. f(x) is held for every training and held-out image; an iteration is
+  one pass computing c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an
+  exact line search along it (the data term from five per-image scalars, the penalty a quartic: no further pass)
+  and one pass for the gradient, i.e. the multiply-adds of one forward and backward pass over the data (an Adam epoch without
   its per-batch penalty), streamed chunk by chunk. Where the maps are underdetermined (fewer images than C·D),
-  early-stopped joint descent regularises where every block solve overfits: with C = 16 components it beats
-  Adam's held-out cosine, with C = 150 (D = d = 96) it falls behind Adam (see :func:`fit_aligner`).
-  λ ramps up over ``penalty_warmup`` iterations (default 10; the curvature pairs are reset when it changes).
-  With D = d and the maps determined (≥ 2·C·D images), a map trapped among the isometries of the wrong
-  determinant is found by the data term's gradient and reflected where descent stops (see ``_fit_joint``);
-- ``method="adam"`` (what ``"auto"`` takes with fewer images): the stochastic-gradient reference. Each batch
+  early-stopped joint descent regularises where every block solve overfits, and beats Adam's held-out cosine
+  with fewer than C·D/2 images, with D = d its isometry deviation too (C = 16 and C = 150; not from 0.63·C·D at
+  D ≥ 64: see :func:`fit_aligner`). λ ramps up over ``penalty_warmup`` iterations (default 60; the curvature pairs are kept
+  across its steps): with D = d the weak penalty early on lets maps cross between the
+  det ±1 sets of isometries, which is most of what a longer ramp gains. With D = d and the maps determined
+  (≥ 2·C·D images), a map trapped among the isometries of the wrong determinant is found by the data term's
+  gradient and reflected where descent stops (see ``_fit_joint``). After descent, the best iterate's maps
+  replaced by their nearest isometries (polar factors, penalty 0, bias refitted) are a last candidate, kept when
+  the held-out objective says so;
+- ``method="adam"`` (what ``"auto"`` takes from C·D/2 to 2·C·D training images): the stochastic-gradient
+  reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -79,9 +84,10 @@ __all__ = ["AlignConfig", "Aligner", "fit_aligner"]
 
 _FORMAT = "vitdecomp.aligner/1"
 _METHODS = ("bcd", "adam", "joint")
-_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 10)}  # (max_epochs, patience, penalty_warmup) per method
+_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 60)}  # (max_epochs, patience, penalty_warmup) per method
 _UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration"}  # what max_epochs and history count
 _BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D (see fit_aligner)
+_JOINT_MAX_RATIO = 0.5  # ... joint below this × C·D, Adam in between
 _SMALL_VAL = 50  # fewer held-out images than this: the held-out cosine says little (warned)
 
 
@@ -133,7 +139,7 @@ class AlignConfig:
     ``method``: ``"bcd"`` (block-coordinate sweeps), ``"joint"`` (L-BFGS on all maps) or ``"adam"``, the one
     used (:func:`fit_aligner`'s default ``"auto"`` picks by the number of training images); ``max_epochs``,
     ``patience`` and ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1), iterations for ``joint``
-    (500, 10, 10) and epochs for ``adam`` (200, 5, 20).
+    (500, 10, 60) and epochs for ``adam`` (200, 5, 20).
     ``lr``, ``weight_decay``, ``batch_size`` and ``penalty_probes`` are Adam's (``bcd`` uses ``batch_size`` only
     for its evaluation passes). ``tol``: a sweep/iteration/epoch counts as an improvement when the held-out
     objective falls by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training
@@ -951,6 +957,11 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
 
 # ---------------------------------------------------------------------------------------------------- joint fit
 
+# Whether the L-BFGS pairs are dropped whenever the penalty ramp changes λ (the earlier behaviour). Off: the pairs
+# are kept (they then mix slightly different objectives), measured better at C = 16 and C = 150 (RESULTS.md,
+# "Joint L-BFGS at C = 150"); `aligner_training.py schedules --runs joint-reset` sets it to measure.
+_RAMP_RESET = False
+_ISO_FINISH = True  # joint: try the exact-isometry candidate after descent (see _fit_joint)
 _LBFGS_HISTORY = 5  # L-BFGS correction pairs kept (fewer when memory_gb cannot hold them; at least 1)
 _FLIP_ROUNDS = 5  # D = d: rounds of reflection candidates, each where descent has stopped (see _fit_joint)
 _TRAPPED = 3.0  # a map counts as trapped in the wrong det ±1 set when its data-term signature exceeds this
@@ -1099,8 +1110,12 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
     no further pass); f ← f + αU, for the held-out images too (their cosine per iteration costs no extra pass);
     one pass for the gradient at the new point. So an iteration costs two reads of the source and the multiply-
     adds of one forward and one backward pass over it, like one Adam epoch without its per-batch penalty. During a
-    penalty ramp (``penalty_warmup`` iterations) the history is reset whenever λ changes. Returns
-    (best_state, best_epoch, best_cos, stop_reason)."""
+    penalty ramp (``penalty_warmup`` iterations) the gradient follows λ and the correction pairs are kept (they
+    then mix slightly different objectives; resetting them, ``_RAMP_RESET``, made the first iterations steepest-
+    descent steps and was measured worse at every size). After descent one more pass evaluates the exact-isometry
+    candidate (``_ISO_FINISH``): the best iterate's maps replaced by their polar factors, the bias refitted; it is
+    taken when it lowers the held-out objective (the training objective without a held-out split) and recorded in
+    the history either way (``projected``, ``taken``). Returns (best_state, best_epoch, best_cos, stop_reason)."""
     from tqdm.auto import tqdm
 
     from . import distributed as dist
@@ -1208,9 +1223,11 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                    disable=not progress or di.rank != 0)
         for it in bar:
             mu_now = mu_of(it)
-            if mu_now != mu:  # the penalty weight ramps: same W, other objective; old curvature pairs are stale
+            if mu_now != mu:  # the penalty weight ramps: same W, another objective; the pairs are kept (_RAMP_RESET)
                 g[0].add_(_penalty_grad(W)[0], alpha=mu_now - mu)
-                mu, hist = mu_now, []
+                mu = mu_now
+                if _RAMP_RESET:
+                    hist = []
             for _ in range(2):  # the quasi-Newton direction, then (if it does not descend) steepest descent
                 if hist:  # two-loop recursion: P = −H·g
                     q0, q1 = g[0].clone(), g[1].clone()
@@ -1286,7 +1303,61 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                 reason = "no held-out improvement" if n_val else "no training improvement"
                 break
         bar.close()
+        if _ISO_FINISH and cfg.lam > 0:
+            # The exact-isometry candidate: every map of the best iterate replaced by its nearest isometry (polar
+            # factor: orthonormal columns, or rows when D < d; penalty 0) and the bias refitted. One pass. Kept when
+            # it lowers the held-out objective (without a held-out split: the training objective). Where the maps
+            # are underdetermined the fit lies off the isometries by more than the data can tell, and the candidate
+            # is taken (planted C = 150, D = d = 32 and 64 at 0.35·C·D, 32 at 0.63·C·D; RESULTS.md).
+            Wb, bb = best.state
+            Wp, bp = _polar(Wb), bb.clone()
+            F, Fv = passes.apply(Wp.view(C * D, d), bp)
+            _bias_block(F, T, bp, n_total, reduce)
+            Fv.add_(bp - bb)  # Fv was computed with the bias before its refit
+            pen = float(_penalty(Wp))
+            cos_sum = torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)
+            tr = 1.0 - float(reduce(cos_sum[None])[0]) / n_total
+            entry = {"epoch": it + 1, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": tr,
+                     "lam": cfg.lam, "projected": True, "penalty": pen}
+            if n_val:
+                cos = val_cos()
+                obj = 1.0 - cos + cfg.lam * pen
+                entry.update(val_objective=obj, val_cosine=cos, taken=best.held_out(obj, cos, it + 1, Wp, bp,
+                                                                                    count=False))
+            else:
+                entry["taken"] = tr + cfg.lam * pen < history[-1]["train_loss"] + cfg.lam * history[-1]["penalty"]
+                if entry["taken"]:
+                    best.last(it + 1, Wp, bp)
+            history.append(entry)
+            if progress and di.rank == 0:
+                vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
+                bar.write(f"isometric finish (polar factors): training 1 − cos {tr:.5f}{vc}, isometry penalty "
+                          f"{pen:.2e}: {'taken' if entry['taken'] else 'not taken'}")
     return (*best.result(), reason)
+
+
+def _polar(W: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """The nearest isometry of every map ([C, D, d]): U·Vᵀ from W_i = U·Σ·Vᵀ (orthonormal columns when D ≥ d, rows
+    when D < d). Computed as W·(WᵀW)^(−1/2) (or (WWᵀ)^(−1/2)·W) through the eigendecomposition of the small Gram
+    matrix, ~5× faster than the SVD at D = d = 768 (150 maps: 17 s against 89 s, one thread); by the SVD when a
+    map is far from an isometry (Gram condition number above 10³), where that loses accuracy. ``group`` maps at
+    a time, so the temporaries stay a few map-sized arrays."""
+    if W.shape[0] > group:
+        return torch.cat([_polar(W[i:i + group], group) for i in range(0, W.shape[0], group)])
+    wide = W.shape[1] < W.shape[2]
+    G = W @ W.transpose(1, 2) if wide else W.transpose(1, 2) @ W
+    try:
+        e, V = torch.linalg.eigh(G)
+        if bool((e[:, 0] > 1e-3 * e[:, -1]).all()):
+            inv_sqrt = (V * e.rsqrt()[:, None, :]) @ V.transpose(1, 2)
+            return inv_sqrt @ W if wide else W @ inv_sqrt
+    except RuntimeError:
+        pass
+    try:
+        U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    except RuntimeError:  # an ill-conditioned map: float64 converges where float32 may not
+        U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return (U @ Vh).to(W.dtype)
 
 
 def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
@@ -1305,16 +1376,20 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images and ``"adam"``
-    otherwise. With fewer images than C·D the maps are not determined by the data (C·D·d unknowns, n·d target
-    values): each block of bcd's first sweep is solved exactly and fits the noise of the others (planted N =
-    10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the shared-map baseline),
-    while early-stopped descent from the shared start regularises implicitly. ``"joint"`` (L-BFGS on all maps)
-    does so best at small C (planted C = 16, D = d = 48, ``benchmarks/RESULTS.md``: at n = 0.35·C·D joint 0.53,
-    Adam 0.50, bcd 0.32; at 0.94·C·D joint and Adam 0.98, bcd 0.96; at 3.5·C·D bcd and joint 0.994, Adam 0.993,
-    bcd in 8 sweeps, joint in ~200 iterations) but falls behind Adam at C = 150 (D = d = 96, n = 0.63·C·D: held-out
-    cosine 0.81 after 10 minutes against Adam's 0.90), so ``"auto"`` keeps Adam there. ``config["method"]``
-    records the method used.
+    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images, ``"joint"`` with
+    fewer than C·D/2 and ``"adam"`` in between. With fewer images than C·D the maps are not determined by the data
+    (C·D·d unknowns, n·d target values): each block of bcd's first sweep is solved exactly and fits the noise of
+    the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the
+    shared-map baseline), while early-stopped descent from the shared start regularises implicitly. Joint L-BFGS
+    does so best where the maps are far from determined (planted, 1,000 held-out images, ``benchmarks/RESULTS.md``;
+    held-out cosine joint / Adam, C = 150: D = d = 32, 0.285 / 0.242 at n = 0.078·C·D, the paper's ratio, and
+    0.627 / 0.554 at 0.35; D = d = 64, 0.282 / 0.235 and 0.616 / 0.551; with a smaller isometry deviation than
+    Adam's in all four, exact isometries in the 0.35 ones; D ≠ d, 32 → 64 and 64 → 32: 0.27–0.60 against
+    0.23–0.54, with an isometry deviation up to 12× Adam's where Adam's is small; C = 16, D = d = 48, 30 held-out
+    images: 0.560 / 0.498 at 0.35). From about 0.6·C·D neither wins everywhere (C = 150 at 0.63: joint 0.912 / Adam 0.885 at D = 32,
+    but Adam 0.925 against 0.909 at D = 64; C = 16 at 0.94: 0.987 / 0.982), so ``"auto"`` keeps Adam from C·D/2.
+    Where the data determine the maps (3.5·C·D) bcd and joint reach the same held-out cosine (0.994, Adam 0.993),
+    bcd in 8 sweeps, joint in ~200 iterations. ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
 
@@ -1322,9 +1397,10 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
     data = _Data.of(contributions)
     requested = method
-    if method == "auto":  # bcd where the data determine the maps, Adam's implicit regularisation where not
+    if method == "auto":  # bcd where the data determine the maps, early-stopped descent where not (see above)
         n_train = data.N - (int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0)
-        method = "bcd" if n_train >= _BCD_MIN_RATIO * data.C * data.D else "adam"
+        ratio = n_train / (data.C * data.D)
+        method = "bcd" if ratio >= _BCD_MIN_RATIO else "joint" if ratio < _JOINT_MAX_RATIO else "adam"
     defaults = _DEFAULTS[method]
     cfg = AlignConfig(lam=lam, method=method, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=defaults[0] if max_epochs is None else max_epochs,
