@@ -36,6 +36,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
+from ._shortcut import freezable_step
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -733,9 +734,9 @@ def _residual_add(key, nodes, model):
         for sa, ba in (nd.args, nd.args[::-1]):
             chain, cur = [], sa
             while cur is not key and ((cur.op in ("call_method", "call_function") and _name(cur) in _LAYOUT)
-                                      or (cur.op == "call_module" and _identity(model.get_submodule(cur.target[6:])))):
-                chain.append(cur)  # layout steps and identities (ConvNeXt's ``shortcut``)
-                cur = cur.args[0]
+                                      or (cur.op == "call_module" and freezable_step(model.get_submodule(cur.target[6:])))):
+                chain.append(cur)  # layout steps and identities (ConvNeXt's ``shortcut``), freezable linear steps
+                cur = cur.args[0]  # (MaxViT's pool + 1×1 conv shortcut: mixers on the stream, see _shortcut)
             if cur is key and ba in desc:
                 inside, todo = set(), [ba]
                 while todo:

@@ -1,0 +1,87 @@
+"""Linear shortcut paths on the residual stream (the ``auto`` adapter's staged derivation).
+
+A residual add ``s' + b`` whose stream operand ``s'`` is not the stream ``s`` itself but reached from it through
+*freezable* steps — layout changes, identities, average / max pooling, convolutions and linear layers without
+an activation, frozen norms — while the branch ``b`` also reads ``s``: the steps are mixers on the stream (each
+a transition into a new grid stream, or a norm on it) and the branch is a write on the stream they give
+(MaxViT's strided MBConv: ``x = shortcut(x) + conv_branch(x)``, shortcut = 2×2 average pool + 1×1 conv;
+MViTv2's ``shortcut_pool_attn`` / ``shortcut_proj_attn``).
+
+Max-pooling selects, at every output position and channel, the input the forward's own argmax picked: a fixed
+gather once the forward ran, exact for every write that reaches z through it. The indices are recorded while
+the model runs — a hook recomputes the pool on the module's input with ``return_indices=True`` (the same
+kernel, so ties resolve as the forward's did and the values are identical) — and every write of the stream it
+reads is carried forward through the gather (:class:`MapTerm`, modelled on :class:`._conv._ConvTerm`), as is a
+``Linear`` on the channels or any other fixed linear map whose forward action is known.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._hier import _GTerm
+
+__all__ = ["freezable_step", "MapTerm", "maxpool_indices"]
+
+
+def _bn_fixed(mod) -> bool:
+    return (isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and not mod.training
+            and mod.running_var is not None)
+
+
+def freezable_step(mod) -> bool:
+    """A module that is a fixed linear map of its input once the forward ran (statistics / indices frozen):
+    identities, average and max pools, convolutions, linear layers, norms, eval BatchNorm with running
+    statistics. Its own handler on the stream decides which configurations it follows (and refuses the rest
+    by name)."""
+    from ..engine import supported_norm
+    from .auto import _identity
+
+    return (_identity(mod) or supported_norm(mod) or _bn_fixed(mod)
+            or isinstance(mod, (torch.nn.AvgPool2d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.Conv2d,
+                                torch.nn.Linear)))
+
+
+class MapTerm(_GTerm):
+    """The stream a fixed linear map ``fn`` reads, every row its own group (weights one): the queued writes'
+    maps ``[B, k, R, C]`` are sent forward through ``fn`` (``[B, k, R, C] → [B, k, R', C']``, without any
+    constant) and pooled by ``chain[1]``, the term of the stream the map writes. ``what``: the map, for the
+    refusal of token detail."""
+
+    __slots__ = ("fn", "what")
+
+    def __init__(self, B, R, device, dtype, fn, up, what):
+        group = torch.arange(R, device=device)
+        super().__init__(torch.ones(B, R, device=device, dtype=dtype), group, np.arange(R, dtype=np.int64), R,
+                         chain=(None, up))
+        self.fn, self.what = fn, what
+
+    def pool(self, u: torch.Tensor) -> torch.Tensor:
+        return u  # every row is its own group, weight one
+
+    def finish(self) -> None:
+        if not self.pending:
+            return
+        P = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]  # [B, k, R, C]
+        self.pending = []
+        y = self.fn(P)  # [B, k, R', C']
+        up = self.chain[1]
+        self.base = up.defer(up.pool(y.transpose(1, 2)).transpose(1, 2))
+
+    @property
+    def Ms(self):
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"token detail through {self.what} (carried forward as a fixed map) is not "
+                                    "supported; use tokens=None for this model")
+
+
+def maxpool_indices(mod, x):
+    """The argmax indices ``mod`` (a ``MaxPool2d``) used on ``x`` [B, C, H, W]: the same pool run again with
+    ``return_indices=True`` (identical kernel and tie-breaking, so the selected values equal the forward's)."""
+    with torch.no_grad():
+        _, idx = F.max_pool2d(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation, ceil_mode=mod.ceil_mode,
+                              return_indices=True)
+    return idx
