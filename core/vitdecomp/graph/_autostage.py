@@ -36,7 +36,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
-from ._shortcut import freezable_step
+from ._shortcut import add_map, freezable_step, linear_conv, pool_map
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -80,7 +80,8 @@ class _StageTracer(torch.fx.Tracer):
     are traced through; everything else (the stem) is a leaf."""
 
     def __init__(self, members, residual):
-        super().__init__()
+        # functions timm marks as not traceable (MViTv2's relative-position terms) stay calls in the graph
+        super().__init__(autowrap_functions=_timm_notrace())
         self.record_stack_traces = True
         self.members = members  # every member of a blocks list
         self.residual = residual  # those that are residual blocks: leaves (decided before tracing: no nested trace)
@@ -98,6 +99,14 @@ class _StageTracer(torch.fx.Tracer):
         if type(m).__module__.startswith("torch.nn"):
             return not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
         return False
+
+
+def _timm_notrace() -> tuple:
+    try:
+        from timm.layers._fx import get_notrace_functions
+    except Exception:  # noqa: BLE001 - no timm (or an older one): nothing to wrap
+        return ()
+    return tuple(get_notrace_functions())
 
 
 def _residual(m, path) -> bool:
@@ -154,13 +163,19 @@ def _derive(model):
 
 def _shapes(gm, graph, images, watch):
     """Every node's output shape for one image, and the output shapes of the modules in ``watch``."""
-    shapes, outs = {}, {}
+    sizes = set()  # nodes whose value is a size (ints, tuples of ints): no data of the stream
+    shapes, outs = {"sizes": sizes}, {}
+
+    def is_size(r):
+        return isinstance(r, int) or (isinstance(r, (tuple, list)) and all(is_size(v) for v in r))
 
     class _Run(torch.fx.Interpreter):
         def run_node(self, n):
             r = super().run_node(n)
             if isinstance(r, torch.Tensor):
                 shapes[n] = tuple(r.shape)
+            elif is_size(r):
+                sizes.add(n)
             return r
 
     hooks = [m.register_forward_hook(lambda mod, a, o, p=p: outs.__setitem__(
@@ -213,7 +228,9 @@ def describe_staged(adapter, model, images, tokens):
             paths.append(n.target)
         return any(p == stage0 or p.startswith(stage0 + ".") for p in paths)
 
-    first = next((n for n in nodes if in_stage0(n)), None)
+    # the first node of the first stage that reads a value from before it (not a parameter, not a shape)
+    first = next((n for n in nodes if in_stage0(n) and not _meta_use(n) and any(
+        not in_stage0(a) and a.op != "get_attr" for a in n.all_input_nodes)), None)
     if first is None:
         raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never enters "
                                     f"{stage0[len('model.'):]}")
@@ -223,6 +240,8 @@ def describe_staged(adapter, model, images, tokens):
     blocks = {t: b for t, b in blocks.items() if t[len("model."):] not in stuck}
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
+    stem_convs = _stem_convs(model, nodes)  # a leaf stem's convolutions: the grid of tokens it returns
+    watch.update(stem_convs)
     shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
                            lambda: _shapes(gm, graph, images, watch))
     H, W = images.shape[-2:]
@@ -252,6 +271,9 @@ def describe_staged(adapter, model, images, tokens):
         conv = next((n for n in reversed(nodes[:nodes.index(start)]) if n.op == "call_module"
                      and isinstance(model.get_submodule(n.target[6:]), torch.nn.Conv2d)), None)
         cs = shapes.get(conv)
+        if cs is None or not (cs[1] == shp[2] and cs[2] * cs[3] == shp[1]):  # inside a leaf stem (MViTv2)
+            cs = next((outs[p] for p in list(stem_convs)[::-1] if outs.get(p) is not None and len(outs[p]) == 4
+                       and outs[p][1] == shp[2] and outs[p][2] * outs[p][3] == shp[1]), None)
         if cs is not None and cs[1] == shp[2] and cs[2] * cs[3] == shp[1]:
             shp = (shp[0], cs[2], cs[3], shp[2])  # as NHWC: the same memory order as [B, N, C]
             start_tokens = True
@@ -316,7 +338,7 @@ def describe_staged(adapter, model, images, tokens):
                 cur[1].__enter__()
                 nb += 1
         if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
-            found = _residual_add(key, nodes, model)
+            found = _residual_add(key, nodes, model, shapes.get("sizes", ()))
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
                           "'stream + module(stream)' are supported outside the blocks)")
@@ -433,12 +455,28 @@ def describe_staged(adapter, model, images, tokens):
                 g.norm(gs.stream, mod, name=path, nchw=lay == "nchw")
                 val[n] = v
                 continue
-            if isinstance(mod, torch.nn.AvgPool2d) and lay == "nchw":  # a patch pool: a patch conv of 1/s² taps
+            if isinstance(mod, torch.nn.AvgPool2d) and lay == "nchw" and _patch_pool(mod, shapes[key]):
+                # a patch pool: a patch conv of 1/s² taps
                 conv = _pool_conv(mod, gs.C, shapes[key], n, refuse).to(images.device, images.dtype)
                 shp = shapes[n]
                 ns = new_stream(shp[1], shp[2], shp[3], len(streams))
                 g.conv(gs.stream, ns.stream, conv, name=path, stage=len(streams) - 1)
                 val[n] = ("s", ns, "nchw")
+                continue
+            if isinstance(mod, (torch.nn.AvgPool2d, torch.nn.MaxPool2d)) and lay == "nchw":
+                # any other average pool, a max pool at the forward's indices: a fixed map carried forward
+                shp = shapes[n]
+                if isinstance(mod, torch.nn.MaxPool2d) and mod.return_indices:
+                    refuse(n, "is a max pool returning its indices (the stream would be a tuple)")
+                ns = new_stream(shp[1], shp[2], shp[3], len(streams))
+                add_map(g, gs.stream, ns.stream, pool_map(mod, (gs.h, gs.w)), channels=shp[1], name=path,
+                        stage=len(streams) - 1)
+                val[n] = ("s", ns, "nchw")
+                continue
+            if isinstance(mod, torch.nn.Linear) and lay in ("nlc", "nhwc"):  # a linear layer on the channels:
+                ns = new_stream(mod.out_features, gs.h, gs.w, len(streams))  # a 1×1 conv into a new stream
+                g.conv(gs.stream, ns.stream, linear_conv(mod), name=f"{path}.bias", stage=len(streams) - 1)
+                val[n] = ("s", ns, lay)
                 continue
             if isinstance(mod, (torch.nn.AdaptiveAvgPool2d,)) and lay == "nchw" and _pair1(mod.output_size):
                 val[n] = ("p", g.pool(gs.stream, range(gs.stream.rows), [1.0 / gs.stream.rows] * gs.stream.rows))
@@ -446,6 +484,9 @@ def describe_staged(adapter, model, images, tokens):
             if type(mod).__name__ == "SelectAdaptivePool2d":
                 refuse(n, "is a pooling module the trace did not open")
             refuse(n, f"({type(mod).__name__}) is not a block, convolution, norm or average pool")
+        if n.op == "call_function" and n.target is operator.getitem and v[0] == "s" and _whole(n.args[1], shapes[key]):
+            val[n] = v  # x[:, 0:] with no prefix tokens (MViTv2's head): every row, a no-op
+            continue
         if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
             if v[0] != "s":
                 refuse(n, "averages a pooled row")
@@ -480,6 +521,11 @@ def describe_staged(adapter, model, images, tokens):
     if nb == 0:
         raise UnsupportedModelError(f"auto adapter: the stream of {type(model).__name__} passes through no block")
     g.output(z)
+    mapped = next((op for op in g.ops if op.kind == "merge" and op.extra.get("map") is not None), None)
+    if tokens and mapped is not None:
+        raise UnsupportedModelError(f"auto adapter: token detail (tokens='source') through {mapped.name} of "
+                                    f"{type(model).__name__} ({type(mapped.extra['map'].module).__name__}, carried "
+                                    "forward as a fixed map) is not supported; decompose without token detail")
     if tokens and any(op.kind == "merge" and op.extra.get("conv") is not None and not op.extra["patch"]
                       for op in g.ops):
         bad = next(op.name[:-len(".bias")] for op in g.ops if op.kind == "merge" and op.extra.get("conv") is not None
@@ -684,6 +730,39 @@ def _pool_conv(mod, C, shape, n, refuse):
     return conv
 
 
+def _whole(idx, shape) -> bool:
+    """An index that takes every element: slices ``[:]`` / ``[0:]`` / ``[:n]`` of the whole axis, or ``...``."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if len(idx) > len(shape):
+        return False
+    for i, d in zip(idx, shape):
+        if not (isinstance(i, slice) and i.step in (None, 1) and (i.start or 0) == 0
+                and (i.stop is None or (isinstance(i.stop, int) and i.stop >= d))):
+            return False
+    return True
+
+
+def _patch_pool(mod, shape) -> bool:
+    """An ``AvgPool2d`` that tiles the map it reads: kernel == stride, no padding, no override, whole tiles."""
+    k = _pair(mod.kernel_size)
+    st = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+    return k == st and _pair(mod.padding) == (0, 0) and getattr(mod, "divisor_override", None) is None and \
+        not (shape[2] % k[0] or shape[3] % k[1])
+
+
+def _stem_convs(model, nodes):
+    """``{path: Conv2d}`` inside the leaf stem modules the trace calls (whose output shapes place the tokens a
+    stem returns on a grid)."""
+    out = {}
+    for n in nodes:
+        if n.op == "call_module" and _STEM.match(n.target):
+            path = n.target[len("model."):]
+            for sub, m in model.get_submodule(path).named_modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    out[f"{path}.{sub}" if sub else path] = m
+    return out
+
+
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -716,7 +795,7 @@ def _readers(n):
     return [u for u in n.users if not _meta_use(u)]
 
 
-def _residual_add(key, nodes, model):
+def _residual_add(key, nodes, model, sizes=()):
     """``(add node, branch node, nodes computing the branch)`` for ``s' + b`` where ``s'`` is ``key`` through
     layout steps only and ``b`` is computed from ``key`` (a residual outside the blocks: Twins' position conv,
     ``x = proj(x) + x``), or None."""
@@ -745,8 +824,9 @@ def _residual_add(key, nodes, model):
                         continue
                     inside.add(x)
                     todo.extend(x.all_input_nodes)
-                if any(u not in inside and u is not nd for x in inside for u in _readers(x)):
-                    return None  # the branch's values are read elsewhere too
+                if any(u not in inside and u is not nd and u not in sizes for x in inside if x not in sizes
+                       for u in _readers(x)):
+                    return None  # the branch's values are read elsewhere too (sizes it computes may leave it)
                 return nd, ba, inside
     return None
 

@@ -521,7 +521,11 @@ def _grid_op(op, rec, terms, emitted, tokens, device, dtype, share=None):
 
     s = op.stream
     if op.kind == "merge":
-        if op.extra.get("conv") is not None:
+        if op.extra.get("map") is not None:  # a fixed linear map recorded in the forward (see _shortcut)
+            from . import _shortcut
+
+            entry, new = _shortcut.backward(op, rec, terms[id(s)], device, dtype, tokens)
+        elif op.extra.get("conv") is not None:
             from . import _conv
 
             entry, new = _conv.conv(op, rec, terms[id(s)], device, dtype, tokens)
@@ -734,6 +738,7 @@ def _check_fired(graph, op, rec, tokens):
         missing = missing or (op.extra.get("post") is not None and rec.post is None)
     elif op.kind == "merge":
         missing = rec.val is None and not is_identity(op.extra["norm"])
+        missing = missing or (op.extra.get("map") is not None and not op.extra["map"].fired(rec))
     elif op.kind == "apool":
         missing = rec.q is None or rec.k is None
     else:
@@ -820,6 +825,8 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
 
         if op.extra["norm"] is not None:
             hooks.pre(op.extra["norm"], on_merge_norm)
+        if op.extra.get("map") is not None:  # records what the map needs from the forward (max-pool indices)
+            op.extra["map"].install(hooks, rec)
     elif op.kind in ("norm", "nres"):
         at = op.extra["at"]
         sel = index_tensor([at + r for r in rows[k]], ri.device)

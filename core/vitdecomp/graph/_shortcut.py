@@ -85,3 +85,101 @@ def maxpool_indices(mod, x):
         _, idx = F.max_pool2d(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation, ceil_mode=mod.ceil_mode,
                               return_indices=True)
     return idx
+
+
+class MaxPoolMap:
+    """A ``MaxPool2d`` on a grid stream read as ``[B, C, H, W]``: a hook records the forward's indices; its forward
+    action on a write ``[B, k, H·W, C]`` is the gather ``y[b, k, r', c] = u[b, k, idx[b, c, r'], c]``."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def install(self, hooks, rec):
+        def on_in(x):
+            rec.map_idx = maxpool_indices(self.module, x).flatten(2)  # [B, C, R']
+
+        hooks.pre(self.module, on_in)
+
+    def fired(self, rec) -> bool:
+        return getattr(rec, "map_idx", None) is not None
+
+    def forward_fn(self, rec):
+        idx = rec.map_idx
+
+        def fn(P):  # [B, k, R, C] -> [B, k, R', C]
+            B, k, R, C = P.shape
+            ix = idx.unsqueeze(1).expand(B, k, C, idx.shape[-1])
+            return torch.gather(P.transpose(2, 3), 3, ix).transpose(2, 3)
+
+        return fn
+
+
+def add_map(g, src, dst, mapping, *, channels: int, name: str, stage=None) -> None:
+    """A fixed linear map from grid stream ``src`` into grid stream ``dst``, recorded in the forward
+    (``mapping``: :class:`MaxPoolMap`; ``channels``: the width of ``dst``); without a constant. The writes of ``src`` are carried forward through
+    it (exact; no token detail)."""
+    from . import GraphError, _Op
+
+    if src.grid is None or dst.grid is None:
+        raise GraphError(f"pack {g.pack!r}, node {name!r}: a recorded map joins two streams with their own grids")
+    g.ops.append(_Op("merge", dst, name=name, module=None,
+                     extra={"src": src, "norm": None, "map": mapping, "geometry": None, "channels": int(channels),
+                            "cargs": {} if stage is None else {"stage": int(stage)}}))
+
+
+def backward(op, rec, terms_dst, device, dtype, tokens):
+    """A recorded map read backwards: the source stream's terms carry their writes forward through it. Returns
+    ``(None, terms of the source stream)`` (a map has no constant)."""
+    from ._hier import gterms
+
+    x = op.extra
+    src, dst = x["src"], op.stream
+    terms = gterms(terms_dst, dst, device, x["channels"])
+    B = terms[0].w.shape[0]
+    fn = x["map"].forward_fn(rec)
+    what = f"{op.name} ({type(x['map'].module).__name__})"
+    return None, [MapTerm(B, src.rows, device, dtype, fn, t, what) for t in terms]
+
+
+
+class AvgPoolMap(MaxPoolMap):
+    """An ``AvgPool2d`` that is no patch pool (padding, overlapping or ceil-mode windows; the divisor depends on
+    the position only): its own pooling applied to every write's map."""
+
+    def __init__(self, module, hw):
+        super().__init__(module)
+        self.hw = hw
+
+    def install(self, hooks, rec):
+        pass
+
+    def fired(self, rec) -> bool:
+        return True
+
+    def forward_fn(self, rec):
+        m, (h, w) = self.module, self.hw
+
+        def fn(P):  # [B, k, R, C] -> [B, k, R', C]
+            B, k, R, C = P.shape
+            y = F.avg_pool2d(P.reshape(B * k, h, w, C).permute(0, 3, 1, 2), m.kernel_size, m.stride, m.padding,
+                             m.ceil_mode, m.count_include_pad, m.divisor_override)
+            return y.flatten(2).transpose(1, 2).reshape(B, k, -1, C)
+
+        return fn
+
+
+def pool_map(mod, hw):
+    """The recorded map of a pool on a ``[B, C, h, w]`` stream (``hw``: its grid)."""
+    return MaxPoolMap(mod) if isinstance(mod, torch.nn.MaxPool2d) else AvgPoolMap(mod, hw)
+
+
+def linear_conv(lin):
+    """A ``Linear`` on the channels of a grid stream as the 1×1 ``Conv2d`` with its weight and bias (a patch
+    convolution of one slot: token detail as for any patch conv)."""
+    conv = torch.nn.Conv2d(lin.in_features, lin.out_features, 1, bias=lin.bias is not None)
+    conv = conv.to(device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.detach()[:, :, None, None])
+        if lin.bias is not None:
+            conv.bias.copy_(lin.bias.detach())
+    return conv.requires_grad_(False)
