@@ -36,7 +36,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
-from ._shortcut import add_map, freezable_step, linear_conv, pool_map
+from ._shortcut import add_map, freezable_step, linear_conv, opened_heads, pool_map
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -360,9 +360,16 @@ def describe_staged(adapter, model, images, tokens):
                           f"order) to the stream")
             if not embedded:
                 refuse(n, "adds a branch to the stream before the first module reads it")
-            # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in place
-            g.branch(gs.stream, bmod, name=rel(bpath), kind="attn" if "attn" in bpath.rsplit(".", 1)[-1] else "mlp",
-                     nchw=bl == "nchw", copy=True)
+            hd = opened_heads(model, onode, bpath, shapes)  # an attention traced through: heads by proj's columns
+            if hd is not None:
+                apath, proj, nh = hd
+                src = (_ConvQueryHeads if bl == "nchw" else _QueryHeads)(proj, nh)
+                g.heads(gs.stream, src, proj.weight.flatten(1), proj.bias, name=rel(apath))
+            else:
+                # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in
+                # place
+                g.branch(gs.stream, bmod, name=rel(bpath),
+                         kind="attn" if "attn" in bpath.rsplit(".", 1)[-1] else "mlp", nchw=bl == "nchw", copy=True)
             lay = gs.layout(shapes[n], bl)
             if lay is None:
                 refuse(n, f"gives {shapes[n]}, not a layout of the stream")

@@ -183,3 +183,66 @@ def linear_conv(lin):
         if lin.bias is not None:
             conv.bias.copy_(lin.bias.detach())
     return conv.requires_grad_(False)
+
+
+def _peel_layout(node, model, names=("contiguous",)):
+    from .auto import _identity
+
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_method" and node.target in names:
+            node = node.args[0]
+        elif node.op == "call_module" and _identity(model.get_submodule(node.target[len("model."):])):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _product(n) -> bool:
+    """``n`` is an attention product itself (``scaled_dot_product_attention`` or a ``matmul``): a head's output
+    with nothing added after the product (MViTv2's residual pooling ``A·V + q`` is no standard head)."""
+    import operator
+
+    return isinstance(n, torch.fx.Node) and (
+        (n.op == "call_function" and n.target in (F.scaled_dot_product_attention, operator.matmul, torch.matmul))
+        or (n.op == "call_method" and n.target == "matmul"))
+
+
+def opened_heads(model, onode, bpath, shapes):
+    """Heads of an attention traced through (a block the derivation opened): ``(attention path, proj, H)``
+    when the branch's module ``bpath`` is the ``proj`` of a module with ``num_heads`` H and the trace shows
+    heads as contiguous channel groups of proj's input, ``o`` the attention product itself — a Linear reading
+    ``reshape(transpose(o, 1, 2))`` with ``o`` ``[B, H, N, dh]``, or a 1×1 conv reading ``view(o)`` ``[B, H·dh, h, w]`` with ``o``
+    ``[B, H, dh, N]`` (CoAtNet's ``Attention2d``); else None (the branch stays one write)."""
+    parent, _, leaf = bpath.rpartition(".")
+    if leaf != "proj" or not parent:
+        return None
+    att = model.get_submodule(parent)
+    H = getattr(att, "num_heads", None)
+    proj = getattr(att, "proj", None)
+    if not isinstance(H, int) or H < 1 or proj is None:
+        return None
+    inp = _peel_layout(onode.args[0] if onode.args else None, model)
+    if not (isinstance(inp, torch.fx.Node) and inp.op == "call_method" and inp.target in ("reshape", "view")):
+        return None
+    si, src = shapes.get(inp), _peel_layout(inp.args[0], model)
+    if isinstance(proj, torch.nn.Linear) and si is not None and len(si) == 3 and si[-1] == proj.in_features:
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target in ("transpose", "permute")):
+            return None
+        dims = [d % 4 for d in src.args[1:]] if src.target == "transpose" else None
+        if src.target == "permute":
+            p = src.args[1] if len(src.args) == 2 else src.args[1:]
+            ok = [d % 4 for d in p] == [0, 2, 1, 3]
+        else:
+            ok = sorted(dims) == [1, 2]
+        so = shapes.get(src.args[0])
+        if ok and _product(src.args[0]) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[3] == proj.in_features \
+                and so[2] == si[1]:
+            return parent, proj, H
+        return None
+    if isinstance(proj, torch.nn.Conv2d) and tuple(proj.kernel_size) == (1, 1) and proj.groups == 1 \
+            and si is not None and len(si) == 4 and si[1] == proj.in_channels:
+        so = shapes.get(src)
+        if _product(src) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[2] == si[1] and so[3] == si[2] * si[3]:
+            return parent, proj, H
+    return None
