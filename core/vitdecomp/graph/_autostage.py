@@ -804,8 +804,9 @@ def _readers(n):
 
 def _residual_add(key, nodes, model, sizes=()):
     """``(add node, branch node, nodes computing the branch)`` for ``s' + b`` where ``s'`` is ``key`` through
-    layout steps only and ``b`` is computed from ``key`` (a residual outside the blocks: Twins' position conv,
-    ``x = proj(x) + x``), or None."""
+    layout steps (or else through freezable linear steps: :func:`._shortcut.freezable_step`) and ``b`` is computed
+    from ``key`` (a residual outside the blocks: Twins' position conv, ``x = proj(x) + x``; a pooled shortcut),
+    or None. ``sizes``: nodes whose values are sizes, which may be read outside the branch."""
     from .auto import _identity
 
     at = nodes.index(key)
@@ -817,13 +818,17 @@ def _residual_add(key, nodes, model, sizes=()):
         if nd not in desc or not (nd.op == "call_function" and nd.target in (operator.add, operator.iadd, torch.add)) \
                 or len(nd.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in nd.args):
             continue
-        for sa, ba in (nd.args, nd.args[::-1]):
+        # the stream operand through layout steps and identities (ConvNeXt's ``shortcut``) first, so that Twins'
+        # ``proj(x) + x`` stays a branch on the stream; else through freezable linear steps (CoAtNet's pool +
+        # 1×1 conv shortcut: mixers on the stream, see _shortcut) with a branch that is not the stream itself
+        for sa, ba, loose in (*nd.args, False), (*nd.args[::-1], False), (*nd.args, True), (*nd.args[::-1], True):
             chain, cur = [], sa
             while cur is not key and ((cur.op in ("call_method", "call_function") and _name(cur) in _LAYOUT)
-                                      or (cur.op == "call_module" and freezable_step(model.get_submodule(cur.target[6:])))):
-                chain.append(cur)  # layout steps and identities (ConvNeXt's ``shortcut``), freezable linear steps
-                cur = cur.args[0]  # (MaxViT's pool + 1×1 conv shortcut: mixers on the stream, see _shortcut)
-            if cur is key and ba in desc:
+                                      or (cur.op == "call_module" and (freezable_step if loose else _identity)(
+                                          model.get_submodule(cur.target[6:])))):
+                chain.append(cur)
+                cur = cur.args[0]
+            if cur is key and ba in desc and not (loose and (ba is key or ba in chain)):
                 inside, todo = set(), [ba]
                 while todo:
                     x = todo.pop()
