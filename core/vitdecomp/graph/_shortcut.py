@@ -213,7 +213,7 @@ def opened_heads(model, onode, bpath, shapes):
     when the branch's module ``bpath`` is the ``proj`` of a module with ``num_heads`` H and the trace shows
     heads as contiguous channel groups of proj's input, ``o`` the attention product itself — a Linear reading
     ``reshape(transpose(o, 1, 2))`` with ``o`` ``[B, H, N, dh]``, or a 1×1 conv reading ``view(o)`` ``[B, H·dh, h, w]`` with ``o``
-    ``[B, H, dh, N]`` (CoAtNet's ``Attention2d``); else None (the branch stays one write)."""
+    ``[B, H, dh, N]``, the product or its transpose (CoAtNet's ``Attention2d``); else None (the branch stays one write)."""
     parent, _, leaf = bpath.rpartition(".")
     if leaf != "proj" or not parent:
         return None
@@ -243,6 +243,8 @@ def opened_heads(model, onode, bpath, shapes):
     if isinstance(proj, torch.nn.Conv2d) and tuple(proj.kernel_size) == (1, 1) and proj.groups == 1 \
             and si is not None and len(si) == 4 and si[1] == proj.in_channels:
         so = shapes.get(src)
-        if _product(src) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[2] == si[1] and so[3] == si[2] * si[3]:
+        swapped = isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target == "transpose" and \
+            sorted(d % 4 for d in src.args[1:3]) == [2, 3] and _product(src.args[0])  # (A·V)ᵀ: [B, H, dh, N]
+        if (_product(src) or swapped) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[2] == si[1] and so[3] == si[2] * si[3]:
             return parent, proj, H
     return None
