@@ -248,3 +248,191 @@ def opened_heads(model, onode, bpath, shapes):
         if (_product(src) or swapped) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[2] == si[1] and so[3] == si[2] * si[3]:
             return parent, proj, H
     return None
+
+
+# ---------------------------------------------------------------------------------------------- token-stream blocks
+class GroupMaxMap:
+    """``x.view(B, s, -1, C).amax(dim=1)`` on a ``[B, N, C]`` stream (Hiera's max-pool over its unrolled mask
+    units), frozen at the forward: the output row ``r'`` and channel ``c`` take the input rows ``j·N/s + r'``
+    that attain the maximum, split evenly among ties (as ``amax``'s own gradient does; tied values are equal, so
+    every split is exact). ``module``: the module whose output is the pooled value (its hook records the maxima)."""
+
+    def __init__(self, module, s):
+        self.module, self.s = module, int(s)
+
+    def install(self, hooks, rec):
+        s = self.s
+
+        def on_out(y):
+            v = y.reshape(y.shape[0], s, -1, y.shape[-1])
+            hit = (v == v.amax(1, keepdim=True)).to(v.dtype)
+            rec.map_idx = hit / hit.sum(1, keepdim=True)  # [B, s, N/s, C]
+
+        hooks.post(self.module, on_out)
+
+    def fired(self, rec) -> bool:
+        return getattr(rec, "map_idx", None) is not None
+
+    def forward_fn(self, rec):
+        wt, s = rec.map_idx, self.s
+
+        def fn(P):  # [B, k, N, C] -> [B, k, N/s, C]
+            B, k, R, C = P.shape
+            return (P.reshape(B, k, s, R // s, C) * wt.unsqueeze(1)).sum(2)
+
+        return fn
+
+
+class Transition:
+    """A block whose residual stream operand is the block's input through freezable steps (Hiera's stage
+    transition ``x = do_pool(proj(norm1(x)))``, then ``x + attn(norm1(x))``): ``steps`` in forward order —
+    ``("norm", path, module)``, ``("linear", path, module)``, ``("gmax", path of the pooled module, s)`` — and
+    the block's writes on the stream they give."""
+
+    def __init__(self, steps, writes):
+        self.steps, self.writes = steps, writes
+
+
+def _steps_to(node, x, block):
+    """The freezable steps from ``x`` to ``node`` in forward order, or None."""
+    from ..engine import supported_norm
+    from .auto import _identity
+
+    steps = []
+    while node is not x:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "call_method" and node.target == "amax":  # (max(dim) returns a pair: not followed)
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            view = node.args[0]
+            if dim not in (1, (1,), [1]) or node.kwargs.get("keepdim") or not (
+                    isinstance(view, torch.fx.Node) and view.op == "call_method"
+                    and view.target in ("view", "reshape") and len(view.args) == 5):
+                return None
+            s, src = view.args[2], view.args[0]
+            if not isinstance(s, int) or view.args[3] != -1 or not (isinstance(src, torch.fx.Node)
+                                                                    and src.op == "call_module"):
+                return None
+            steps.append(("gmax", src.target, s))
+            node = src
+            continue
+        if node.op == "call_module":
+            mod = block.get_submodule(node.target)
+            if not _identity(mod):
+                if supported_norm(mod):
+                    steps.append(("norm", node.target, mod))
+                elif isinstance(mod, torch.nn.Linear):
+                    steps.append(("linear", node.target, mod))
+                else:
+                    return None
+            node = node.args[0]
+            continue
+        return None
+    return steps[::-1]
+
+
+def derive_transition(block, prefix):
+    """:class:`Transition` of ``block`` (``prefix``: its path and a dot), or None when its trace is no add chain
+    ending in freezable steps from its input."""
+    from .auto import _ADD, _peel, _trace
+
+    try:
+        graph = _trace(block, block, prefix[:-1])
+    except Exception:  # noqa: BLE001 - the caller raises the plain derivation's reason
+        return None
+    x = next(n for n in graph.nodes if n.op == "placeholder")
+    cur = next(n for n in graph.nodes if n.op == "output").args[0]
+    writes = []
+
+    def is_add(n):
+        return isinstance(n, torch.fx.Node) and ((n.op == "call_function" and n.target in _ADD)
+                                                 or (n.op == "call_method" and n.target in ("add", "add_")))
+
+    while is_add(cur) and len(cur.args) == 2 and not cur.kwargs:
+        a, b = cur.args
+        if a is x or b is x:
+            return None  # a plain add chain down to the input: no transition
+        if is_add(a) or is_add(b):
+            stream, branch = (a, b) if is_add(a) else (b, a)
+            writes.append(_peel(branch, block, prefix)[:3])
+            cur = stream
+            continue
+        for sa, ba in ((a, b), (b, a)):
+            steps = _steps_to(sa, x, block)
+            if steps:
+                writes.append(_peel(ba, block, prefix)[:3])
+                return Transition(steps, writes[::-1])
+        return None
+    return None
+
+
+def transitions(model) -> dict:
+    """``{block index: Transition}`` for the blocks of a token-stream model's ``blocks`` list that are no plain
+    add chain but one ending in freezable steps from the block's input (cached per model)."""
+    from ..errors import UnsupportedModelError
+    from .auto import _block_writes, _cached
+
+    def derive():
+        out = {}
+        for i, blk in enumerate(model.blocks):
+            try:
+                _block_writes(blk, f"blocks.{i}.")
+            except UnsupportedModelError:
+                t = derive_transition(blk, f"blocks.{i}.")
+                if t is not None:
+                    out[i] = t
+        return out
+
+    return _cached(model, "transitions", derive)
+
+
+def _shrink(grid, s):
+    """The token grid after pooling groups of ``s`` rows (a label only: token detail is refused on it)."""
+    from .._records import TokenGrid
+
+    r = int(round(s ** 0.5))
+    if r * r == s and grid.h % r == 0 and grid.w % r == 0:
+        return TokenGrid(0, grid.h // r, grid.w // r, (grid.patch_size[0] * r, grid.patch_size[1] * r))
+    return TokenGrid(0, 1, grid.h * grid.w // s, grid.patch_size)
+
+
+def enter_transition(g, x, block, path, t: Transition):
+    """Put a transition block's steps on the graph (inside its block): norms on the stream, a Linear as a 1×1
+    conv into a new stream, a max over groups of rows as a recorded map into a stream of ``rows / s`` rows.
+    Returns the stream the block's writes go to."""
+    from ..errors import UnsupportedModelError
+
+    C = None
+    for kind, p, m in t.steps:
+        if kind == "norm":
+            g.norm(x, m, name=f"{path}.{p}")
+            if C is None and getattr(m, "normalized_shape", None):
+                C = int(m.normalized_shape[-1])
+        elif kind == "linear":
+            ns = g.stream(f"{path}.{p}", x.rows, grid=x.grid)
+            g.conv(x, ns, linear_conv(m), name=f"{path}.{p}.bias")
+            x, C = ns, m.out_features
+        else:  # gmax: m is the group size s, p the module whose output is pooled
+            if C is None or x.rows % m:
+                raise UnsupportedModelError(f"auto adapter: in {path} the max over groups of {m} rows of "
+                                            f"{path}.{p}'s output does not tile the {x.rows} rows of the stream")
+            ns = g.stream(f"{path}.pool", x.rows // m, grid=_shrink(x.grid, m))
+            add_map(g, x, ns, GroupMaxMap(block.get_submodule(p), m), channels=C, name=f"{path}.{p}.pool")
+            x = ns
+    return x
+
+
+def token_grid(model, images, N, grid):
+    """``grid``, or the model's own token grid when it names one (Hiera's ``tokens_spatial_shape`` and
+    ``patch_stride``) and the patch embedding's conventions found none."""
+    from .._records import TokenGrid
+
+    if grid.h * grid.w == N:
+        return grid
+    shape = getattr(model, "tokens_spatial_shape", None)
+    stride = getattr(model, "patch_stride", None)
+    if isinstance(shape, (list, tuple)) and len(shape) == 2 and int(shape[0]) * int(shape[1]) == N:
+        ps = tuple(int(v) for v in stride) if isinstance(stride, (list, tuple)) and len(stride) == 2 else \
+            (images.shape[-2] // int(shape[0]), images.shape[-1] // int(shape[1]))
+        return TokenGrid(0, int(shape[0]), int(shape[1]), ps)
+    return grid

@@ -114,8 +114,17 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _trace(root: torch.nn.Module, fn_module: torch.nn.Module, what: str, concrete: Optional[dict] = None):
-    tracer = _LeafTracer()
+class _HeadTracer(_LeafTracer):
+    """As :class:`_LeafTracer`, but timm's channels-last pooling head (``ClNormMlpClassifierHead``: pool over the
+    token axis, norm, ``pre_logits``, Hiera's head) is traced through, so its steps are followed one by one."""
+
+    def is_leaf_module(self, m, qualname):
+        return not (qualname == "model.head" and type(m).__name__ == "ClNormMlpClassifierHead")
+
+
+def _trace(root: torch.nn.Module, fn_module: torch.nn.Module, what: str, concrete: Optional[dict] = None,
+           tracer=None):
+    tracer = tracer or _LeafTracer()
     try:
         graph = tracer.trace(fn_module, concrete_args=concrete)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
@@ -594,7 +603,8 @@ class AutoAdapter(GraphAdapter):
         distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``), which become a pool; norms of the pooled row after it."""
         from ..engine import supported_norm
 
-        graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head"))
+        graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head",
+                                                         tracer=_HeadTracer()))
         nb = len(model.blocks)
         last = None
         for n in graph.nodes:
@@ -873,12 +883,29 @@ class AutoAdapter(GraphAdapter):
             if isinstance(getattr(model, "default_cfg", None), dict) else type(model).__name__
         g = Graph(self.name, run=lambda im: self.representation(model, im), grid=grid,
                   meta={"adapter": self.name, "model": arch, "derived": "torch.fx"})
-        x = g.stream("tokens", N)
+        from ._shortcut import enter_transition, token_grid, transitions
+
+        trans = transitions(model)  # blocks whose stream passes through freezable steps (Hiera's pooling)
+        if trans:
+            first = min(trans)
+            if tokens:
+                raise UnsupportedModelError(
+                    f"auto adapter: token detail (tokens='source') through blocks.{first} of {type(model).__name__}, "
+                    "whose stream is pooled by a max over groups of rows (carried forward as a fixed map), is not "
+                    "supported; decompose without token detail")
+            grid = token_grid(model, images, N, grid)
+            if grid.num_prefix or grid.h * grid.w != N:
+                raise UnsupportedModelError(
+                    f"auto adapter: blocks.{first} of {type(model).__name__} pools the stream, whose {N} rows are not "
+                    f"the {grid.h}×{grid.w} patch grid without prefix tokens; the derivation needs that grid")
+        x = g.stream("tokens", N, grid=grid if trans else None)
         g.embed(x, model.blocks[0])
         for i, blk in enumerate(model.blocks):
             prefix = f"blocks.{i}."
-            writes = _block_writes(blk, prefix)
+            writes = trans[i].writes if i in trans else _block_writes(blk, prefix)
             with g.block(i, f"blocks.{i}", x, entry=blk):
+                if i in trans:
+                    x = enter_transition(g, x, blk, f"blocks.{i}", trans[i])
                 for path, mod, gamma in writes:
                     proj = None if _split_heads(mod) else _proj_of_heads(mod)
                     cproj = None if _split_heads(mod) or proj is not None else _proj_of_channel_heads(mod)
@@ -896,7 +923,7 @@ class AutoAdapter(GraphAdapter):
                     else:
                         kind = "attn" if "attn" in path else "mlp"
                         g.branch(x, mod, name=path, kind=kind, gamma=gamma)
-        z = self._tail(model, g, x, N)
+        z = self._tail(model, g, x, x.rows)  # the rows of the last stream (fewer after a pooling block)
         if "class_rows" in g.meta:  # a class stream joined after the blocks: the grid has its rows first
             g.grid = self._grid(model, images, N + g.meta.pop("class_rows"))
         g.output(z)
