@@ -383,10 +383,17 @@ def _proj_of_heads(mod, loose: bool = False):
     them. None if the trace does not show exactly that (the module is then one block-level write). ``loose``
     (staged models): required arguments besides the input (a feature size) are traced as placeholders, or else
     as ``(2, 2)`` — only the structure of the output end is read; exactness is checked on the forward."""
-    H = getattr(mod, "num_heads", None)
+    H = _num_heads(mod)
     if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
         return None
     return _proj_after(mod, ("transpose", (1, 2)), loose, ("heads", loose))
+
+
+def _num_heads(mod):
+    """The head count of an attention module: ``num_heads``, or ``heads`` (Hiera's ``MaskUnitAttention``)."""
+    H = getattr(mod, "num_heads", None)
+    H = getattr(mod, "heads", None) if H is None else H
+    return H if isinstance(H, int) and not isinstance(H, bool) else None
 
 
 def _proj_of_channel_heads(mod):
@@ -918,7 +925,7 @@ class AutoAdapter(GraphAdapter):
                         g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
                                 gamma=gamma, name=path)
                     elif proj is not None:  # heads split by proj's columns; token detail recorded as it runs
-                        g.heads(x, ProjInput(proj, mod.num_heads, TracedAttention(mod)), proj.weight, proj.bias,
+                        g.heads(x, ProjInput(proj, _num_heads(mod), TracedAttention(mod)), proj.weight, proj.bias,
                                 gamma=gamma, name=path)
                     else:
                         kind = "attn" if "attn" in path else "mlp"
