@@ -341,7 +341,10 @@ def describe_staged(adapter, model, images, tokens):
             found = _residual_add(key, nodes, model, shapes.get("sizes", ()))
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
-                          "'stream + module(stream)' are supported outside the blocks)")
+                          "'stream + module(stream)' are supported outside the blocks, the stream operand through "
+                          "layout steps or freezable linear ones: pools, convolutions, linear layers, norms); the "
+                          "stream's readers here are not joined by such an add, so the stream passes through a step "
+                          "that is not linear on it")
             add, branch, inside = found
             residual_adds[add] = (branch, key)
             skip |= inside
