@@ -36,7 +36,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
-from ._shortcut import add_map, freezable_step, linear_conv, opened_heads, pool_map
+from ._shortcut import add_map, add_select, freezable_step, linear_conv, opened_heads, pool_map
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -377,6 +377,9 @@ def describe_staged(adapter, model, images, tokens):
             if lay is None:
                 refuse(n, f"gives {shapes[n]}, not a layout of the stream")
             val[n] = ("s", gs, lay)
+            continue
+        if n.op == "call_function" and n.target is torch.cat and len(followed) > 1:  # channels side by side
+            val[n] = _channel_cat(n, val, g, new_stream, streams, refuse)
             continue
         if len(followed) > 1:
             refuse(n, "combines two values of the stream")
@@ -738,6 +741,32 @@ def _pool_conv(mod, C, shape, n, refuse):
         conv.weight[torch.arange(C), torch.arange(C)] = 1.0 / (k[0] * k[1])
     conv.requires_grad_(False)
     return conv
+
+
+def _channel_cat(n, val, g, new_stream, streams, refuse):
+    """``torch.cat([a, b, ...], dim=channels)`` of values of grid streams on one grid in one layout: a new stream
+    whose channel slices are the parts (:func:`._shortcut.add_select`)."""
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    vals = [val.get(p) if isinstance(p, torch.fx.Node) else None for p in (parts or ())]
+    if not vals or any(v is None or v[0] != "s" for v in vals):
+        refuse(n, "concatenates the stream with a value that is not on it")
+    lays = {v[2] for v in vals}
+    grids = {(v[1].h, v[1].w) for v in vals}
+    lay = next(iter(lays))
+    nd = 4 if lay in ("nchw", "nhwc") else 3
+    cdim = {"nchw": 1, "nhwc": 3, "nlc": 2, "ncl": 1}[lay]
+    if len(lays) != 1 or len(grids) != 1 or not isinstance(dim, int) or dim % nd != cdim:
+        refuse(n, f"concatenates values of the stream along dim {dim!r} (layouts {sorted(lays)}, grids "
+                  f"{sorted(grids)}; supported: the channel axis of one layout on one grid)")
+    total = sum(v[1].C for v in vals)
+    h, w = next(iter(grids))
+    ns = new_stream(total, h, w, len(streams))
+    off = 0
+    for i, v in enumerate(vals):
+        add_select(g, v[1].stream, ns.stream, off, v[1].C, total, name=f"{n.name}.{i}")
+        off += v[1].C
+    return ("s", ns, lay)
 
 
 def _whole(idx, shape) -> bool:

@@ -436,3 +436,34 @@ def token_grid(model, images, N, grid):
             (images.shape[-2] // int(shape[0]), images.shape[-1] // int(shape[1]))
         return TokenGrid(0, int(shape[0]), int(shape[1]), ps)
     return grid
+
+
+# ---------------------------------------------------------------------------------------------- channel concatenation
+def add_select(g, src, dst, offset: int, width: int, total: int, *, name: str) -> None:
+    """Grid stream ``src`` (``width`` channels) is the channel slice ``offset:offset + width`` of grid stream
+    ``dst`` (``total`` channels), as in ``torch.cat([a, b], dim=channels)`` (NextViT's transformer block): read
+    backwards, every term of ``dst`` becomes one on ``src`` through the selection of those channels (the same
+    matrix for every group, so token detail is kept)."""
+    from . import GraphError, _Op
+
+    if src.grid is None or dst.grid is None or (src.grid.h, src.grid.w) != (dst.grid.h, dst.grid.w):
+        raise GraphError(f"pack {g.pack!r}, node {name!r}: a channel concatenation joins grid streams of one grid")
+    g.ops.append(_Op("merge", dst, name=name, module=None,
+                     extra={"src": src, "norm": None, "select": (int(offset), int(width), int(total)),
+                            "geometry": (np.arange(src.rows, dtype=np.int64),), "cargs": {}}))
+
+
+def select_backward(op, rec, terms_dst, device, dtype, tokens):
+    """:func:`add_select` read backwards. Returns ``(None, terms of the source stream)``."""
+    from ._hier import _GTerm, gterms
+
+    off, width, total = op.extra["select"]
+    terms = gterms(terms_dst, op.stream, device, total)
+    E = torch.zeros(width, total, device=device, dtype=dtype)
+    E[:, off:off + width] = torch.eye(width, device=device, dtype=dtype)
+    new = []
+    for t in terms:
+        nt = _GTerm(t.w, t.group, t.host, t.G, chain=(E, t), shared=True)
+        nt._order = t._order
+        new.append(nt)
+    return None, new
