@@ -190,3 +190,22 @@ def test_a_step_that_is_not_linear_on_the_stream_still_refuses_with_its_name():
     blk.shortcut.expand = torch.nn.Sequential(blk.shortcut.expand, torch.nn.GELU()).eval()
     with pytest.raises(UnsupportedModelError, match=r"stages.1.blocks.0.shortcut.pool .*second reader"):
         vitdecomp.decompose(m, images(torch.float32), adapter="auto")
+
+
+def test_nextvit_channel_concatenation_of_the_stream_and_a_projected_branch():
+    # NextViT's transformer block: x = cat([x, projection(x) + mhca(projection(x))], channels); the projection
+    # (1×1 conv + BatchNorm) is a shortcut path, the concatenation two channel selections of the new stream
+    m = testing.perturb_parameters(timm.create_model("nextvit_small", pretrained=False, depths=(1, 4, 5, 1)).eval())
+    f32 = vitdecomp.decompose(m, images(torch.float32, size=32), adapter="auto")
+    assert f32.error <= 1e-5
+    assert {"stages.1.blocks.3.projection.norm.bias", "stages.1.blocks.3.mhca.projection",
+            "stages.1.blocks.3.e_mhsa.head.0", "stages.2.blocks.4.e_mhsa.bias", "stages.3.blocks.0.mlp.fc2"} \
+        <= set(f32.names), f32.names
+    dec = vitdecomp.decompose(m.double(), images(size=32), adapter="auto", bias="paper", tokens="source")
+    assert dec.error <= 1e-10 and not [c for c in dec.components if c.kind == "const"]
+    for name in ("stages.1.blocks.3.mhca.projection", "stages.0.blocks.0.mhca.projection"):  # a write beside the
+        tok = dec.token_contributions(name)  # concatenation, and one whose stream feeds it
+        assert torch.allclose(tok.sum(1), dec.contributions[:, dec.names.index(name)], atol=1e-10)
+    # the oracle cannot place the spatially reduced attention's source splits: totals only
+    res = testing.check_attributions(m, images(torch.float32, 1, size=32), adapter="auto", tokens=False, start=None)
+    assert attributions_ok(res), res
