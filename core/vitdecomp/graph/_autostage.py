@@ -15,14 +15,36 @@ value's shape. The stream is followed from where the first stage reads it (every
 * a ``Conv2d`` on the stream starts a new grid stream (:meth:`Graph.conv`: a patch conv, kernel == stride, is an
   ``s×s`` merge; any other conv carries the writes forward through its weights);
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
-* reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed;
+* a ``Linear`` on the channels of a channels-last stream is a 1×1 conv into a new stream (its bias
+  ``<path>.bias``);
+* an ``AvgPool2d`` that tiles the map is a patch conv of ``1/s²`` taps; any other average pool (padding,
+  overlapping or ragged ceil-mode windows) and a ``MaxPool2d`` — at the forward's own indices, recorded by
+  running the same pool with ``return_indices=True`` on its input, so ties resolve as the forward's did — are
+  fixed maps into a new stream that carry every write forward (:mod:`._shortcut`; exact, no token detail);
+* a residual add whose stream operand is not the stream itself but reached from it through such freezable
+  steps (pools, convolutions, linear layers, norms, layout steps), while the branch also reads the stream, is a
+  *shortcut path*: the steps are mixers on the stream and the branch a write on the stream they give (CoAtNet's
+  strided MBConv / transformer blocks: 2×2 average pool + 1×1 conv; MViTv2's ``shortcut_proj_attn`` +
+  ``shortcut_pool_attn`` max pool; NextViT's conv + BatchNorm ``projection``). A block that is no plain add
+  chain is traced through (its attention's heads split by proj's columns when proj reads the attention product
+  itself, ``reshape(transpose(A·V, 1, 2))`` or CoAtNet's ``view`` of ``[B, H, dh, N]``; otherwise the branch's
+  last module is the write, ``stages.1.blocks.0.attn.proj``); sizes it computes (MViTv2's pooled
+  ``feat_size``) may leave a branch;
+* ``torch.cat`` of grid streams on one grid along the channels (NextViT: ``cat([x, projection(x) + mhca])``) is
+  a new stream whose channel slices the parts are;
+* reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed,
+  and an index that takes every row (``x[:, 0:]`` without prefix tokens);
 * the mean over all positions (``x.mean((2, 3))``, ``x.mean(1)``, adaptive average pooling to 1×1) is the pool
   that makes z, then norms, flattens and identities on the pooled row.
 
-Anything else on the stream's path (an activation, a padding, a max-pool, a second reader of the stream) is
-refused with an :class:`~vitdecomp.errors.UnsupportedModelError` naming the operation, its module path and source
-line. Token detail (``tokens="source"``) lives on each stage's own grid; it is refused through a convolution
-that is not a patch convolution.
+Tokens a leaf stem returns (``[B, N, C]``, MViTv2's ``patch_embed``) are placed on the grid of the stem's last
+convolution. Functions timm marks as not traceable (``register_notrace_function``) stay calls in the trace.
+
+Anything else on the stream's path (an activation, a padding, a second reader of the stream not joined by such
+an add: LeViT's attention downsample) is refused with an :class:`~vitdecomp.errors.UnsupportedModelError` naming
+the operation, its module path and source line. Token detail (``tokens="source"``) lives on each stage's own
+grid; it is refused through a convolution that is not a patch convolution and through a recorded map (a max
+pool, a non-tiling average pool).
 """
 
 from __future__ import annotations

@@ -1,18 +1,29 @@
-"""Linear shortcut paths on the residual stream (the ``auto`` adapter's staged derivation).
+"""Linear shortcut paths on the residual stream (the ``auto`` adapter; :mod:`._autostage`, :mod:`.auto`).
 
 A residual add ``s' + b`` whose stream operand ``s'`` is not the stream ``s`` itself but reached from it through
-*freezable* steps — layout changes, identities, average / max pooling, convolutions and linear layers without
-an activation, frozen norms — while the branch ``b`` also reads ``s``: the steps are mixers on the stream (each
-a transition into a new grid stream, or a norm on it) and the branch is a write on the stream they give
-(MaxViT's strided MBConv: ``x = shortcut(x) + conv_branch(x)``, shortcut = 2×2 average pool + 1×1 conv;
-MViTv2's ``shortcut_pool_attn`` / ``shortcut_proj_attn``).
+*freezable* steps (:func:`freezable_step`: layout changes, identities, average / max pooling, convolutions and
+linear layers without an activation, frozen norms) while the branch ``b`` also reads ``s``: the steps are mixers
+on the stream (each a transition into a new grid stream, or a norm on it) and the branch is a write on the
+stream they give (CoAtNet's strided MBConv: ``x = shortcut(x) + conv_branch(x)``, shortcut = 2×2 average pool +
+1×1 conv; MViTv2's ``shortcut_proj_attn`` / ``shortcut_pool_attn``; NextViT's ``projection``).
 
-Max-pooling selects, at every output position and channel, the input the forward's own argmax picked: a fixed
-gather once the forward ran, exact for every write that reaches z through it. The indices are recorded while
-the model runs — a hook recomputes the pool on the module's input with ``return_indices=True`` (the same
-kernel, so ties resolve as the forward's did and the values are identical) — and every write of the stream it
-reads is carried forward through the gather (:class:`MapTerm`, modelled on :class:`._conv._ConvTerm`), as is a
-``Linear`` on the channels or any other fixed linear map whose forward action is known.
+* **Recorded maps** (:func:`add_map`, read backwards by :func:`backward`): a step whose forward action on a
+  write is a fixed linear map once the forward ran. Every write of the stream it reads is carried *forward*
+  through it (:class:`MapTerm`, modelled on :class:`._conv._ConvTerm`: every row its own group, the queued
+  write maps sent through the map, then pooled by the next stream's terms). Exact; no token detail.
+  :class:`MaxPoolMap`: a ``MaxPool2d`` at the forward's indices — a hook runs the same pool with
+  ``return_indices=True`` on the module's input (the same kernel, so ties resolve as the forward's did and the
+  values are identical) and writes are gathered at them. :class:`AvgPoolMap`: an average pool that does not
+  tile the map (its own pooling applied to every write). :class:`GroupMaxMap`: Hiera's
+  ``x.view(B, s, -1, C).amax(dim=1)``, at the maxima of the pooled module's output, ties split evenly as
+  ``amax``'s gradient does (tied values are equal, so any split is exact).
+* :func:`linear_conv`: a ``Linear`` on the channels as the equivalent 1×1 conv (a one-slot patch convolution).
+* :func:`add_select`: ``torch.cat`` of grid streams along the channels, each part a channel selection of the
+  new stream, read backwards as one shared matrix (token detail kept).
+* :func:`opened_heads`: heads of an attention traced through, split by proj's columns when proj reads the
+  attention product itself.
+* Token-stream blocks (:func:`transitions`, :func:`enter_transition`): a ``blocks`` member whose last add's
+  stream operand is the block's input through a norm, a Linear and a max over groups of rows (Hiera).
 """
 
 from __future__ import annotations

@@ -26,8 +26,18 @@ forward):
    per head) splits the same way, each head's token detail at its own tokens
    (:class:`~vitdecomp.graph.sources.TokenwiseHeads`; listed in ``meta["channel_heads"]``). Any other attention
    module is one block-level write.
+   **Pooling blocks.** A block whose last add's stream operand is the block's input through a norm, a ``Linear``
+   and ``x.view(B, s, -1, C).amax(dim=1)`` (Hiera's stage transition ``x = do_pool(proj(norm1(x)))``, then
+   ``x + attn(norm1(x))``) puts those steps on the stream (:mod:`._shortcut`): the norm frozen
+   (``blocks.1.norm1.bias``), the Linear as a 1×1 conv into a new stream (``blocks.1.proj.bias``), the max as a
+   fixed map at the forward's maxima (ties split evenly, as ``amax``'s gradient does; tied values are equal, so
+   exact) into a stream of ``N / s`` rows; the model's streams are then grid streams on its token grid (Hiera:
+   ``tokens_spatial_shape``), and token detail is refused (the rows are in Hiera's unrolled order and the max is
+   carried forward as a map). An attention counting its heads in ``heads`` (Hiera) splits like one with
+   ``num_heads``.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
-   the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
+   the steps after the last block are followed (timm's channels-last ``ClNormMlpClassifierHead``, Hiera's, is
+   traced through): norms (frozen at the forward's statistics), identities, and
    linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
    of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool; and timm's
    ``AttentionPoolLatent`` (MAP heads), which becomes :meth:`Graph.attention_pool` over the rows it reads, its
