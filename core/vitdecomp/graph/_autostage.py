@@ -361,6 +361,11 @@ def describe_staged(adapter, model, images, tokens):
                 nb += 1
         if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
             found = _residual_add(key, nodes, model, shapes.get("sizes", ()))
+            inner = _common_module(_readers(key)) if found is None else None
+            if inner is not None and inner != cur[0]:  # one module reads the stream several times (LeViT)
+                refuse(n, f"is one of {len(_readers(key))} reads of the stream inside module {inner}, which "
+                          f"returns a new stream without adding a branch back to it (an attention without a "
+                          f"shortcut, e.g. an attention downsample): a step that is not linear on the stream")
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
                           "'stream + module(stream)' are supported outside the blocks, the stream operand through "
@@ -846,6 +851,31 @@ def _member(n, opened):
                 return q
             q = q.rpartition(".")[0]
     return None
+
+
+def _paths(n):
+    """The module paths (without ``model.``) node ``n`` runs in, outermost first."""
+    out = []
+    for k, v in (n.meta.get("nn_module_stack") or {}).items():
+        p = v[0] if isinstance(v, tuple) and v and isinstance(v[0], str) else k if isinstance(k, str) else None
+        if p:
+            out.append(p[len("model."):] if p.startswith("model.") else p)
+    if n.op == "call_module":
+        out.append(n.target[len("model."):])
+    return out
+
+
+def _common_module(readers):
+    """The innermost module every reader runs in (below the stages and blocks lists), or None."""
+    if len(readers) < 2:
+        return None
+    common = None
+    for r in readers:
+        ps = set(_paths(r))
+        common = ps if common is None else common & ps
+    deep = [p for p in (common or ()) if re.search(r"\.(downsample|blocks\.\d+)\.", p + ".")
+            and not re.fullmatch(r".*blocks\.\d+", p)]
+    return max(deep, key=len) if deep else None
 
 
 def _meta_use(n) -> bool:
