@@ -523,7 +523,7 @@ def describe_staged(adapter, model, images, tokens):
                 continue
             if type(mod).__name__ == "SelectAdaptivePool2d":
                 refuse(n, "is a pooling module the trace did not open")
-            refuse(n, f"({type(mod).__name__}) is not a block, convolution, norm or average pool")
+            refuse(n, f"({type(mod).__name__}) is not a block, convolution, linear layer, norm or average / max pool")
         if n.op == "call_function" and n.target is operator.getitem and v[0] == "s" and _whole(n.args[1], shapes[key]):
             val[n] = v  # x[:, 0:] with no prefix tokens (MViTv2's head): every row, a no-op
             continue

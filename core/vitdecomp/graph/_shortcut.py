@@ -51,7 +51,7 @@ def freezable_step(mod) -> bool:
     from .auto import _identity
 
     return (_identity(mod) or supported_norm(mod) or _bn_fixed(mod)
-            or isinstance(mod, (torch.nn.AvgPool2d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.Conv2d,
+            or isinstance(mod, (torch.nn.AvgPool2d, torch.nn.MaxPool2d, torch.nn.Conv2d,
                                 torch.nn.Linear)))
 
 
