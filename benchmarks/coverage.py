@@ -75,6 +75,7 @@ TIMM = [
     ("nextvit", "nextvit_small", ({},)),
     ("fastvit", "fastvit_t8", ({},)),
     ("edgenext", "edgenext_xx_small", ({},)),
+    ("metaformer", "poolformer_s12", ({},)),
     ("swin", "swin_tiny_patch4_window7_224", ({"img_size": 56, "depths": (1, 1, 1, 1)},) + SMALL[2:]),
     ("swinv2", "swinv2_tiny_window8_256", ({"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)},) + SMALL[2:]),
     ("swinv2_cr", "swinv2_cr_tiny_224", ({"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)},) + SMALL[2:]),

@@ -153,12 +153,13 @@ def test_staged_refusals_name_the_operation_module_and_source_line():
         vitdecomp.decompose(model.eval(), images(torch.float32), adapter="auto")
     msg = str(exc.value)
     assert "stages.0.blocks.0.act3" in msg and "tiny_vit.py" in msg and "x = self.act3(x)" in msg, msg
-    # Swin's window attention reaches the stream through a window reverse, not as a module output (its pack
-    # decomposes it)
-    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2,
-                             depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1)).eval()
-    with pytest.raises(UnsupportedModelError, match=r"layers.0.blocks.0.drop_path1 .*not a module output"):
-        vitdecomp.decompose(swin, images(torch.float32, size=32), adapter="auto")
+    # DaViT's downsample pads an odd side before its stride-2 conv (a 9×9 grid at 72 px): a padding on the
+    # stream that is no window partition or patch merging (Swin's window attention, once refused here, is
+    # decomposed: tests/test_auto_window.py)
+    davit = timm.create_model("davit_tiny", pretrained=False, depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64),
+                              num_heads=(1, 2, 3, 4)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"call_function pad .*davit.py.*F.pad\(x.*pads the stream"):
+        vitdecomp.decompose(davit, images(torch.float32, size=72), adapter="auto")
 
 
 def test_batchnorm_without_running_statistics_on_the_stream_is_refused():

@@ -57,3 +57,19 @@ def test_save_load_roundtrip(dec, tmp_path):
     torch.testing.assert_close(back.contributions, dec.contributions)
     torch.testing.assert_close(back.token_contributions("blocks.0.attn.head.1"), dec.token_contributions("blocks.0.attn.head.1"))
     assert abs(back.error - dec.error) < 1e-15
+
+
+def test_index_table_follows_the_components(dec):
+    # the name → position table is built once per components tuple; a replaced tuple gets a new one
+    for i, name in enumerate(dec.names):
+        assert dec.index(name) == i
+        assert torch.equal(dec[name], dec.contributions[:, i])
+    with pytest.raises(KeyError, match="No component named"):
+        dec.index(["not", "hashable"])
+    comps = dec.components
+    dec.components = tuple(reversed(comps))
+    try:
+        assert dec.index(comps[0].name) == len(comps) - 1
+    finally:
+        dec.components = comps
+    assert dec.index(comps[0].name) == 0

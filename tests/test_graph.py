@@ -279,3 +279,19 @@ def test_constants_under_one_name_are_one_component():
     with pytest.raises(GraphError, match="norm_residual needs a norm"):
         Graph("p", run=lambda x: x, grid=TokenGrid(0, 1, 1, (1, 1))).norm_residual(
             Graph("p", run=lambda x: x, grid=TokenGrid(0, 1, 1, (1, 1))).stream("s", 1), torch.nn.Identity(), name="n")
+
+
+def test_rows_products_of_channels_first_maps_are_exact():
+    # an NCHW map seen as rows [B, R, C] (strides C·R, 1, R) is multiplied as transposed matrices, not copied
+    from vitdecomp.graph._hier import _channels_first, _GTerm, _rows_mm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64).transpose(1, 2)  # [B, R = 7, C = 5]
+    M = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    assert _channels_first(x) and not _channels_first(x.contiguous())
+    want = torch.einsum("brc,cd->brd", x, M)
+    torch.testing.assert_close(_rows_mm(x, M), want, rtol=0, atol=1e-13)
+    torch.testing.assert_close(_rows_mm(x.contiguous(), M), want, rtol=0, atol=1e-13)
+    term = _GTerm(torch.ones(3, 7, dtype=torch.float64), torch.zeros(7, dtype=torch.long), None, 1, Ms=M[None])
+    start = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(term.apply_rows(x, out=start.clone()), start + want, rtol=0, atol=1e-13)

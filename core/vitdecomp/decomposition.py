@@ -120,6 +120,7 @@ class Decomposition:
     meta: dict = attrs.field(factory=dict)
     partial: bool = False
     _error: Optional[float] = attrs.field(init=False, default=None, repr=False)
+    _positions: Optional[tuple] = attrs.field(init=False, default=None, repr=False)  # (components, {name: i})
 
     def __attrs_post_init__(self):
         if self.contributions.ndim != 3:
@@ -157,9 +158,15 @@ class Decomposition:
 
     def index(self, name: str) -> int:
         """Position of component ``name`` along the C axis."""
+        pos = self._positions
+        if pos is None or pos[0] is not self.components:  # built once per components tuple (was O(C) per call)
+            table = {}
+            for i, c in enumerate(self.components):
+                table.setdefault(c.name, i)
+            pos = self._positions = (self.components, table)
         try:
-            return self.names.index(name)
-        except ValueError:
+            return pos[1][name]
+        except (KeyError, TypeError):  # TypeError: an unhashable name
             raise KeyError(
                 f"No component named {name!r}; there are {len(self.components)}, e.g. {list(self.names[:5])}"
             ) from None

@@ -30,7 +30,9 @@ has its token detail on that grid (``dec.grid_of(name)``); window attention is t
 :class:`~vitdecomp.graph.sources.WindowHeads` (cyclic shift and window partition as a row map; heads placed at
 their query rows, ``meta["head_tokens"] = "query"``), any partitioned attention given by its row map is
 :class:`~vitdecomp.graph.sources.PartitionHeads` (MaxViT's block windows and grid cells: :func:`window_rows`,
-:func:`grid_rows`), and a norm inside the branch after the attention (SwinV2's res-post-norm) is
+:func:`grid_rows`; the auto adapter reads the row map off the model's own steps), a branch module whose output is
+in partition order (an attention not split into heads, before its window reverse) is
+``Graph.branch(..., rows=row_map)``, and a norm inside the branch after the attention (SwinV2's res-post-norm) is
 ``Graph.heads(..., post_norm=module)``. Modules that see or write ``[B, C, h, w]`` maps are declared with
 ``nchw=True`` (``embed``, ``branch``, ``block``, ``norm``: a LayerNorm2d normalises over C).
 
@@ -187,13 +189,25 @@ class Graph:
 
     def branch(self, stream: Stream, module: torch.nn.Module, *, name: str = "mlp", kind: str = "mlp",
                gamma: Optional[torch.Tensor] = None, nchw: bool = False, branch: Optional[str] = None,
-               copy: bool = False) -> None:
+               copy: bool = False, rows=None) -> None:
         """``module``'s output (times the LayerScale vector ``gamma`` if given) is added to ``stream``
         (``nchw``: the output is a ``[B, C, h, w]`` map, e.g. MaxViT's MBConv ``conv3_1x1``; ``branch``: the
         component's :attr:`Component.branch` label; ``copy``: the forward later changes the output in place,
-        e.g. ``x = proj(s); x += s``, so it is copied when captured)."""
+        e.g. ``x = proj(s); x += s``, so it is copied when captured; ``rows``: the output is in partition order,
+        any shape whose leading axes flatten to ``len(rows)`` rows per image, and ``rows[i]`` is the stream
+        position row ``i`` is added at (−1: a row the forward cuts off, e.g. window padding), as for
+        :class:`PartitionHeads` — a windowed attention module's output before the window reverse)."""
+        import numpy as np
+
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            valid = rows[rows >= 0]
+            if valid.size != stream.rows or np.unique(valid).size != stream.rows or valid.max() >= stream.rows:
+                raise GraphError(f"pack {self.pack!r}, node {self._name(name)!r}: rows must place one output row at "
+                                 f"each of the stream's {stream.rows} positions")
         self.ops.append(_Op("branch", stream, name=self._name(name), block=self._blk(), comp_kind=kind, module=module,
-                            gamma=gamma, extra={"cargs": self._cargs(branch), "nchw": bool(nchw), "copy": bool(copy)}))
+                            gamma=gamma, extra={"cargs": self._cargs(branch), "nchw": bool(nchw), "copy": bool(copy),
+                                                "rows": rows}))
 
     def param(self, stream: Stream, value: torch.Tensor, *, name: str, kind: str = "embed") -> None:
         """A parameter ``value`` (``[rows, D]`` or ``[1, rows, D]``) is added to ``stream``."""

@@ -12,9 +12,24 @@ value's shape. The stream is followed from where the first stage reads it (every
   input holds them as contiguous channel groups — ``proj(transpose(A·V).reshape)``, a 1×1-conv proj on NCHW
   (Visformer), a window reverse before proj (Twins-SVT); an attention whose output passes through more of its
   branch, EdgeNeXt's XCA feeding the block's MLP, stays inside that one write);
+* a block that is no add chain is traced through (an attention module inside it — ``num_heads`` and a ``proj``
+  — stays a leaf), and so is a residual block whose write comes out in window order (``[nW, n, C]`` at batch 1:
+  GCViT): its residual adds ``stream + branch`` are found on the trace, each branch a write named by the
+  outermost module whose output it is (``layers.0.blocks.0.mlp``), also when it reaches the add through *row
+  steps* — Swin's pad / roll / window partition, the window reverse, the crop, the roll back
+  (:mod:`._autowindow`: the row map is read numerically by replaying those trace nodes on probes, so the
+  model's own steps define it): heads at proj's input placed by that row map
+  (:class:`~vitdecomp.graph.sources.PartitionHeads`, query rows), a LayerScale after the reverse their γ, a
+  norm after the reverse (SwinV2's res-post-norm) their ``post_norm``, else one write (``Graph.branch(...,
+  rows=)``); values computed from the stream that only reach modules as a later argument (GCViT's global
+  query ``blk(x, q_global)``) are inputs of those writes, not steps on the stream;
 * a ``Conv2d`` on the stream starts a new grid stream (:meth:`Graph.conv`: a patch conv, kernel == stride, is an
-  ``s×s`` merge; any other conv carries the writes forward through its weights);
+  ``s×s`` merge; any other conv carries the writes forward through its weights); timm's 2×2 ``PatchMerging``
+  (pad odd sides, gather ``(dw, dh)``-major — checked on a probe — then norm → reduction or reduction → norm)
+  is :meth:`Graph.merge`;
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
+  a GroupNorm on the stream is refused (its centring averages each group over all positions: it mixes rows, at
+  per-sample, per-group statistics); inside a branch (MetaFormer's norm1 / norm2) it is part of the write;
 * a ``Linear`` on the channels of a channels-last stream is a 1×1 conv into a new stream (its bias
   ``<path>.bias``);
 * an ``AvgPool2d`` that tiles the map is a patch conv of ``1/s²`` taps; any other average pool (padding,
@@ -26,25 +41,26 @@ value's shape. The stream is followed from where the first stage reads it (every
   *shortcut path*: the steps are mixers on the stream and the branch a write on the stream they give (CoAtNet's
   strided MBConv / transformer blocks: 2×2 average pool + 1×1 conv; MViTv2's ``shortcut_proj_attn`` +
   ``shortcut_pool_attn`` max pool; NextViT's conv + BatchNorm ``projection``). A block that is no plain add
-  chain is traced through (its attention's heads split by proj's columns when proj reads the attention product
-  itself, ``reshape(transpose(A·V, 1, 2))`` or CoAtNet's ``view`` of ``[B, H, dh, N]``; otherwise the branch's
-  last module is the write, ``stages.1.blocks.0.attn.proj``); sizes it computes (MViTv2's pooled
-  ``feat_size``) may leave a branch;
+  chain is traced through (as above; an attention's heads split by proj's columns when proj reads the attention
+  product itself, ``reshape(transpose(A·V, 1, 2))`` or CoAtNet's ``view`` of ``[B, H, dh, N]``, read from the
+  attention's own trace, :func:`._shortcut.opened_heads`; MViTv2's, which adds its pooled query after the
+  product, is one write); sizes it computes (MViTv2's pooled ``feat_size``) may leave a branch;
 * ``torch.cat`` of grid streams on one grid along the channels (NextViT: ``cat([x, projection(x) + mhca])``) is
   a new stream whose channel slices the parts are;
 * reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed,
-  and an index that takes every row (``x[:, 0:]`` without prefix tokens);
+  and so is a padding by zero widths at the image size (DaViT's downsample) and an index that takes every row
+  (``x[:, 0:]`` without prefix tokens);
 * the mean over all positions (``x.mean((2, 3))``, ``x.mean(1)``, adaptive average pooling to 1×1) is the pool
   that makes z, then norms, flattens and identities on the pooled row.
 
 Tokens a leaf stem returns (``[B, N, C]``, MViTv2's ``patch_embed``) are placed on the grid of the stem's last
 convolution. Functions timm marks as not traceable (``register_notrace_function``) stay calls in the trace.
 
-Anything else on the stream's path (an activation, a padding, a second reader of the stream not joined by such
-an add: LeViT's attention downsample) is refused with an :class:`~vitdecomp.errors.UnsupportedModelError` naming
-the operation, its module path and source line. Token detail (``tokens="source"``) lives on each stage's own
-grid; it is refused through a convolution that is not a patch convolution and through a recorded map (a max
-pool, a non-tiling average pool).
+Anything else on the stream's path (an activation, a padding by non-zero widths that is no window partition or
+merging, a second reader of the stream not joined by such an add: LeViT's attention downsample) is refused with
+an :class:`~vitdecomp.errors.UnsupportedModelError` naming the operation, its module path and source line. Token
+detail (``tokens="source"``) lives on each stage's own grid; it is refused through a convolution that is not a
+patch convolution and through a recorded map (a max pool, a non-tiling average pool).
 """
 
 from __future__ import annotations
@@ -58,7 +74,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
-from ._shortcut import add_map, add_select, freezable_step, linear_conv, opened_heads, pool_map
+from ._shortcut import add_map, add_select, freezable_step, leaf_heads, linear_conv, opened_heads, pool_map
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -114,6 +130,8 @@ class _StageTracer(torch.fx.Tracer):
 
         if q[len("model."):] in self.members:  # a residual block; any other member of a blocks list
             return q[len("model."):] in self.residual  # (EfficientFormer's Flat) is traced through
+        if _attention_module(m) and any(q[len("model."):].startswith(p + ".") for p in self.members):
+            return True  # an attention inside a member traced through: its output is the write (Swin's attn)
         if supported_norm(m) or _identity(m) or _bn(m) or type(m).__name__ in ("LayerScale", "LayerScale2d"):
             return True
         if _STEM.match(q):
@@ -129,6 +147,13 @@ def _timm_notrace() -> tuple:
     except Exception:  # noqa: BLE001 - no timm (or an older one): nothing to wrap
         return ()
     return tuple(get_notrace_functions())
+
+
+def _attention_module(m) -> bool:
+    """An attention module with ``num_heads`` and an output projection ``proj`` (a leaf inside a member of a
+    blocks list that is traced through: a branch reaching the stream through a window reverse is its output)."""
+    return isinstance(getattr(m, "num_heads", None), int) and \
+        isinstance(getattr(m, "proj", None), (torch.nn.Linear, torch.nn.Conv2d))
 
 
 def _residual(m, path) -> bool:
@@ -160,14 +185,15 @@ def _layout_only(m) -> bool:
                for n in graph.nodes)
 
 
-def _derive(model):
-    """(graph module, graph, stages attribute), traced once (cached by the caller)."""
+def _derive(model, reopen=frozenset()):
+    """(graph module, graph, stages attribute), traced once (cached by the caller). ``reopen``: members traced
+    through although they are add chains (their writes are in window order: the walk reads the window reverse)."""
     from .auto import _Readout
 
     stages = stage_list(model)
     root = _Readout(model)
     members = {f"{p}.{j}": b for p, blocks in stages for j, b in enumerate(blocks)}
-    residual = {p for p, b in members.items() if _residual(b, p)}
+    residual = {p for p, b in members.items() if p not in reopen and _residual(b, p)}
     # a member that is no add chain is traced through, unless it cannot be traced: then it stays a leaf, and the
     # walk refuses it with the derivation's reason
     stuck = {p for p, b in members.items() if p not in residual and not _traceable(b)}
@@ -233,12 +259,16 @@ class _Grid:
         return hit[0] if len(hit) == 1 else prefer if prefer in hit else None
 
 
-def describe_staged(adapter, model, images, tokens):
-    """The contribution graph of a staged timm model (module docstring)."""
+def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
+    """The contribution graph of a staged timm model (module docstring). ``reopen``: residual blocks to trace
+    through instead (set on a second pass when a write of theirs is in window order)."""
     from .auto import _block_writes, _cached, _identity, _proj_of_heads, _split_heads, _where
     from ..engine import supported_norm
+    from ._autowindow import (is_row_step, layer_scale, outer_module, patch_merge, post_norm_heads, record_values,
+                              side_paths, window_branch, zero_pad)
 
-    gm, graph, first_list, residual, opened, stuck = _cached(model, "staged", lambda: _derive(model))
+    gm, graph, first_list, residual, opened, stuck = _cached(model, ("staged", reopen) if reopen else "staged",
+                                                             lambda: _derive(model, reopen))
     # the first stage: the module holding the first blocks list (FocalNet's layers.0), or the list itself
     stage0 = "model." + (first_list[:-len(".blocks")] if first_list.endswith(".blocks") else first_list)
     nodes = list(graph.nodes)
@@ -264,9 +294,39 @@ def describe_staged(adapter, model, images, tokens):
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
     stem_convs = _stem_convs(model, nodes)  # a leaf stem's convolutions: the grid of tokens it returns
     watch.update(stem_convs)
-    shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:])),
+    shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:]), reopen),
                            lambda: _shapes(gm, graph, images, watch))
+    # a block whose write is a tensor of more than one row group at batch 1 (windows: [nW, n, C]) writes in window
+    # order: traced through instead, where the walk reads the steps after that module (its window reverse)
+    windowed = frozenset(p for p, lst in writes.items() for w, _, _ in lst
+                         if (outs.get(f"{p}.{w}") or (1,))[0] != 1) if not reopen else frozenset()
+    if windowed:  # (traceable ones: checked once)
+        windowed = _cached(model, ("windowed", windowed), lambda: frozenset(
+            p for p in windowed if _traceable(model.get_submodule(p))))
+    if windowed and not reopen:
+        return describe_staged(adapter, model, images, tokens, reopen=windowed)
     H, W = images.shape[-2:]
+
+    memo = {}
+
+    def values():  # the forward's sizes at every node, for replaying row steps (one forward, when first needed)
+        if "values" not in memo:
+            memo["values"] = _cached(model, ("values", tuple(images.shape[-2:]), reopen),
+                                     lambda: record_values(gm, images))
+        return memo["values"]
+
+    # row maps, merges, side paths and write names found on this trace: kept per structure and image size
+    wmemo = _cached(model, ("window-memo", tuple(images.shape[-2:]), reopen), dict)
+
+    def memoized(key, make):
+        if key not in wmemo:
+            wmemo[key] = make()
+        return wmemo[key]
+
+    def oracle_writes():  # constants the attribution oracle cannot locate by name (a post-norm's β)
+        if "oracle" not in memo:
+            memo["oracle"] = _cached(model, "oracle-writes", dict)
+        return memo["oracle"]
 
     def refuse(n, why=""):
         raise UnsupportedModelError(f"auto adapter: on the residual stream of {type(model).__name__}, "
@@ -308,12 +368,21 @@ def describe_staged(adapter, model, images, tokens):
               meta={"adapter": adapter.name, "model": arch, "derived": "torch.fx (stages)", "head_tokens": "query"})
     val = {}
     cands = [("nchw", shp[1], shp[2], shp[3]), ("nhwc", shp[3], shp[1], shp[2])]
-    lay0 = "nhwc" if start_tokens else _start_layout(model, nodes, start, shapes, cands)
+    # a grid whose cells tile the image with one patch size (SwinV2's 16×16×96 map of a 64×64 image is NHWC)
+    tiles = [c for c in cands if H % c[2] == 0 and W % c[3] == 0 and H // c[2] == W // c[3]]
+    if len(tiles) == 1 and tiles != cands:
+        cands = tiles
+    elif len(cands) == 2 and \
+            str(getattr(model, "output_fmt", "") or "").upper().endswith("NHWC"):
+        cands = cands[1:]  # C equals a side (16 channels on a 16×16 grid): the model's declared NHWC format (Swin)
+    lay0 = "nhwc" if start_tokens else cands[0][0] if len(cands) == 1 else \
+        _start_layout(model, nodes, start, shapes, cands)
     _, C0, h0, w0 = next(c for c in cands if c[0] == lay0)
     g0 = new_stream(C0, h0, w0, 0)
     g.grid = g0.stream.grid
     val[start] = ("s", g0, "nlc" if start_tokens else lay0)
     skip = set()  # nodes inside a residual branch outside the blocks (a position-encoding conv): not followed
+    sided = set()  # stream values whose side readers were looked for
     embedded = False
     nb = 0
     z = None
@@ -359,11 +428,19 @@ def describe_staged(adapter, model, images, tokens):
                                  nchw=v[2] == "nchw")
                 cur[1].__enter__()
                 nb += 1
-        if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds:
-            found = _residual_add(key, nodes, model, shapes.get("sizes", ()))
-            inner = _common_module(_readers(key)) if found is None else None
+        if v[0] == "s" and len(_readers(key)) > 1 and n not in residual_adds and key not in sided:
+            # readers whose values only feed residual blocks as extra arguments (GCViT's global query): inputs
+            # of those blocks' branches, not the stream's path
+            sided.add(key)
+            skip |= memoized(("side", key), lambda: side_paths(key, nodes))
+            if n in skip:
+                continue
+        readers = [u for u in _readers(key) if u not in skip]
+        if v[0] == "s" and len(readers) > 1 and n not in residual_adds:
+            found = memoized(("radd", key), lambda: _residual_add(key, nodes, model, shapes.get("sizes", ())))
+            inner = _common_module(readers) if found is None else None
             if inner is not None and inner != cur[0]:  # one module reads the stream several times (LeViT)
-                refuse(n, f"is one of {len(_readers(key))} reads of the stream inside module {inner}, which "
+                refuse(n, f"is one of {len(readers)} reads of the stream inside module {inner}, which "
                           f"returns a new stream without adding a branch back to it (an attention without a "
                           f"shortcut, e.g. an attention downsample): a step that is not linear on the stream")
             if found is None:
@@ -381,15 +458,38 @@ def describe_staged(adapter, model, images, tokens):
             bnode, src = residual_adds.pop(n)
             gs = v[1]
             bpath, bmod, onode = _branch_module(model, bnode)
-            if bmod is None:
-                refuse(n, f"adds {_where(bnode, '').replace('module model.', 'module ', 1)} to the stream, which is "
-                          "not a module output")
-            bl = gs.layout(shapes[onode], v[2])
+            if bmod is not None:  # named by the outermost module returning it (``mlp``, not ``mlp.fc2``)
+                bpath, bmod = memoized(("outer", onode, cur[0]),
+                                       lambda: outer_module(model, nodes, onode, bpath, cur[0], _identity))
+            bl = None if bmod is None else gs.layout(shapes[onode], v[2])
+            scaled = bmod is not None and layer_scale(bmod) is not None  # a LayerScale after a window reverse?
+            if bl not in ("nchw", "nhwc", "nlc") or scaled:  # through row steps (a window reverse, a roll, a crop)?
+                if not embedded:
+                    refuse(n, "adds a branch to the stream before the first module reads it")
+                why = window_branch(g, gs, v[2], bnode, model, values(), shapes, rel, memo=wmemo,
+                                    outer=lambda p, m, o: memoized(("outer", o, cur[0]), lambda: outer_module(
+                                        model, nodes, o, p, cur[0], _identity)))
+                if why is None:
+                    lay = gs.layout(shapes[n], v[2])
+                    if lay is None:
+                        refuse(n, f"gives {shapes[n]}, not a layout of the stream")
+                    val[n] = ("s", gs, lay)
+                    continue
             if bl not in ("nchw", "nhwc", "nlc"):
+                if bmod is None:
+                    refuse(n, f"adds {_where(bnode, '').replace('module model.', 'module ', 1)} to the stream, "
+                              f"which is not a module output ({why})")
                 refuse(n, f"adds the output of {bpath} (shape {shapes[onode]}, not a map of the stream in grid "
-                          f"order) to the stream")
+                          f"order) to the stream ({why})")
             if not embedded:
                 refuse(n, "adds a branch to the stream before the first module reads it")
+            if post_norm_heads(g, gs, bpath, bmod, onode, model, values, shapes, rel, oracle_writes(), memo=wmemo,
+                               lay=v[2]):
+                lay = gs.layout(shapes[n], v[2])
+                if lay is None:
+                    refuse(n, f"gives {shapes[n]}, not a layout of the stream")
+                val[n] = ("s", gs, lay)
+                continue
             hd = opened_heads(model, onode, bpath, shapes)  # an attention traced through: heads by proj's columns
             if hd is not None:
                 apath, proj, nh = hd
@@ -410,6 +510,28 @@ def describe_staged(adapter, model, images, tokens):
             continue
         if len(followed) > 1:
             refuse(n, "combines two values of the stream")
+        if v[0] == "s" and zero_pad(n, values):  # F.pad by zero widths at this size (DaViT's downsample)
+            val[n] = v
+            continue
+        if v[0] == "s" and is_row_step(n) and (n.target is torch.nn.functional.pad
+                                               or _relayout(n, v[2], v[1], shapes.get(n)) is None):
+            merged = memoized(("merge", key, v[2]), lambda: patch_merge(key, v[1], v[2], nodes, shapes, values(),
+                                                                        model, supported_norm))
+            if isinstance(merged, str):
+                refuse(n, merged)
+            if merged is not None:  # a 2×2 patch merging (timm's PatchMerging): a new grid stream
+                norm, red, first, last, oshape, _ = merged
+                si = len(streams)
+                ns = new_stream(red.out_features, oshape[1], oshape[2], si)
+                npath = next(p for p, m in model.named_modules() if m is norm)
+                g.merge(v[1].stream, ns.stream, norm=norm, reduction=red, norm_first=first, name=f"{npath}.bias",
+                        stage=si)
+                val[last] = ("s", ns, "nhwc")
+                continue
+            if n.target is torch.nn.functional.pad:
+                refuse(n, "pads the stream with zeros at this image size, and the padded map is no window partition "
+                          "of a branch or 2×2 patch merging (supported: zero widths; a padded convolution needs the "
+                          "padding folded into Graph.conv)")
         if n.op in ("call_method", "call_function") and _name(n) in _LAYOUT:
             shp = shapes.get(n)
             if v[0] == "p":
@@ -461,6 +583,8 @@ def describe_staged(adapter, model, images, tokens):
                         proj = _proj_of_conv_heads(wm) if w_nchw else \
                             wm.proj if _split_heads(wm) else \
                             _proj_of_heads(wm, loose=True) or _proj_of_grouped_heads(wm, gs.h, gs.w)
+                        if proj is None and oshape is not None and leaf_heads(wm, oshape):  # read on its own
+                            proj = wm.proj  # trace at its output's shape (CoAtNet's Attention2d keeps it)
                         if proj is not None:
                             src = (_ConvQueryHeads if w_nchw else _QueryHeads)(proj, wm.num_heads)
                             g.heads(gs.stream, src, proj.weight.flatten(1), proj.bias, gamma=gamma, name=sub)
@@ -489,8 +613,8 @@ def describe_staged(adapter, model, images, tokens):
                                        and mod.running_var is not None):
                 if _bn(mod) and lay != "nchw":
                     refuse(n, "is a BatchNorm2d reading the stream in a layout other than [B, C, H, W]")
-                if type(mod).__name__ == "LayerNorm2d" and lay != "nchw" or \
-                        (isinstance(mod, torch.nn.LayerNorm) and type(mod).__name__ != "LayerNorm2d" and lay == "nchw"):
+                two_d = type(mod).__name__.startswith("LayerNorm2d")  # LayerNorm2d, LayerNorm2dNoBias (MetaFormer)
+                if two_d and lay != "nchw" or (isinstance(mod, torch.nn.LayerNorm) and not two_d and lay == "nchw"):
                     refuse(n, f"normalises an axis other than the channels ({type(mod).__name__} on {lay})")
                 g.norm(gs.stream, mod, name=path, nchw=lay == "nchw")
                 val[n] = v
@@ -523,6 +647,12 @@ def describe_staged(adapter, model, images, tokens):
                 continue
             if type(mod).__name__ == "SelectAdaptivePool2d":
                 refuse(n, "is a pooling module the trace did not open")
+            if isinstance(mod, torch.nn.GroupNorm):
+                refuse(n, f"is a GroupNorm ({mod.num_groups} groups) on the stream: frozen at the forward's "
+                          "per-sample, per-group statistics it is linear, but its centring averages each group over "
+                          "all positions, which mixes rows (each write's own group mean would have to be carried to "
+                          "z, and 1/σ is per sample and channel group, not per row); not supported on the stream "
+                          "(inside a branch, as MetaFormer's norm1 / norm2, it is part of that write)")
             refuse(n, f"({type(mod).__name__}) is not a block, convolution, linear layer, norm or average / max pool")
         if n.op == "call_function" and n.target is operator.getitem and v[0] == "s" and _whole(n.args[1], shapes[key]):
             val[n] = v  # x[:, 0:] with no prefix tokens (MViTv2's head): every row, a no-op
@@ -936,6 +1066,12 @@ def _branch_module(model, node):
         if node.op in ("call_method", "call_function") and _name(node) in _LAYOUT and node.args:
             node = node.args[0]
             continue
+        src = node.args[0] if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 \
+            and node.args[1] == 0 else None
+        if isinstance(src, torch.fx.Node) and src.op == "call_module":  # ``attn(x, size)[0]``: a module returning
+            mod = model.get_submodule(src.target[len("model."):])  # (output, size), MViTv2's attention
+            if not _identity(mod) and not isinstance(mod, torch.nn.Sequential):
+                return src.target[len("model."):], mod, node
         if node.op != "call_module":
             return None, None, None
         mod = model.get_submodule(node.target[len("model."):])
@@ -961,7 +1097,9 @@ def _name(n) -> str:
 
 def _start_layout(model, nodes, start, shapes, cands):
     """NCHW or NHWC for the stream where the first stage reads it: the one whose channel count the first
-    module reading it (through layout steps) expects."""
+    module reading it (through layout steps and identities) expects."""
+    from .auto import _identity
+
     if len({c[1:] for c in cands}) == 1:
         return "nchw"
     cur = start
@@ -970,7 +1108,13 @@ def _start_layout(model, nodes, start, shapes, cands):
             continue
         if n.op == "call_module":
             mod = model.get_submodule(n.target[len("model."):])
+            if _identity(mod):  # a stage's Identity downsample (Swin's first stage)
+                cur = n
+                continue
             ch = getattr(mod, "in_channels", None) or getattr(mod, "num_features", None) or getattr(mod, "dim", None)
+            ns = getattr(mod, "normalized_shape", None)  # a LayerNorm over the channels (Swin's norm1)
+            if ch is None and isinstance(ns, (tuple, list)) and len(ns) == 1:
+                ch = ns[0]
             shp = shapes.get(cur)
             if isinstance(ch, int) and shp is not None and len(shp) == 4:
                 if shp[1] == ch and shp[3] != ch:

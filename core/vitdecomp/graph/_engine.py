@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from .._records import Component
@@ -812,8 +813,18 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
         hooks.pre_kw(op.module, on_entry)
     elif op.kind == "branch":
         g = op.gamma
+        order = None
+        if op.extra.get("rows") is not None:  # partition order: the output row each stream position holds
+            win = op.extra["rows"]
+            inv = np.empty(s.rows, dtype=np.int64)
+            inv[win[win >= 0]] = np.nonzero(win >= 0)[0]
+            order = (win.size, to_device(torch.from_numpy(inv), ri.device))
 
         def on_out(out, copy=op.extra.get("copy", False)):
+            if order is not None:
+                t = out[0] if isinstance(out, tuple) else out
+                out = t.reshape(-1, order[0], t.shape[-1]).index_select(1, order[1])
+                copy = False  # a new tensor already
             v = _take(graph, op, out, s, ri, s.seq_first)
             if g is not None:
                 v = v * g.detach().to(v.dtype)

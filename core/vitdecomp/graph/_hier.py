@@ -79,8 +79,17 @@ def _dev(a: np.ndarray, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- grouped terms
+def _channels_first(x: torch.Tensor) -> bool:
+    """``x`` [B, R, k] is a channels-first map seen as rows (an NCHW tensor's ``flatten(2).transpose(1, 2)``, or a
+    product of one): flattening its rows would copy it, a batched product reads it as transposed matrices."""
+    return x.ndim == 3 and x.shape[0] > 1 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
 def _rows_mm(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``x @ M`` as one 2-D product (a batched ``x`` would make matmul broadcast ``M`` per batch entry)."""
+    """``x @ M`` as one 2-D product (a batched ``x`` would make matmul broadcast ``M`` per batch entry); a
+    channels-first ``x`` as one batched product of its transposed matrices (no copy of ``x``)."""
+    if _channels_first(x):
+        return torch.bmm(x, M.expand(x.shape[0], *M.shape))
     return (x.reshape(-1, x.shape[-1]) @ M).view(*x.shape[:-1], M.shape[-1])
 
 
@@ -190,7 +199,10 @@ class _GTerm:
         if self.G == 1:
             if out is None:
                 return _rows_mm(v, mats[0])
-            out.view(-1, D).addmm_(v.reshape(-1, k), mats[0])
+            if _channels_first(v):
+                out.baddbmm_(v, mats[0].expand(B, k, D))
+            else:
+                out.view(-1, D).addmm_(v.reshape(-1, k), mats[0])
             return out
         first = out is None
         if first:

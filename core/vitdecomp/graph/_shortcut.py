@@ -219,46 +219,113 @@ def _product(n) -> bool:
         or (n.op == "call_method" and n.target == "matmul"))
 
 
-def opened_heads(model, onode, bpath, shapes):
-    """Heads of an attention traced through (a block the derivation opened): ``(attention path, proj, H)``
-    when the branch's module ``bpath`` is the ``proj`` of a module with ``num_heads`` H and the trace shows
-    heads as contiguous channel groups of proj's input, ``o`` the attention product itself — a Linear reading
-    ``reshape(transpose(o, 1, 2))`` with ``o`` ``[B, H, N, dh]``, or a 1×1 conv reading ``view(o)`` ``[B, H·dh, h, w]`` with ``o``
-    ``[B, H, dh, N]``, the product or its transpose (CoAtNet's ``Attention2d``); else None (the branch stays one write)."""
-    parent, _, leaf = bpath.rpartition(".")
-    if leaf != "proj" or not parent:
-        return None
-    att = model.get_submodule(parent)
-    H = getattr(att, "num_heads", None)
-    proj = getattr(att, "proj", None)
-    if not isinstance(H, int) or H < 1 or proj is None:
-        return None
-    inp = _peel_layout(onode.args[0] if onode.args else None, model)
+def _heads_at(pnode, H, proj, shapes, peel):
+    """Whether proj's input at trace node ``pnode`` holds H heads as contiguous channel groups of an attention
+    product (the pattern :func:`opened_heads` describes); ``shapes``: node → shape, ``peel``: through
+    identities and ``contiguous``."""
+    inp = peel(pnode.args[0] if pnode.args else None)
     if not (isinstance(inp, torch.fx.Node) and inp.op == "call_method" and inp.target in ("reshape", "view")):
-        return None
-    si, src = shapes.get(inp), _peel_layout(inp.args[0], model)
+        return False
+    si, src = shapes.get(inp), peel(inp.args[0])
     if isinstance(proj, torch.nn.Linear) and si is not None and len(si) == 3 and si[-1] == proj.in_features:
         if not (isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target in ("transpose", "permute")):
-            return None
-        dims = [d % 4 for d in src.args[1:]] if src.target == "transpose" else None
+            return False
         if src.target == "permute":
-            p = src.args[1] if len(src.args) == 2 else src.args[1:]
-            ok = [d % 4 for d in p] == [0, 2, 1, 3]
+            pm = src.args[1] if len(src.args) == 2 else src.args[1:]
+            ok = [d % 4 for d in pm] == [0, 2, 1, 3]
         else:
-            ok = sorted(dims) == [1, 2]
+            ok = sorted(d % 4 for d in src.args[1:3]) == [1, 2]
         so = shapes.get(src.args[0])
-        if ok and _product(src.args[0]) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[3] == proj.in_features \
-                and so[2] == si[1]:
-            return parent, proj, H
-        return None
+        return bool(ok and _product(src.args[0]) and so is not None and len(so) == 4 and so[1] == H
+                    and so[1] * so[3] == proj.in_features and so[2] == si[1])
     if isinstance(proj, torch.nn.Conv2d) and tuple(proj.kernel_size) == (1, 1) and proj.groups == 1 \
             and si is not None and len(si) == 4 and si[1] == proj.in_channels:
         so = shapes.get(src)
         swapped = isinstance(src, torch.fx.Node) and src.op == "call_method" and src.target == "transpose" and \
             sorted(d % 4 for d in src.args[1:3]) == [2, 3] and _product(src.args[0])  # (A·V)ᵀ: [B, H, dh, N]
-        if (_product(src) or swapped) and so is not None and len(so) == 4 and so[1] == H and so[1] * so[2] == si[1] and so[3] == si[2] * si[3]:
-            return parent, proj, H
-    return None
+        return bool((_product(src) or swapped) and so is not None and len(so) == 4 and so[1] == H
+                    and so[1] * so[2] == si[1] and so[3] == si[2] * si[3])
+    return False
+
+
+def leaf_heads(att, in_shape) -> bool:
+    """Whether attention module ``att`` (``num_heads``, ``proj``) holds its heads as contiguous channel groups of
+    proj's input, read from its own trace on an input of ``in_shape`` (:func:`opened_heads`)."""
+    if not (isinstance(getattr(att, "num_heads", None), int) and isinstance(getattr(att, "proj", None),
+                                                                              (torch.nn.Linear, torch.nn.Conv2d))):
+        return False
+    return _leaf_heads(att, tuple(in_shape))
+
+
+def _leaf_heads(att, in_shape):
+    """:func:`_heads_at` on the attention module's own trace (a leaf of the stage trace), its shapes propagated
+    on a zero input of ``in_shape``; cached per module and shape."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from .auto import _LeafTracer, _cached, _identity
+
+    def derive():
+        import inspect
+
+        params = list(inspect.signature(att.forward).parameters.values())[1:]
+        if any(p.default is inspect.Parameter.empty for p in params if p.kind not in (p.VAR_POSITIONAL,
+                                                                                       p.VAR_KEYWORD)):
+            return False  # a required argument besides the input (MViTv2's feature size): no standalone trace
+        concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        try:
+            graph = _LeafTracer().trace(att, concrete_args=concrete or None)
+            gm = torch.fx.GraphModule(att, graph)
+            w = att.proj.weight
+            with torch.no_grad():
+                ShapeProp(gm).propagate(torch.zeros(in_shape, dtype=w.dtype, device=w.device))
+        except Exception:  # noqa: BLE001 - not traceable on its own: no head split
+            return False
+        shapes = {n: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+                  if hasattr(n.meta.get("tensor_meta"), "shape")}
+
+        def peel(n):
+            while isinstance(n, torch.fx.Node) and ((n.op == "call_method" and n.target == "contiguous") or (
+                    n.op == "call_module" and _identity(att.get_submodule(n.target)))):
+                n = n.args[0]
+            return n
+
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        pnode = peel(out[0] if isinstance(out, (tuple, list)) else out)
+        if not (isinstance(pnode, torch.fx.Node) and pnode.op == "call_module" and pnode.target == "proj"):
+            return False
+        return _heads_at(pnode, att.num_heads, att.proj, shapes, peel)
+
+    return _cached(att, ("leaf-heads", tuple(in_shape)), derive)
+
+
+def opened_heads(model, onode, bpath, shapes):
+    """Heads of an attention inside a block the derivation opened: ``(attention path, proj, H)`` when the
+    attention (a module with ``num_heads`` H and a ``proj``) holds its heads as contiguous channel groups of
+    proj's input, ``o`` the attention product itself — a Linear reading ``reshape(transpose(o, 1, 2))`` with
+    ``o`` ``[B, H, N, dh]``, or a 1×1 conv reading ``view(o)`` ``[B, H·dh, h, w]`` with ``o`` ``[B, H, dh, N]``,
+    the product or its transpose (CoAtNet's ``Attention2d``). The write is the attention itself (a leaf of the
+    stage trace: its own trace is read) or its ``proj`` (traced through: the stage trace is read). Else None
+    (the branch stays one write)."""
+    from .auto import _identity
+
+    mod = model.get_submodule(bpath)
+    if isinstance(getattr(mod, "num_heads", None), int) and isinstance(getattr(mod, "proj", None), torch.nn.Module):
+        parent, att = bpath, mod
+    else:
+        parent, _, leaf = bpath.rpartition(".")
+        att = model.get_submodule(parent) if leaf == "proj" and parent else None
+    H = getattr(att, "num_heads", None)
+    proj = getattr(att, "proj", None)
+    if not isinstance(H, int) or H < 1 or proj is None or not isinstance(onode, torch.fx.Node) or \
+            onode.op != "call_module":
+        return None
+    target = model.get_submodule(onode.target[len("model."):])
+    if target is att:  # the attention is a leaf: its own trace
+        ins = shapes.get(onode.args[0]) if onode.args else None
+        return (parent, proj, H) if ins is not None and _leaf_heads(att, ins) else None
+    if target is not proj:
+        return None
+    return (parent, proj, H) if _heads_at(onode, H, proj, shapes, lambda n: _peel_layout(n, model)) else None
 
 
 # ---------------------------------------------------------------------------------------------- token-stream blocks

@@ -4,8 +4,10 @@ Used as ``adapter="auto"``, and by dispatch when no family adapter claims a mode
 Scope (this version): timm models with a ``blocks`` list of residual blocks on a ``[B, N, D]`` token stream and
 the timm head interface (CLS / mean / attention-pool readouts); z is
 ``model.forward_head(model.forward_features(x), pre_logits=True)``. Staged (hierarchical) models — a list of
-stages with ``blocks`` lists on an image-shaped stream, with convolutions between stages — are derived by
-:mod:`._autostage` (one trace through the stages; the blocks are derived as below).
+stages with ``blocks`` lists on an image-shaped stream, with convolutions or patch mergings between stages — are
+derived by :mod:`._autostage` (one trace through the stages; the blocks are derived as below, and windowed
+attention that reaches the stream through rolls, pads, window partitions / reverses and crops — Swin, SwinV2,
+SwinV2-Cr, DaViT, GCViT — by :mod:`._autowindow`).
 
 How the graph is derived (nothing is executed symbolically beyond tracing; the engine runs the model's own
 forward):
@@ -13,8 +15,9 @@ forward):
 1. **Blocks.** Each ``blocks.i`` is traced with :mod:`torch.fx`, every child module a leaf. Walking back from
    the block's output, every step must be an ``add`` of the stream and a *branch*; anything else on the stream's
    path (a norm after the add, a concatenation, a reshape) is refused, naming the operation, its module path and
-   source line. A branch is peeled down to the module that computes it through identities (eval ``Dropout``,
-   ``DropPath``, ``Identity``) and LayerScale (a ``LayerScale`` module or a multiplication by a parameter, as in
+   source line (the stream may pass an identity module, MetaFormer's Identity ``res_scale``). A branch is peeled
+   down to the module that computes it through identities (eval ``Dropout``, ``DropPath``, ``Identity``) and
+   LayerScale (a ``LayerScale`` module, MetaFormer's ``Scale``, or a multiplication by a parameter, as in
    BEiT's ``gamma_1``), giving a write named by the model's own module path (``blocks.3.mlp``,
    ``blocks.3.attn``). Attention is split into heads (``blocks.3.attn.head.5`` + ``blocks.3.attn.bias``) by its
    output projection when it is timm's fused-qkv ``Attention`` (token detail through :class:`FusedQKV`), or
@@ -182,6 +185,12 @@ def _peel(node, block, prefix, relayout=False):
                 gamma = mod.gamma
                 node = node.args[0]
                 continue
+            scale = getattr(mod, "scale", None)  # MetaFormer's layer scale: x * scale.view(shape)
+            if (type(mod).__name__ == "Scale" and gamma is None and isinstance(scale, torch.Tensor)
+                    and scale.dim() == 1 and not getattr(mod, "inplace", False)):
+                gamma = mod.scale
+                node = node.args[0]
+                continue
             return node.target, mod, gamma, node
         if node.op == "call_function" and node.target in _MUL and gamma is None and len(node.args) == 2:
             a, b = node.args
@@ -253,13 +262,23 @@ def _derive_block_writes(block, prefix: str, relayout: bool = False):
         a, b = cur.args
         chain = lambda n: n is x or (isinstance(n, torch.fx.Node) and n.op in ("call_function", "call_method")  # noqa: E731
                                      and n.target in _ADD + ("add", "add_"))
-        stream, branch = (a, b) if chain(a) else (b, a)
+        # the stream may pass an identity module on its way (MetaFormer's ``res_scale1(x) + ...``, Identity)
+        sa, sb = _through_identities(a, block), _through_identities(b, block)
+        stream, branch = (sa, b) if chain(sa) else (sb, a)
         if not chain(stream):
             raise UnsupportedModelError(f"auto adapter: in {prefix[:-1]} neither operand of {_where(cur, prefix)} "
                                         f"is the residual stream")
         writes.append(_peel(branch, block, prefix, relayout)[:3])
         cur = stream
     return writes[::-1]
+
+
+def _through_identities(n, block):
+    """``n`` peeled through calls of identity modules (eval Dropout, DropPath, Identity) of ``block``."""
+    while isinstance(n, torch.fx.Node) and n.op == "call_module" and n.args and \
+            _identity(block.get_submodule(n.target)):
+        n = n.args[0]
+    return n
 
 
 def _class_block(mod) -> bool:
@@ -559,6 +578,8 @@ class AutoAdapter(GraphAdapter):
         and output biases, and its positional table, which has no bias-like name)."""
         params = dict(model.named_parameters())
         out = {}
+        # constants the staged derivation placed (a post-norm's β in its attention's .bias: SwinV2)
+        out.update({k: list(v) for k, v in _cached(model, "oracle-writes", dict).items()})
         for path, mod in model.named_modules():
             if _attention_pool(mod):
                 names = [f"{path}.{n}" for n in ("kv.bias", "proj.bias", "pos_embed")]
