@@ -209,3 +209,19 @@ def test_nextvit_channel_concatenation_of_the_stream_and_a_projected_branch():
     # the oracle cannot place the spatially reduced attention's source splits: totals only
     res = testing.check_attributions(m, images(torch.float32, 1, size=32), adapter="auto", tokens=False, start=None)
     assert attributions_ok(res), res
+
+
+def test_maxvit_in_auto_follows_the_strided_mbconv_shortcut():
+    # MaxViT's MBConv with stride (2×2 average pool + 1×1 conv shortcut) through the auto adapter (the timm-maxvit
+    # plugin handles MaxViT by dispatch); its block / grid attention reaches the stream through the window walk
+    from timm.models.maxxvit import MaxxVit, model_cfgs
+
+    cfg = dataclasses.replace(model_cfgs["maxvit_rmlp_pico_rw"], depths=(1, 1, 1, 1))
+    m = testing.perturb_parameters(MaxxVit(cfg, img_size=64).eval())
+    f32 = vitdecomp.decompose(m, images(torch.float32), adapter="auto")
+    assert f32.error <= 1e-5
+    assert {"stages.0.blocks.0.conv.conv3_1x1", "stages.1.blocks.0.conv.conv3_1x1",
+            "stages.1.blocks.0.attn_grid.mlp"} <= set(f32.names), f32.names
+    assert vitdecomp.decompose(m.double(), images(), adapter="auto").error <= 1e-10
+    res = testing.check_attributions(m, images(torch.float32, 1), adapter="auto", tokens=False, start=None)
+    assert attributions_ok(res), res
