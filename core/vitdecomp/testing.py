@@ -811,7 +811,9 @@ def attribution_oracle(model, image: torch.Tensor, dec, *, adapter=None, registr
                 tokens[name] = (gp * pos.detach()).sum(-1).T
     if starts:
         c0 = starts[0]
-        inside = {id(p) for p in bmod.parameters()} if first is not None else set()
+        # constants of the first block itself (its parameters, or an eval BatchNorm's running mean inside it:
+        # NextViT's first block starts with a conv + BatchNorm) are not part of the stream entering it
+        inside = {id(p) for p in (*bmod.parameters(), *bmod.buffers())} if first is not None else set()
         before = [c.name for c in comps[: comps.index(first)] if c.kind == "const"
                   and not all(id(p) in inside for p in consts[c.name])] if first is not None else []
         if ("start",) in captured:

@@ -30,15 +30,37 @@ value's shape. The stream is followed from where the first stage reads it (every
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
   a GroupNorm on the stream is refused (its centring averages each group over all positions: it mixes rows, at
   per-sample, per-group statistics); inside a branch (MetaFormer's norm1 / norm2) it is part of the write;
+* a ``Linear`` on the channels of a channels-last stream is a 1×1 conv into a new stream (its bias
+  ``<path>.bias``);
+* an ``AvgPool2d`` that tiles the map is a patch conv of ``1/s²`` taps; any other average pool (padding,
+  overlapping or ragged ceil-mode windows) and a ``MaxPool2d`` — at the forward's own indices, recorded by
+  running the same pool with ``return_indices=True`` on its input, so ties resolve as the forward's did — are
+  fixed maps into a new stream that carry every write forward (:mod:`._shortcut`; exact, no token detail);
+* a residual add whose stream operand is not the stream itself but reached from it through such freezable
+  steps (pools, convolutions, linear layers, norms, layout steps), while the branch also reads the stream, is a
+  *shortcut path*: the steps are mixers on the stream and the branch a write on the stream they give (CoAtNet's
+  strided MBConv / transformer blocks: 2×2 average pool + 1×1 conv; MViTv2's ``shortcut_proj_attn`` +
+  ``shortcut_pool_attn`` max pool; NextViT's conv + BatchNorm ``projection``). A block that is no plain add
+  chain is traced through (as above; an attention's heads split by proj's columns when proj reads the attention
+  product itself, ``reshape(transpose(A·V, 1, 2))`` or CoAtNet's ``view`` of ``[B, H, dh, N]``, read from the
+  attention's own trace, :func:`._shortcut.opened_heads`; MViTv2's, which adds its pooled query after the
+  product, is one write); sizes it computes (MViTv2's pooled ``feat_size``) may leave a branch;
+* ``torch.cat`` of grid streams on one grid along the channels (NextViT: ``cat([x, projection(x) + mhca])``) is
+  a new stream whose channel slices the parts are;
 * reshapes, permutes, flattens and transposes that only change the layout (NCHW / NHWC / tokens) are followed,
-  and so is a padding by zero widths at the image size (DaViT's downsample);
+  and so is a padding by zero widths at the image size (DaViT's downsample) and an index that takes every row
+  (``x[:, 0:]`` without prefix tokens);
 * the mean over all positions (``x.mean((2, 3))``, ``x.mean(1)``, adaptive average pooling to 1×1) is the pool
   that makes z, then norms, flattens and identities on the pooled row.
 
+Tokens a leaf stem returns (``[B, N, C]``, MViTv2's ``patch_embed``) are placed on the grid of the stem's last
+convolution. Functions timm marks as not traceable (``register_notrace_function``) stay calls in the trace.
+
 Anything else on the stream's path (an activation, a padding by non-zero widths that is no window partition or
-merging, a max-pool, a second reader of the stream) is refused with an :class:`~vitdecomp.errors.UnsupportedModelError`
-naming the operation, its module path and source line. Token detail (``tokens="source"``) lives on each stage's
-own grid; it is refused through a convolution that is not a patch convolution.
+merging, a second reader of the stream not joined by such an add: LeViT's attention downsample) is refused with
+an :class:`~vitdecomp.errors.UnsupportedModelError` naming the operation, its module path and source line. Token
+detail (``tokens="source"``) lives on each stage's own grid; it is refused through a convolution that is not a
+patch convolution and through a recorded map (a max pool, a non-tiling average pool).
 """
 
 from __future__ import annotations
@@ -52,6 +74,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
+from ._shortcut import add_map, add_select, freezable_step, leaf_heads, linear_conv, opened_heads, pool_map
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -95,7 +118,8 @@ class _StageTracer(torch.fx.Tracer):
     are traced through; everything else (the stem) is a leaf."""
 
     def __init__(self, members, residual):
-        super().__init__()
+        # functions timm marks as not traceable (MViTv2's relative-position terms) stay calls in the graph
+        super().__init__(autowrap_functions=_timm_notrace())
         self.record_stack_traces = True
         self.members = members  # every member of a blocks list
         self.residual = residual  # those that are residual blocks: leaves (decided before tracing: no nested trace)
@@ -115,6 +139,14 @@ class _StageTracer(torch.fx.Tracer):
         if type(m).__module__.startswith("torch.nn"):
             return not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
         return False
+
+
+def _timm_notrace() -> tuple:
+    try:
+        from timm.layers._fx import get_notrace_functions
+    except Exception:  # noqa: BLE001 - no timm (or an older one): nothing to wrap
+        return ()
+    return tuple(get_notrace_functions())
 
 
 def _attention_module(m) -> bool:
@@ -179,13 +211,19 @@ def _derive(model, reopen=frozenset()):
 
 def _shapes(gm, graph, images, watch):
     """Every node's output shape for one image, and the output shapes of the modules in ``watch``."""
-    shapes, outs = {}, {}
+    sizes = set()  # nodes whose value is a size (ints, tuples of ints): no data of the stream
+    shapes, outs = {"sizes": sizes}, {}
+
+    def is_size(r):
+        return isinstance(r, int) or (isinstance(r, (tuple, list)) and all(is_size(v) for v in r))
 
     class _Run(torch.fx.Interpreter):
         def run_node(self, n):
             r = super().run_node(n)
             if isinstance(r, torch.Tensor):
                 shapes[n] = tuple(r.shape)
+            elif is_size(r):
+                sizes.add(n)
             return r
 
     hooks = [m.register_forward_hook(lambda mod, a, o, p=p: outs.__setitem__(
@@ -242,7 +280,9 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             paths.append(n.target)
         return any(p == stage0 or p.startswith(stage0 + ".") for p in paths)
 
-    first = next((n for n in nodes if in_stage0(n)), None)
+    # the first node of the first stage that reads a value from before it (not a parameter, not a shape)
+    first = next((n for n in nodes if in_stage0(n) and not _meta_use(n) and any(
+        not in_stage0(a) and a.op != "get_attr" for a in n.all_input_nodes)), None)
     if first is None:
         raise UnsupportedModelError(f"auto adapter: the trace of {type(model).__name__} never enters "
                                     f"{stage0[len('model.'):]}")
@@ -252,6 +292,8 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
     blocks = {t: b for t, b in blocks.items() if t[len("model."):] not in stuck}
     writes = {t[len("model."):]: _block_writes(b, t[len("model."):] + ".", relayout=True) for t, b in blocks.items()}
     watch = {f"{p}.{w}": m for p, lst in writes.items() for w, m, _ in lst}
+    stem_convs = _stem_convs(model, nodes)  # a leaf stem's convolutions: the grid of tokens it returns
+    watch.update(stem_convs)
     shapes, outs = _cached(model, ("shapes", tuple(images.shape[-2:]), reopen),
                            lambda: _shapes(gm, graph, images, watch))
     # a block whose write is a tensor of more than one row group at batch 1 (windows: [nW, n, C]) writes in window
@@ -311,6 +353,9 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
         conv = next((n for n in reversed(nodes[:nodes.index(start)]) if n.op == "call_module"
                      and isinstance(model.get_submodule(n.target[6:]), torch.nn.Conv2d)), None)
         cs = shapes.get(conv)
+        if cs is None or not (cs[1] == shp[2] and cs[2] * cs[3] == shp[1]):  # inside a leaf stem (MViTv2)
+            cs = next((outs[p] for p in list(stem_convs)[::-1] if outs.get(p) is not None and len(outs[p]) == 4
+                       and outs[p][1] == shp[2] and outs[p][2] * outs[p][3] == shp[1]), None)
         if cs is not None and cs[1] == shp[2] and cs[2] * cs[3] == shp[1]:
             shp = (shp[0], cs[2], cs[3], shp[2])  # as NHWC: the same memory order as [B, N, C]
             start_tokens = True
@@ -390,11 +435,20 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             skip |= memoized(("side", key), lambda: side_paths(key, nodes))
             if n in skip:
                 continue
-        if v[0] == "s" and len([u for u in _readers(key) if u not in skip]) > 1 and n not in residual_adds:
-            found = memoized(("radd", key), lambda: _residual_add(key, nodes, model))
+        readers = [u for u in _readers(key) if u not in skip]
+        if v[0] == "s" and len(readers) > 1 and n not in residual_adds:
+            found = memoized(("radd", key), lambda: _residual_add(key, nodes, model, shapes.get("sizes", ())))
+            inner = _common_module(readers) if found is None else None
+            if inner is not None and inner != cur[0]:  # one module reads the stream several times (LeViT)
+                refuse(n, f"is one of {len(readers)} reads of the stream inside module {inner}, which "
+                          f"returns a new stream without adding a branch back to it (an attention without a "
+                          f"shortcut, e.g. an attention downsample): a step that is not linear on the stream")
             if found is None:
                 refuse(n, "is a second reader of the stream, not a branch added back to it (only residual adds "
-                          "'stream + module(stream)' are supported outside the blocks)")
+                          "'stream + module(stream)' are supported outside the blocks, the stream operand through "
+                          "layout steps or freezable linear ones: pools, convolutions, linear layers, norms); the "
+                          "stream's readers here are not joined by such an add, so the stream passes through a step "
+                          "that is not linear on it")
             add, branch, inside = found
             residual_adds[add] = (branch, key)
             skip |= inside
@@ -436,13 +490,23 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
                     refuse(n, f"gives {shapes[n]}, not a layout of the stream")
                 val[n] = ("s", gs, lay)
                 continue
-            # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in place
-            g.branch(gs.stream, bmod, name=rel(bpath), kind="attn" if "attn" in bpath.rsplit(".", 1)[-1] else "mlp",
-                     nchw=bl == "nchw", copy=True)
+            hd = opened_heads(model, onode, bpath, shapes)  # an attention traced through: heads by proj's columns
+            if hd is not None:
+                apath, proj, nh = hd
+                src = (_ConvQueryHeads if bl == "nchw" else _QueryHeads)(proj, nh)
+                g.heads(gs.stream, src, proj.weight.flatten(1), proj.bias, name=rel(apath))
+            else:
+                # copied when captured: fx traces ``x += s`` as an add, and the forward may add into the output in
+                # place
+                g.branch(gs.stream, bmod, name=rel(bpath),
+                         kind="attn" if "attn" in bpath.rsplit(".", 1)[-1] else "mlp", nchw=bl == "nchw", copy=True)
             lay = gs.layout(shapes[n], bl)
             if lay is None:
                 refuse(n, f"gives {shapes[n]}, not a layout of the stream")
             val[n] = ("s", gs, lay)
+            continue
+        if n.op == "call_function" and n.target is torch.cat and len(followed) > 1:  # channels side by side
+            val[n] = _channel_cat(n, val, g, new_stream, streams, refuse)
             continue
         if len(followed) > 1:
             refuse(n, "combines two values of the stream")
@@ -519,6 +583,8 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
                         proj = _proj_of_conv_heads(wm) if w_nchw else \
                             wm.proj if _split_heads(wm) else \
                             _proj_of_heads(wm, loose=True) or _proj_of_grouped_heads(wm, gs.h, gs.w)
+                        if proj is None and oshape is not None and leaf_heads(wm, oshape):  # read on its own
+                            proj = wm.proj  # trace at its output's shape (CoAtNet's Attention2d keeps it)
                         if proj is not None:
                             src = (_ConvQueryHeads if w_nchw else _QueryHeads)(proj, wm.num_heads)
                             g.heads(gs.stream, src, proj.weight.flatten(1), proj.bias, gamma=gamma, name=sub)
@@ -553,12 +619,28 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
                 g.norm(gs.stream, mod, name=path, nchw=lay == "nchw")
                 val[n] = v
                 continue
-            if isinstance(mod, torch.nn.AvgPool2d) and lay == "nchw":  # a patch pool: a patch conv of 1/s² taps
+            if isinstance(mod, torch.nn.AvgPool2d) and lay == "nchw" and _patch_pool(mod, shapes[key]):
+                # a patch pool: a patch conv of 1/s² taps
                 conv = _pool_conv(mod, gs.C, shapes[key], n, refuse).to(images.device, images.dtype)
                 shp = shapes[n]
                 ns = new_stream(shp[1], shp[2], shp[3], len(streams))
                 g.conv(gs.stream, ns.stream, conv, name=path, stage=len(streams) - 1)
                 val[n] = ("s", ns, "nchw")
+                continue
+            if isinstance(mod, (torch.nn.AvgPool2d, torch.nn.MaxPool2d)) and lay == "nchw":
+                # any other average pool, a max pool at the forward's indices: a fixed map carried forward
+                shp = shapes[n]
+                if isinstance(mod, torch.nn.MaxPool2d) and mod.return_indices:
+                    refuse(n, "is a max pool returning its indices (the stream would be a tuple)")
+                ns = new_stream(shp[1], shp[2], shp[3], len(streams))
+                add_map(g, gs.stream, ns.stream, pool_map(mod, (gs.h, gs.w)), channels=shp[1], name=path,
+                        stage=len(streams) - 1)
+                val[n] = ("s", ns, "nchw")
+                continue
+            if isinstance(mod, torch.nn.Linear) and lay in ("nlc", "nhwc"):  # a linear layer on the channels:
+                ns = new_stream(mod.out_features, gs.h, gs.w, len(streams))  # a 1×1 conv into a new stream
+                g.conv(gs.stream, ns.stream, linear_conv(mod), name=f"{path}.bias", stage=len(streams) - 1)
+                val[n] = ("s", ns, lay)
                 continue
             if isinstance(mod, (torch.nn.AdaptiveAvgPool2d,)) and lay == "nchw" and _pair1(mod.output_size):
                 val[n] = ("p", g.pool(gs.stream, range(gs.stream.rows), [1.0 / gs.stream.rows] * gs.stream.rows))
@@ -571,7 +653,10 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
                           "all positions, which mixes rows (each write's own group mean would have to be carried to "
                           "z, and 1/σ is per sample and channel group, not per row); not supported on the stream "
                           "(inside a branch, as MetaFormer's norm1 / norm2, it is part of that write)")
-            refuse(n, f"({type(mod).__name__}) is not a block, convolution, norm or average pool")
+            refuse(n, f"({type(mod).__name__}) is not a block, convolution, linear layer, norm or average / max pool")
+        if n.op == "call_function" and n.target is operator.getitem and v[0] == "s" and _whole(n.args[1], shapes[key]):
+            val[n] = v  # x[:, 0:] with no prefix tokens (MViTv2's head): every row, a no-op
+            continue
         if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
             if v[0] != "s":
                 refuse(n, "averages a pooled row")
@@ -606,6 +691,11 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
     if nb == 0:
         raise UnsupportedModelError(f"auto adapter: the stream of {type(model).__name__} passes through no block")
     g.output(z)
+    mapped = next((op for op in g.ops if op.kind == "merge" and op.extra.get("map") is not None), None)
+    if tokens and mapped is not None:
+        raise UnsupportedModelError(f"auto adapter: token detail (tokens='source') through {mapped.name} of "
+                                    f"{type(model).__name__} ({type(mapped.extra['map'].module).__name__}, carried "
+                                    "forward as a fixed map) is not supported; decompose without token detail")
     if tokens and any(op.kind == "merge" and op.extra.get("conv") is not None and not op.extra["patch"]
                       for op in g.ops):
         bad = next(op.name[:-len(".bias")] for op in g.ops if op.kind == "merge" and op.extra.get("conv") is not None
@@ -810,6 +900,65 @@ def _pool_conv(mod, C, shape, n, refuse):
     return conv
 
 
+def _channel_cat(n, val, g, new_stream, streams, refuse):
+    """``torch.cat([a, b, ...], dim=channels)`` of values of grid streams on one grid in one layout: a new stream
+    whose channel slices are the parts (:func:`._shortcut.add_select`)."""
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    vals = [val.get(p) if isinstance(p, torch.fx.Node) else None for p in (parts or ())]
+    if not vals or any(v is None or v[0] != "s" for v in vals):
+        refuse(n, "concatenates the stream with a value that is not on it")
+    lays = {v[2] for v in vals}
+    grids = {(v[1].h, v[1].w) for v in vals}
+    lay = next(iter(lays))
+    nd = 4 if lay in ("nchw", "nhwc") else 3
+    cdim = {"nchw": 1, "nhwc": 3, "nlc": 2, "ncl": 1}[lay]
+    if len(lays) != 1 or len(grids) != 1 or not isinstance(dim, int) or dim % nd != cdim:
+        refuse(n, f"concatenates values of the stream along dim {dim!r} (layouts {sorted(lays)}, grids "
+                  f"{sorted(grids)}; supported: the channel axis of one layout on one grid)")
+    total = sum(v[1].C for v in vals)
+    h, w = next(iter(grids))
+    ns = new_stream(total, h, w, len(streams))
+    off = 0
+    for i, v in enumerate(vals):
+        add_select(g, v[1].stream, ns.stream, off, v[1].C, total, name=f"{n.name}.{i}")
+        off += v[1].C
+    return ("s", ns, lay)
+
+
+def _whole(idx, shape) -> bool:
+    """An index that takes every element: slices ``[:]`` / ``[0:]`` / ``[:n]`` of the whole axis, or ``...``."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if len(idx) > len(shape):
+        return False
+    for i, d in zip(idx, shape):
+        if not (isinstance(i, slice) and i.step in (None, 1) and (i.start or 0) == 0
+                and (i.stop is None or (isinstance(i.stop, int) and i.stop >= d))):
+            return False
+    return True
+
+
+def _patch_pool(mod, shape) -> bool:
+    """An ``AvgPool2d`` that tiles the map it reads: kernel == stride, no padding, no override, whole tiles."""
+    k = _pair(mod.kernel_size)
+    st = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+    return k == st and _pair(mod.padding) == (0, 0) and getattr(mod, "divisor_override", None) is None and \
+        not (shape[2] % k[0] or shape[3] % k[1])
+
+
+def _stem_convs(model, nodes):
+    """``{path: Conv2d}`` inside the leaf stem modules the trace calls (whose output shapes place the tokens a
+    stem returns on a grid)."""
+    out = {}
+    for n in nodes:
+        if n.op == "call_module" and _STEM.match(n.target):
+            path = n.target[len("model."):]
+            for sub, m in model.get_submodule(path).named_modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    out[f"{path}.{sub}" if sub else path] = m
+    return out
+
+
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -834,6 +983,31 @@ def _member(n, opened):
     return None
 
 
+def _paths(n):
+    """The module paths (without ``model.``) node ``n`` runs in, outermost first."""
+    out = []
+    for k, v in (n.meta.get("nn_module_stack") or {}).items():
+        p = v[0] if isinstance(v, tuple) and v and isinstance(v[0], str) else k if isinstance(k, str) else None
+        if p:
+            out.append(p[len("model."):] if p.startswith("model.") else p)
+    if n.op == "call_module":
+        out.append(n.target[len("model."):])
+    return out
+
+
+def _common_module(readers):
+    """The innermost module every reader runs in (below the stages and blocks lists), or None."""
+    if len(readers) < 2:
+        return None
+    common = None
+    for r in readers:
+        ps = set(_paths(r))
+        common = ps if common is None else common & ps
+    deep = [p for p in (common or ()) if re.search(r"\.(downsample|blocks\.\d+)\.", p + ".")
+            and not re.fullmatch(r".*blocks\.\d+", p)]
+    return max(deep, key=len) if deep else None
+
+
 def _meta_use(n) -> bool:
     return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
 
@@ -842,10 +1016,11 @@ def _readers(n):
     return [u for u in n.users if not _meta_use(u)]
 
 
-def _residual_add(key, nodes, model):
+def _residual_add(key, nodes, model, sizes=()):
     """``(add node, branch node, nodes computing the branch)`` for ``s' + b`` where ``s'`` is ``key`` through
-    layout steps only and ``b`` is computed from ``key`` (a residual outside the blocks: Twins' position conv,
-    ``x = proj(x) + x``), or None."""
+    layout steps (or else through freezable linear steps: :func:`._shortcut.freezable_step`) and ``b`` is computed
+    from ``key`` (a residual outside the blocks: Twins' position conv, ``x = proj(x) + x``; a pooled shortcut),
+    or None. ``sizes``: nodes whose values are sizes, which may be read outside the branch."""
     from .auto import _identity
 
     at = nodes.index(key)
@@ -857,13 +1032,17 @@ def _residual_add(key, nodes, model):
         if nd not in desc or not (nd.op == "call_function" and nd.target in (operator.add, operator.iadd, torch.add)) \
                 or len(nd.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in nd.args):
             continue
-        for sa, ba in (nd.args, nd.args[::-1]):
+        # the stream operand through layout steps and identities (ConvNeXt's ``shortcut``) first, so that Twins'
+        # ``proj(x) + x`` stays a branch on the stream; else through freezable linear steps (CoAtNet's pool +
+        # 1×1 conv shortcut: mixers on the stream, see _shortcut) with a branch that is not the stream itself
+        for sa, ba, loose in (*nd.args, False), (*nd.args[::-1], False), (*nd.args, True), (*nd.args[::-1], True):
             chain, cur = [], sa
             while cur is not key and ((cur.op in ("call_method", "call_function") and _name(cur) in _LAYOUT)
-                                      or (cur.op == "call_module" and _identity(model.get_submodule(cur.target[6:])))):
-                chain.append(cur)  # layout steps and identities (ConvNeXt's ``shortcut``)
+                                      or (cur.op == "call_module" and (freezable_step if loose else _identity)(
+                                          model.get_submodule(cur.target[6:])))):
+                chain.append(cur)
                 cur = cur.args[0]
-            if cur is key and ba in desc:
+            if cur is key and ba in desc and not (loose and (ba is key or ba in chain)):
                 inside, todo = set(), [ba]
                 while todo:
                     x = todo.pop()
@@ -871,8 +1050,9 @@ def _residual_add(key, nodes, model):
                         continue
                     inside.add(x)
                     todo.extend(x.all_input_nodes)
-                if any(u not in inside and u is not nd for x in inside for u in _readers(x)):
-                    return None  # the branch's values are read elsewhere too
+                if any(u not in inside and u is not nd and u not in sizes for x in inside if x not in sizes
+                       for u in _readers(x)):
+                    return None  # the branch's values are read elsewhere too (sizes it computes may leave it)
                 return nd, ba, inside
     return None
 
@@ -886,6 +1066,12 @@ def _branch_module(model, node):
         if node.op in ("call_method", "call_function") and _name(node) in _LAYOUT and node.args:
             node = node.args[0]
             continue
+        src = node.args[0] if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 \
+            and node.args[1] == 0 else None
+        if isinstance(src, torch.fx.Node) and src.op == "call_module":  # ``attn(x, size)[0]``: a module returning
+            mod = model.get_submodule(src.target[len("model."):])  # (output, size), MViTv2's attention
+            if not _identity(mod) and not isinstance(mod, torch.nn.Sequential):
+                return src.target[len("model."):], mod, node
         if node.op != "call_module":
             return None, None, None
         mod = model.get_submodule(node.target[len("model."):])

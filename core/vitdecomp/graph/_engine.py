@@ -493,14 +493,27 @@ def _spread_back(graph, ops, fine: Stream, coarse: Stream, detail: TokenDetail, 
     earlier grid stream ``fine``, placed on the leaf's grid through the merges between them."""
     import numpy as np
 
-    down = {id(op.extra["src"]): (op.stream, op.extra["geometry"][0]) for op in ops
-            if op.kind == "merge" and op.extra.get("geometry") is not None}
-    p, cur = np.arange(fine.rows), fine
-    while cur is not coarse:
-        if id(cur) not in down:
-            raise GraphError(f"pack {graph.pack!r}: stream {coarse.name!r} is not merged from {fine.name!r}; a "
-                             "constant's share cannot be placed on its leaf's grid")
-        cur, parent = down[id(cur)]
+    down = {}  # a stream may feed several (a channel concatenation reads it beside a conv of it: NextViT)
+    for op in ops:
+        if op.kind == "merge" and op.extra.get("geometry") is not None:
+            down.setdefault(id(op.extra["src"]), []).append((op.stream, op.extra["geometry"][0]))
+
+    def route(cur, seen):  # the parent maps along one chain of merges from cur to coarse, or None
+        if cur is coarse:
+            return []
+        for nxt, parent in down.get(id(cur), ()):
+            if id(nxt) not in seen:
+                rest = route(nxt, seen | {id(nxt)})
+                if rest is not None:
+                    return [parent] + rest
+        return None
+
+    chain = route(fine, {id(fine)})
+    if chain is None:
+        raise GraphError(f"pack {graph.pack!r}: stream {coarse.name!r} is not merged from {fine.name!r}; a "
+                         "constant's share cannot be placed on its leaf's grid")
+    p = np.arange(fine.rows)
+    for parent in chain:
         p = np.where(p >= 0, parent[np.maximum(p, 0)], -1)  # −1: a position the merge never reads (Graph.conv)
     read = p >= 0
     counts = np.bincount(p[read], minlength=coarse.rows)
@@ -522,7 +535,15 @@ def _grid_op(op, rec, terms, emitted, tokens, device, dtype, share=None):
 
     s = op.stream
     if op.kind == "merge":
-        if op.extra.get("conv") is not None:
+        if op.extra.get("map") is not None:  # a fixed linear map recorded in the forward (see _shortcut)
+            from . import _shortcut
+
+            entry, new = _shortcut.backward(op, rec, terms[id(s)], device, dtype, tokens)
+        elif op.extra.get("select") is not None:  # a channel slice of a concatenation (see _shortcut)
+            from . import _shortcut
+
+            entry, new = _shortcut.select_backward(op, rec, terms[id(s)], device, dtype, tokens)
+        elif op.extra.get("conv") is not None:
             from . import _conv
 
             entry, new = _conv.conv(op, rec, terms[id(s)], device, dtype, tokens)
@@ -735,6 +756,7 @@ def _check_fired(graph, op, rec, tokens):
         missing = missing or (op.extra.get("post") is not None and rec.post is None)
     elif op.kind == "merge":
         missing = rec.val is None and not is_identity(op.extra["norm"])
+        missing = missing or (op.extra.get("map") is not None and not op.extra["map"].fired(rec))
     elif op.kind == "apool":
         missing = rec.q is None or rec.k is None
     else:
@@ -831,6 +853,8 @@ def _install(graph, hooks, op, rec, i, rows, idx, op_state, tokens, static_w, re
 
         if op.extra["norm"] is not None:
             hooks.pre(op.extra["norm"], on_merge_norm)
+        if op.extra.get("map") is not None:  # records what the map needs from the forward (max-pool indices)
+            op.extra["map"].install(hooks, rec)
     elif op.kind in ("norm", "nres"):
         at = op.extra["at"]
         sel = index_tensor([at + r for r in rows[k]], ri.device)

@@ -29,8 +29,18 @@ forward):
    per head) splits the same way, each head's token detail at its own tokens
    (:class:`~vitdecomp.graph.sources.TokenwiseHeads`; listed in ``meta["channel_heads"]``). Any other attention
    module is one block-level write.
+   **Pooling blocks.** A block whose last add's stream operand is the block's input through a norm, a ``Linear``
+   and ``x.view(B, s, -1, C).amax(dim=1)`` (Hiera's stage transition ``x = do_pool(proj(norm1(x)))``, then
+   ``x + attn(norm1(x))``) puts those steps on the stream (:mod:`._shortcut`): the norm frozen
+   (``blocks.1.norm1.bias``), the Linear as a 1×1 conv into a new stream (``blocks.1.proj.bias``), the max as a
+   fixed map at the forward's maxima (ties split evenly, as ``amax``'s gradient does; tied values are equal, so
+   exact) into a stream of ``N / s`` rows; the model's streams are then grid streams on its token grid (Hiera:
+   ``tokens_spatial_shape``), and token detail is refused (the rows are in Hiera's unrolled order and the max is
+   carried forward as a map). An attention counting its heads in ``heads`` (Hiera) splits like one with
+   ``num_heads``.
 2. **Readout.** ``forward_head(forward_features(x), pre_logits=True)`` is traced with every module a leaf, and
-   the steps after the last block are followed: norms (frozen at the forward's statistics), identities, and
+   the steps after the last block are followed (timm's channels-last ``ClNormMlpClassifierHead``, Hiera's, is
+   traced through): norms (frozen at the forward's statistics), identities, and
    linear combinations of rows — ``x[:, i]``, the mean of ``x[:, a:b]`` over tokens, sums and scalar multiples
    of those (distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``) — which become one pool; and timm's
    ``AttentionPoolLatent`` (MAP heads), which becomes :meth:`Graph.attention_pool` over the rows it reads, its
@@ -117,8 +127,17 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _trace(root: torch.nn.Module, fn_module: torch.nn.Module, what: str, concrete: Optional[dict] = None):
-    tracer = _LeafTracer()
+class _HeadTracer(_LeafTracer):
+    """As :class:`_LeafTracer`, but timm's channels-last pooling head (``ClNormMlpClassifierHead``: pool over the
+    token axis, norm, ``pre_logits``, Hiera's head) is traced through, so its steps are followed one by one."""
+
+    def is_leaf_module(self, m, qualname):
+        return not (qualname == "model.head" and type(m).__name__ == "ClNormMlpClassifierHead")
+
+
+def _trace(root: torch.nn.Module, fn_module: torch.nn.Module, what: str, concrete: Optional[dict] = None,
+           tracer=None):
+    tracer = tracer or _LeafTracer()
     try:
         graph = tracer.trace(fn_module, concrete_args=concrete)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is a refusal naming it
@@ -393,10 +412,17 @@ def _proj_of_heads(mod, loose: bool = False):
     them. None if the trace does not show exactly that (the module is then one block-level write). ``loose``
     (staged models): required arguments besides the input (a feature size) are traced as placeholders, or else
     as ``(2, 2)`` — only the structure of the output end is read; exactness is checked on the forward."""
-    H = getattr(mod, "num_heads", None)
+    H = _num_heads(mod)
     if not isinstance(H, int) or not isinstance(getattr(mod, "proj", None), torch.nn.Linear):
         return None
     return _proj_after(mod, ("transpose", (1, 2)), loose, ("heads", loose))
+
+
+def _num_heads(mod):
+    """The head count of an attention module: ``num_heads``, or ``heads`` (Hiera's ``MaskUnitAttention``)."""
+    H = getattr(mod, "num_heads", None)
+    H = getattr(mod, "heads", None) if H is None else H
+    return H if isinstance(H, int) and not isinstance(H, bool) else None
 
 
 def _proj_of_channel_heads(mod):
@@ -615,7 +641,8 @@ class AutoAdapter(GraphAdapter):
         distilled DeiT's ``(x[:, 0] + x[:, 1]) / 2``), which become a pool; norms of the pooled row after it."""
         from ..engine import supported_norm
 
-        graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head"))
+        graph = _cached(model, "readout", lambda: _trace(model, _Readout(model), "forward_features/forward_head",
+                                                         tracer=_HeadTracer()))
         nb = len(model.blocks)
         last = None
         for n in graph.nodes:
@@ -894,12 +921,29 @@ class AutoAdapter(GraphAdapter):
             if isinstance(getattr(model, "default_cfg", None), dict) else type(model).__name__
         g = Graph(self.name, run=lambda im: self.representation(model, im), grid=grid,
                   meta={"adapter": self.name, "model": arch, "derived": "torch.fx"})
-        x = g.stream("tokens", N)
+        from ._shortcut import enter_transition, token_grid, transitions
+
+        trans = transitions(model)  # blocks whose stream passes through freezable steps (Hiera's pooling)
+        if trans:
+            first = min(trans)
+            if tokens:
+                raise UnsupportedModelError(
+                    f"auto adapter: token detail (tokens='source') through blocks.{first} of {type(model).__name__}, "
+                    "whose stream is pooled by a max over groups of rows (carried forward as a fixed map), is not "
+                    "supported; decompose without token detail")
+            grid = token_grid(model, images, N, grid)
+            if grid.num_prefix or grid.h * grid.w != N:
+                raise UnsupportedModelError(
+                    f"auto adapter: blocks.{first} of {type(model).__name__} pools the stream, whose {N} rows are not "
+                    f"the {grid.h}×{grid.w} patch grid without prefix tokens; the derivation needs that grid")
+        x = g.stream("tokens", N, grid=grid if trans else None)
         g.embed(x, model.blocks[0])
         for i, blk in enumerate(model.blocks):
             prefix = f"blocks.{i}."
-            writes = _block_writes(blk, prefix)
+            writes = trans[i].writes if i in trans else _block_writes(blk, prefix)
             with g.block(i, f"blocks.{i}", x, entry=blk):
+                if i in trans:
+                    x = enter_transition(g, x, blk, f"blocks.{i}", trans[i])
                 for path, mod, gamma in writes:
                     proj = None if _split_heads(mod) else _proj_of_heads(mod)
                     cproj = None if _split_heads(mod) or proj is not None else _proj_of_channel_heads(mod)
@@ -912,12 +956,12 @@ class AutoAdapter(GraphAdapter):
                         g.heads(x, ProjInput(mod.proj, mod.num_heads, att), mod.proj.weight, mod.proj.bias,
                                 gamma=gamma, name=path)
                     elif proj is not None:  # heads split by proj's columns; token detail recorded as it runs
-                        g.heads(x, ProjInput(proj, mod.num_heads, TracedAttention(mod)), proj.weight, proj.bias,
+                        g.heads(x, ProjInput(proj, _num_heads(mod), TracedAttention(mod)), proj.weight, proj.bias,
                                 gamma=gamma, name=path)
                     else:
                         kind = "attn" if "attn" in path else "mlp"
                         g.branch(x, mod, name=path, kind=kind, gamma=gamma)
-        z = self._tail(model, g, x, N)
+        z = self._tail(model, g, x, x.rows)  # the rows of the last stream (fewer after a pooling block)
         if "class_rows" in g.meta:  # a class stream joined after the blocks: the grid has its rows first
             g.grid = self._grid(model, images, N + g.meta.pop("class_rows"))
         g.output(z)
