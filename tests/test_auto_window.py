@@ -135,12 +135,49 @@ def test_metaformer_poolformer_auto_exact_groupnorm_inside_branches():
     testing.check_attributions(m, x[:1], adapter="auto", tokens=False)
 
 
-def test_groupnorm_on_the_stream_is_refused_by_name():
+@pytest.mark.parametrize("groups", [1, 4])
+def test_groupnorm_on_the_stream_is_exact(groups):
+    """A GroupNorm on the stream (here before a downsampling conv; 1 and 4 groups, perturbed γ and β) is frozen
+    at the forward's per-image, per-group statistics and carried forward: every write is centred by its own group
+    mean over all positions, β is the constant ``<path>.bias``; exact, and each component equals the attribution
+    oracle's; token detail is refused by name."""
     m = _poolformer()
-    m.stages[1].downsample.norm = torch.nn.GroupNorm(1, 24).eval()
-    with pytest.raises(UnsupportedModelError, match=r"stages\.1\.downsample\.norm.*GroupNorm \(1 groups\) on the "
-                                                    r"stream.*mixes rows"):
+    gn = torch.nn.GroupNorm(groups, 24).eval()
+    with torch.no_grad():
+        gn.weight.copy_(1 + 0.3 * torch.randn(24))
+        gn.bias.copy_(0.5 * torch.randn(24))
+    m.stages[1].downsample.norm = gn
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    dec = vitdecomp.decompose(m, x, adapter="auto")
+    assert float(dec.error) <= 1e-5
+    assert "stages.1.downsample.norm.bias" in dec.names
+    i = dec.names.index("stages.1.downsample.norm.bias")
+    assert dec.components[i].kind == "const"
+    assert float(dec.contributions[:, i].norm()) > 1e-3  # β reaches z
+    m64, x64 = m.double(), x.double()
+    dec64 = vitdecomp.decompose(m64, x64, adapter="auto")
+    assert float(dec64.error) <= 1e-10
+    testing.check_attributions(m64, x64[:1], adapter="auto", tokens=False)
+    with pytest.raises(UnsupportedModelError, match=r"stages\.1\.downsample\.norm.*GroupNorm"):
+        vitdecomp.decompose(m64, x64, adapter="auto", tokens="source")
+
+
+def test_groupnorm_on_a_channels_last_stream_is_refused_by_name():
+    m = _poolformer()
+    # a GroupNorm on the channels-last stream [B, H, W, C] (16 × 16 × 24 here) takes H as its channel axis
+    m.stages[1].downsample.norm = torch.nn.Sequential(_ToNHWC(), torch.nn.GroupNorm(1, 16), _ToNCHW()).eval()
+    with pytest.raises(UnsupportedModelError, match=r"GroupNorm reading the stream in a layout other than"):
         vitdecomp.decompose(m, torch.randn(1, 3, 64, 64), adapter="auto")
+
+
+class _ToNHWC(torch.nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+class _ToNCHW(torch.nn.Module):
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
 
 
 def test_davit_window_heads_and_channel_attention():

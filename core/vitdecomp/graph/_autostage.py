@@ -28,8 +28,10 @@ value's shape. The stream is followed from where the first stage reads it (every
   (pad odd sides, gather ``(dw, dh)``-major — checked on a probe — then norm → reduction or reduction → norm)
   is :meth:`Graph.merge`;
 * a norm (LayerNorm / LayerNorm2d / RMSNorm at the forward's statistics, eval BatchNorm2d) is frozen on the stream;
-  a GroupNorm on the stream is refused (its centring averages each group over all positions: it mixes rows, at
-  per-sample, per-group statistics); inside a branch (MetaFormer's norm1 / norm2) it is part of the write;
+  a GroupNorm on an NCHW stream is frozen at the forward's per-image, per-group ``1/σ`` — its centring averages
+  each group over all positions, which mixes rows, so it is a fixed map into a new stream that carries every
+  write forward (each write centred by its own group mean; β the constant ``<path>.bias``; exact, no token
+  detail); inside a branch (MetaFormer's norm1 / norm2) it is part of the write;
 * a ``Linear`` on the channels of a channels-last stream is a 1×1 conv into a new stream (its bias
   ``<path>.bias``);
 * an ``AvgPool2d`` that tiles the map is a patch conv of ``1/s²`` taps; any other average pool (padding,
@@ -74,7 +76,8 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
-from ._shortcut import add_map, add_select, freezable_step, leaf_heads, linear_conv, opened_heads, pool_map
+from ._shortcut import (GroupNormMap, add_map, add_select, freezable_step, leaf_heads, linear_conv, opened_heads,
+                        pool_map)
 
 _LAYOUT = ("reshape", "view", "permute", "flatten", "transpose", "contiguous", "unflatten", "squeeze", "unsqueeze")
 
@@ -648,11 +651,18 @@ def describe_staged(adapter, model, images, tokens, reopen=frozenset()):
             if type(mod).__name__ == "SelectAdaptivePool2d":
                 refuse(n, "is a pooling module the trace did not open")
             if isinstance(mod, torch.nn.GroupNorm):
-                refuse(n, f"is a GroupNorm ({mod.num_groups} groups) on the stream: frozen at the forward's "
-                          "per-sample, per-group statistics it is linear, but its centring averages each group over "
-                          "all positions, which mixes rows (each write's own group mean would have to be carried to "
-                          "z, and 1/σ is per sample and channel group, not per row); not supported on the stream "
-                          "(inside a branch, as MetaFormer's norm1 / norm2, it is part of that write)")
+                # frozen at the forward's per-image, per-group statistics: linear, but its centring averages each
+                # group over all positions (it mixes rows), so it is a fixed map carried forward; β a constant
+                if lay != "nchw" or len(shapes[key]) != 4:
+                    refuse(n, f"is a GroupNorm reading the stream in a layout other than [B, C, H, W] ({lay})")
+                ns = new_stream(gs.C, gs.h, gs.w, len(streams))
+                add_map(g, gs.stream, ns.stream, GroupNormMap(mod), channels=gs.C, name=path,
+                        stage=len(streams) - 1)
+                if mod.bias is not None:
+                    beta = mod.bias.detach().reshape(1, 1, -1).expand(1, gs.h * gs.w, gs.C)
+                    g.param(ns.stream, beta, name=f"{path}.bias", kind="const")
+                val[n] = ("s", ns, "nchw")
+                continue
             refuse(n, f"({type(mod).__name__}) is not a block, convolution, linear layer, norm or average / max pool")
         if n.op == "call_function" and n.target is operator.getitem and v[0] == "s" and _whole(n.args[1], shapes[key]):
             val[n] = v  # x[:, 0:] with no prefix tokens (MViTv2's head): every row, a no-op

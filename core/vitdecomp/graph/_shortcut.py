@@ -16,7 +16,9 @@ stream they give (CoAtNet's strided MBConv: ``x = shortcut(x) + conv_branch(x)``
   values are identical) and writes are gathered at them. :class:`AvgPoolMap`: an average pool that does not
   tile the map (its own pooling applied to every write). :class:`GroupMaxMap`: Hiera's
   ``x.view(B, s, -1, C).amax(dim=1)``, at the maxima of the pooled module's output, ties split evenly as
-  ``amax``'s gradient does (tied values are equal, so any split is exact).
+  ``amax``'s gradient does (tied values are equal, so any split is exact). :class:`GroupNormMap`: a
+  ``GroupNorm`` on the stream at the forward's per-image, per-group ``1/σ``, each write centred by its own group
+  mean over all positions (β is a constant write of the stream it gives).
 * :func:`linear_conv`: a ``Linear`` on the channels as the equivalent 1×1 conv (a one-slot patch convolution).
 * :func:`add_select`: ``torch.cat`` of grid streams along the channels, each part a channel selection of the
   new stream, read backwards as one shared matrix (token detail kept).
@@ -175,6 +177,41 @@ class AvgPoolMap(MaxPoolMap):
             y = F.avg_pool2d(P.reshape(B * k, h, w, C).permute(0, 3, 1, 2), m.kernel_size, m.stride, m.padding,
                              m.ceil_mode, m.count_include_pad, m.divisor_override)
             return y.flatten(2).transpose(1, 2).reshape(B, k, -1, C)
+
+        return fn
+
+
+class GroupNormMap(MaxPoolMap):
+    """A ``GroupNorm`` on a grid stream read as ``[B, C, H, W]``, frozen at the forward's statistics: a hook
+    records ``1/σ`` per image and channel group from the module's input; its forward action on a write
+    ``[B, k, H·W, C]`` is ``γ ⊙ (u − mean_g(u)) / σ_g`` — each write centred by its own mean over the group's
+    channels and *all* positions (which is why it is carried forward: it mixes rows). Its β is a constant of
+    the stream it writes (added by the caller)."""
+
+    def install(self, hooks, rec):
+        m = self.module
+
+        def on_in(x):
+            B, C = x.shape[:2]
+            xg = x.detach().to(torch.float64).reshape(B, m.num_groups, -1)
+            rec.map_inv = torch.rsqrt(xg.var(-1, unbiased=False) + m.eps)  # [B, G]
+
+        hooks.pre(m, on_in)
+
+    def fired(self, rec) -> bool:
+        return getattr(rec, "map_inv", None) is not None
+
+    def forward_fn(self, rec):
+        m = self.module
+        inv = rec.map_inv
+
+        def fn(P):  # [B, k, R, C] -> [B, k, R, C]
+            B, k, R, C = P.shape
+            G = m.num_groups
+            u = P.reshape(B, k, R, G, C // G)
+            u = (u - u.mean((2, 4), keepdim=True)) * inv.to(P.dtype)[:, None, None, :, None]
+            u = u.reshape(B, k, R, C)
+            return u if m.weight is None else u * m.weight.detach().to(P.dtype)
 
         return fn
 
