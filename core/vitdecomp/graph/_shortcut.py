@@ -343,7 +343,6 @@ def opened_heads(model, onode, bpath, shapes):
     the product or its transpose (CoAtNet's ``Attention2d``). The write is the attention itself (a leaf of the
     stage trace: its own trace is read) or its ``proj`` (traced through: the stage trace is read). Else None
     (the branch stays one write)."""
-    from .auto import _identity
 
     mod = model.get_submodule(bpath)
     if isinstance(getattr(mod, "num_heads", None), int) and isinstance(getattr(mod, "proj", None), torch.nn.Module):
