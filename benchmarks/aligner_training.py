@@ -390,7 +390,7 @@ def bcd_blocks(path, blocks=2):
     cache = vitdecomp.ExtractionCache.open(path)
     data = _Data.of(cache)
     t = torch.nn.functional.normalize(data.targets.float(), dim=-1)
-    N, C, D, d = data.N, data.C, data.D, t.shape[1]
+    N, C, d = data.N, data.C, t.shape[1]
     g = torch.Generator().manual_seed(0)
     train = torch.ones(N, dtype=torch.bool)
     train[torch.randperm(N, generator=g)[: round(0.1 * N)]] = False

@@ -133,7 +133,7 @@ def test_atlas_heatmaps_match_token_heatmap(built, world):
     from vitdecomp.heatmap import token_heatmap
 
     res, info = built
-    run, enc, pool = world["run"], world["enc"], world["pool"]
+    run, enc = world["run"], world["enc"]
     with_maps = [c for c in info["components"] if c["heatmaps"]]
     assert len(with_maps) == 4
     c = with_maps[0]

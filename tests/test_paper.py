@@ -112,7 +112,7 @@ def test_start_and_branch_level(family, photo_batch):
             if mode == "explicit":
                 parts.append(hd[f"blocks.{i}.attn.bias"])
             torch.testing.assert_close(sum(parts), br[f"blocks.{i}.attn"], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(hd[f"blocks.2.mlp"], br["blocks.2.mlp"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(hd["blocks.2.mlp"], br["blocks.2.mlp"], rtol=1e-12, atol=1e-14)
 
 
 def test_token_detail(photo_batch):

@@ -26,7 +26,7 @@ import torch
 from vitdecomp import hookimpl
 from vitdecomp.errors import UnsupportedModelError
 
-from ._common import HFAdapter, Layout, _pair, hf_class
+from ._common import HFAdapter, Layout, _pair
 
 __all__ = ["HFViTMAEAdapter"]
 
