@@ -80,6 +80,7 @@ TIMM = [
     ("swinv2", "swinv2_tiny_window8_256", ({"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)},) + SMALL[2:]),
     ("swinv2_cr", "swinv2_cr_tiny_224", ({"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)},) + SMALL[2:]),
     ("maxxvit", "maxvit_rmlp_pico_rw_256", ({"img_size": 64},) + SMALL[2:]),
+    ("maxxvit", "coatnet_nano_rw_224", ({"img_size": 64},) + SMALL[2:]),
     ("vision_transformer_hybrid", "vit_tiny_r_s16_p8_224", ({"img_size": 64, "depth": 2},) + SMALL),
     ("vitamin", "vitamin_small_224", ({"img_size": 64, "depth": 2},) + SMALL),
 ]

@@ -136,11 +136,16 @@ def test_bad_inputs_and_head(model):
 
 def test_unsupported_coatnet():
     torch.manual_seed(0)
-    m = timm.create_model("coatnet_pico_rw_224", img_size=64, embed_dim=(16, 24, 32, 40), depths=(1, 1, 1, 1),
+    m = timm.create_model("coatnet_pico_rw_224", img_size=64, embed_dim=(16, 32, 32, 64), depths=(1, 1, 1, 1),
                           stem_width=(8, 16), num_classes=5).eval()
-    assert vitdecomp.find_adapter(m).name == "timm-maxvit"
+    # the family adapter declines it (naming the parts) and dispatch falls back to the auto adapter
+    choice = vitdecomp.choose_adapter(m)
+    assert choice.adapter.name == "auto" and choice.how == "fallback"
+    said = {name: why for name, _, ok, why in choice.claims}
+    assert "CoAtNet" in said["timm-maxvit"] and "declined" in said["timm-maxvit"]
+    assert vitdecomp.decompose(m, torch.randn(1, 3, 64, 64)).error <= 1e-5
     with pytest.raises(UnsupportedModelError, match="CoAtNet"):
-        vitdecomp.decompose(m, torch.randn(1, 3, 64, 64))
+        vitdecomp.decompose(m, torch.randn(1, 3, 64, 64), adapter="timm-maxvit")
 
 
 # ------------------------------------------------------------------------------------------------ brute force

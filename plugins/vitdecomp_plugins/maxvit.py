@@ -51,9 +51,11 @@ a level-l component keeps its level-l positions; the share of a position is what
 over the final grid (for rw heads that is exactly where it is added). The heads' split by the position they
 *read* from is in ``dec.meta["source_tokens"][name]`` (same grid; see :func:`source_map`).
 
-Not supported (``UnsupportedModelError``): CoAtNet-style configs (``coatnet_*``, stages of 'C' MBConv or 'T'
-transformer blocks), MaxxViT (ConvNeXt conv blocks, ``maxxvit_*``), parallel blocks (``maxvit_tiny_pm_*``), NCHW
-attention (``transformer_use_nchw_attn=True``), non-``avg2`` shortcut pooling, and pooling other than ``avg``.
+Declined (``supports`` is False, so dispatch falls back to the ``auto`` adapter, which decomposes CoAtNet
+exactly; ``adapter="timm-maxvit"`` raises ``UnsupportedModelError`` naming the parts): CoAtNet-style configs
+(``coatnet_*``, stages of 'C' MBConv or 'T' transformer blocks), MaxxViT (ConvNeXt conv blocks, ``maxxvit_*``),
+parallel blocks (``maxvit_tiny_pm_*``), NCHW attention (``transformer_use_nchw_attn=True``), non-``avg2`` shortcut
+pooling, and pooling other than ``avg``.
 """
 
 from __future__ import annotations
@@ -163,13 +165,16 @@ class MaxViTAdapter(GraphAdapter):
         self.readout_mode = readout
 
     def supports(self, model) -> bool:
-        return _is_maxxvit(model)
+        # a MaxxVit with stages this adapter cannot follow (CoAtNet, MaxxViT-ConvNeXt) is declined, so dispatch
+        # falls back to the auto adapter (CoAtNet is exact there); adapter="timm-maxvit" still names the parts
+        return _is_maxxvit(model) and not _problems(model)
 
     def explain(self, model) -> str:
         if not _is_maxxvit(model):
             return "not a timm MaxxVit"
         probs = _problems(model)
-        return "timm MaxxVit" + (f" with unsupported parts: {probs}" if probs else "")
+        return "timm MaxxVit" + (f" with unsupported parts (declined, left to the auto adapter): {probs}"
+                                 if probs else "")
 
     # ---------------------------------------------------------------- input checks
     def validate(self, model, images):
