@@ -29,7 +29,7 @@ from .._records import Component
 from ..engine import freeze_norm
 from ._hier import GroupedRows, _const, _dev, _GTerm, _rows_mm, _tiled, gterms
 
-__all__ = ["patch_geometry", "is_patch_conv"]
+__all__ = ["patch_geometry", "is_patch_conv", "MapTerm"]
 
 
 def is_patch_conv(conv) -> bool:
@@ -85,17 +85,19 @@ class _SlotTerm(_GTerm):
         return self._Ms
 
 
-class _ConvTerm(_GTerm):
-    """The stream a general convolution reads: every row its own group (weights one); the queued writes' maps are
-    convolved forward (no bias) and pooled by ``chain[1]``, the new stream's term."""
+class MapTerm(_GTerm):
+    """The stream a fixed linear map ``fn`` reads, every row its own group (weights one): the queued writes'
+    maps ``[B, k, R, C]`` are sent forward through ``fn`` (``[B, k, R, C] → [B, k, R', C']``, without any
+    constant) and pooled by ``chain[1]``, the term of the stream the map writes. ``what``: the map, for the
+    refusal of token detail."""
 
-    __slots__ = ("conv", "hw")
+    __slots__ = ("fn", "what")
 
-    def __init__(self, B, R, device, dtype, conv, hw, up):
+    def __init__(self, B, R, device, dtype, fn, up, what):
         group = torch.arange(R, device=device)
         super().__init__(torch.ones(B, R, device=device, dtype=dtype), group, np.arange(R, dtype=np.int64), R,
                          chain=(None, up))
-        self.conv, self.hw = conv, hw
+        self.fn, self.what = fn, what
 
     def pool(self, u: torch.Tensor) -> torch.Tensor:
         return u  # every row is its own group, weight one
@@ -105,21 +107,16 @@ class _ConvTerm(_GTerm):
             return
         P = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]  # [B, k, R, C]
         self.pending = []
-        B, k, R, C = P.shape
-        h, w = self.hw
-        c = self.conv
-        x = P.reshape(B * k, h, w, C).permute(0, 3, 1, 2)
-        y = F.conv2d(x, c.weight.detach().to(P.dtype), None, c.stride, c.padding, c.dilation, c.groups)
-        y = y.reshape(B, k, y.shape[1], -1).permute(0, 3, 1, 2)  # [B, R', k, C']
+        y = self.fn(P)  # [B, k, R', C']
         up = self.chain[1]
-        self.base = up.defer(up.pool(y).transpose(1, 2))
+        self.base = up.defer(up.pool(y.transpose(1, 2)).transpose(1, 2))
 
     @property
     def Ms(self):
         from ..errors import UnsupportedModelError
 
-        raise UnsupportedModelError("token detail through an overlapping (or padded, grouped) convolution between "
-                                    "stages is not supported; use tokens=None for this model")
+        raise UnsupportedModelError(f"token detail through {self.what} (carried forward as a fixed map) is not "
+                                    "supported; use tokens=None for this model")
 
 
 def conv(op, rec, terms_dst, device, dtype, tokens):
@@ -136,7 +133,17 @@ def conv(op, rec, terms_dst, device, dtype, tokens):
         entry = (Component(op.name, "const", **x.get("cargs", {})), total, GroupedRows(parts) if tokens else None)
     B = terms[0].w.shape[0]
     if not x["patch"]:
-        return entry, [_ConvTerm(B, src.rows, device, dtype, c, (src.grid.h, src.grid.w), t) for t in terms]
+        h, w = src.grid.h, src.grid.w
+        weight = c.weight.detach().to(dtype)
+
+        def fn(P):  # [B, k, R, C] -> [B, k, R', C']: the convolution without its bias
+            B, k, R, C = P.shape
+            y = F.conv2d(P.reshape(B * k, h, w, C).permute(0, 3, 1, 2), weight, None, c.stride, c.padding,
+                         c.dilation, c.groups)
+            return y.reshape(B, k, y.shape[1], -1).transpose(2, 3)
+
+        what = f"{op.name} (an overlapping, padded or grouped convolution)"
+        return entry, [MapTerm(B, src.rows, device, dtype, fn, t, what) for t in terms]
     sh, sw = c.stride
     S = sh * sw
     W = c.weight.detach().to(dtype)  # [C', C, sh, sw]

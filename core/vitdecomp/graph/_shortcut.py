@@ -9,7 +9,7 @@ stream they give (CoAtNet's strided MBConv: ``x = shortcut(x) + conv_branch(x)``
 
 * **Recorded maps** (:func:`add_map`, read backwards by :func:`backward`): a step whose forward action on a
   write is a fixed linear map once the forward ran. Every write of the stream it reads is carried *forward*
-  through it (:class:`MapTerm`, modelled on :class:`._conv._ConvTerm`: every row its own group, the queued
+  through it (:class:`._conv.MapTerm`, as a general convolution is: every row its own group, the queued
   write maps sent through the map, then pooled by the next stream's terms). Exact; no token detail.
   :class:`MaxPoolMap`: a ``MaxPool2d`` at the forward's indices — a hook runs the same pool with
   ``return_indices=True`` on the module's input (the same kernel, so ties resolve as the forward's did and the
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._hier import _GTerm
+from ._conv import MapTerm
 
 __all__ = ["freezable_step", "MapTerm", "maxpool_indices"]
 
@@ -55,40 +55,6 @@ def freezable_step(mod) -> bool:
     return (_identity(mod) or supported_norm(mod) or _bn_fixed(mod)
             or isinstance(mod, (torch.nn.AvgPool2d, torch.nn.MaxPool2d, torch.nn.Conv2d,
                                 torch.nn.Linear)))
-
-
-class MapTerm(_GTerm):
-    """The stream a fixed linear map ``fn`` reads, every row its own group (weights one): the queued writes'
-    maps ``[B, k, R, C]`` are sent forward through ``fn`` (``[B, k, R, C] → [B, k, R', C']``, without any
-    constant) and pooled by ``chain[1]``, the term of the stream the map writes. ``what``: the map, for the
-    refusal of token detail."""
-
-    __slots__ = ("fn", "what")
-
-    def __init__(self, B, R, device, dtype, fn, up, what):
-        group = torch.arange(R, device=device)
-        super().__init__(torch.ones(B, R, device=device, dtype=dtype), group, np.arange(R, dtype=np.int64), R,
-                         chain=(None, up))
-        self.fn, self.what = fn, what
-
-    def pool(self, u: torch.Tensor) -> torch.Tensor:
-        return u  # every row is its own group, weight one
-
-    def finish(self) -> None:
-        if not self.pending:
-            return
-        P = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]  # [B, k, R, C]
-        self.pending = []
-        y = self.fn(P)  # [B, k, R', C']
-        up = self.chain[1]
-        self.base = up.defer(up.pool(y.transpose(1, 2)).transpose(1, 2))
-
-    @property
-    def Ms(self):
-        from ..errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"token detail through {self.what} (carried forward as a fixed map) is not "
-                                    "supported; use tokens=None for this model")
 
 
 def maxpool_indices(mod, x):
