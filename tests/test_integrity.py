@@ -309,6 +309,7 @@ def test_corrupt_image_is_named_or_skipped_and_recorded(tmp_path, vit):
 _CHILD = r"""
 import sys, time, torch, timm
 sys.path[:0] = {paths!r}
+torch.set_num_threads({threads})  # the parent's: another thread count may round the products differently
 from vitdecomp.extraction import extract
 from torchvision import transforms as T
 
@@ -339,7 +340,7 @@ class _Same(torch.utils.data.Dataset):
 def test_sigkill_then_resume_gives_the_uninterrupted_cache(tmp_path):
     out = tmp_path / "c"
     paths = [p for p in sys.path if p]
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(paths=paths, out=str(out))],
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(paths=paths, out=str(out), threads=torch.get_num_threads())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     try:
