@@ -76,6 +76,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import UnsupportedModelError
 from . import Graph, ProjInput
+from ._autowindow import meta_use as _meta_use
 from ._shortcut import (GroupNormMap, add_map, add_select, freezable_step, leaf_heads, linear_conv, opened_heads,
                         pool_map)
 
@@ -1016,10 +1017,6 @@ def _common_module(readers):
     deep = [p for p in (common or ()) if re.search(r"\.(downsample|blocks\.\d+)\.", p + ".")
             and not re.fullmatch(r".*blocks\.\d+", p)]
     return max(deep, key=len) if deep else None
-
-
-def _meta_use(n) -> bool:
-    return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
 
 
 def _readers(n):

@@ -36,6 +36,12 @@ _ROW_FUNCTIONS = (torch.roll, F.pad, operator.getitem, torch.narrow, torch.resha
                   torch.flatten)
 
 
+def meta_use(n) -> bool:
+    """A node that reads a value's metadata only (``x.shape`` / ``x.dtype`` via ``getattr``, ``x.size()``,
+    ``x.dim()``), not its data."""
+    return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
+
+
 def _library_function(fn) -> bool:
     """A function of the model's library on the trace (an fx leaf such as timm's ``window_reverse``): allowed as
     a row step only if the probes show it is one."""
@@ -240,8 +246,7 @@ def forward_chain(start, nodes, values):
     the first node that is not one: ``(chain, that node)``."""
     chain, cur = [], start
     while True:
-        users = [u for u in cur.users if not (u.op == "call_function" and u.target is getattr)
-                 and not (u.op == "call_method" and u.target in ("size", "dim"))]
+        users = [u for u in cur.users if not meta_use(u)]
         if len(users) != 1:
             return chain, None
         u = users[0]
@@ -428,9 +433,7 @@ def outer_module(model, nodes, onode, path, member, identity):
             return any(p == anc or p.startswith(anc + ".") for p in _scope(n))
 
         scope = [n for n in nodes if inside(n)]
-        outs = [n for n in scope if any(not inside(u) and not (u.op == "call_function" and u.target is getattr)
-                                        and not (u.op == "call_method" and u.target in ("size", "dim"))
-                                        for u in n.users)]
+        outs = [n for n in scope if any(not inside(u) and not meta_use(u) for u in n.users)]
         if len(outs) != 1:
             continue
         x = outs[0]
@@ -466,14 +469,12 @@ def side_paths(key, nodes, block_targets=None):
     A write is its module's output whatever that module reads, so such a side path is no step on the stream's
     path (the decomposition freezes it like attention weights); a module that takes it and is on the stream's
     path is still met by the walk, which refuses what it cannot follow. Empty when no reader is one."""
-    meta = (lambda u: (u.op == "call_function" and u.target is getattr)  # noqa: E731
-            or (u.op == "call_method" and u.target in ("size", "dim")))
     at = {n: i for i, n in enumerate(nodes)}
     out = set()
-    for r in sorted((u for u in key.users if not meta(u)), key=at.get):
+    for r in sorted((u for u in key.users if not meta_use(u)), key=at.get):
         seen, ok = {r}, True
         for x in nodes[at[r] + 1:]:
-            if meta(x) or not any(a in seen for a in x.all_input_nodes):
+            if meta_use(x) or not any(a in seen for a in x.all_input_nodes):
                 continue
             if x.op == "output":
                 ok = False

@@ -183,9 +183,7 @@ def norm(op, rec, terms, device, dtype, tokens, paper=False):
         if mod.bias is not None:
             b = b + mod.bias.detach().to(dtype)
         total, parts = _const(tl, b)
-        new = [_GTerm(t.w, t.group, t.host, t.G, chain=(A, t), shared=True) for t in tl]
-        for nt, t in zip(new, tl):
-            nt._order = t._order
+        new = [t.through(A) for t in tl]
         return (total, GroupedRows(parts) if tokens else None), new
     fn = freeze_norm(mod, rec.val)
     inv = fn.inv_scale.reshape(rec.val.shape[0], -1)
@@ -202,9 +200,5 @@ def norm(op, rec, terms, device, dtype, tokens, paper=False):
         A = A - 1.0 / D
     if fn.weight is not None:
         A = A * fn.weight
-    new = []
-    for t in tl:
-        nt = _GTerm(t.w * inv, t.group, t.host, t.G, chain=(A, t), shared=True)
-        nt._order = t._order
-        new.append(nt)
+    new = [t.through(A, t.w * inv) for t in tl]
     return (None if total is None else (total, GroupedRows(parts) if tokens else None)), new

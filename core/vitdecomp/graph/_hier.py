@@ -129,6 +129,14 @@ class _GTerm:
         self.pending, self.count, self.base, self.out = [], 0, None, None
         self._block = None  # (key, [G, k, D]): the last block's heads' matrices, shared by its heads
 
+    def through(self, A: torch.Tensor, w: Optional[torch.Tensor] = None) -> "_GTerm":
+        """This term seen one step earlier through a matrix ``A`` shared by every group (a norm's linear part, a
+        channel selection): same rows, groups and layout, ``Ms' = A @ Ms``; ``w``: new row weights (default
+        the same)."""
+        nt = _GTerm(self.w if w is None else w, self.group, self.host, self.G, chain=(A, self), shared=True)
+        nt._order = self._order
+        return nt
+
     def block_mats(self, key, pre: torch.Tensor) -> torch.Tensor:
         """``pre @ Ms[g]`` for every group (``pre`` [k, C], e.g. a block's output projection for all heads)."""
         if self._block is None or self._block[0] != key:

@@ -66,12 +66,24 @@ def maxpool_indices(mod, x):
     return idx
 
 
-class MaxPoolMap:
-    """A ``MaxPool2d`` on a grid stream read as ``[B, C, H, W]``: a hook records the forward's indices; its forward
-    action on a write ``[B, k, H·W, C]`` is the gather ``y[b, k, r', c] = u[b, k, idx[b, c, r'], c]``."""
+class _RecordedMap:
+    """A fixed linear map of ``module``'s (see :func:`add_map`): ``install`` hooks what it needs from the forward
+    onto ``rec`` (nothing by default), ``fired`` says it did, ``forward_fn(rec)`` is its action on a write's map
+    ``[B, k, R, C]``."""
 
     def __init__(self, module):
         self.module = module
+
+    def install(self, hooks, rec):
+        pass
+
+    def fired(self, rec) -> bool:
+        return True
+
+
+class MaxPoolMap(_RecordedMap):
+    """A ``MaxPool2d`` on a grid stream read as ``[B, C, H, W]``: a hook records the forward's indices; its forward
+    action on a write ``[B, k, H·W, C]`` is the gather ``y[b, k, r', c] = u[b, k, idx[b, c, r'], c]``."""
 
     def install(self, hooks, rec):
         def on_in(x):
@@ -95,8 +107,8 @@ class MaxPoolMap:
 
 def add_map(g, src, dst, mapping, *, channels: int, name: str, stage=None) -> None:
     """A fixed linear map from grid stream ``src`` into grid stream ``dst``, recorded in the forward
-    (``mapping``: :class:`MaxPoolMap`; ``channels``: the width of ``dst``); without a constant. The writes of ``src`` are carried forward through
-    it (exact; no token detail)."""
+    (``mapping``: a :class:`_RecordedMap`; ``channels``: the width of ``dst``); without a constant. The writes
+    of ``src`` are carried forward through it (exact; no token detail)."""
     from . import GraphError, _Op
 
     if src.grid is None or dst.grid is None:
@@ -120,20 +132,13 @@ def backward(op, rec, terms_dst, device, dtype, tokens):
     return None, [MapTerm(B, src.rows, device, dtype, fn, t, what) for t in terms]
 
 
-
-class AvgPoolMap(MaxPoolMap):
+class AvgPoolMap(_RecordedMap):
     """An ``AvgPool2d`` that is no patch pool (padding, overlapping or ceil-mode windows; the divisor depends on
     the position only): its own pooling applied to every write's map."""
 
     def __init__(self, module, hw):
         super().__init__(module)
         self.hw = hw
-
-    def install(self, hooks, rec):
-        pass
-
-    def fired(self, rec) -> bool:
-        return True
 
     def forward_fn(self, rec):
         m, (h, w) = self.module, self.hw
@@ -147,7 +152,7 @@ class AvgPoolMap(MaxPoolMap):
         return fn
 
 
-class GroupNormMap(MaxPoolMap):
+class GroupNormMap(_RecordedMap):
     """A ``GroupNorm`` on a grid stream read as ``[B, C, H, W]``, frozen at the forward's statistics: a hook
     records ``1/σ`` per image and channel group from the module's input; its forward action on a write
     ``[B, k, H·W, C]`` is ``γ ⊙ (u − mean_g(u)) / σ_g`` — each write centred by its own mean over the group's
@@ -158,8 +163,7 @@ class GroupNormMap(MaxPoolMap):
         m = self.module
 
         def on_in(x):
-            B, C = x.shape[:2]
-            xg = x.detach().to(torch.float64).reshape(B, m.num_groups, -1)
+            xg = x.detach().to(torch.float64).reshape(x.shape[0], m.num_groups, -1)
             rec.map_inv = torch.rsqrt(xg.var(-1, unbiased=False) + m.eps)  # [B, G]
 
         hooks.pre(m, on_in)
@@ -331,14 +335,15 @@ def opened_heads(model, onode, bpath, shapes):
 
 
 # ---------------------------------------------------------------------------------------------- token-stream blocks
-class GroupMaxMap:
+class GroupMaxMap(_RecordedMap):
     """``x.view(B, s, -1, C).amax(dim=1)`` on a ``[B, N, C]`` stream (Hiera's max-pool over its unrolled mask
     units), frozen at the forward: the output row ``r'`` and channel ``c`` take the input rows ``j·N/s + r'``
     that attain the maximum, split evenly among ties (as ``amax``'s own gradient does; tied values are equal, so
     every split is exact). ``module``: the module whose output is the pooled value (its hook records the maxima)."""
 
     def __init__(self, module, s):
-        self.module, self.s = module, int(s)
+        super().__init__(module)
+        self.s = int(s)
 
     def install(self, hooks, rec):
         s = self.s
@@ -535,15 +540,10 @@ def add_select(g, src, dst, offset: int, width: int, total: int, *, name: str) -
 
 def select_backward(op, rec, terms_dst, device, dtype, tokens):
     """:func:`add_select` read backwards. Returns ``(None, terms of the source stream)``."""
-    from ._hier import _GTerm, gterms
+    from ._hier import gterms
 
     off, width, total = op.extra["select"]
     terms = gterms(terms_dst, op.stream, device, total)
     E = torch.zeros(width, total, device=device, dtype=dtype)
     E[:, off:off + width] = torch.eye(width, device=device, dtype=dtype)
-    new = []
-    for t in terms:
-        nt = _GTerm(t.w, t.group, t.host, t.G, chain=(E, t), shared=True)
-        nt._order = t._order
-        new.append(nt)
-    return None, new
+    return None, [t.through(E) for t in terms]

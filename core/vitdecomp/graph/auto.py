@@ -74,6 +74,7 @@ import torch
 from .._records import TokenGrid
 from ..errors import InputError, UnsupportedModelError
 from . import FusedQKV, Graph, GraphAdapter, ProjInput, TokenwiseHeads, TracedAttention, execute
+from ._autowindow import layer_scale
 
 __all__ = ["AutoAdapter"]
 
@@ -180,15 +181,9 @@ def _peel(node, block, prefix, relayout=False):
             if _identity(mod):
                 node = node.args[0]
                 continue
-            if (type(mod).__name__ in ("LayerScale", "LayerScale2d") and gamma is None
-                    and not getattr(mod, "inplace", False)):
-                gamma = mod.gamma
-                node = node.args[0]
-                continue
-            scale = getattr(mod, "scale", None)  # MetaFormer's layer scale: x * scale.view(shape)
-            if (type(mod).__name__ == "Scale" and gamma is None and isinstance(scale, torch.Tensor)
-                    and scale.dim() == 1 and not getattr(mod, "inplace", False)):
-                gamma = mod.scale
+            ls = layer_scale(mod)  # LayerScale(2d), MetaFormer's Scale: x * vector
+            if ls is not None and gamma is None:
+                gamma = ls
                 node = node.args[0]
                 continue
             return node.target, mod, gamma, node
