@@ -1,4 +1,5 @@
-"""CompAlign training: joint L-BFGS (``method="joint"``), block-coordinate sweeps (``"bcd"``) and Adam (``"adam"``).
+"""CompAlign training: the dual fit (``method="dual"``), joint L-BFGS (``"joint"``), block-coordinate sweeps
+(``"bcd"``) and Adam (``"adam"``).
 
 Data: planted targets written as a real extraction cache (float16 shards, exactly what :func:`vitdecomp.extract`
 writes), so ``fit_aligner`` streams it as it would a real one. Component i contributes c_i(x) = s_i·g + o_i
@@ -10,17 +11,19 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
 
     # a cache (≈ N·C·D·2 bytes) under /tmp, then fits on it; delete it afterwards
     python benchmarks/aligner_training.py write /tmp/planted --n 10000 --c 150 --dim 768 --target-dim 768
+    python benchmarks/aligner_training.py fit /tmp/planted --method dual --threads 2 --json dual.json
+    python benchmarks/aligner_training.py fit /tmp/planted --method adam --threads 2 --json adam.json  # hours
     python benchmarks/aligner_training.py fit /tmp/planted --method joint --threads 2 --max-epochs 25 --json j.json
     python benchmarks/aligner_training.py adam-steps /tmp/planted --steps 3   # Adam's per-step time, extrapolated
     python benchmarks/aligner_training.py bcd-blocks /tmp/planted --blocks 2  # bcd's per-block time, extrapolated
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768   # the same on random data
     python benchmarks/aligner_training.py block-times --dim 384 --target-dim 768 --adam   # Adam's step there
-    python benchmarks/aligner_training.py compare --n 10000 --c 150 --dim 96 --methods joint adam bcd  # to their stops
+    python benchmarks/aligner_training.py compare --n 10000 --c 150 --dim 96 --methods dual joint adam bcd  # to their stops
     # in memory, one thread: plain bcd, bcd with a proximal schedule κ_k = 16·0.7^(k−1), and Adam on the same data
     python benchmarks/aligner_training.py schedules --n 300 --c 16 --dim 48 --runs joint adam bcd prox:16,0.7
     # n_train = 0.078·C·D with 1,000 held-out images on top; joint as shipped, with a 30-iteration ramp, and as it
     # was before (pairs reset at every ramp step, no isometric finish, 10-iteration ramp)
-    python benchmarks/aligner_training.py schedules --ratio 0.078 --c 150 --dim 32 --runs adam joint joint:30 \
+    python benchmarks/aligner_training.py schedules --ratio 0.078 --c 150 --dim 32 --runs dual adam joint joint:30 \
         joint-reset-noiso:10
     python benchmarks/aligner_training.py joint-probe --n 300 --c 16 --dim 48   # full-batch GD and L-BFGS, all maps
     python benchmarks/aligner_training.py stiefel --ratio 0.35 --c 150 --dim 32 [--start joint] [--det-oracle]
@@ -139,7 +142,8 @@ def planted(N, C, D, d, noise=0.1, seed=0):
 
 
 def schedules(N, C, D, d, runs, noise=0.1, val_fraction=0.1):
-    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"joint"``, ``"adam"``, ``"bcd"``
+    """Fits on one in-memory planted problem (same data and held-out split for every run): ``"dual"``, ``"joint"``,
+    ``"adam"``, ``"bcd"``
     (the plain block steps) or ``"prox:START,DECAY"`` (bcd whose block steps minimise the objective plus the
     proximal term (κ_k·ā/2)·‖ΔW_i‖², κ_k = START·DECAY^(k−1); see vitdecomp.compalign._PROX_START). ``joint`` and
     ``adam`` take ``:W`` for ``penalty_warmup=W``; ``joint`` also ``-reset`` (its L-BFGS pairs dropped at every
@@ -489,7 +493,7 @@ def main(argv=None):
         p.add_argument("--noise", type=float, default=0.1)
     p = sub.add_parser("fit")
     p.add_argument("cache")
-    p.add_argument("--method", default="bcd", choices=("bcd", "adam", "joint"))
+    p.add_argument("--method", default="bcd", choices=("bcd", "adam", "joint", "dual"))
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the result here")
@@ -506,8 +510,8 @@ def main(argv=None):
     p.add_argument("--target-dim", type=int, default=768)
     p.add_argument("--adam", action="store_true", help="time Adam steps instead")
     sub.choices["compare"].add_argument("--adam-epochs", type=int, default=None)
-    sub.choices["compare"].add_argument("--methods", nargs="+", default=["joint", "bcd", "adam"],
-                                        choices=("joint", "bcd", "adam"))
+    sub.choices["compare"].add_argument("--methods", nargs="+", default=["dual", "joint", "bcd", "adam"],
+                                        choices=("dual", "joint", "bcd", "adam"))
     sub.choices["compare"].add_argument("--threads", type=int, default=None)
     p = sub.add_parser("joint-probe")
     p.add_argument("--n", type=int, default=300)

@@ -183,7 +183,7 @@ def test_help_has_examples(command, capsys):
 def test_align_reports_baseline_and_method(workdir, capsys, tmp_path):
     from vitdecomp.compalign import Aligner
 
-    for method in ("bcd", "joint", "adam"):
+    for method in ("dual", "bcd", "joint", "adam"):
         out = tmp_path / f"{method}.safetensors"
         with pytest.warns(UserWarning, match="held out"):  # 3 of 12 images: too few to mean much, and said so
             rc = main(["align", str(workdir / "cache"), "--out", str(out), "--method", method, "--epochs", "2",
@@ -194,7 +194,7 @@ def test_align_reports_baseline_and_method(workdir, capsys, tmp_path):
         assert al.config["method"] == method
         assert f"held-out cosine {al.held_out_cosine:.4f} on 3 images" in text
         assert f"baseline, one shared linear map of the summed representation: {al.init_cosine:.4f}" in text
-        assert f"best {dict(bcd='sweep', joint='iteration', adam='epoch')[method]} " in text
+        assert f"best {dict(bcd='sweep', joint='iteration', dual='iteration', adam='epoch')[method]} " in text
 
 
 def test_aligner_of_other_weights_refused_unless_no_model_check(workdir, capsys, tmp_path):

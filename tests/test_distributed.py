@@ -47,7 +47,13 @@ SCRIPT = textwrap.dedent('''
                                     method="adam")
     bcd = vitdecomp.fit_aligner(cache, targets, max_epochs=2, progress=False, val_fraction=0.3, method="bcd")
     joint = vitdecomp.fit_aligner(cache, targets, max_epochs=3, progress=False, val_fraction=0.3, method="joint")
-    torch.save({"W_joint": joint.weight, "cos_joint": joint.held_out_cosine, "hist_joint": joint.history,"means": means, "va": acc.variance_attributed("p"), "W0": W0, "b0": b0, "W": aligner.weight,
+    auto = vitdecomp.fit_aligner(cache, targets, max_epochs=1, progress=False, val_fraction=0.3).config["method"]
+    try:
+        vitdecomp.fit_aligner(cache, targets, max_epochs=1, progress=False, val_fraction=0.3, method="dual")
+        dual = "fitted"
+    except vitdecomp.errors.InputError as e:
+        dual = str(e)
+    torch.save({"auto": auto, "dual": dual, "W_joint": joint.weight, "cos_joint": joint.held_out_cosine, "hist_joint": joint.history,"means": means, "va": acc.variance_attributed("p"), "W0": W0, "b0": b0, "W": aligner.weight,
                 "cos": aligner.held_out_cosine, "W_bcd": bcd.weight, "cos_bcd": bcd.held_out_cosine,
                 "world": info.world_size}, f"{out}/rank{info.rank}.pt")
     print("done", info.rank, info.world_size)
@@ -117,6 +123,10 @@ def test_statistics_reduce_across_ranks(runs):
     steps = lambda hist: [h["val_cosine"] for h in hist if not h.get("projected")]  # noqa: E731
     assert steps(r0["hist_joint"]) == pytest.approx(steps(one["hist_joint"]), abs=1e-4)
     assert r0["hist_joint"][-1]["projected"] and one["hist_joint"][-1]["projected"]
+    # the dual fit couples every pair of training images: one process takes it by default, ranks are refused it
+    assert one["auto"] == "dual" and one["dual"] == "fitted"
+    for r in (r0, r1):
+        assert r["auto"] != "dual" and "method='dual' runs in one process" in r["dual"]
 
 
 def test_interrupted_run_resumes_per_rank(runs):

@@ -29,6 +29,7 @@ command continues an interrupted extraction; a cache made with another model or 
 _EPILOG_ALIGN = """examples:
   vitdecomp align cache/deit --out deit_to_vitl14.safetensors
   vitdecomp align cache/deit --out a.safetensors --lam 1 --epochs 20 --patience 2 --val-fraction 0.1
+  vitdecomp align cache/deit --out a.safetensors --method dual --memory-gb 8   # the dual fit, up to ~23,000 training images
   vitdecomp align cache/deit --out a.safetensors --method joint   # L-BFGS on all maps at once
   vitdecomp align cache/deit --out a.safetensors --method adam --epochs 200   # the stochastic-gradient reference
   vitdecomp align cache/clip --identity --out clip_identity.safetensors   # the analysed model is the CLIP model
@@ -179,7 +180,7 @@ def cmd_align(args) -> int:
     aligner.save(args.out)
     held = "n/a" if aligner.held_out_cosine is None else f"{aligner.held_out_cosine:.4f}"
     init = "n/a" if aligner.init_cosine is None else f"{aligner.init_cosine:.4f}"
-    unit = {"bcd": "sweep", "joint": "iteration"}.get(aligner.config["method"], "epoch")
+    unit = {"bcd": "sweep", "joint": "iteration", "dual": "iteration"}.get(aligner.config["method"], "epoch")
     print(f"wrote {args.out}: {len(aligner.names)} maps {aligner.in_dim}→{aligner.out_dim} "
           f"({cache.model_name} → {aligner.clip_model}); held-out cosine {held} on {aligner.config['n_val']} images "
           f"(baseline, one shared linear map of the summed representation: {init}; best {unit} "
@@ -422,22 +423,25 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")
     p.add_argument("--identity", action="store_true", help="the analysed model is the CLIP model: a_i = c_i")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the isometry penalty (paper: 1)")
-    p.add_argument("--method", choices=("auto", "bcd", "joint", "adam"), default="auto",
-                   help="bcd: block-coordinate Gauss–Newton sweeps; joint: L-BFGS on all maps at once; adam: "
-                        "stochastic gradients; auto (default): bcd with at least 2·C·D training images, joint with "
-                        "fewer than C·D/2, adam in between")
+    p.add_argument("--method", choices=("auto", "dual", "bcd", "joint", "adam"), default="auto",
+                   help="dual: joint ridge regression in its n × n dual form, polar factors, then joint L-BFGS; "
+                        "bcd: block-coordinate Gauss–Newton sweeps; joint: L-BFGS on all maps at once; adam: "
+                        "stochastic gradients; auto (default): dual where its kernel fits --memory-gb (about "
+                        "11,000 training images at 2 GiB), else bcd with at least 2·C·D training images, joint "
+                        "with fewer than C·D/2, adam in between")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,
-                   help="maximum sweeps (bcd, default 50), iterations (joint, 500) or epochs (adam, 200); early "
-                        "stopping usually ends sooner")
+                   help="maximum sweeps (bcd, default 50), iterations (joint and dual's refinement, 500) or "
+                        "epochs (adam, 200); early stopping usually ends sooner")
     p.add_argument("--patience", type=int, default=None,
                    help="sweeps/iterations/epochs without a held-out improvement > --tol before stopping (default "
-                        "2 / 10 / 5)")
+                        "bcd 2, joint 10, dual 5, adam 5)")
     p.add_argument("--tol", type=float, default=1e-5, help="smallest held-out objective decrease that counts")
     p.add_argument("--memory-gb", type=float, default=2.0,
                    help="bcd: GiB of contributions held at once (components are read in groups that fit); joint: "
-                        "GiB for its L-BFGS history (up to 5 pairs of map-sized vectors)")
+                        "GiB for its L-BFGS history (up to 5 pairs of map-sized vectors); dual: GiB for its float64 "
+                        "n × n kernel and Cholesky factor (auto takes dual only where they fit)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--penalty-probes", type=int, default=None,
                    help="estimate the isometry penalty with this many random probes (faster for large D, d)")

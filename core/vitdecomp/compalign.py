@@ -21,8 +21,18 @@ Training differs from the paper's script in ways that make the defaults converge
 - every W_i starts from the closed-form ridge least-squares map of s(x) = Σ_i c_i(x) to t(x) (so training starts
   at the best shared linear map, whose held-out cosine is reported as the baseline ``init_cosine``), rescaled to
   the isometry scale that minimises the penalty (the cosine loss is scale invariant);
-- ``method="bcd"`` (what the default ``"auto"`` takes with at least 2·C·D training images; see
-  :func:`fit_aligner`): block-coordinate sweeps. f(x) is held for every training image ([n, d]); a sweep
+- ``method="dual"`` (what the default ``"auto"`` takes wherever its n × n kernel fits ``memory_gb``, e.g. up to
+  ~11,000 training images with the default 2 GiB; see :func:`fit_aligner`): the joint ridge regression of the
+  unit targets on all C·D contribution coordinates at once, solved in its dual form W = Xᵀ(K + αI)⁻¹T with the
+  kernel K = X Xᵀ of the centred training contributions (one pass of n²·C·D/2 multiply-adds, streamed in
+  component groups), the ridge strength α picked on the held-out split, refitted to targets scaled to the
+  predictions' norms; every map then replaced by its nearest isometry (polar factor, penalty 0) with the bias
+  refitted, and that start refined by the joint L-BFGS below with λ at full strength. No penalty ramp is needed:
+  the polar factor takes each map's det ±1 side from the data, not from a shared start. On planted data it
+  beats every other method at every ratio measured (n = 0.078–3.5·C·D), with exact isometries; at the paper's
+  size (N = 10,000, C = 150, D = d = 768) in under 5 minutes on 2 CPU cores (``benchmarks/RESULTS.md``);
+- ``method="bcd"`` (what ``"auto"`` takes with at least 2·C·D training images when the dual kernel does not fit;
+  see :func:`fit_aligner`): block-coordinate sweeps. f(x) is held for every training image ([n, d]); a sweep
   visits each map W_i in turn with the others fixed. The block's problem is small (D·d unknowns) and its
   statistics come from c_i and f alone: a Gauss–Newton step of the reweighted least-squares form of the cosine
   (weights 1/‖f(x)‖², the shared bias eliminated) with the penalty's Gauss–Newton term, solved by a few
@@ -36,7 +46,8 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images): L-BFGS on all maps and the
+- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images when the dual kernel does not
+  fit, and under ``torch.distributed``): L-BFGS on all maps and the
   bias at once, from the same shared start. f(x) is held for every training and held-out image; an iteration is
   one pass computing c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an
   exact line search along it (the data term from five per-image scalars, the penalty a quartic: no further pass)
@@ -51,8 +62,8 @@ Training differs from the paper's script in ways that make the defaults converge
   gradient and reflected where descent stops (see ``_fit_joint``). After descent, the best iterate's maps
   replaced by their nearest isometries (polar factors, penalty 0, bias refitted) are a last candidate, kept when
   the held-out objective says so;
-- ``method="adam"`` (what ``"auto"`` takes from C·D/2 to 2·C·D training images): the stochastic-gradient
-  reference. Each batch
+- ``method="adam"`` (what ``"auto"`` takes from C·D/2 to 2·C·D training images when the dual kernel does not
+  fit): the stochastic-gradient reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -83,9 +94,9 @@ from .errors import EmptyDatasetError, InputError, MismatchError
 __all__ = ["AlignConfig", "Aligner", "fit_aligner"]
 
 _FORMAT = "vitdecomp.aligner/1"
-_METHODS = ("bcd", "adam", "joint")
-_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 60)}  # (max_epochs, patience, penalty_warmup) per method
-_UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration"}  # what max_epochs and history count
+_METHODS = ("bcd", "adam", "joint", "dual")
+_DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 60), "dual": (500, 5, 0)}  # (max_epochs, patience, penalty_warmup) per method
+_UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration", "dual": "iteration"}  # what max_epochs and history count
 _BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D (see fit_aligner)
 _JOINT_MAX_RATIO = 0.5  # ... joint below this × C·D, Adam in between
 _SMALL_VAL = 50  # fewer held-out images than this: the held-out cosine says little (warned)
@@ -136,16 +147,21 @@ class AlignConfig:
     with D > d (a connected set of isometries) the ramp makes no difference. ``bcd`` needs no ramp (default 1:
     none): its Procrustes candidate jumps across.
 
-    ``method``: ``"bcd"`` (block-coordinate sweeps), ``"joint"`` (L-BFGS on all maps) or ``"adam"``, the one
-    used (:func:`fit_aligner`'s default ``"auto"`` picks by the number of training images); ``max_epochs``,
+    ``method``: ``"dual"`` (joint ridge in its dual form, polar factors, then joint L-BFGS), ``"bcd"``
+    (block-coordinate sweeps), ``"joint"`` (L-BFGS on all maps) or ``"adam"``, the one used
+    (:func:`fit_aligner`'s default ``"auto"`` picks by memory and the number of training images); ``max_epochs``,
     ``patience`` and ``penalty_warmup`` count sweeps for ``bcd`` (defaults 50, 2, 1), iterations for ``joint``
-    (500, 10, 60) and epochs for ``adam`` (200, 5, 20).
+    (500, 10, 60) and for ``dual``'s refinement (500, 5, 0; its dual stage is iteration 1) and epochs for
+    ``adam`` (200, 5, 20).
     ``lr``, ``weight_decay``, ``batch_size`` and ``penalty_probes`` are Adam's (``bcd`` uses ``batch_size`` only
     for its evaluation passes). ``tol``: a sweep/iteration/epoch counts as an improvement when the held-out
     objective falls by more than this (absolute; without a held-out split, ``bcd`` stops when a sweep's training
     decrease is below it, ``joint`` after ``patience`` such iterations). ``memory_gb``: ``bcd``'s budget for the
     contributions it holds at once; ``joint``'s for its L-BFGS history (up to 5 correction pairs, two map-sized
-    vectors each: 3 at C = 150, D = d = 768 with the default 2 GiB).
+    vectors each: 3 at C = 150, D = d = 768 with the default 2 GiB); ``dual``'s for its float64 kernel and
+    Cholesky factor (2·8·n² bytes plus the held-out rows; ``"auto"`` takes ``dual`` only where they fit, an
+    explicit ``method="dual"`` that does not fit is an error); besides them it holds the float32 contributions
+    of one component group of at most half of ``memory_gb``, and its refinement the L-BFGS history as ``joint``.
     """
 
     lam: float = attrs.field(default=1.0, validator=_non_negative)
@@ -1099,7 +1115,8 @@ def _line_min(F, U, T, pen, n_total, reduce, a0):
     return lo, flo, f0
 
 
-def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history):
+def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history,
+               start_shared: bool = True, desc: str = "CompAlign (joint)"):
     """L-BFGS on all maps and the bias at once (the ``method="joint"`` path of :func:`fit_aligner`).
 
     The objective is fit_aligner's: mean_x [1 − cos(f(x), t(x))] over the training images plus
@@ -1135,7 +1152,10 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
     dot = lambda x, y: float(torch.dot(x[0].flatten(), y[0].flatten())) + float(torch.dot(x[1], y[1]))  # noqa: E731
 
     with torch.no_grad():
-        F, Fv = passes.apply(W[0], b, shared=True)  # every map starts as the shared W_0
+        if start_shared:  # every map starts as the shared W_0
+            F, Fv = passes.apply(W[0], b, shared=True)
+        else:  # a start with maps of their own (method="dual"'s refinement)
+            F, Fv = passes.apply(W.view(C * D, d), b)
 
         def gradient(mu):
             gF, cos_sum = _cos_grad(F, T, n_total)
@@ -1215,11 +1235,13 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
         mu = mu_of(1)
         g, R, train_loss = gradient(mu)
         hist: List[tuple] = []  # (s, y, 1/sᵀy)
-        best = _Best(W, b, history[0]["val_objective"] if n_val else float("inf"), history[0]["val_cosine"],
-                     cfg.tol)
+        first = history[-1]  # the start: the shared map, or the dual fit that is refined
+        off = int(first["epoch"])
+        best = _Best(W, b, first["val_objective"] if n_val else float("inf"), first.get("val_cosine"), cfg.tol)
+        best.epoch = off
         reason = "max_epochs"
         t_start = time.perf_counter()
-        bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (joint)", unit="iteration",
+        bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="iteration",
                    disable=not progress or di.rank != 0)
         for it in bar:
             mu_now = mu_of(it)
@@ -1276,7 +1298,7 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                     hist.pop(0)
             g = g_new
             pen = float(R.pow(2).sum(dtype=torch.float64)) / (C * d)
-            entry = {"epoch": it, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": train_loss,
+            entry = {"epoch": off + it, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": train_loss,
                      "lam": mu * C * d, "decrease": f0 - f1, "step": alpha,
                      "reflected": state["reflected"]}
             state["reflected"] = 0
@@ -1284,17 +1306,17 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                 cos = val_cos()
                 obj = 1.0 - cos + cfg.lam * pen
                 entry.update(val_objective=obj, val_cosine=cos, penalty=pen)
-                best.held_out(obj, cos, it, W, b, count=it >= warm)
+                best.held_out(obj, cos, off + it, W, b, count=it >= warm)
                 bar.set_postfix(val_cos=f"{cos:.4f}", best=best.epoch)
             else:
-                best.last(it, W, b)
+                best.last(off + it, W, b)
                 entry.update(penalty=pen)
                 best.bad = best.bad + 1 if f0 - f1 <= cfg.tol else 0
                 bar.set_postfix(train_loss=f"{train_loss:.4f}")
             history.append(entry)
             if progress and di.rank == 0:
                 vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
-                bar.write(f"iteration {it}: training 1 − cos {train_loss:.5f}{vc}, isometry penalty {pen:.2e} "
+                bar.write(f"iteration {off + it}: training 1 − cos {train_loss:.5f}{vc}, isometry penalty {pen:.2e} "
                           f"({entry['seconds']:.0f} s)")
             if best.bad >= cfg.patience and it >= warm:
                 if rounds < _FLIP_ROUNDS and jump():
@@ -1317,17 +1339,17 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
             pen = float(_penalty(Wp))
             cos_sum = torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)
             tr = 1.0 - float(reduce(cos_sum[None])[0]) / n_total
-            entry = {"epoch": it + 1, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": tr,
+            entry = {"epoch": off + it + 1, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": tr,
                      "lam": cfg.lam, "projected": True, "penalty": pen}
             if n_val:
                 cos = val_cos()
                 obj = 1.0 - cos + cfg.lam * pen
-                entry.update(val_objective=obj, val_cosine=cos, taken=best.held_out(obj, cos, it + 1, Wp, bp,
+                entry.update(val_objective=obj, val_cosine=cos, taken=best.held_out(obj, cos, off + it + 1, Wp, bp,
                                                                                     count=False))
             else:
                 entry["taken"] = tr + cfg.lam * pen < history[-1]["train_loss"] + cfg.lam * history[-1]["penalty"]
                 if entry["taken"]:
-                    best.last(it + 1, Wp, bp)
+                    best.last(off + it + 1, Wp, bp)
             history.append(entry)
             if progress and di.rank == 0:
                 vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
@@ -1360,6 +1382,203 @@ def _polar(W: torch.Tensor, group: int = 16) -> torch.Tensor:
     return (U @ Vh).to(W.dtype)
 
 
+# ------------------------------------------------------------------------------------------- method="dual"
+
+# Ridge strengths tried by the dual fit, in units of the training kernel's mean eigenvalue tr(K)/n; the held-out
+# split picks one (without one: _DUAL_ALPHA). On the planted problems of benchmarks/RESULTS.md the best lay at
+# 0.01–0.03 for every shape and ratio measured (0.078–0.63·C·D) and the held-out cosine varied by < 0.001 between
+# 1e-3 and 3e-2, falling from 0.1 on.
+_DUAL_ALPHAS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+_DUAL_ALPHA = 1e-2
+_DUAL_ROWS = 2048  # rows per block of the kernel's blockwise products (only the upper triangle is computed)
+_DUAL_BIAS_STEPS = 5  # Gauss–Newton steps on the shared bias of the isometric candidate
+_DUAL_RESCALE = 3  # at most this many ridge solves on targets rescaled to the predictions' norms
+
+
+def _dual_bytes(n_train: int, n_val: int) -> int:
+    """Memory the dual fit holds besides the contributions: the float64 kernel, its Cholesky factor and the
+    held-out rows of the kernel."""
+    return 8 * (2 * n_train * n_train + n_val * n_train)
+
+
+def _component_rows(data: _Data, masks, lo: int, hi: int, device) -> List[torch.Tensor]:
+    """Contributions of components lo..hi−1 as float32 rows ``[n_k, (hi − lo)·D]``, one tensor per mask (images in
+    :func:`_masked_index` order), filled chunk by chunk: one read of the source for all masks."""
+    sizes = [int(mk.sum()) for mk in masks]
+    out = [torch.empty(n, (hi - lo) * data.D, device=device) for n in sizes]
+    at = [0] * len(masks)
+    for k, (a, b) in enumerate(data.chunks):
+        locs = [torch.nonzero(mk[a:b]).flatten() for mk in masks]
+        if not any(loc.numel() for loc in locs):
+            continue
+        chunk = data.load(k)
+        for j, loc in enumerate(locs):
+            if loc.numel():
+                rows = to_device(chunk[loc][:, lo:hi], device, torch.float32)
+                out[j][at[j]:at[j] + loc.numel()] = rows.reshape(loc.numel(), -1)
+                at[j] += loc.numel()
+    return out
+
+
+def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, history):
+    """Joint ridge regression in its dual form, then the nearest isometries (the ``method="dual"`` path of
+    :func:`fit_aligner`).
+
+    With n training images and fewer of them than C·D unknowns per output coordinate, the joint least-squares
+    problem min ‖X W − T‖² + α‖W‖² over all maps at once (X [n, C·D] the centred contributions, T the centred
+    targets) has the solution W = Xᵀ (K + α I)⁻¹ T with the n × n kernel K = X Xᵀ: one pass of kernel products
+    (n²·C·D multiply-adds, the upper triangle only), Cholesky solves of an n × n system for each ridge strength
+    in ``_DUAL_ALPHAS`` (the held-out rows of the kernel give every strength's held-out cosine without touching
+    the contributions again; the best is taken) and one pass for W. The data term's minimum-norm fit is what
+    early-stopped descent from zero approaches, without the iterations; on planted data at the paper's ratio
+    (n = 0.078·C·D) it generalises far better than early-stopped descent from the shared start (joint) or Adam
+    (benchmarks/RESULTS.md). Its maps are shrunk far from isometries, so every map is then replaced by its polar
+    factor (penalty 0) and the shared bias refitted on the training images (``_DUAL_BIAS_STEPS`` Gauss–Newton
+    steps); of the two candidates, ridge and isometric, the one with the lower held-out objective (without a
+    held-out split: training objective) is the result of this stage, recorded as ``history`` entry 1 (``alphas``:
+    held-out cosine per strength). Components are read in groups that fit ``memory_gb`` (one read of the
+    source per group for the kernel, one for W). Returns (W, b)."""
+    from tqdm.auto import tqdm
+
+    C, D, d = data.C, data.D, targets.shape[1]
+    t0 = time.perf_counter()
+    T = to_device(targets[_masked_index(data, local_train)], device, torch.float64)
+    val_idx = _masked_index(data, local_val) if bool(local_val.any()) else None
+    Tv = to_device(targets[val_idx], device) if val_idx is not None else None
+    n, m = T.shape[0], (0 if Tv is None else Tv.shape[0])
+    masks = [local_train] + ([local_val] if m else [])
+    budget = cfg.memory_gb * 2 ** 30
+    group = max(1, min(C, int(budget // 2 // (4 * (n + m) * D))))
+    K = torch.zeros(n, n, dtype=torch.float64, device=device)
+    Kv = torch.zeros(m, n, dtype=torch.float64, device=device)
+    mu = torch.empty(C * D, device=device)
+    groups = list(range(0, C, group))
+    bar = tqdm(total=2 * len(groups), desc="CompAlign (dual)", unit="group", disable=not progress)
+    for lo in groups:
+        hi = min(C, lo + group)
+        parts = _component_rows(data, masks, lo, hi, device)
+        Xt = parts[0]
+        mu_g = Xt.mean(0, dtype=torch.float64).to(Xt.dtype)
+        mu[lo * D:hi * D] = mu_g
+        Xt -= mu_g
+        for i in range(0, n, _DUAL_ROWS):  # K += Xt Xtᵀ, upper triangle of blocks
+            for j in range(i, n, _DUAL_ROWS):
+                K[i:i + _DUAL_ROWS, j:j + _DUAL_ROWS] += (Xt[i:i + _DUAL_ROWS] @ Xt[j:j + _DUAL_ROWS].T).double()
+        if m:
+            Xv = parts[1]
+            Xv -= mu_g
+            Kv += (Xv @ Xt.T).double()
+        del parts, Xt
+        bar.update(1)
+    blocks = torch.arange(n, device=device) // _DUAL_ROWS
+    upper = blocks[:, None] <= blocks[None, :]
+    K = torch.where(upper, K, K.T)  # the lower blocks from their mirror images
+    del upper, blocks
+    tm = T.mean(0)
+    Tc = T - tm
+    scale = float(K.diagonal().mean())
+    if scale <= 0:
+        raise InputError("fit_aligner(method='dual'): every training image has the same contributions (the "
+                         "centred kernel is zero); nothing to fit")
+
+    def mean_cos(F, Tg):
+        return float(torch.nn.functional.cosine_similarity(F, Tg.to(F.dtype), dim=-1).mean())
+
+    L = torch.empty_like(K)  # the Cholesky factor, computed in place (only its lower triangle is read)
+    info = torch.empty((), dtype=torch.int32, device=device)
+    alphas, best = {}, None
+    for a in (_DUAL_ALPHAS if m else (_DUAL_ALPHA,)):
+        L.copy_(K)
+        L.diagonal().add_(a * scale)
+        torch.linalg.cholesky_ex(L, out=(L, info))
+        if int(info):  # numerically singular at this strength (n near or above C·D): try the next
+            continue
+        A = torch.cholesky_solve(Tc, L)
+        cos = mean_cos(Kv @ A + tm, Tv) if m else None
+        alphas[a] = cos
+        if best is None or (m and cos > best[1]):
+            best = (a, cos, A)
+    if best is None:
+        raise InputError(f"fit_aligner(method='dual'): the training kernel is singular at every ridge strength "
+                         f"tried ({_DUAL_ALPHAS} × its mean eigenvalue); use method='bcd' or 'adam'")
+    alpha, ridge_cos, A = best
+    if _DUAL_RESCALE:  # the factor at the chosen strength, for the rescaled solves
+        L.copy_(K)
+        L.diagonal().add_(alpha * scale)
+        torch.linalg.cholesky_ex(L, out=(L, info))
+    tr_mean = tm  # the ridge fit's intercept: the mean of the targets it was fitted to
+    Ft = K @ A + tm
+    train_ridge = mean_cos(Ft, T)
+    rescaled = 0
+    for _ in range(_DUAL_RESCALE):
+        # The cosine ignores each prediction's norm, least squares on unit targets does not: refit to the targets
+        # scaled to the current predictions' norms (the reweighting that bcd's Gauss–Newton step makes), kept
+        # where the held-out cosine (without a split: the training cosine) rises.
+        Ts = T * Ft.norm(dim=1, keepdim=True)
+        tms = Ts.mean(0)
+        A2 = torch.cholesky_solve(Ts - tms, L)
+        F2 = K @ A2 + tms
+        tr2 = mean_cos(F2, T)
+        cos2 = mean_cos(Kv @ A2 + tms, Tv) if m else None
+        if not (cos2 > ridge_cos if m else tr2 > train_ridge):
+            break
+        A, tr_mean, Ft, train_ridge, ridge_cos, rescaled = A2, tms, F2, tr2, cos2, rescaled + 1
+    del K, L
+    A = A.float()
+    W = torch.empty(C, D, d, device=device)
+    for lo in groups:  # W = Xᵀ A, group by group
+        hi = min(C, lo + group)
+        Xt = _component_rows(data, [local_train], lo, hi, device)[0]
+        Xt -= mu[lo * D:hi * D]
+        W[lo:hi] = (Xt.T @ A).view(hi - lo, D, d)
+        del Xt
+        bar.update(1)
+    bar.close()
+    b_ridge = tr_mean.float() - mu @ W.view(C * D, d)
+    pen_ridge = float(_penalty(W))
+
+    # The isometric candidate: polar factors, the bias refitted on the training images from the scale of the
+    # predictions (b such that the mean prediction is γ·mean target, γ the mean norm of the centred predictions).
+    P = _polar(W)
+    passes = _Passes(data, local_train, local_val, device)
+    F, Fv = passes.apply(P.view(C * D, d), torch.zeros(d, device=device))
+    muP = mu @ P.view(C * D, d)
+    gamma = float((F - muP).norm(dim=1).mean())
+    bp = gamma * tm.float() - muP
+    b0 = bp.clone()
+    F += bp
+    Fv += bp
+    Tf = T.float()
+    for _ in range(_DUAL_BIAS_STEPS):
+        if _bias_block(F, Tf, bp, float(n), lambda t: t) < 1e-9:
+            break
+    Fv += bp - b0
+    pen_iso = float(_penalty(P))
+    train_iso = mean_cos(F, Tf)
+    iso_cos = mean_cos(Fv, Tv) if m else None
+    lam = cfg.lam
+    if m:
+        obj_r, obj_i = 1 - ridge_cos + lam * pen_ridge, 1 - iso_cos + lam * pen_iso
+    else:
+        obj_r, obj_i = 1 - train_ridge + lam * pen_ridge, 1 - train_iso + lam * pen_iso
+    iso = obj_i <= obj_r
+    Wb, bb = (P, bp) if iso else (W, b_ridge)
+    entry = {"epoch": 1, "seconds": round(time.perf_counter() - t0, 3), "stage": "dual", "alpha": alpha,
+             "alphas": {str(k): v for k, v in alphas.items()}, "train_loss": 1 - (train_iso if iso else train_ridge),
+             "lam": lam, "isometric": iso, "penalty": pen_iso if iso else pen_ridge,
+             "ridge": {"val_cosine": ridge_cos, "penalty": pen_ridge, "rescaled": rescaled},
+             "polar": {"val_cosine": iso_cos, "penalty": pen_iso}}
+    if m:
+        entry.update(val_objective=min(obj_r, obj_i), val_cosine=iso_cos if iso else ridge_cos)
+    history.append(entry)
+    if progress:
+        vc = (f"held-out cosine ridge {ridge_cos:.5f} (α = {alpha:g} × mean eigenvalue), isometric {iso_cos:.5f}"
+              if m else f"training cosine ridge {train_ridge:.5f}, isometric {train_iso:.5f}")
+        print(f"CompAlign (dual): {vc}; isometry penalty ridge {pen_ridge:.2e}, isometric {pen_iso:.2e}; "
+              f"kept the {'isometric' if iso else 'ridge'} maps ({entry['seconds']:.0f} s)")
+    return Wb.contiguous(), bb.contiguous()
+
+
 def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
                 val_fraction: float = 0.1, method: str = "auto", lr: Optional[float] = None, batch_size: int = 256,
                 max_epochs: Optional[int] = None, patience: Optional[int] = None, weight_decay: float = 0.0,
@@ -1376,20 +1595,22 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images, ``"joint"`` with
-    fewer than C·D/2 and ``"adam"`` in between. With fewer images than C·D the maps are not determined by the data
-    (C·D·d unknowns, n·d target values): each block of bcd's first sweep is solved exactly and fits the noise of
-    the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against 0.15 for the
-    shared-map baseline), while early-stopped descent from the shared start regularises implicitly. Joint L-BFGS
-    does so best where the maps are far from determined (planted, 1,000 held-out images, ``benchmarks/RESULTS.md``;
-    held-out cosine joint / Adam, C = 150: D = d = 32, 0.285 / 0.242 at n = 0.078·C·D, the paper's ratio, and
-    0.627 / 0.554 at 0.35; D = d = 64, 0.282 / 0.235 and 0.616 / 0.551; with a smaller isometry deviation than
-    Adam's in all four, exact isometries in the 0.35 ones; D ≠ d, 32 → 64 and 64 → 32: 0.27–0.60 against
-    0.23–0.54, with an isometry deviation up to 12× Adam's where Adam's is small; C = 16, D = d = 48, 30 held-out
-    images: 0.560 / 0.498 at 0.35). From about 0.6·C·D neither wins everywhere (C = 150 at 0.63: joint 0.912 / Adam 0.885 at D = 32,
-    but Adam 0.925 against 0.909 at D = 64; C = 16 at 0.94: 0.987 / 0.982), so ``"auto"`` keeps Adam from C·D/2.
-    Where the data determine the maps (3.5·C·D) bcd and joint reach the same held-out cosine (0.994, Adam 0.993),
-    bcd in 8 sweeps, joint in ~200 iterations. ``config["method"]`` records the method used.
+    ``method="auto"`` (default) takes ``"dual"`` wherever its n × n kernel fits ``memory_gb`` (n training images:
+    2·8·n² bytes, ~11,000 images with the default 2 GiB) and the fit runs in one process. On planted data
+    (``benchmarks/RESULTS.md``, 1,000 held-out images) it has the highest held-out cosine of the four methods
+    at every ratio n / C·D measured, with exact isometries (penalty < 1e-11): C = 150, D = d = 32: 0.362 at the
+    paper's ratio 0.078 (joint 0.285, Adam 0.242), 0.684 at 0.35 (0.627, 0.554), 0.953 at 0.63 (0.912, 0.885);
+    D = d = 64: 0.363, 0.701, 0.960 (Adam 0.235, 0.551, 0.925); D ≠ d (32 → 64, 64 → 32): 0.35–0.39 at 0.078 and
+    0.67 at 0.35 (Adam 0.23–0.26, 0.54); C = 16, D = d = 48: 0.989 at 0.94 and 0.9943 at 3.5 (bcd's 0.9943), every
+    map on the planted det ±1 side. At the paper's size (N = 10,000, C = 150, D = d = 768) it takes under
+    5 minutes on 2 CPU cores to a held-out cosine of 0.349 with exact isometries, where joint took 84 minutes to
+    0.249. Where the kernel does not fit (or under ``torch.distributed``): ``"bcd"`` with at least 2·C·D
+    training images, ``"joint"`` with fewer than C·D/2 and ``"adam"`` in between. With fewer images than C·D the
+    maps are not determined by the data (C·D·d unknowns, n·d target values): each block of bcd's first sweep is
+    solved exactly and fits the noise of the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine
+    0.08 after sweep 1 against 0.15 for the shared-map baseline), while the minimum-norm joint solution of the
+    dual fit and early-stopped joint descent regularise; of those two the dual fit generalises better.
+    ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
 
@@ -1397,10 +1618,26 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
     data = _Data.of(contributions)
     requested = method
-    if method == "auto":  # bcd where the data determine the maps, early-stopped descent where not (see above)
-        n_train = data.N - (int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0)
-        ratio = n_train / (data.C * data.D)
-        method = "bcd" if ratio >= _BCD_MIN_RATIO else "joint" if ratio < _JOINT_MAX_RATIO else "adam"
+    from . import distributed as dist
+
+    n_val_est = int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0
+    n_train_est = data.N - n_val_est
+    dual_fits = _dual_bytes(n_train_est, n_val_est) <= memory_gb * 2 ** 30
+    if method == "auto":  # the dual fit where its kernel fits; else by how far the data determine the maps
+        ratio = n_train_est / (data.C * data.D)
+        if dual_fits and not dist.info().active:
+            method = "dual"
+        else:
+            method = "bcd" if ratio >= _BCD_MIN_RATIO else "joint" if ratio < _JOINT_MAX_RATIO else "adam"
+    elif method == "dual":
+        if dist.info().active:
+            raise InputError("method='dual' runs in one process (its n × n kernel couples every pair of training "
+                             "images); under torch.distributed use method='joint', 'adam' or 'bcd'")
+        if not dual_fits:
+            need = _dual_bytes(n_train_est, n_val_est) / 2 ** 30
+            raise InputError(f"method='dual' holds an n × n float64 kernel and its Cholesky factor: {need:.2f} GiB "
+                             f"for n = {n_train_est} training images, more than memory_gb = {memory_gb:g}; raise "
+                             f"memory_gb or use method='joint', 'adam' or 'bcd'")
     defaults = _DEFAULTS[method]
     cfg = AlignConfig(lam=lam, method=method, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=defaults[0] if max_epochs is None else max_epochs,
@@ -1446,8 +1683,6 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     # Under torch.distributed every rank takes a disjoint share of the training and held-out images: the closed
     # form and the evaluations are all-reduced, and refinement is data-parallel (gradients all-reduced each step,
     # with uneven shares handled as DDP's Join does), so all ranks hold the same maps.
-    from . import distributed as dist
-
     di = dist.info()
     local_train, local_val = train_mask, val_mask
     if di.active:
@@ -1502,6 +1737,11 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     if cfg.method == "joint":
         W, b = W.detach(), b.detach()
         return result(*_fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history))
+    if cfg.method == "dual":
+        with torch.no_grad():
+            W, b = _fit_dual(data, targets, local_train, local_val, cfg, device, progress, history)
+        return result(*_fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history,
+                                  start_shared=False, desc="CompAlign (dual, refinement)"))
     best = _Best(W, b, best_obj, init_cos, cfg.tol)
     t_start = time.perf_counter()
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (adam)", unit="epoch",
@@ -1543,6 +1783,10 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
             entry.update(penalty=float(_penalty(W.detach())))
             bar.set_postfix(train_loss=f"{entry['train_loss']:.4f}")
         history.append(entry)
+        if progress and di.rank == 0:
+            vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
+            bar.write(f"epoch {epoch}: training 1 − cos {entry['train_loss']:.5f}{vc}, isometry penalty "
+                      f"{entry['penalty']:.2e}, λ {lam_now:.3g} ({entry['seconds']:.0f} s)")
         if n_val and best.bad >= cfg.patience and epoch >= cfg.penalty_warmup:
             stop = "no held-out improvement"
             break
