@@ -313,22 +313,19 @@ def test_method_is_checked():
 
 
 def test_auto_chooses_by_how_far_the_data_determine_the_maps():
-    """The dual fit wherever its n × n kernel fits ``memory_gb``; otherwise joint below C·D/2 training images,
-    Adam up to 2·C·D, bcd above."""
+    """Below C·D/2 training images the dual fit where its n × n kernel fits ``memory_gb`` (joint where not), Adam
+    up to 2·C·D, bcd above (31 < C·D/2 = 32 ≤ 108 < 2·C·D = 128 ≤ 144)."""
     import vitdecomp.compalign as ca
 
-    for N, n_train in ((34, 31), (120, 108), (160, 144)):
+    for N, n_train, method in ((34, 31, "dual"), (120, 108, "adam"), (160, 144, "bcd")):
         c, t, _ = _planted(N=N, C=4, D=16, d=16, seed=8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # few held-out images
             al = fit_aligner(c, t, max_epochs=2, progress=False)
-        assert al.config["method"] == "dual" and al.config["method_requested"] == "auto"
-        small = 0.99 * ca._dual_bytes(n_train, N - n_train) / 2 ** 30  # the kernel does not fit
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            al = fit_aligner(c, t, max_epochs=2, memory_gb=small, progress=False)
-        # 31 < C·D/2 = 32 ≤ 108 < 2·C·D = 128 ≤ 144
-        assert al.config["method"] == {34: "joint", 120: "adam", 160: "bcd"}[N]
+            small = 0.99 * ca._dual_bytes(n_train, N - n_train) / 2 ** 30  # the kernel does not fit
+            tight = fit_aligner(c, t, max_epochs=2, memory_gb=small, progress=False)
+        assert al.config["method"] == method and al.config["method_requested"] == "auto"
+        assert tight.config["method"] == {"dual": "joint"}.get(method, method)
 
 
 def test_bcd_proximal_block_step_decreases_the_objective():
@@ -587,8 +584,8 @@ def test_dual_recovers_planted_isometries(D, d):
     if D == d:
         maps = _flip_half(maps)
     c, t = _planted_with(maps, N=1500)
-    al = fit_aligner(c, t, progress=False)
-    assert al.config["method"] == "dual" and al.config["method_requested"] == "auto"
+    al = fit_aligner(c, t, method="dual", progress=False)
+    assert al.config["method"] == "dual"
     assert al.held_out_cosine >= 0.999 and al.held_out_cosine > al.init_cosine  # exact targets
     rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.02

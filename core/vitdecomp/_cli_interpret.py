@@ -426,9 +426,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--method", choices=("auto", "dual", "bcd", "joint", "adam"), default="auto",
                    help="dual: joint ridge regression in its n × n dual form, polar factors, then joint L-BFGS; "
                         "bcd: block-coordinate Gauss–Newton sweeps; joint: L-BFGS on all maps at once; adam: "
-                        "stochastic gradients; auto (default): dual where its kernel fits --memory-gb (about "
-                        "11,000 training images at 2 GiB), else bcd with at least 2·C·D training images, joint "
-                        "with fewer than C·D/2, adam in between")
+                        "stochastic gradients; auto (default): bcd with at least 2·C·D training images, adam "
+                        "from C·D/2 to 2·C·D, below that dual where its kernel fits --memory-gb (about 11,000 "
+                        "training images at 2 GiB), else joint")
     p.add_argument("--lr", type=float, default=None, help="Adam step (default 0.05/sqrt(max(D, d)))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,

@@ -21,18 +21,20 @@ Training differs from the paper's script in ways that make the defaults converge
 - every W_i starts from the closed-form ridge least-squares map of s(x) = Σ_i c_i(x) to t(x) (so training starts
   at the best shared linear map, whose held-out cosine is reported as the baseline ``init_cosine``), rescaled to
   the isometry scale that minimises the penalty (the cosine loss is scale invariant);
-- ``method="dual"`` (what the default ``"auto"`` takes wherever its n × n kernel fits ``memory_gb``, e.g. up to
-  ~11,000 training images with the default 2 GiB; see :func:`fit_aligner`): the joint ridge regression of the
+- ``method="dual"`` (what the default ``"auto"`` takes with fewer than C·D/2 training images, the regime of the
+  paper's size, where its n × n kernel fits ``memory_gb``, e.g. up to ~11,000 training images with the default
+  2 GiB; see :func:`fit_aligner`): the joint ridge regression of the
   unit targets on all C·D contribution coordinates at once, solved in its dual form W = Xᵀ(K + αI)⁻¹T with the
   kernel K = X Xᵀ of the centred training contributions (one pass of n²·C·D/2 multiply-adds, streamed in
   component groups), the ridge strength α picked on the held-out split, refitted to targets scaled to the
   predictions' norms; every map then replaced by its nearest isometry (polar factor, penalty 0) with the bias
   refitted, and that start refined by the joint L-BFGS below with λ at full strength. No penalty ramp is needed:
   the polar factor takes each map's det ±1 side from the data, not from a shared start. On planted data it
-  beats every other method at every ratio measured (n = 0.078–3.5·C·D), with exact isometries; at the paper's
-  size (N = 10,000, C = 150, D = d = 768) in under 5 minutes on 2 CPU cores (``benchmarks/RESULTS.md``);
-- ``method="bcd"`` (what ``"auto"`` takes with at least 2·C·D training images when the dual kernel does not fit;
-  see :func:`fit_aligner`): block-coordinate sweeps. f(x) is held for every training image ([n, d]); a sweep
+  has the highest held-out cosine of the four methods at every ratio measured (n = 0.078–3.5·C·D), with exact
+  isometries; at the paper's size (N = 10,000, C = 150, D = d = 768) in under 5 minutes on 2 CPU cores
+  (``benchmarks/RESULTS.md``);
+- ``method="bcd"`` (what ``"auto"`` takes with at least 2·C·D training images; see :func:`fit_aligner`):
+  block-coordinate sweeps. f(x) is held for every training image ([n, d]); a sweep
   visits each map W_i in turn with the others fixed. The block's problem is small (D·d unknowns) and its
   statistics come from c_i and f alone: a Gauss–Newton step of the reweighted least-squares form of the cosine
   (weights 1/‖f(x)‖², the shared bias eliminated) with the penalty's Gauss–Newton term, solved by a few
@@ -46,8 +48,8 @@ Training differs from the paper's script in ways that make the defaults converge
   the maps are underdetermined.) A sweep costs about three [n, D] × [D, d] products per component, i.e. about
   one pass of gradients over the data; components are read from the source in groups of at most ``memory_gb``
   (one pass over the cache per group and sweep);
-- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images when the dual kernel does not
-  fit, and under ``torch.distributed``): L-BFGS on all maps and the
+- ``method="joint"`` (what ``"auto"`` takes with fewer than C·D/2 training images where the dual kernel does not
+  fit ``memory_gb``, and under ``torch.distributed``): L-BFGS on all maps and the
   bias at once, from the same shared start. f(x) is held for every training and held-out image; an iteration is
   one pass computing c·P for the quasi-Newton direction P (all C maps as one [B, C·D] × [C·D, d] product), an
   exact line search along it (the data term from five per-image scalars, the penalty a quartic: no further pass)
@@ -62,8 +64,8 @@ Training differs from the paper's script in ways that make the defaults converge
   gradient and reflected where descent stops (see ``_fit_joint``). After descent, the best iterate's maps
   replaced by their nearest isometries (polar factors, penalty 0, bias refitted) are a last candidate, kept when
   the held-out objective says so;
-- ``method="adam"`` (what ``"auto"`` takes from C·D/2 to 2·C·D training images when the dual kernel does not
-  fit): the stochastic-gradient reference. Each batch
+- ``method="adam"`` (what ``"auto"`` takes from C·D/2 to 2·C·D training images): the stochastic-gradient
+  reference. Each batch
   computes Σ_i c_i W_i as one [B, C·D] × [C·D, d] matrix product; λ ramps up from 0 over ``penalty_warmup``
   epochs (a continuation that lets every map reach the right basin before the isometry penalty pins it down; see
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
@@ -98,7 +100,7 @@ _METHODS = ("bcd", "adam", "joint", "dual")
 _DEFAULTS = {"bcd": (50, 2, 1), "adam": (200, 5, 20), "joint": (500, 10, 60), "dual": (500, 5, 0)}  # (max_epochs, patience, penalty_warmup) per method
 _UNIT = {"bcd": "sweep", "adam": "epoch", "joint": "iteration", "dual": "iteration"}  # what max_epochs and history count
 _BCD_MIN_RATIO = 2  # method="auto" takes bcd when training images ≥ this × C·D (see fit_aligner)
-_JOINT_MAX_RATIO = 0.5  # ... joint below this × C·D, Adam in between
+_DUAL_MAX_RATIO = 0.5  # ... dual below this × C·D (joint where its kernel does not fit), Adam in between
 _SMALL_VAL = 50  # fewer held-out images than this: the held-out cosine says little (warned)
 
 
@@ -1386,8 +1388,8 @@ def _polar(W: torch.Tensor, group: int = 16) -> torch.Tensor:
 
 # Ridge strengths tried by the dual fit, in units of the training kernel's mean eigenvalue tr(K)/n; the held-out
 # split picks one (without one: _DUAL_ALPHA). On the planted problems of benchmarks/RESULTS.md the best lay at
-# 0.01–0.03 for every shape and ratio measured (0.078–0.63·C·D) and the held-out cosine varied by < 0.001 between
-# 1e-3 and 3e-2, falling from 0.1 on.
+# 0.001–0.03 for every shape and ratio measured (0.078–3.5·C·D, full size included) and the held-out cosine varied
+# by < 0.001 between 1e-3 and 3e-2, falling from 0.1 on.
 _DUAL_ALPHAS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 _DUAL_ALPHA = 1e-2
 _DUAL_ROWS = 2048  # rows per block of the kernel's blockwise products (only the upper triangle is computed)
@@ -1427,9 +1429,12 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     With n training images and fewer of them than C·D unknowns per output coordinate, the joint least-squares
     problem min ‖X W − T‖² + α‖W‖² over all maps at once (X [n, C·D] the centred contributions, T the centred
     targets) has the solution W = Xᵀ (K + α I)⁻¹ T with the n × n kernel K = X Xᵀ: one pass of kernel products
-    (n²·C·D multiply-adds, the upper triangle only), Cholesky solves of an n × n system for each ridge strength
-    in ``_DUAL_ALPHAS`` (the held-out rows of the kernel give every strength's held-out cosine without touching
-    the contributions again; the best is taken) and one pass for W. The data term's minimum-norm fit is what
+    (n²·C·D/2 multiply-adds, the upper triangle only), a Cholesky solve of the n × n system for each ridge
+    strength in ``_DUAL_ALPHAS`` (the held-out rows of the kernel give every strength's held-out cosine without
+    touching the contributions again; the best is taken), up to ``_DUAL_RESCALE`` solves at that strength on the
+    targets scaled to the predictions' norms (kept while the held-out cosine rises: least squares on unit targets
+    weighs every image alike, the cosine does not see the norm), and one pass for W. The data term's minimum-norm
+    fit is what
     early-stopped descent from zero approaches, without the iterations; on planted data at the paper's ratio
     (n = 0.078·C·D) it generalises far better than early-stopped descent from the shared start (joint) or Adam
     (benchmarks/RESULTS.md). Its maps are shrunk far from isometries, so every map is then replaced by its polar
@@ -1595,21 +1600,23 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     for the other settings and the module docstring for the loss. Returns an :class:`Aligner` whose
     ``held_out_cosine`` is the mean cosine on the held-out images at the best epoch.
 
-    ``method="auto"`` (default) takes ``"dual"`` wherever its n × n kernel fits ``memory_gb`` (n training images:
-    2·8·n² bytes, ~11,000 images with the default 2 GiB) and the fit runs in one process. On planted data
-    (``benchmarks/RESULTS.md``, 1,000 held-out images) it has the highest held-out cosine of the four methods
-    at every ratio n / C·D measured, with exact isometries (penalty < 1e-11): C = 150, D = d = 32: 0.362 at the
-    paper's ratio 0.078 (joint 0.285, Adam 0.242), 0.684 at 0.35 (0.627, 0.554), 0.953 at 0.63 (0.912, 0.885);
-    D = d = 64: 0.363, 0.701, 0.960 (Adam 0.235, 0.551, 0.925); D ≠ d (32 → 64, 64 → 32): 0.35–0.39 at 0.078 and
-    0.67 at 0.35 (Adam 0.23–0.26, 0.54); C = 16, D = d = 48: 0.989 at 0.94 and 0.9943 at 3.5 (bcd's 0.9943), every
-    map on the planted det ±1 side. At the paper's size (N = 10,000, C = 150, D = d = 768) it takes under
+    ``method="auto"`` (default) takes ``"bcd"`` when there are at least 2·C·D training images, ``"adam"`` from
+    C·D/2 to 2·C·D, and below C·D/2 (the paper's 10,000 images for C = 150, D = 768 are 0.078·C·D) ``"dual"``
+    where its n × n kernel fits ``memory_gb`` (2·8·n² bytes: ~11,000 training images with the default 2 GiB)
+    and the fit runs in one process, else ``"joint"``. With fewer images than C·D the maps are not determined by
+    the data (C·D·d unknowns, n·d target values): each block of bcd's first sweep is solved exactly and fits the
+    noise of the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against
+    0.15 for the shared-map baseline), while the dual fit's minimum-norm joint solution and early-stopped descent
+    regularise. On planted data (``benchmarks/RESULTS.md``, 1,000 held-out images) the dual fit has the highest
+    held-out cosine of the four methods at every ratio measured, with exact isometries (penalty < 1e-11):
+    C = 150, D = d = 32: 0.362 at the paper's ratio 0.078 (joint 0.285, Adam 0.242), 0.686 at 0.35 (0.627,
+    0.554), 0.956 at 0.63 (0.912, 0.885); D = d = 64: 0.363 and 0.701 (Adam 0.235, 0.551); D ≠ d (32 → 64,
+    64 → 32): 0.35–0.39 at 0.078 and 0.67 at 0.35 (Adam 0.23–0.26, 0.54); and at the paper's size it takes under
     5 minutes on 2 CPU cores to a held-out cosine of 0.349 with exact isometries, where joint took 84 minutes to
-    0.249. Where the kernel does not fit (or under ``torch.distributed``): ``"bcd"`` with at least 2·C·D
-    training images, ``"joint"`` with fewer than C·D/2 and ``"adam"`` in between. With fewer images than C·D the
-    maps are not determined by the data (C·D·d unknowns, n·d target values): each block of bcd's first sweep is
-    solved exactly and fits the noise of the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine
-    0.08 after sweep 1 against 0.15 for the shared-map baseline), while the minimum-norm joint solution of the
-    dual fit and early-stopped joint descent regularise; of those two the dual fit generalises better.
+    0.249 and Adam 0.27 after an hour. From C·D/2 up, ``"auto"`` keeps Adam and bcd all the same: on the concept
+    world's real (small) ViTs, at 1.1–1.4·C·D, dual's maps reach Adam's held-out cosine (0.955–0.963) but keep
+    the components' property structure worse (26 instead of 29 of the 55 interpretation goals of
+    ``benchmarks/concept_world.py`` met); planted maps drawn independently per component do not show that.
     ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
@@ -1623,12 +1630,10 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     n_val_est = int(round(data.N * val_fraction)) if 0 < val_fraction < 1 else 0
     n_train_est = data.N - n_val_est
     dual_fits = _dual_bytes(n_train_est, n_val_est) <= memory_gb * 2 ** 30
-    if method == "auto":  # the dual fit where its kernel fits; else by how far the data determine the maps
+    if method == "auto":  # by how far the data determine the maps (see above)
         ratio = n_train_est / (data.C * data.D)
-        if dual_fits and not dist.info().active:
-            method = "dual"
-        else:
-            method = "bcd" if ratio >= _BCD_MIN_RATIO else "joint" if ratio < _JOINT_MAX_RATIO else "adam"
+        method = "bcd" if ratio >= _BCD_MIN_RATIO else "adam" if ratio >= _DUAL_MAX_RATIO else (
+            "dual" if dual_fits and not dist.info().active else "joint")
     elif method == "dual":
         if dist.info().active:
             raise InputError("method='dual' runs in one process (its n × n kernel couples every pair of training "
