@@ -190,24 +190,37 @@ def _planted_with(maps, N, seed=0, noise=0.0):
     return c, t
 
 
-@pytest.mark.parametrize("D,d", [(8, 8), (12, 8), (6, 10)])
-def test_bcd_recovers_planted_isometries(D, d):
-    """The default fitter recovers known maps with orthonormal columns (D ≥ d) or rows (D < d); for D = d half of
-    them have the other determinant than the shared closed-form start."""
+def _fit_planted_isometries(D, d, method):
+    """Known maps with orthonormal columns (D ≥ d) or rows (D < d) — for D = d half of them of the other determinant
+    than the shared closed-form start — exact targets, and ``method``'s fit of them: (c, t, maps, aligner, relative
+    map errors)."""
     _, _, maps = _planted(N=10, C=6, D=D, d=d, seed=4)
     if D == d:
         maps = _flip_half(maps)
     c, t = _planted_with(maps, N=1500)
-    al = fit_aligner(c, t, method="bcd", progress=False)
-    assert al.config["method"] == "bcd"
+    al = fit_aligner(c, t, method=method, progress=False)
+    assert al.config["method"] == method
+    return c, t, maps, al, (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+
+
+def _assert_planted_dets(c, t, maps, al):
+    """Some planted maps have the shared start's determinant sign and some the other (the hard case is really
+    there), and every fitted map has the planted one."""
+    start = torch.linalg.det(_shared_start(c, t)).sign()
+    truth = torch.linalg.det(maps).sign()
+    assert (truth != start).any() and (truth == start).any()
+    torch.testing.assert_close(torch.linalg.det(al.weight).sign(), truth)
+
+
+@pytest.mark.parametrize("D,d", [(8, 8), (12, 8), (6, 10)])
+def test_bcd_recovers_planted_isometries(D, d):
+    """The default fitter recovers known maps with orthonormal columns (D ≥ d) or rows (D < d); for D = d half of
+    them have the other determinant than the shared closed-form start."""
+    c, t, maps, al, rel = _fit_planted_isometries(D, d, "bcd")
     assert al.held_out_cosine >= 0.99 and al.held_out_cosine > al.init_cosine
-    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.02
     if D == d:
-        start = torch.linalg.det(_shared_start(c, t)).sign()
-        truth = torch.linalg.det(maps).sign()
-        assert (truth != start).any() and (truth == start).any()  # the hard case is really there
-        torch.testing.assert_close(torch.linalg.det(al.weight).sign(), truth)
+        _assert_planted_dets(c, t, maps, al)
     assert len(al.history) - 1 <= 20  # sweeps, not hundreds of epochs
 
 
@@ -219,19 +232,29 @@ def _shared_start(c, t):
     return torch.linalg.lstsq(s1, tn).solution[:-1].float()
 
 
-def test_bcd_near_isometries_and_noise():
-    """Maps that are only near-isometries, and noisy targets: the held-out cosine still reaches 0.99 and the maps
-    stay close to the planted ones (the penalty pulls them to isometries, so not exactly onto them)."""
+@pytest.fixture(scope="module")
+def near_isometries():
+    """Maps that are only near-isometries (half of them of the other determinant), noisy targets, and Adam's fit
+    of them as the reference."""
     g = torch.Generator().manual_seed(7)
     _, _, maps = _planted(N=10, C=5, D=10, d=10, seed=5)
     maps = _flip_half(maps) @ (torch.eye(10) + 0.03 * torch.randn(5, 10, 10, generator=g))
     c, t = _planted_with(maps, N=2000, noise=0.05)
-    al = fit_aligner(c, t, method="bcd", progress=False)
-    ada = fit_aligner(c, t, method="adam", progress=False)
+    return c, t, maps, fit_aligner(c, t, method="adam", progress=False)
+
+
+@pytest.mark.parametrize("method", ["bcd", "joint", "dual"])
+def test_near_isometries_and_noise(near_isometries, method):
+    """Near-isometries and noisy targets: the held-out cosine still reaches 0.99, no worse than Adam's, and the maps
+    stay close to the planted ones (the penalty pulls them to isometries, so not exactly onto them)."""
+    c, t, maps, ada = near_isometries
+    al = fit_aligner(c, t, method=method, progress=False)
     assert al.held_out_cosine >= 0.99
     assert al.held_out_cosine >= ada.held_out_cosine - 1e-4  # no worse than the reference
     rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.1
+    if method == "joint":  # the data see that these are no isometries
+        assert al.history[-1]["projected"] and not al.history[-1]["taken"]
 
 
 class _Shards:
@@ -432,14 +455,8 @@ def test_joint_recovers_planted_isometries(D, d):
     """L-BFGS on all maps at once recovers known maps with orthonormal columns (D ≥ d) or rows (D < d); for D = d
     half of them have the other determinant than the shared start, and the reflection candidates take them across
     (every map ends with the planted determinant)."""
-    _, _, maps = _planted(N=10, C=6, D=D, d=d, seed=4)
-    if D == d:
-        maps = _flip_half(maps)
-    c, t = _planted_with(maps, N=1500)
-    al = fit_aligner(c, t, method="joint", progress=False)
-    assert al.config["method"] == "joint"
+    c, t, maps, al, rel = _fit_planted_isometries(D, d, "joint")
     assert al.held_out_cosine >= 0.999 and al.held_out_cosine > al.init_cosine  # exact targets
-    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.05  # stopped once the held-out objective improves by < tol = 1e-5 per iteration
     if D == d:
         truth = torch.linalg.det(maps).sign()
@@ -452,21 +469,6 @@ def test_joint_recovers_planted_isometries(D, d):
     # the reported held-out cosine is that of the returned maps (brute force)
     val = _split(1500)
     assert al.held_out_cosine == pytest.approx(float(al.cosine(c[val], t[val]).mean()), abs=1e-5)
-
-
-def test_joint_near_isometries_and_noise():
-    """Near-isometries and noisy targets: held-out cosine ≥ 0.99, no worse than Adam's, maps close to the planted."""
-    g = torch.Generator().manual_seed(7)
-    _, _, maps = _planted(N=10, C=5, D=10, d=10, seed=5)
-    maps = _flip_half(maps) @ (torch.eye(10) + 0.03 * torch.randn(5, 10, 10, generator=g))
-    c, t = _planted_with(maps, N=2000, noise=0.05)
-    al = fit_aligner(c, t, method="joint", progress=False)
-    ada = fit_aligner(c, t, method="adam", progress=False)
-    assert al.held_out_cosine >= 0.99
-    assert al.held_out_cosine >= ada.held_out_cosine - 1e-4
-    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
-    assert rel.max() < 0.1
-    assert al.history[-1]["projected"] and not al.history[-1]["taken"]  # the data see that these are no isometries
 
 
 def test_joint_every_step_decreases_the_objective():
@@ -580,37 +582,14 @@ def test_dual_recovers_planted_isometries(D, d):
     """The dual fit (joint ridge in its n × n form, then polar factors) recovers known maps with orthonormal columns
     (D ≥ d) or rows (D < d); for D = d half of them have the other determinant than the shared start, the case
     where descent from that start can stop in the wrong det ±1 set: every map ends with the planted one."""
-    _, _, maps = _planted(N=10, C=6, D=D, d=d, seed=4)
-    if D == d:
-        maps = _flip_half(maps)
-    c, t = _planted_with(maps, N=1500)
-    al = fit_aligner(c, t, method="dual", progress=False)
-    assert al.config["method"] == "dual"
+    c, t, maps, al, rel = _fit_planted_isometries(D, d, "dual")
     assert al.held_out_cosine >= 0.999 and al.held_out_cosine > al.init_cosine  # exact targets
-    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
     assert rel.max() < 0.02
     if D == d:
-        start = torch.linalg.det(_shared_start(c, t)).sign()
-        truth = torch.linalg.det(maps).sign()
-        assert (truth != start).any() and (truth == start).any()  # the hard case is really there
-        torch.testing.assert_close(torch.linalg.det(al.weight).sign(), truth)
+        _assert_planted_dets(c, t, maps, al)
     assert al.history[1]["stage"] == "dual" and al.history[1]["isometric"]
     val = _split(1500)
     assert al.held_out_cosine == pytest.approx(float(al.cosine(c[val], t[val]).mean()), abs=1e-5)
-
-
-def test_dual_near_isometries_and_noise():
-    """Near-isometries and noisy targets: held-out cosine ≥ 0.99, no worse than Adam's, maps close to the planted."""
-    g = torch.Generator().manual_seed(7)
-    _, _, maps = _planted(N=10, C=5, D=10, d=10, seed=5)
-    maps = _flip_half(maps) @ (torch.eye(10) + 0.03 * torch.randn(5, 10, 10, generator=g))
-    c, t = _planted_with(maps, N=2000, noise=0.05)
-    al = fit_aligner(c, t, method="dual", progress=False)
-    ada = fit_aligner(c, t, method="adam", progress=False)
-    assert al.held_out_cosine >= 0.99
-    assert al.held_out_cosine >= ada.held_out_cosine - 1e-4
-    rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
-    assert rel.max() < 0.1
 
 
 def test_dual_stage_is_the_joint_ridge_solution(monkeypatch):

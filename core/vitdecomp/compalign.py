@@ -1608,15 +1608,16 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     noise of the others (planted N = 10,000, C = 150, D = d = 768: held-out cosine 0.08 after sweep 1 against
     0.15 for the shared-map baseline), while the dual fit's minimum-norm joint solution and early-stopped descent
     regularise. On planted data (``benchmarks/RESULTS.md``, 1,000 held-out images) the dual fit has the highest
-    held-out cosine of the four methods at every ratio measured, with exact isometries (penalty < 1e-11):
-    C = 150, D = d = 32: 0.362 at the paper's ratio 0.078 (joint 0.285, Adam 0.242), 0.686 at 0.35 (0.627,
-    0.554), 0.956 at 0.63 (0.912, 0.885); D = d = 64: 0.363 and 0.701 (Adam 0.235, 0.551); D ≠ d (32 → 64,
-    64 → 32): 0.35–0.39 at 0.078 and 0.67 at 0.35 (Adam 0.23–0.26, 0.54); and at the paper's size it takes under
-    5 minutes on 2 CPU cores to a held-out cosine of 0.349 with exact isometries, where joint took 84 minutes to
-    0.249 and Adam 0.27 after an hour. From C·D/2 up, ``"auto"`` keeps Adam and bcd all the same: on the concept
-    world's real (small) ViTs, at 1.1–1.4·C·D, dual's maps reach Adam's held-out cosine (0.955–0.963) but keep
-    the components' property structure worse (26 instead of 29 of the 55 interpretation goals of
-    ``benchmarks/concept_world.py`` met); planted maps drawn independently per component do not show that.
+    held-out cosine of the four methods at every ratio measured, with exact isometries (penalty < 1e-11) in 10 of
+    the 13 settings: C = 150, D = d = 32: 0.362 at the paper's ratio 0.078 (joint 0.285, Adam 0.242), 0.686 at
+    0.35 (0.627, 0.554), 0.956 at 0.63 (0.912, 0.885); D = d = 64: 0.363 and 0.701 (Adam 0.235, 0.551); D ≠ d
+    (32 → 64, 64 → 32): 0.35–0.39 at 0.078 and 0.66–0.67 at 0.35 (Adam 0.23–0.26, 0.54). At the paper's size it
+    takes under 5 minutes on 2 CPU cores to a held-out cosine of 0.349 with exact isometries, where joint took
+    84 minutes to 0.249 and Adam, after 76 minutes (33 epochs, still short of its own stop), had 0.275. From
+    C·D/2 up ``"auto"`` keeps Adam and bcd: on the concept world's small ViTs (1.1–1.4·C·D) the dual fit's maps
+    reach Adam's held-out cosine (0.956–0.960) but keep the components' property structure worse (26 instead of
+    29 of the 55 interpretation goals of ``benchmarks/concept_world.py``), which planted maps drawn independently
+    per component cannot show.
     ``config["method"]`` records the method used.
     """
     from tqdm.auto import tqdm
