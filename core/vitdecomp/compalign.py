@@ -819,12 +819,7 @@ def _masked_index(data: _Data, mask: torch.Tensor) -> torch.Tensor:
 def _component_group(data: _Data, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Contributions of components lo..hi−1 for the images where ``mask``, ``[n, hi − lo, D]`` in the source's
     dtype, read chunk by chunk (one pass over the cache)."""
-    parts = []
-    for k, (a, b) in enumerate(data.chunks):
-        local = torch.nonzero(mask[a:b]).flatten()
-        if local.numel():
-            parts.append(data.load(k)[:, lo:hi][local])
-    return torch.cat(parts)
+    return _component_rows(data, [mask], lo, hi, "cpu", data.dtype)[0].view(-1, hi - lo, data.D)
 
 
 _CG_STEPS = 4  # conjugate-gradient steps per block solve (the D·d system of one map)
@@ -1403,11 +1398,12 @@ def _dual_bytes(n_train: int, n_val: int) -> int:
     return 8 * (2 * n_train * n_train + n_val * n_train)
 
 
-def _component_rows(data: _Data, masks, lo: int, hi: int, device) -> List[torch.Tensor]:
-    """Contributions of components lo..hi−1 as float32 rows ``[n_k, (hi − lo)·D]``, one tensor per mask (images in
-    :func:`_masked_index` order), filled chunk by chunk: one read of the source for all masks."""
+def _component_rows(data: _Data, masks, lo: int, hi: int, device, dtype=torch.float32) -> List[torch.Tensor]:
+    """Contributions of components lo..hi−1 as rows ``[n_k, (hi − lo)·D]`` of ``dtype`` on ``device``, one tensor
+    per mask (images in :func:`_masked_index` order), filled chunk by chunk: one read of the source for all
+    masks."""
     sizes = [int(mk.sum()) for mk in masks]
-    out = [torch.empty(n, (hi - lo) * data.D, device=device) for n in sizes]
+    out = [torch.empty(n, (hi - lo) * data.D, device=device, dtype=dtype) for n in sizes]
     at = [0] * len(masks)
     for k, (a, b) in enumerate(data.chunks):
         locs = [torch.nonzero(mk[a:b]).flatten() for mk in masks]
@@ -1416,7 +1412,7 @@ def _component_rows(data: _Data, masks, lo: int, hi: int, device) -> List[torch.
         chunk = data.load(k)
         for j, loc in enumerate(locs):
             if loc.numel():
-                rows = to_device(chunk[loc][:, lo:hi], device, torch.float32)
+                rows = to_device(chunk[:, lo:hi][loc], device, dtype)
                 out[j][at[j]:at[j] + loc.numel()] = rows.reshape(loc.numel(), -1)
                 at[j] += loc.numel()
     return out
