@@ -1430,10 +1430,9 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     touching the contributions again; the best is taken), up to ``_DUAL_RESCALE`` solves at that strength on the
     targets scaled to the predictions' norms (kept while the held-out cosine rises: least squares on unit targets
     weighs every image alike, the cosine does not see the norm), and one pass for W. The data term's minimum-norm
-    fit is what
-    early-stopped descent from zero approaches, without the iterations; on planted data at the paper's ratio
-    (n = 0.078·C·D) it generalises far better than early-stopped descent from the shared start (joint) or Adam
-    (benchmarks/RESULTS.md). Its maps are shrunk far from isometries, so every map is then replaced by its polar
+    fit is what early-stopped descent from zero approaches, without the iterations; on planted data at the paper's
+    ratio (n = 0.078·C·D) it generalises far better than early-stopped descent from the shared start (joint) or
+    Adam (benchmarks/RESULTS.md). Its maps are shrunk far from isometries, so every map is then replaced by its polar
     factor (penalty 0) and the shared bias refitted on the training images (``_DUAL_BIAS_STEPS`` Gauss–Newton
     steps); of the two candidates, ridge and isometric, the one with the lower held-out objective (without a
     held-out split: training objective) is the result of this stage, recorded as ``history`` entry 1 (``alphas``:
@@ -1476,7 +1475,6 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     K = torch.where(upper, K, K.T)  # the lower blocks from their mirror images
     del upper, blocks
     tm = T.mean(0)
-    Tc = T - tm
     scale = float(K.diagonal().mean())
     if scale <= 0:
         raise InputError("fit_aligner(method='dual'): every training image has the same contributions (the "
@@ -1487,44 +1485,48 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
 
     L = torch.empty_like(K)  # the Cholesky factor, computed in place (only its lower triangle is read)
     info = torch.empty((), dtype=torch.int32, device=device)
-    alphas, best = {}, None
-    for a in (_DUAL_ALPHAS if m else (_DUAL_ALPHA,)):
+
+    def factor(a) -> bool:
+        """L ← the Cholesky factor of K + a·scale·I; False where that is numerically singular."""
         L.copy_(K)
         L.diagonal().add_(a * scale)
         torch.linalg.cholesky_ex(L, out=(L, info))
-        if int(info):  # numerically singular at this strength (n near or above C·D): try the next
+        return not int(info)
+
+    def solve(Tt):
+        """The ridge fit to targets Tt with the current factor: (A, intercept, training and held-out predictions,
+        held-out cosine)."""
+        mean = Tt.mean(0)
+        A = torch.cholesky_solve(Tt - mean, L)
+        Fv = Kv @ A + mean
+        return A, mean, K @ A + mean, mean_cos(Fv, Tv) if m else None
+
+    alphas, best = {}, None
+    for a in (_DUAL_ALPHAS if m else (_DUAL_ALPHA,)):
+        if not factor(a):  # numerically singular at this strength (n near or above C·D): try the next
             continue
-        A = torch.cholesky_solve(Tc, L)
-        cos = mean_cos(Kv @ A + tm, Tv) if m else None
-        alphas[a] = cos
-        if best is None or (m and cos > best[1]):
-            best = (a, cos, A)
+        sol = solve(T)
+        alphas[a] = sol[3]
+        if best is None or (m and sol[3] > best[1][3]):
+            best = (a, sol)
     if best is None:
         raise InputError(f"fit_aligner(method='dual'): the training kernel is singular at every ridge strength "
                          f"tried ({_DUAL_ALPHAS} × its mean eigenvalue); use method='bcd' or 'adam'")
-    alpha, ridge_cos, A = best
+    alpha, (A, tr_mean, Ft, ridge_cos) = best  # tr_mean: the ridge fit's intercept
     if _DUAL_RESCALE:  # the factor at the chosen strength, for the rescaled solves
-        L.copy_(K)
-        L.diagonal().add_(alpha * scale)
-        torch.linalg.cholesky_ex(L, out=(L, info))
-    tr_mean = tm  # the ridge fit's intercept: the mean of the targets it was fitted to
-    Ft = K @ A + tm
+        factor(alpha)
     train_ridge = mean_cos(Ft, T)
     rescaled = 0
     for _ in range(_DUAL_RESCALE):
         # The cosine ignores each prediction's norm, least squares on unit targets does not: refit to the targets
         # scaled to the current predictions' norms (the reweighting that bcd's Gauss–Newton step makes), kept
         # where the held-out cosine (without a split: the training cosine) rises.
-        Ts = T * Ft.norm(dim=1, keepdim=True)
-        tms = Ts.mean(0)
-        A2 = torch.cholesky_solve(Ts - tms, L)
-        F2 = K @ A2 + tms
+        A2, mean2, F2, cos2 = solve(T * Ft.norm(dim=1, keepdim=True))
         tr2 = mean_cos(F2, T)
-        cos2 = mean_cos(Kv @ A2 + tms, Tv) if m else None
         if not (cos2 > ridge_cos if m else tr2 > train_ridge):
             break
-        A, tr_mean, Ft, train_ridge, ridge_cos, rescaled = A2, tms, F2, tr2, cos2, rescaled + 1
-    del K, L
+        A, tr_mean, Ft, train_ridge, ridge_cos, rescaled = A2, mean2, F2, tr2, cos2, rescaled + 1
+    K = L = None  # free the n × n arrays before the pass for W (the closures above are done with them)
     A = A.float()
     W = torch.empty(C, D, d, device=device)
     for lo in groups:  # W = Xᵀ A, group by group
