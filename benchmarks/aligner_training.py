@@ -12,6 +12,7 @@ and max_i ‖G_i − I‖_F/√k (G_i the Gram matrix on the achievable side, k 
     # a cache (≈ N·C·D·2 bytes) under /tmp, then fits on it; delete it afterwards
     python benchmarks/aligner_training.py write /tmp/planted --n 10000 --c 150 --dim 768 --target-dim 768
     python benchmarks/aligner_training.py fit /tmp/planted --method dual --threads 2 --json dual.json
+    python benchmarks/aligner_training.py fit /tmp/planted --method dual --isometric --threads 2   # exact isometries
     python benchmarks/aligner_training.py fit /tmp/planted --method adam --threads 2 --json adam.json  # hours
     python benchmarks/aligner_training.py fit /tmp/planted --method joint --threads 2 --max-epochs 25 --json j.json
     python benchmarks/aligner_training.py adam-steps /tmp/planted --steps 3   # Adam's per-step time, extrapolated
@@ -118,7 +119,7 @@ def fit(path, method, **kw):
     wall, cpu = time.perf_counter() - t0, time.process_time() - p0
     pen, worst = _isometry(al.weight)
     rel = (al.weight - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
-    return {"method": method, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": len(al.history) - 1,
+    return {"method": method, "isometric": bool(kw.get("isometric")), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": len(al.history) - 1,
             "best": al.config["best_epoch"], "held_out_cosine": al.held_out_cosine, "baseline_cosine": al.init_cosine,
             "isometry_penalty": pen, "isometry_max_dev": worst, "map_error_median": float(rel.median()),
             "map_error_max": float(rel.max()), "stopped": al.config.get("stopped"),
@@ -497,6 +498,7 @@ def main(argv=None):
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--isometric", action="store_true", help="fit_aligner(isometric=True): exact isometries")
     p = sub.add_parser("adam-steps")
     p.add_argument("cache")
     p.add_argument("--steps", type=int, default=3)
@@ -551,7 +553,7 @@ def main(argv=None):
     elif args.cmd == "fit":
         if args.threads:
             torch.set_num_threads(args.threads)
-        res = fit(args.cache, args.method, max_epochs=args.max_epochs, progress=True)
+        res = fit(args.cache, args.method, max_epochs=args.max_epochs, isometric=args.isometric, progress=True)
         res["load_after"] = os.getloadavg()
         print(json.dumps(res))
         if args.json:

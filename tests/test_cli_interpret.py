@@ -195,6 +195,16 @@ def test_align_reports_baseline_and_method(workdir, capsys, tmp_path):
         assert f"held-out cosine {al.held_out_cosine:.4f} on 3 images" in text
         assert f"baseline, one shared linear map of the summed representation: {al.init_cosine:.4f}" in text
         assert f"best {dict(bcd='sweep', joint='iteration', dual='iteration', adam='epoch')[method]} " in text
+        assert al.config["isometric"] is False
+    out = tmp_path / "isometric.safetensors"
+    with pytest.warns(UserWarning, match="held out"):
+        assert main(["align", str(workdir / "cache"), "--out", str(out), "--method", "adam", "--epochs", "2",
+                     "--val-fraction", "0.25", "--isometric", "--quiet"]) == 0
+    al = Aligner.load(out)
+    assert al.config["isometric"] is True
+    gram = al.weight.transpose(1, 2) @ al.weight if al.weight.shape[1] >= al.weight.shape[2] else \
+        al.weight @ al.weight.transpose(1, 2)
+    torch.testing.assert_close(gram, torch.eye(gram.shape[-1]).expand_as(gram), atol=1e-5, rtol=0)
 
 
 def test_aligner_of_other_weights_refused_unless_no_model_check(workdir, capsys, tmp_path):

@@ -147,6 +147,8 @@ def test_config_validation_and_inputs():
         AlignConfig(val_fraction=1.0)
     with pytest.raises(InputError, match="batch_size"):
         AlignConfig(batch_size=0)
+    with pytest.raises(InputError, match="isometric must be True or False, got 'yes'"):
+        AlignConfig(isometric="yes")
     c, t, _ = _planted(N=20, C=2, D=4, d=4)
     with pytest.raises(MismatchError, match="N = 20"):
         fit_aligner(c, t[:10], progress=False)
@@ -649,7 +651,9 @@ def test_dual_streams_the_cache_in_component_groups():
     streamed = fit_aligner(src, method="dual", memory_gb=budget, max_epochs=2, tol=0.0, progress=False)
     in_memory = fit_aligner(c, t, method="dual", max_epochs=2, tol=0.0, progress=False)
     assert src.reads >= 2 * 2 * 5  # (kernel + maps) × 2 groups × 5 shards, before the refinement's passes
-    torch.testing.assert_close(streamed.weight, in_memory.weight, rtol=1e-4, atol=1e-5)
+    # Summation order differs (kernel blocks per group), and the ridge solve and two line searches amplify it: on
+    # one CPU (AMD EPYC, 2026-12-02) one entry of 144 differed by 1.9e-5 at the session's start commit.
+    torch.testing.assert_close(streamed.weight, in_memory.weight, rtol=1e-4, atol=5e-5)
     assert streamed.held_out_cosine == pytest.approx(in_memory.held_out_cosine, abs=1e-5)
 
 
@@ -686,3 +690,66 @@ def test_dual_progress_and_bad_input(capsys):
     same = torch.ones_like(c)
     with pytest.raises(InputError, match="the same contributions"):
         fit_aligner(same, t, method="dual", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------- isometric=True
+
+
+@pytest.fixture(scope="module")
+def off_isometric():
+    """C = 30 maps 16 → 8, 120 training images < C·D, noisy targets: data on which the dual fit's best penalised
+    iterate lies off the isometries (penalty ~4e-3, its isometric finish not taken)."""
+    _, _, maps = _planted(N=10, C=30, D=16, d=8, seed=0)
+    c, t = _planted_with(maps, N=500, noise=0.1, seed=0)
+    return c, t, _split(500, 0.76)
+
+
+def _polar_svd(W):
+    U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return (U @ Vh).float()
+
+
+@pytest.mark.parametrize("method", ["dual", "joint", "bcd", "adam"])
+def test_isometric_result_is_exact(off_isometric, method):
+    """isometric=True: every map has orthonormal columns (brute force), the reported held-out cosine is the
+    returned aligner's on the held-out images, the bias is a stationary point of the training objective given the
+    maps (autograd), the setting is saved, and the penalised fit's held-out objective is never above it (it chose
+    among candidates that include the isometric one)."""
+    c, t, val = off_isometric
+    kw = {"max_epochs": 40} if method == "adam" else {}
+    iso = fit_aligner(c, t, method=method, val_fraction=0.76, isometric=True, progress=False, **kw)
+    eye = torch.eye(8).expand(30, 8, 8)
+    torch.testing.assert_close(iso.weight.transpose(1, 2) @ iso.weight, eye, atol=1e-5, rtol=0)
+    assert iso.config["isometric"] is True and iso.config["method"] == method
+    assert iso.held_out_cosine == pytest.approx(float(iso.cosine(c[val], t[val]).mean()), abs=1e-5)
+    b = iso.bias.clone().requires_grad_(True)
+    f = torch.einsum("ncD,cDd->nd", c[~val], iso.weight) + b
+    loss = 1 - torch.nn.functional.cosine_similarity(f, t[~val], dim=-1).mean()
+    (g,) = torch.autograd.grad(loss, b)
+    f0 = torch.einsum("ncD,cDd->nd", c[~val], iso.weight)
+    b0 = torch.zeros_like(b, requires_grad=True)
+    (g0,) = torch.autograd.grad(1 - torch.nn.functional.cosine_similarity(f0 + b0, t[~val], dim=-1).mean(), b0)
+    assert float(g.norm()) < 1e-3 * float(g0.norm())
+    pen = fit_aligner(c, t, method=method, val_fraction=0.76, progress=False, **kw)
+    assert iso.held_out_cosine > iso.init_cosine
+    objective = lambda al: 1 - al.held_out_cosine + float(_penalty(al.weight))  # noqa: E731
+    if method in ("dual", "joint"):  # both saw the isometric candidate and kept the lower objective
+        assert objective(pen) <= objective(iso) + 1e-6
+    if method == "dual":
+        assert float(_penalty(pen.weight)) > 1e-4  # the data are what the test is about
+        stage = iso.history[1]
+        assert iso.held_out_cosine >= stage["polar"]["val_cosine"] - 1e-6  # never below the dual stage's isometries
+    if method == "adam":  # the same epochs, then the polar factors of the result
+        torch.testing.assert_close(iso.weight, _polar_svd(pen.weight), atol=2e-5, rtol=0)
+        assert iso.history[-1]["stage"] == "isometric" and iso.config["best_epoch"] == iso.history[-1]["epoch"]
+
+
+def test_isometric_save_load_and_progress(tmp_path, off_isometric, capsys):
+    c, t, _ = off_isometric
+    al = fit_aligner(c, t, method="bcd", val_fraction=0.76, isometric=True, progress=True)
+    out = capsys.readouterr().out
+    assert "CompAlign (isometric=True): polar factors of the result, bias refitted: held-out cosine" in out
+    al.save(tmp_path / "a.safetensors")
+    back = Aligner.load(tmp_path / "a.safetensors")
+    assert back.config["isometric"] is True
+    torch.testing.assert_close(back.weight, al.weight, rtol=0, atol=0)

@@ -30,6 +30,7 @@ _EPILOG_ALIGN = """examples:
   vitdecomp align cache/deit --out deit_to_vitl14.safetensors
   vitdecomp align cache/deit --out a.safetensors --lam 1 --epochs 20 --patience 2 --val-fraction 0.1
   vitdecomp align cache/deit --out a.safetensors --method dual --memory-gb 8   # the dual fit, up to ~23,000 training images
+  vitdecomp align cache/deit --out a.safetensors --isometric   # every map an exact isometry
   vitdecomp align cache/deit --out a.safetensors --method joint   # L-BFGS on all maps at once
   vitdecomp align cache/deit --out a.safetensors --method adam --epochs 200   # the stochastic-gradient reference
   vitdecomp align cache/clip --identity --out clip_identity.safetensors   # the analysed model is the CLIP model
@@ -176,7 +177,7 @@ def cmd_align(args) -> int:
                           method=args.method, batch_size=args.batch_size, max_epochs=args.epochs,
                           patience=args.patience, penalty_probes=args.penalty_probes,
                           penalty_warmup=args.penalty_warmup, tol=args.tol, memory_gb=args.memory_gb,
-                          device=args.device, progress=not args.quiet)
+                          isometric=args.isometric, device=args.device, progress=not args.quiet)
     aligner.save(args.out)
     held = "n/a" if aligner.held_out_cosine is None else f"{aligner.held_out_cosine:.4f}"
     init = "n/a" if aligner.init_cosine is None else f"{aligner.init_cosine:.4f}"
@@ -442,6 +443,10 @@ def add_commands(subparsers) -> None:
                    help="bcd: GiB of contributions held at once (components are read in groups that fit); joint: "
                         "GiB for its L-BFGS history (up to 5 pairs of map-sized vectors); dual: GiB for its float64 "
                         "n × n kernel and Cholesky factor (auto takes dual only where they fit)")
+    p.add_argument("--isometric", action="store_true",
+                   help="every map an exact isometry (polar factors, bias refitted): the constrained problem the "
+                        "penalty relaxes; by default the best of the penalised objective, which may trade a small "
+                        "isometry deviation for held-out cosine")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--penalty-probes", type=int, default=None,
                    help="estimate the isometry penalty with this many random probes (faster for large D, d)")

@@ -71,7 +71,9 @@ Training differs from the paper's script in ways that make the defaults converge
   :class:`AlignConfig`); the step is halved every second epoch without improvement;
 - a held-out split (``val_fraction``) decides early stopping (``patience`` sweeps/epochs in which the held-out
   objective fell by less than ``tol``) and the best state is kept; the held-out cosine is reported and saved.
-  Fewer than 50 held-out images are warned about: their mean cosine says little.
+  Fewer than 50 held-out images are warned about: their mean cosine says little;
+- ``isometric=True`` makes every returned map an exact isometry (the constrained problem the penalty relaxes):
+  the best isometric candidate the fitter saw, or the polar factors of its result with the bias refitted.
 
 The result is an :class:`Aligner`; :meth:`Aligner.save` writes safetensors plus JSON metadata (analysed model,
 component names, CLIP model, configuration, held-out cosine), :meth:`Aligner.load` reads it back. When the analysed
@@ -119,6 +121,11 @@ def _fraction(instance, attribute, value):
         raise InputError(f"{attribute.name} must be in [0, 1), got {value!r}")
 
 
+def _boolean(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise InputError(f"{attribute.name} must be True or False, got {value!r}")
+
+
 def _method(instance, attribute, value):
     if value not in _METHODS:
         raise InputError(f"method must be one of {_METHODS}, got {value!r}")
@@ -164,6 +171,12 @@ class AlignConfig:
     Cholesky factor (2·8·n² bytes plus the held-out rows; ``"auto"`` takes ``dual`` only where they fit, an
     explicit ``method="dual"`` that does not fit is an error); besides them it holds the float32 contributions
     of one component group of at most half of ``memory_gb``, and its refinement the L-BFGS history as ``joint``.
+    ``isometric``: False (default) returns the best state of the penalised objective, which can lie slightly off
+    the isometries where that buys held-out cosine (the penalty is a soft constraint); True returns exact
+    isometries (penalty ~1e-12): ``dual`` and ``joint`` the better, by the held-out objective, of their isometric
+    finish (the polar factors of the best iterate, bias refitted) and an isometric start (``dual``'s polar stage),
+    taken whatever the penalised iterates reached; ``adam`` and ``bcd`` the polar factors of their result with the
+    bias refitted (one more pass, one more ``history`` entry, ``stage: "isometric"``).
     """
 
     lam: float = attrs.field(default=1.0, validator=_non_negative)
@@ -180,6 +193,7 @@ class AlignConfig:
     penalty_warmup: int = attrs.field(default=20, validator=_non_negative)
     tol: float = attrs.field(default=1e-5, validator=_non_negative)
     memory_gb: float = attrs.field(default=2.0, validator=_positive)
+    isometric: bool = attrs.field(default=False, validator=_boolean)
 
 
 def _first_difference(got: Sequence[str], expected: Sequence[str]) -> str:
@@ -810,6 +824,22 @@ def _bias_block(F, T, b, n_total, reduce):
     return v0 - v1
 
 
+def _project(passes, T, W, b, n_total, reduce, steps: int):
+    """The exact-isometry candidate of (W, b): every map replaced by its polar factor (:func:`_polar`: orthonormal
+    columns, or rows when D < d; penalty 0) and the shared bias refitted on the training images by up to ``steps``
+    Gauss–Newton steps (:func:`_bias_block`). One pass over the source. Returns (Wp, bp, F, Fv, training 1 − cos):
+    the predictions for this rank's training and held-out images at (Wp, bp)."""
+    C, D, d = W.shape
+    Wp, bp = _polar(W), b.detach().clone()
+    F, Fv = passes.apply(Wp.view(C * D, d), bp)
+    for _ in range(steps):
+        if _bias_block(F, T, bp, n_total, reduce) < 1e-9:
+            break
+    Fv.add_(bp - b.detach())  # Fv was computed with the bias before its refit
+    cos_sum = torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)
+    return Wp, bp, F, Fv, 1.0 - float(reduce(cos_sum[None])[0]) / n_total
+
+
 
 def _masked_index(data: _Data, mask: torch.Tensor) -> torch.Tensor:
     """Global indices of the images where ``mask``, in the order :func:`_batches` (unshuffled) yields them."""
@@ -858,6 +888,11 @@ class _Best:
         if count:
             self.bad += 1
         return False
+
+    def take(self, obj, cos, epoch, W, b) -> None:
+        """Make this state the result, whatever its objective (``isometric=True`` chose it)."""
+        self.obj, self.cos, self.epoch, self.bad = obj, cos, epoch, 0
+        self.state = (W.detach().clone(), b.detach().clone())
 
     def last(self, epoch, W, b) -> None:
         """Without a held-out split the latest iterate is the result."""
@@ -975,6 +1010,7 @@ def _fit_bcd(data, targets, local_train, local_val, W, b, cfg, device, progress,
 # "Joint L-BFGS at C = 150"); `aligner_training.py schedules --runs joint-reset` sets it to measure.
 _RAMP_RESET = False
 _ISO_FINISH = True  # joint: try the exact-isometry candidate after descent (see _fit_joint)
+_EXACT = 1e-9  # an isometry penalty below this is an exact isometry up to float32 rounding (isometric=True)
 _LBFGS_HISTORY = 5  # L-BFGS correction pairs kept (fewer when memory_gb cannot hold them; at least 1)
 _FLIP_ROUNDS = 5  # D = d: rounds of reflection candidates, each where descent has stopped (see _fit_joint)
 _TRAPPED = 3.0  # a map counts as trapped in the wrong det ±1 set when its data-term signature exceeds this
@@ -1129,7 +1165,10 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
     descent steps and was measured worse at every size). After descent one more pass evaluates the exact-isometry
     candidate (``_ISO_FINISH``): the best iterate's maps replaced by their polar factors, the bias refitted; it is
     taken when it lowers the held-out objective (the training objective without a held-out split) and recorded in
-    the history either way (``projected``, ``taken``). Returns (best_state, best_epoch, best_cos, stop_reason)."""
+    the history either way (``projected``, ``taken``); with ``cfg.isometric`` it is taken unless an isometric start
+    (penalty < ``_EXACT``) has the lower objective, which is then the result, and the bias gets
+    ``_DUAL_BIAS_STEPS`` Gauss–Newton steps instead of one. Returns (best_state, best_epoch, best_cos,
+    stop_reason)."""
     from tqdm.auto import tqdm
 
     from . import distributed as dist
@@ -1236,6 +1275,10 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
         off = int(first["epoch"])
         best = _Best(W, b, first["val_objective"] if n_val else float("inf"), first.get("val_cosine"), cfg.tol)
         best.epoch = off
+        iso_start = None  # (objective, held-out cosine, epoch, W, b) of a start that is an exact isometry
+        if cfg.isometric and first.get("penalty") is not None and first["penalty"] < _EXACT:
+            start_obj = first["val_objective"] if n_val else first["train_loss"] + cfg.lam * first["penalty"]
+            iso_start = (start_obj, first.get("val_cosine"), off, W.clone(), b.clone())
         reason = "max_epochs"
         t_start = time.perf_counter()
         bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="iteration",
@@ -1322,31 +1365,37 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
                 reason = "no held-out improvement" if n_val else "no training improvement"
                 break
         bar.close()
-        if _ISO_FINISH and cfg.lam > 0:
+        if (_ISO_FINISH and cfg.lam > 0) or cfg.isometric:
             # The exact-isometry candidate: every map of the best iterate replaced by its nearest isometry (polar
             # factor: orthonormal columns, or rows when D < d; penalty 0) and the bias refitted. One pass. Kept when
             # it lowers the held-out objective (without a held-out split: the training objective). Where the maps
             # are underdetermined the fit lies off the isometries by more than the data can tell, and the candidate
             # is taken (planted C = 150, D = d = 32 and 64 at 0.35·C·D, 32 at 0.63·C·D; RESULTS.md).
-            Wb, bb = best.state
-            Wp, bp = _polar(Wb), bb.clone()
-            F, Fv = passes.apply(Wp.view(C * D, d), bp)
-            _bias_block(F, T, bp, n_total, reduce)
-            Fv.add_(bp - bb)  # Fv was computed with the bias before its refit
+            Wp, bp, F, Fv, tr = _project(passes, T, *best.state, n_total, reduce,
+                                         _DUAL_BIAS_STEPS if cfg.isometric else 1)
             pen = float(_penalty(Wp))
-            cos_sum = torch.nn.functional.cosine_similarity(F, T, dim=-1).sum(dtype=torch.float64)
-            tr = 1.0 - float(reduce(cos_sum[None])[0]) / n_total
-            entry = {"epoch": off + it + 1, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": tr,
+            ep = off + it + 1
+            entry = {"epoch": ep, "seconds": round(time.perf_counter() - t_start, 3), "train_loss": tr,
                      "lam": cfg.lam, "projected": True, "penalty": pen}
             if n_val:
                 cos = val_cos()
                 obj = 1.0 - cos + cfg.lam * pen
-                entry.update(val_objective=obj, val_cosine=cos, taken=best.held_out(obj, cos, off + it + 1, Wp, bp,
-                                                                                    count=False))
+                entry.update(val_objective=obj, val_cosine=cos)
+            if cfg.isometric:
+                # Exact isometries asked for: the better of this candidate and an isometric start (the dual
+                # stage's polar factors), whatever the penalised iterates reached.
+                here = obj if n_val else tr + cfg.lam * pen
+                entry["taken"] = iso_start is None or here <= iso_start[0]
+                if entry["taken"]:
+                    best.take(obj if n_val else here, cos if n_val else None, ep, Wp, bp)
+                else:
+                    best.take(*iso_start)
+            elif n_val:
+                entry["taken"] = best.held_out(obj, cos, ep, Wp, bp, count=False)
             else:
                 entry["taken"] = tr + cfg.lam * pen < history[-1]["train_loss"] + cfg.lam * history[-1]["penalty"]
                 if entry["taken"]:
-                    best.last(off + it + 1, Wp, bp)
+                    best.last(ep, Wp, bp)
             history.append(entry)
             if progress and di.rank == 0:
                 vc = f", held-out cosine {entry['val_cosine']:.5f}" if n_val else ""
@@ -1586,7 +1635,7 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
                 val_fraction: float = 0.1, method: str = "auto", lr: Optional[float] = None, batch_size: int = 256,
                 max_epochs: Optional[int] = None, patience: Optional[int] = None, weight_decay: float = 0.0,
                 ridge: float = 1e-3, penalty_probes: Optional[int] = None, penalty_warmup: Optional[int] = None,
-                tol: float = 1e-5, memory_gb: float = 2.0, device="cpu",
+                tol: float = 1e-5, memory_gb: float = 2.0, isometric: bool = False, device="cpu",
                 names: Optional[Sequence[str]] = None,
                 model_name: Optional[str] = None, clip_model: Optional[str] = None,
                 progress: bool = True) -> Aligner:
@@ -1648,7 +1697,7 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
                       patience=defaults[1] if patience is None else patience, val_fraction=val_fraction,
                       ridge=ridge, seed=seed, penalty_probes=penalty_probes,
                       penalty_warmup=defaults[2] if penalty_warmup is None else penalty_warmup, tol=tol,
-                      memory_gb=memory_gb)
+                      memory_gb=memory_gb, isometric=isometric)
     if targets is None:
         targets = data.targets
         if targets is None:
@@ -1717,8 +1766,33 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     history.append({"epoch": 0, "train_loss": None, "val_objective": best_obj if n_val else None,
                     "val_cosine": init_cos, "penalty": pen0})
 
+    def exact(Wb, bb, best_cos):
+        """``isometric=True``: the result's maps replaced by their polar factors and the bias refitted (one pass
+        over the source), recorded as one more history entry."""
+        reduce = dist.all_reduce_sum if di.active else (lambda t: t)
+        passes = _Passes(data, local_train, local_val, device)
+        T = to_device(targets[_masked_index(data, local_train)], device)
+        n_total = float(reduce(torch.tensor([float(passes.n_train)], dtype=torch.float64))[0])
+        with torch.no_grad():
+            Wp, bp, _, Fv, tr = _project(passes, T, Wb.detach(), bb.detach(), n_total, reduce, _DUAL_BIAS_STEPS)
+            pen = float(_penalty(Wp))
+            cos = None
+            if n_val:
+                Tv = to_device(targets[_masked_index(data, local_val)], device)
+                cos_sum = torch.nn.functional.cosine_similarity(Fv, Tv, dim=-1).sum(dtype=torch.float64)
+                cos = float(reduce(cos_sum[None])[0]) / n_val
+        entry = {"epoch": int(history[-1]["epoch"]) + 1, "stage": "isometric", "train_loss": tr, "penalty": pen,
+                 "val_cosine": cos, "val_objective": 1.0 - cos + lam * pen if n_val else None}
+        history.append(entry)
+        if progress and di.rank == 0 and n_val:
+            print(f"CompAlign (isometric=True): polar factors of the result, bias refitted: held-out cosine "
+                  f"{cos:.5f} (was {best_cos:.5f}), isometry penalty {pen:.2e}")
+        return Wp, bp, entry["epoch"], cos
+
     def result(best_state, best_epoch, best_cos, stop):
         Wb, bb = best_state
+        if cfg.isometric and float(_penalty(Wb.detach())) >= _EXACT:
+            Wb, bb, best_epoch, best_cos = exact(Wb, bb, best_cos)
         config = attrs.asdict(cfg)
         config.update(best_epoch=best_epoch, n_train=int(train_mask.sum()), n_val=n_val,
                       penalty_side="WtW" if D >= d else "WWt", stopped=stop, method_requested=requested)
