@@ -45,6 +45,8 @@ SCRIPT = textwrap.dedent('''
     W0, b0 = _closed_form(_Data.of(cache), targets, mask, 1e-3, 1024, "cpu")
     aligner = vitdecomp.fit_aligner(cache, targets, max_epochs=3, penalty_warmup=1, progress=False, val_fraction=0.3,
                                     method="adam")
+    iso = vitdecomp.fit_aligner(cache, targets, max_epochs=3, penalty_warmup=1, progress=False, val_fraction=0.3,
+                                method="adam", isometric=True)
     bcd = vitdecomp.fit_aligner(cache, targets, max_epochs=2, progress=False, val_fraction=0.3, method="bcd")
     joint = vitdecomp.fit_aligner(cache, targets, max_epochs=3, progress=False, val_fraction=0.3, method="joint")
     auto = vitdecomp.fit_aligner(cache, targets, max_epochs=1, progress=False, val_fraction=0.3).config["method"]
@@ -55,6 +57,7 @@ SCRIPT = textwrap.dedent('''
         dual = str(e)
     torch.save({"auto": auto, "dual": dual, "W_joint": joint.weight, "cos_joint": joint.held_out_cosine, "hist_joint": joint.history,"means": means, "va": acc.variance_attributed("p"), "W0": W0, "b0": b0, "W": aligner.weight,
                 "cos": aligner.held_out_cosine, "W_bcd": bcd.weight, "cos_bcd": bcd.held_out_cosine,
+                "W_iso": iso.weight, "b_iso": iso.bias, "cos_iso": iso.held_out_cosine,
                 "world": info.world_size}, f"{out}/rank{info.rank}.pt")
     print("done", info.rank, info.world_size)
 ''')
@@ -108,6 +111,13 @@ def test_statistics_reduce_across_ranks(runs):
     # data-parallel refinement: both ranks apply identical updates
     torch.testing.assert_close(r0["W"], r1["W"], rtol=0, atol=0)
     assert r0["cos"] == r1["cos"]
+    # isometric=True: the polar factors of that result, the bias refitted and the held-out cosine summed across
+    # ranks, the same on both
+    torch.testing.assert_close(r0["W_iso"], r1["W_iso"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["b_iso"], r1["b_iso"], rtol=0, atol=0)
+    assert r0["cos_iso"] == r1["cos_iso"] and r0["cos_iso"] is not None
+    U, _, Vh = torch.linalg.svd(r0["W"].double(), full_matrices=False)
+    torch.testing.assert_close(r0["W_iso"], (U @ Vh).float(), rtol=0, atol=2e-5)
     # block-coordinate sweeps: per-block statistics all-reduced, so both ranks take the same steps (8 training
     # images for D = 192 make each block singular, so the single process's maps, summed in another order, are not
     # compared: the line search's choice is not continuous there)
