@@ -1149,7 +1149,7 @@ def _line_min(F, U, T, pen, n_total, reduce, a0):
 
 
 def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history,
-               start_shared: bool = True, desc: str = "CompAlign (joint)"):
+               start_shared: bool = True, desc: str = "CompAlign (joint)", predictions=None):
     """L-BFGS on all maps and the bias at once (the ``method="joint"`` path of :func:`fit_aligner`).
 
     The objective is fit_aligner's: mean_x [1 − cos(f(x), t(x))] over the training images plus
@@ -1188,9 +1188,11 @@ def _fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progres
     dot = lambda x, y: float(torch.dot(x[0].flatten(), y[0].flatten())) + float(torch.dot(x[1], y[1]))  # noqa: E731
 
     with torch.no_grad():
-        if start_shared:  # every map starts as the shared W_0
+        if predictions is not None:  # the start's predictions, computed by the caller (method="dual")
+            F, Fv = predictions
+        elif start_shared:  # every map starts as the shared W_0
             F, Fv = passes.apply(W[0], b, shared=True)
-        else:  # a start with maps of their own (method="dual"'s refinement)
+        else:  # a start with maps of their own
             F, Fv = passes.apply(W.view(C * D, d), b)
 
         def gradient(mu):
@@ -1486,7 +1488,8 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     steps); of the two candidates, ridge and isometric, the one with the lower held-out objective (without a
     held-out split: training objective) is the result of this stage, recorded as ``history`` entry 1 (``alphas``:
     held-out cosine per strength). Components are read in groups that fit ``memory_gb`` (one read of the
-    source per group for the kernel, one for W). Returns (W, b)."""
+    source per group for the kernel, one for W). Returns (W, b, predictions): the training and held-out images'
+    predictions at the isometric start, for the refinement (no pass to recompute them); None for the ridge one."""
     from tqdm.auto import tqdm
 
     C, D, d = data.C, data.D, targets.shape[1]
@@ -1615,6 +1618,7 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
         obj_r, obj_i = 1 - train_ridge + lam * pen_ridge, 1 - train_iso + lam * pen_iso
     iso = obj_i <= obj_r
     Wb, bb = (P, bp) if iso else (W, b_ridge)
+    predictions = (F, Fv) if iso else None  # the refinement's start predictions: no pass to recompute them
     entry = {"epoch": 1, "seconds": round(time.perf_counter() - t0, 3), "stage": "dual", "alpha": alpha,
              "alphas": {str(k): v for k, v in alphas.items()}, "train_loss": 1 - (train_iso if iso else train_ridge),
              "lam": lam, "isometric": iso, "penalty": pen_iso if iso else pen_ridge,
@@ -1628,7 +1632,7 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
               if m else f"training cosine ridge {train_ridge:.5f}, isometric {train_iso:.5f}")
         print(f"CompAlign (dual): {vc}; isometry penalty ridge {pen_ridge:.2e}, isometric {pen_iso:.2e}; "
               f"kept the {'isometric' if iso else 'ridge'} maps ({entry['seconds']:.0f} s)")
-    return Wb.contiguous(), bb.contiguous()
+    return Wb.contiguous(), bb.contiguous(), predictions
 
 
 def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: float = 1.0, seed: int = 0,
@@ -1817,9 +1821,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
         return result(*_fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history))
     if cfg.method == "dual":
         with torch.no_grad():
-            W, b = _fit_dual(data, targets, local_train, local_val, cfg, device, progress, history)
+            W, b, start = _fit_dual(data, targets, local_train, local_val, cfg, device, progress, history)
         return result(*_fit_joint(data, targets, local_train, local_val, W, b, cfg, device, progress, history,
-                                  start_shared=False, desc="CompAlign (dual, refinement)"))
+                                  start_shared=False, desc="CompAlign (dual, refinement)", predictions=start))
     best = _Best(W, b, best_obj, init_cos, cfg.tol)
     t_start = time.perf_counter()
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="CompAlign (adam)", unit="epoch",
