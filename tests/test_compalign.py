@@ -623,6 +623,12 @@ def test_dual_stage_is_the_joint_ridge_solution(monkeypatch):
 
     for a, cos in stage["alphas"].items():
         assert cos == pytest.approx(ridge(a, T[~val])[2], abs=1e-5)
+    # The strengths tried: the grid from the weakest up, to the end or to the first one worse than the best before.
+    tried, curve = [float(a) for a in stage["alphas"]], list(stage["alphas"].values())
+    assert tried == list(ca._DUAL_ALPHAS[:len(tried)])
+    assert all(curve[k] > max(curve[:k]) for k in range(1, len(curve) - 1))
+    if len(tried) < len(ca._DUAL_ALPHAS):
+        assert len(tried) >= 2 and curve[-1] <= max(curve[:-1])
     best = max(stage["alphas"], key=stage["alphas"].get)
     assert float(best) == stage["alpha"]
     W, m, cos = ridge(best, T[~val])

@@ -1435,7 +1435,8 @@ def _polar(W: torch.Tensor, group: int = 16) -> torch.Tensor:
 # Ridge strengths tried by the dual fit, in units of the training kernel's mean eigenvalue tr(K)/n; the held-out
 # split picks one (without one: _DUAL_ALPHA). On the planted problems of benchmarks/RESULTS.md the best lay at
 # 0.001–0.03 for every shape and ratio measured (0.078–3.5·C·D, full size included) and the held-out cosine varied
-# by < 0.001 between 1e-3 and 3e-2, falling from 0.1 on.
+# by < 0.001 between 1e-3 and 3e-2, falling from 0.1 on. So the search goes from the weakest up and stops at the
+# first strength that is worse than the best so far (at full size: two factorisations instead of six).
 _DUAL_ALPHAS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 _DUAL_ALPHA = 1e-2
 _DUAL_ROWS = 2048  # rows per block of the kernel's blockwise products (only the upper triangle is computed)
@@ -1476,9 +1477,10 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     With n training images and fewer of them than C·D unknowns per output coordinate, the joint least-squares
     problem min ‖X W − T‖² + α‖W‖² over all maps at once (X [n, C·D] the centred contributions, T the centred
     targets) has the solution W = Xᵀ (K + α I)⁻¹ T with the n × n kernel K = X Xᵀ: one pass of kernel products
-    (n²·C·D/2 multiply-adds, the upper triangle only), a Cholesky solve of the n × n system for each ridge
-    strength in ``_DUAL_ALPHAS`` (the held-out rows of the kernel give every strength's held-out cosine without
-    touching the contributions again; the best is taken), up to ``_DUAL_RESCALE`` solves at that strength on the
+    (n²·C·D/2 multiply-adds, the upper triangle only), a Cholesky solve of the n × n system for the ridge
+    strengths in ``_DUAL_ALPHAS`` from the weakest up (the held-out rows of the kernel give each strength's
+    held-out cosine without touching the contributions again; the search stops at the first strength whose
+    held-out cosine is below the best so far, and the best is taken), up to ``_DUAL_RESCALE`` solves at that strength on the
     targets scaled to the predictions' norms (kept while the held-out cosine rises: least squares on unit targets
     weighs every image alike, the cosine does not see the norm), and one pass for W. The data term's minimum-norm
     fit is what early-stopped descent from zero approaches, without the iterations; on planted data at the paper's
@@ -1537,21 +1539,24 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
 
     L = torch.empty_like(K)  # the Cholesky factor, computed in place (only its lower triangle is read)
     info = torch.empty((), dtype=torch.int32, device=device)
+    factored = [None]  # the strength L is the factor at
 
     def factor(a) -> bool:
         """L ← the Cholesky factor of K + a·scale·I; False where that is numerically singular."""
         L.copy_(K)
         L.diagonal().add_(a * scale)
         torch.linalg.cholesky_ex(L, out=(L, info))
+        factored[0] = a
         return not int(info)
 
     def solve(Tt):
         """The ridge fit to targets Tt with the current factor: (A, intercept, training and held-out predictions,
-        held-out cosine)."""
+        held-out cosine). The training predictions need no product with K: (K + a·scale·I)·A = Tt − mean, so
+        K·A + mean = Tt − a·scale·A."""
         mean = Tt.mean(0)
         A = torch.cholesky_solve(Tt - mean, L)
         Fv = Kv @ A + mean
-        return A, mean, K @ A + mean, mean_cos(Fv, Tv) if m else None
+        return A, mean, Tt - factored[0] * scale * A, mean_cos(Fv, Tv) if m else None
 
     alphas, best = {}, None
     for a in (_DUAL_ALPHAS if m else (_DUAL_ALPHA,)):
@@ -1561,11 +1566,13 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
         alphas[a] = sol[3]
         if best is None or (m and sol[3] > best[1][3]):
             best = (a, sol)
+        elif m:  # the held-out cosine fell: stronger ridges are not tried (RESULTS.md: it falls from here on)
+            break
     if best is None:
         raise InputError(f"fit_aligner(method='dual'): the training kernel is singular at every ridge strength "
                          f"tried ({_DUAL_ALPHAS} × its mean eigenvalue); use method='bcd' or 'adam'")
     alpha, (A, tr_mean, Ft, ridge_cos) = best  # tr_mean: the ridge fit's intercept
-    if _DUAL_RESCALE:  # the factor at the chosen strength, for the rescaled solves
+    if _DUAL_RESCALE and factored[0] != alpha:  # the factor at the chosen strength, for the rescaled solves
         factor(alpha)
     train_ridge = mean_cos(Ft, T)
     rescaled = 0
