@@ -1489,7 +1489,7 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     factor (penalty 0) and the shared bias refitted on the training images (``_DUAL_BIAS_STEPS`` Gauss–Newton
     steps); of the two candidates, ridge and isometric, the one with the lower held-out objective (without a
     held-out split: training objective) is the result of this stage, recorded as ``history`` entry 1 (``alphas``:
-    held-out cosine per strength). Components are read in groups that fit ``memory_gb`` (one read of the
+    held-out cosine per strength tried). Components are read in groups that fit ``memory_gb`` (one read of the
     source per group for the kernel, one for W). Returns (W, b, predictions): the training and held-out images'
     predictions at the isometric start, for the refinement (no pass to recompute them); None for the ridge one."""
     from tqdm.auto import tqdm
