@@ -1,14 +1,17 @@
 """One prepared GPU run (for a lent GPU machine): correctness of the CUDA path and the issue-#8 throughput figures.
 
     python benchmarks/gpu_check.py                 # ≈ 5–8 min on one H100/H200
-    python benchmarks/gpu_check.py --quick         # correctness only
+    python benchmarks/gpu_check.py --quick         # correctness only (CompAlign without the full-size fit)
 
 1. Correctness on CUDA: every built-in family (tiny random models) decomposes exactly in float32 on the GPU
    (error ≤ 1e-5) and agrees with the CPU decomposition; bf16 autocast reports its error against float32; with
    ``torch.cuda.set_sync_debug_mode("error")`` a decomposition (every granularity) raises on any host
    synchronisation — the real-GPU counterpart of the simulated-CUDA tests.
 2. Extraction on CUDA (pinned loading, asynchronous copies): the cache equals a CPU extraction's.
-3. Throughput (images/s) of extraction versus a plain forward at batch 64/128/256 for ViT-B/16, Swin-B and
+3. CompAlign on CUDA: every fitter (dual, joint, bcd, adam) on a planted problem keeps its maps on the GPU (peak
+   allocation at least the maps' size) and ends within 5e-3 held-out cosine of the CPU fit; the full-size dual fit
+   (N = 10,000, C = 150, D = 384 → d = 768, ``isometric=True``) timed on the GPU.
+4. Throughput (images/s) of extraction versus a plain forward at batch 64/128/256 for ViT-B/16, Swin-B and
    MaxViT-S, fp32 and bf16 (target: ≥ 0.8× the plain forward's throughput at component level).
 Prints one JSON line per measurement; paste the table into benchmarks/RESULTS.md with the GPU's name.
 """
@@ -93,6 +96,52 @@ def extraction_equal() -> None:
     assert diff <= 1e-4
 
 
+def aligners(device: str = "cuda", full: bool = True, size=(3000, 8, 32, 32)) -> list:
+    """Every CompAlign fitter on ``device`` against the CPU on planted data (``aligner_training.planted``); with
+    ``full`` also the full-size dual fit on the device, timed. Returns the records it prints."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import aligner_training as A
+
+    import vitdecomp
+
+    cuda = torch.device(device).type == "cuda"
+    N, C, D, d = size
+    c, t, _, _ = A.planted(N, C, D, d)
+    records = []
+    for method in ("dual", "joint", "bcd", "adam"):
+        kw = {"method": method, "progress": False, "max_epochs": 30}
+        ref = vitdecomp.fit_aligner(c, t, device="cpu", **kw)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        got = vitdecomp.fit_aligner(c, t, device=device, **kw)
+        wall = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        rec = {"check": "compalign-device", "device": device, "method": method, "wall_s": round(wall, 2),
+               "held_out_cosine": got.held_out_cosine, "cpu_held_out_cosine": ref.held_out_cosine,
+               "peak_device_bytes": peak, "map_bytes": C * D * d * 4}
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+        assert abs(got.held_out_cosine - ref.held_out_cosine) <= 5e-3, rec
+        assert not cuda or peak >= C * D * d * 4, rec  # the maps lived on the device
+    if full:
+        c, t, _, _ = A.planted(10_000, 150, 384, 768)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        al = vitdecomp.fit_aligner(c, t, method="dual", isometric=True, device=device, progress=False)
+        rec = {"check": "compalign-full-size", "device": device, "shape": "N 10000, C 150, 384 -> 768",
+               "wall_s": round(time.perf_counter() - t0, 1), "held_out_cosine": al.held_out_cosine,
+               "isometry_penalty": A._isometry(al.weight)[0]}
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    return records
+
+
 def throughput(batches, dtypes, n_batches: int) -> None:
     import timm
 
@@ -142,6 +191,7 @@ def main() -> None:
     require_device("cuda")  # this script is the GPU check: it says clearly when there is no GPU
     correctness()
     extraction_equal()
+    aligners("cuda", full=not args.quick)
     if not args.quick:
         throughput(args.batches, ("fp32", "bf16"), args.n_batches)
 

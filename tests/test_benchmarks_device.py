@@ -39,3 +39,16 @@ def test_planted_aligner_cache_is_a_current_verified_cache(tmp_path, monkeypatch
     assert len(cache) == 250 and cache.names == tuple(f"planted.{i}" for i in range(3))
     maps = load_file(str(tmp_path / "c" / "planted_maps.safetensors"))["maps"]
     assert maps.shape == (3, 8, 8)
+
+
+def test_gpu_check_compalign_section_runs(monkeypatch):
+    """benchmarks/gpu_check.py's CompAlign section runs end to end (here with device="cpu", where the device fit
+    and its CPU reference are the same computation: the script is exercised, not the GPU, which CI lacks): one
+    record per fitter, each with the held-out cosine of a fit that learned something (above 0.5 on planted maps)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    records = gpu_check.aligners("cpu", full=False, size=(800, 4, 8, 8))
+    assert [r["method"] for r in records] == ["dual", "joint", "bcd", "adam"]
+    for r in records:
+        assert r["held_out_cosine"] == r["cpu_held_out_cosine"] > 0.5, r

@@ -156,6 +156,14 @@ def test_config_validation_and_inputs():
         fit_aligner(c[:1], t[:1], progress=False)
     with pytest.raises(MismatchError, match="3 names for 2 components"):
         fit_aligner(c, t, names=["a", "b", "c"], progress=False)
+    # A device torch does not know, or one this machine lacks, is named before any work, for every method.
+    with pytest.raises(InputError, match=r"fit_aligner: device='gpu' is not a torch device \(use cpu, cuda"):
+        fit_aligner(c, t, device="gpu", progress=False)
+    if not torch.cuda.is_available():
+        for method in ("dual", "joint", "bcd", "adam"):
+            with pytest.raises(InputError, match="fit_aligner: device='cuda': this machine has no CUDA GPU"
+                                                 r".*use device='cpu'"):
+                fit_aligner(c, t, method=method, device="cuda", progress=False)
 
 
 def test_no_validation_split_and_determinism():

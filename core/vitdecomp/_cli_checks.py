@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .errors import InputError, OutputError
 
@@ -53,28 +54,31 @@ def _check_numbers(args) -> None:
             raise InputError(f"{_flag(dest)} {v}: must be in {left}{lo:g}, {hi:g}{right}")
 
 
-def check_device(value) -> None:
-    """Raise :class:`InputError` for a device string torch does not know or a device this machine lacks."""
+def check_device(value, where: Optional[str] = None) -> None:
+    """Raise :class:`InputError` for a device string torch does not know or a device this machine lacks. The
+    message names the command-line flag, or with ``where`` (a function's name) that function's ``device=``."""
     import torch
 
+    what = f"{where}: device={value!r}" if where else f"--device {value}"
+    cpu = "device='cpu'" if where else "--device cpu"
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError) as exc:
-        raise InputError(f"--device {value!r} is not a torch device (use cpu, cuda, cuda:N, mps)") from exc
+        raise InputError(f"{what} is not a torch device (use cpu, cuda, cuda:N, mps)") from exc
     if dev.type == "cpu":
         return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {value}: this machine has no CUDA GPU that torch can use "
-                             "(torch.cuda.is_available() is False); use --device cpu")
+            raise InputError(f"{what}: this machine has no CUDA GPU that torch can use "
+                             f"(torch.cuda.is_available() is False); use {cpu}")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise InputError(f"--device {value}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+            raise InputError(f"{what}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
         return
     backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
-        raise InputError(f"--device {value}: torch reports no {dev.type} device on this machine; use --device cpu")
+        raise InputError(f"{what}: torch reports no {dev.type} device on this machine; use {cpu}")
 
 
 def _probe(folder: Path) -> None:

@@ -1670,8 +1670,10 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
     the 13 settings: C = 150, D = d = 32: 0.362 at the paper's ratio 0.078 (joint 0.285, Adam 0.242), 0.686 at
     0.35 (0.627, 0.554), 0.956 at 0.63 (0.912, 0.885); D = d = 64: 0.363 and 0.701 (Adam 0.235, 0.551); D ≠ d
     (32 → 64, 64 → 32): 0.35–0.39 at 0.078 and 0.66–0.67 at 0.35 (Adam 0.23–0.26, 0.54). At the paper's size it
-    takes under 5 minutes on 2 CPU cores to a held-out cosine of 0.349 with exact isometries, where joint took
-    84 minutes to 0.249 and Adam, after 76 minutes (33 epochs, still short of its own stop), had 0.275. From
+    takes under 6 minutes on 2 CPU cores to a held-out cosine of 0.349 with exact isometries, where joint took
+    84 minutes to 0.249 and Adam, after 76 minutes (33 epochs, still short of its own stop), had 0.275; at D ≠ d
+    (384 → 768, 1024 → 512, one core) 5.3 and 9.5 minutes, 1/12 of Adam's time to its own stop, ending 0.07–0.09
+    higher with exact isometries (``isometric=True``). From
     C·D/2 up ``"auto"`` keeps Adam and bcd: on the concept world's small ViTs (1.1–1.4·C·D) the dual fit's maps
     reach Adam's held-out cosine (0.956–0.960) but keep the components' property structure worse (26 instead of
     29 of the 55 interpretation goals of ``benchmarks/concept_world.py``), which planted maps drawn independently
@@ -1682,6 +1684,9 @@ def fit_aligner(contributions, targets: Optional[torch.Tensor] = None, *, lam: f
 
     if method not in ("auto",) + _METHODS:
         raise InputError(f"method must be one of {('auto',) + _METHODS}, got {method!r}")
+    from ._cli_checks import check_device
+
+    check_device(device, "fit_aligner")  # a device this machine lacks is named before any work
     data = _Data.of(contributions)
     requested = method
     from . import distributed as dist
