@@ -1480,8 +1480,8 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
     (n²·C·D/2 multiply-adds, the upper triangle only), a Cholesky solve of the n × n system for the ridge
     strengths in ``_DUAL_ALPHAS`` from the weakest up (the held-out rows of the kernel give each strength's
     held-out cosine without touching the contributions again; the search stops at the first strength whose
-    held-out cosine is below the best so far, and the best is taken), up to ``_DUAL_RESCALE`` solves at that strength on the
-    targets scaled to the predictions' norms (kept while the held-out cosine rises: least squares on unit targets
+    held-out cosine is below the best so far, and the best is taken), up to ``_DUAL_RESCALE`` solves at that
+    strength on the targets scaled to the predictions' norms (kept while the held-out cosine rises: least squares on unit targets
     weighs every image alike, the cosine does not see the norm), and one pass for W. The data term's minimum-norm
     fit is what early-stopped descent from zero approaches, without the iterations; on planted data at the paper's
     ratio (n = 0.078·C·D) it generalises far better than early-stopped descent from the shared start (joint) or
@@ -1566,7 +1566,7 @@ def _fit_dual(data, targets, local_train, local_val, cfg, device, progress, hist
         alphas[a] = sol[3]
         if best is None or (m and sol[3] > best[1][3]):
             best = (a, sol)
-        elif m:  # the held-out cosine fell: stronger ridges are not tried (RESULTS.md: it falls from here on)
+        elif m:  # the held-out cosine fell: stronger ridges are not tried (it is taken as unimodal in α)
             break
     if best is None:
         raise InputError(f"fit_aligner(method='dual'): the training kernel is singular at every ridge strength "
